@@ -1,0 +1,66 @@
+//! Exponential back-off with jitter for reconnection attempts.
+
+use std::time::Duration;
+
+/// Back-off schedule: `retry_delay * 2^attempt`, capped at `max_delay`, then
+/// spread by `jitter` (a fraction) using the given random sample.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    pub(crate) base: Duration,
+    pub(crate) max_delay: Duration,
+    pub(crate) jitter: f64,
+}
+
+impl Backoff {
+    /// Delay before attempt number `attempt + 1` (attempt 0 is the first retry).
+    /// `unit` is a random number in `[0, 1)`.
+    pub(crate) fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.min(31));
+        let nominal = self.base.saturating_mul(factor).min(self.max_delay);
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        // Scale into [1 - jitter, 1 + jitter).
+        let scale = 1.0 - jitter + 2.0 * jitter * unit.clamp(0.0, 1.0);
+        nominal.mul_f64(scale)
+    }
+}
+
+/// A random number in `[0, 1)` from the process's randomly seeded hasher.
+/// Good enough to spread reconnection storms; not for anything secret.
+pub(crate) fn random_unit() -> f64 {
+    #[allow(clippy::cast_precision_loss)]
+    let value = (crate::token::random_u64() >> 11) as f64;
+    value / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_from_the_base_and_caps() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            jitter: 0.0,
+        };
+        assert_eq!(b.delay(0, 0.5), Duration::from_millis(100));
+        assert_eq!(b.delay(1, 0.5), Duration::from_millis(200));
+        assert_eq!(b.delay(3, 0.5), Duration::from_millis(800));
+        assert_eq!(b.delay(4, 0.5), Duration::from_secs(1));
+        assert_eq!(b.delay(200, 0.5), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn jitter_spreads_within_bounds() {
+        let b = Backoff {
+            base: Duration::from_millis(1000),
+            max_delay: Duration::from_secs(60),
+            jitter: 0.2,
+        };
+        assert_eq!(b.delay(0, 0.0), Duration::from_millis(800));
+        assert_eq!(b.delay(0, 0.5), Duration::from_millis(1000));
+        assert!(b.delay(0, 0.999) < Duration::from_millis(1200));
+        let u = random_unit();
+        assert!((0.0..1.0).contains(&u));
+    }
+}

@@ -1,0 +1,206 @@
+//! The value codec: a versioned envelope around a MessagePack payload.
+//!
+//! Layout of a stored value:
+//!
+//! ```text
+//! 0xEE 'O' FORMAT_VERSION n | token_1 .. token_n (16 bytes each) | payload
+//! ```
+//!
+//! The tokens are the generations of the scopes the value depends on, as they
+//! were when the value's computation started (see the crate docs). The payload
+//! is MessagePack with named fields (self-describing, no code execution on
+//! decode). Anything that does not match this layout, or whose payload does not
+//! decode into the requested type, is reported as [`CacheError::Decode`] and
+//! the caller treats it as a miss.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{token::TOKEN_LEN, CacheError};
+
+/// Version of the envelope layout; bump when it changes.
+pub const FORMAT_VERSION: u8 = 1;
+const MAGIC: [u8; 2] = [0xEE, b'O'];
+const HEADER_LEN: usize = 4;
+
+/// The envelope header for a value depending on `tokens` generations.
+pub(crate) fn header(tokens: usize) -> [u8; HEADER_LEN] {
+    // A key never depends on more than a handful of scopes; the cast is checked
+    // where keys are built.
+    let n = u8::try_from(tokens).unwrap_or(u8::MAX);
+    [MAGIC[0], MAGIC[1], FORMAT_VERSION, n]
+}
+
+/// Builds a complete envelope (used where no generation check is wanted).
+#[cfg(test)]
+pub(crate) fn seal(tokens: &[&[u8]], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + tokens.len() * TOKEN_LEN + payload.len());
+    out.extend_from_slice(&header(tokens.len()));
+    for token in tokens {
+        out.extend_from_slice(token);
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A decoded envelope, borrowing from the stored bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Envelope<'a> {
+    tokens: &'a [u8],
+    pub(crate) payload: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    /// Splits stored bytes, checking the magic, the version and the length.
+    pub(crate) fn open(bytes: &'a [u8]) -> Result<Self, CacheError> {
+        let bad = |why: &str| CacheError::Decode(why.to_owned());
+        if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+            return Err(bad("not an earnorm cache value"));
+        }
+        if bytes[2] != FORMAT_VERSION {
+            return Err(CacheError::Decode(format!(
+                "unsupported envelope version {}",
+                bytes[2]
+            )));
+        }
+        let tokens_len = usize::from(bytes[3]) * TOKEN_LEN;
+        if bytes.len() < HEADER_LEN + tokens_len {
+            return Err(bad("truncated value"));
+        }
+        Ok(Self {
+            tokens: &bytes[HEADER_LEN..HEADER_LEN + tokens_len],
+            payload: &bytes[HEADER_LEN + tokens_len..],
+        })
+    }
+
+    /// Whether the stored tokens equal the current generations, in order.
+    /// An absent generation (`None`) never matches: stored tokens are never empty.
+    pub(crate) fn is_current(&self, current: &[Option<Vec<u8>>]) -> bool {
+        self.tokens.len() == current.len() * TOKEN_LEN
+            && self
+                .tokens
+                .chunks_exact(TOKEN_LEN)
+                .zip(current)
+                .all(|(stored, now)| now.as_deref() == Some(stored))
+    }
+}
+
+/// Encodes a value as the envelope payload.
+///
+/// # Errors
+/// [`CacheError::Encode`] when serde refuses the value.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CacheError> {
+    rmp_serde::to_vec_named(value).map_err(CacheError::Encode)
+}
+
+/// Decodes an envelope payload.
+///
+/// # Errors
+/// [`CacheError::Decode`] for bytes that are not a `T`.
+pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CacheError> {
+    rmp_serde::from_slice(payload).map_err(|err| CacheError::Decode(err.to_string()))
+}
+
+/// How a function's return value is cached: which results are stored, and how
+/// a stored payload becomes a return value again.
+///
+/// `#[cached]` picks the implementation from the return type: [`ResultOutput`]
+/// for `Result<T, E>` (only `Ok` is stored), [`OptionOutput`] for `Option<T>`
+/// (only `Some` is stored: a `None` is recomputed next time), [`PlainOutput`]
+/// otherwise (always stored).
+pub trait Output<R> {
+    /// The encoded payload to store, or `None` when this result is not cached.
+    ///
+    /// # Errors
+    /// When the value cannot be encoded (the result is then returned, not stored).
+    fn encode(result: &R) -> Option<Result<Vec<u8>, CacheError>>;
+    /// A result from a stored payload.
+    ///
+    /// # Errors
+    /// When the payload does not decode.
+    fn decode(payload: &[u8]) -> Result<R, CacheError>;
+}
+
+/// Caches every value. See [`Output`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlainOutput;
+/// Caches `Ok` values of a `Result<T, E>`, for any `E`. See [`Output`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResultOutput;
+/// Caches `Some` values of an `Option<T>`. See [`Output`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OptionOutput;
+
+impl<T: Serialize + DeserializeOwned> Output<T> for PlainOutput {
+    fn encode(result: &T) -> Option<Result<Vec<u8>, CacheError>> {
+        Some(encode(result))
+    }
+    fn decode(payload: &[u8]) -> Result<T, CacheError> {
+        decode(payload)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned, E> Output<Result<T, E>> for ResultOutput {
+    fn encode(result: &Result<T, E>) -> Option<Result<Vec<u8>, CacheError>> {
+        result.as_ref().ok().map(encode)
+    }
+    fn decode(payload: &[u8]) -> Result<Result<T, E>, CacheError> {
+        decode(payload).map(Ok)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Output<Option<T>> for OptionOutput {
+    fn encode(result: &Option<T>) -> Option<Result<Vec<u8>, CacheError>> {
+        result.as_ref().map(encode)
+    }
+    fn decode(payload: &[u8]) -> Result<Option<T>, CacheError> {
+        decode(payload).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trip_and_generation_check() {
+        let t1 = b"0123456789abcdef";
+        let t2 = b"fedcba9876543210";
+        let sealed = seal(&[t1, t2], b"payload");
+        let env = Envelope::open(&sealed).expect("opens");
+        assert_eq!(env.payload, b"payload");
+        assert!(env.is_current(&[Some(t1.to_vec()), Some(t2.to_vec())]));
+        assert!(!env.is_current(&[Some(t1.to_vec()), Some(t1.to_vec())]));
+        assert!(!env.is_current(&[Some(t1.to_vec()), None]));
+        assert!(!env.is_current(&[Some(t1.to_vec())]));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bytes in [
+            &b""[..],
+            b"\xEE",
+            b"\xEEO",
+            b"\xEEO\x01\x02abc",
+            b"\xEEO\x09\x00",
+            b"hello world",
+            b"\x80\x04\x95",
+        ] {
+            assert!(Envelope::open(bytes).is_err(), "{bytes:?}");
+        }
+        assert!(decode::<String>(b"\xc1\xff").is_err());
+        assert!(decode::<u32>(&encode("text").expect("encodes")).is_err());
+    }
+
+    #[test]
+    fn outputs_cache_only_what_they_should() {
+        let ok: Result<u32, String> = Ok(7);
+        let err: Result<u32, String> = Err("no".into());
+        assert!(<ResultOutput as Output<_>>::encode(&ok).is_some());
+        assert!(<ResultOutput as Output<_>>::encode(&err).is_none());
+        assert!(<OptionOutput as Output<Option<u32>>>::encode(&None).is_none());
+        let bytes = encode(&7u32).expect("encodes");
+        let back: Result<u32, String> =
+            <ResultOutput as Output<_>>::decode(&bytes).expect("decodes");
+        assert_eq!(back, Ok(7));
+    }
+}

@@ -1,0 +1,49 @@
+//! The cache's error type.
+
+use thiserror::Error;
+
+/// What went wrong in a cache operation.
+///
+/// Cached calls never return these: they fall back to computing the value.
+/// Lower-level operations ([`CacheManager::get`](crate::CacheManager::get),
+/// [`CacheManager::set`](crate::CacheManager::set), ...) do, so that callers
+/// who want to know can. No variant ever carries a password.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// The Redis URL could not be parsed or names an unsupported scheme.
+    #[error("invalid Redis URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL with any password replaced by `***`.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// Caching is off (no Redis configured, or `enabled = false`).
+    #[error("caching is disabled")]
+    Disabled,
+    /// Redis is known to be down; the call did not wait for it.
+    #[error("Redis is unavailable (reconnecting in the background)")]
+    Unavailable,
+    /// The operation did not finish within the operation timeout.
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// Redis answered with an error or the connection failed.
+    #[error("Redis error: {0}")]
+    Redis(#[source] redis::RedisError),
+    /// A value could not be encoded.
+    #[error("could not encode value: {0}")]
+    Encode(#[source] rmp_serde::encode::Error),
+    /// A key could not be built.
+    #[error("invalid cache key: {0}")]
+    InvalidKey(String),
+    /// A stored value could not be decoded (it is treated as a miss).
+    #[error("could not decode cached value: {0}")]
+    Decode(String),
+}
+
+impl From<redis::RedisError> for CacheError {
+    fn from(err: redis::RedisError) -> Self {
+        CacheError::Redis(err)
+    }
+}

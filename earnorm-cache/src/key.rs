@@ -1,0 +1,248 @@
+//! Cache keys, the scopes a value depends on, and glob escaping.
+//!
+//! Every key lives under the manager's prefix `P`:
+//!
+//! | key                     | holds                                             |
+//! |-------------------------|---------------------------------------------------|
+//! | `P v:NS:NAME:ID:HASH`   | a cached value (an envelope, see [`crate::codec`]) |
+//! | `P g:epoch`             | generation of the whole prefix                    |
+//! | `P g:r:MODEL:ID`        | generation of one record                          |
+//! | `P g:m:MODEL`           | generation of every record of a model (bulk writes) |
+//! | `P g:q:MODEL`           | generation of a model's queries (any write)       |
+//! | `P g:t:TAG`             | generation of a free-form tag                     |
+//!
+//! `HASH` is a 128-bit XXH3 of the canonical MessagePack encoding of the
+//! arguments (and, for record methods, of the record itself), so keys are the
+//! same in every process and on every run.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::CacheError;
+
+/// What a cached value depends on, and what a write invalidates.
+///
+/// | a value built with | is invalidated by a write to                      |
+/// |--------------------|---------------------------------------------------|
+/// | `Record(m, id)`    | `Record(m, id)` or `Model(m)`                      |
+/// | `Model(m)`         | `Record(m, any id)` or `Model(m)`                  |
+/// | `Tag(t)`           | `Tag(t)`                                          |
+///
+/// So saving one user drops that user's cached methods and every cached query
+/// over users, but not the cached methods of other users; a bulk update of
+/// users drops everything cached about users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope<'a> {
+    /// One record of a model: `(model, id)`.
+    Record(&'a str, &'a str),
+    /// A whole model (collection).
+    Model(&'a str),
+    /// A free-form tag for values that are not tied to a model.
+    Tag(&'a str),
+}
+
+impl Scope<'_> {
+    /// Generation keys a value built with this scope is checked against.
+    pub(crate) fn read_generations(&self, prefix: &str, out: &mut Vec<String>) {
+        match *self {
+            Scope::Record(model, id) => {
+                out.push(format!("{prefix}g:m:{model}"));
+                out.push(format!("{prefix}g:r:{model}:{id}"));
+            }
+            Scope::Model(model) => out.push(format!("{prefix}g:q:{model}")),
+            Scope::Tag(tag) => out.push(format!("{prefix}g:t:{tag}")),
+        }
+    }
+
+    /// Generation keys a write to this scope replaces.
+    pub(crate) fn write_generations(&self, prefix: &str, out: &mut Vec<String>) {
+        match *self {
+            Scope::Record(model, id) => {
+                out.push(format!("{prefix}g:r:{model}:{id}"));
+                out.push(format!("{prefix}g:q:{model}"));
+            }
+            Scope::Model(model) => {
+                out.push(format!("{prefix}g:m:{model}"));
+                out.push(format!("{prefix}g:q:{model}"));
+            }
+            Scope::Tag(tag) => out.push(format!("{prefix}g:t:{tag}")),
+        }
+    }
+}
+
+/// The generation key of the whole prefix.
+pub(crate) fn epoch_key(prefix: &str) -> String {
+    format!("{prefix}g:epoch")
+}
+
+/// Most scopes one key may depend on (the envelope stores one byte of count).
+pub const MAX_DEPENDENCIES: usize = 32;
+
+/// A complete cache key: where the value lives and which generations guard it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKey {
+    pub(crate) value: String,
+    pub(crate) generations: Vec<String>,
+}
+
+impl CacheKey {
+    /// The Redis key of the value.
+    pub fn as_str(&self) -> &str {
+        &self.value
+    }
+
+    /// The Redis keys of the generations this value is checked against.
+    pub fn generations(&self) -> &[String] {
+        &self.generations
+    }
+}
+
+/// Builds a [`CacheKey`]; get one from [`CacheManager::key`](crate::CacheManager::key).
+pub struct KeyBuilder {
+    prefix: String,
+    namespace: String,
+    name: String,
+    id: Option<String>,
+    generations: Vec<String>,
+    hasher: Xxh3,
+}
+
+impl std::fmt::Debug for KeyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyBuilder")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .field("generations", &self.generations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyBuilder {
+    pub(crate) fn new(prefix: &str, namespace: &str, name: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            id: None,
+            generations: vec![epoch_key(prefix)],
+            hasher: Xxh3::new(),
+        }
+    }
+
+    /// Adds a scope the value depends on. A `Record` scope also puts the
+    /// record id into the key, so that it can be found by pattern.
+    #[must_use]
+    pub fn scope(mut self, scope: Scope<'_>) -> Self {
+        if let Scope::Record(_, id) = scope {
+            self.id.get_or_insert_with(|| id.to_owned());
+        }
+        scope.read_generations(&self.prefix, &mut self.generations);
+        self
+    }
+
+    /// Mixes one argument into the key hash, by its canonical encoding.
+    ///
+    /// # Errors
+    /// [`CacheError::Encode`] when the argument cannot be serialized.
+    pub fn arg<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, CacheError> {
+        let bytes = crate::codec::encode(value)?;
+        self.hasher.update(&(bytes.len() as u64).to_le_bytes());
+        self.hasher.update(&bytes);
+        Ok(self)
+    }
+
+    /// Mixes raw bytes (already canonical) into the key hash.
+    #[must_use]
+    pub fn raw(mut self, bytes: &[u8]) -> Self {
+        self.hasher.update(&(bytes.len() as u64).to_le_bytes());
+        self.hasher.update(bytes);
+        self
+    }
+
+    /// Finishes the key.
+    ///
+    /// # Errors
+    /// [`CacheError::InvalidKey`] when more than [`MAX_DEPENDENCIES`] scopes were added.
+    pub fn build(self) -> Result<CacheKey, CacheError> {
+        if self.generations.len() > MAX_DEPENDENCIES {
+            return Err(CacheError::InvalidKey(format!(
+                "a cache key may depend on at most {MAX_DEPENDENCIES} scopes"
+            )));
+        }
+        let mut value =
+            String::with_capacity(self.prefix.len() + self.namespace.len() + self.name.len() + 48);
+        let hash = self.hasher.digest128();
+        let id = self.id.as_deref().unwrap_or("_");
+        let _ = write!(
+            value,
+            "{}v:{}:{}:{}:{:032x}",
+            self.prefix, self.namespace, self.name, id, hash
+        );
+        Ok(CacheKey {
+            value,
+            generations: self.generations,
+        })
+    }
+}
+
+/// Escapes the Redis glob metacharacters `* ? [ ] \` in `text`, so that user
+/// data can be placed into a [`CacheManager::delete_pattern`](crate::CacheManager::delete_pattern)
+/// pattern and match only itself.
+pub fn escape_glob(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_canonical_and_separate_arguments() {
+        let a = KeyBuilder::new("p:", "users", "profile")
+            .scope(Scope::Record("users", "1"))
+            .arg(&(1u8, "x"))
+            .and_then(KeyBuilder::build)
+            .expect("key");
+        let b = KeyBuilder::new("p:", "users", "profile")
+            .scope(Scope::Record("users", "1"))
+            .arg(&(1u8, "x"))
+            .and_then(KeyBuilder::build)
+            .expect("key");
+        let c = KeyBuilder::new("p:", "users", "profile")
+            .scope(Scope::Record("users", "2"))
+            .arg(&(1u8, "x"))
+            .and_then(KeyBuilder::build)
+            .expect("key");
+        let d = KeyBuilder::new("p:", "users", "profile")
+            .arg("ab")
+            .and_then(|k| k.arg("c"))
+            .and_then(KeyBuilder::build)
+            .expect("key");
+        let e = KeyBuilder::new("p:", "users", "profile")
+            .arg("a")
+            .and_then(|k| k.arg("bc"))
+            .and_then(KeyBuilder::build)
+            .expect("key");
+        assert_eq!(a, b);
+        assert_ne!(a.value, c.value);
+        assert_ne!(d.value, e.value);
+        assert!(a.value.starts_with("p:v:users:profile:1:"));
+        assert_eq!(a.generations, ["p:g:epoch", "p:g:m:users", "p:g:r:users:1"]);
+    }
+
+    #[test]
+    fn escapes_every_glob_metacharacter() {
+        assert_eq!(escape_glob(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
+        assert_eq!(escape_glob("plain"), "plain");
+    }
+}

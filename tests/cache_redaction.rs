@@ -1,0 +1,96 @@
+//! Credentials never reach logs, `Debug` output or errors. In its own test
+//! binary: `tracing` caches per-callsite interest process-wide, so a capture
+//! must not share a process with tests that log without a subscriber.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use earnorm_cache::{CacheConfig, CacheManager, ConnectionStatus, PlainOutput};
+use support::{free_port, unique_name, RedisServer};
+
+fn config() -> CacheConfig {
+    CacheConfig {
+        prefix: format!("{}:", unique_name("redact")),
+        operation_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_millis(300),
+        retry_delay: Duration::from_millis(50),
+        health_check_interval: Duration::from_millis(300),
+        ..Default::default()
+    }
+}
+
+async fn call(cache: &CacheManager) -> u64 {
+    let key = cache.key("redact", "value").build().expect("key");
+    cache
+        .get_or_compute::<_, PlainOutput, _>(&key, None, async { 1u64 })
+        .await
+}
+
+/// A `tracing` writer that keeps everything in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_password_never_appears_in_logs_debug_or_errors() {
+    const SECRET: &str = "hunter2-s3cret";
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut redis = RedisServer::start_with(&["--requirepass", SECRET]);
+    let url = format!("redis://:{SECRET}@127.0.0.1:{}/0", redis.port());
+    let cache = CacheManager::connect(Some(&url), config())
+        .await
+        .expect("connect");
+    assert_eq!(
+        cache.status(),
+        ConnectionStatus::Connected,
+        "the password is used"
+    );
+    call(&cache).await;
+    redis.kill();
+    call(&cache).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    redis.restart();
+    let wrong = format!("redis://:{SECRET}@127.0.0.1:{}/0", free_port());
+    let down = CacheManager::connect(Some(&wrong), config())
+        .await
+        .expect("connect");
+    let bad = CacheManager::connect(
+        Some(&format!("redis://:{SECRET}@[nonsense")),
+        CacheConfig::default(),
+    )
+    .await;
+
+    let mut seen = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
+    seen.push_str(&format!(
+        "{cache:?} {down:?} {:?} {}",
+        cache.config(),
+        cache.url()
+    ));
+    match bad {
+        Ok(m) => seen.push_str(&format!("{m:?}")),
+        Err(e) => seen.push_str(&format!("{e} {e:?}")),
+    }
+    assert!(
+        seen.contains("Redis connection lost"),
+        "the capture works: {seen}"
+    );
+    assert!(seen.contains("***"), "the URL is shown redacted");
+    assert!(!seen.contains(SECRET), "the password leaked: {seen}");
+}

@@ -1,0 +1,1 @@
+//! Isolated EarnORM environments for tests.

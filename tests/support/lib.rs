@@ -1,0 +1,265 @@
+//! Test support shared by every integration test: where the servers are,
+//! isolated names per test, and private `redis-server` processes that tests
+//! can kill, restart, freeze and thaw.
+//!
+//! Server addresses come from the environment, with localhost defaults:
+//! `REDIS_URL` (default `redis://127.0.0.1:6379/0`) and `MONGODB_URI`
+//! (default `mongodb://127.0.0.1:27017`). A test that needs a server it cannot
+//! reach fails with a message saying how to start it.
+#![allow(clippy::missing_panics_doc)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod env;
+pub use env::*;
+
+/// How to start the services, printed when a test cannot reach one.
+pub const HOW_TO_START: &str =
+    "start the services with `scripts/services.sh up` (or `docker compose up -d`), \
+     or point REDIS_URL / MONGODB_URI at running servers";
+
+/// The shared Redis URL (`REDIS_URL`, default `redis://127.0.0.1:6379/0`).
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".to_owned())
+}
+
+/// The MongoDB URI (`MONGODB_URI`, default `mongodb://127.0.0.1:27017`).
+pub fn mongo_uri() -> String {
+    std::env::var("MONGODB_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_owned())
+}
+
+/// A name unique to this test run and call: use it as a key prefix or a
+/// database name so that tests running in parallel never share data.
+pub fn unique_name(tag: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() % 1_000_000_000);
+    format!(
+        "t_{tag}_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}
+
+/// `host:port` of a `redis://` or `mongodb://` URL (no credentials, no path).
+fn host_port(url: &str, default_port: u16) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let first = hosts.split(',').next().unwrap_or(hosts);
+    if first.contains(':') {
+        first.to_owned()
+    } else {
+        format!("{first}:{default_port}")
+    }
+}
+
+/// Whether something accepts TCP connections at `addr` within `limit`.
+fn tcp_answers(addr: &str, limit: Duration) -> bool {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, limit).is_ok())
+}
+
+/// Panics with instructions unless the shared Redis answers PING.
+pub fn require_redis() -> String {
+    let url = redis_url();
+    let addr = host_port(&url, 6379);
+    assert!(
+        ping_redis(&addr, Duration::from_secs(2)),
+        "Redis is not reachable at {addr} (REDIS_URL={url}): {HOW_TO_START}"
+    );
+    url
+}
+
+/// Panics with instructions unless MongoDB accepts connections.
+pub fn require_mongo() -> String {
+    let uri = mongo_uri();
+    let addr = host_port(&uri, 27017);
+    assert!(
+        tcp_answers(&addr, Duration::from_secs(2)),
+        "MongoDB is not reachable at {addr}: {HOW_TO_START}"
+    );
+    uri
+}
+
+/// Sends a raw PING and checks that a Redis answers (`+PONG`, or an error
+/// such as `-NOAUTH` from a server that wants a password).
+fn ping_redis(addr: &str, limit: Duration) -> bool {
+    let Some(sock) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return false;
+    };
+    let Ok(mut stream) = TcpStream::connect_timeout(&sock, limit) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(limit));
+    let _ = stream.set_write_timeout(Some(limit));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 1];
+    stream.read_exact(&mut buf).is_ok() && (buf[0] == b'+' || buf[0] == b'-')
+}
+
+/// A private `redis-server` on a free port, in its own temporary directory,
+/// with nothing persisted. Killed and cleaned up on drop.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    frozen: bool,
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start), with extra `redis-server` arguments.
+    pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_on(free_port(), extra_args)
+    }
+
+    /// Starts a server on `port` (which must be free).
+    pub fn start_on(port: u16, extra_args: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(unique_name(&format!("redis{port}")));
+        std::fs::create_dir_all(&dir).expect("create a temporary directory for redis-server");
+        let mut server = Self {
+            port,
+            dir,
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            child: None,
+            frozen: false,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("could not run redis-server ({err}); install it (Debian: apt-get install redis-server)"));
+        self.child = Some(child);
+        self.frozen = false;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ping_redis(&self.addr(), Duration::from_millis(200)) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `redis://127.0.0.1:PORT/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Whether the server answers PING now.
+    pub fn answers(&self) -> bool {
+        ping_redis(&self.addr(), Duration::from_millis(300))
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit. Its data is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.frozen {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &child.id().to_string()])
+                    .status();
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.frozen = false;
+    }
+
+    /// Starts it again on the same port (empty) and waits for PING.
+    pub fn restart(&mut self) {
+        self.kill();
+        // The port is ours; a just-closed listener may take a moment to free.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpListener::bind(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "port {} did not become free",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.spawn();
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn freeze(&mut self) {
+        self.signal("-STOP");
+        self.frozen = true;
+    }
+
+    /// Thaws a frozen server (SIGCONT).
+    pub fn thaw(&mut self) {
+        self.signal("-CONT");
+        self.frozen = false;
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// Runs a command through `redis-cli` on this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli (Debian: apt-get install redis-tools)");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
