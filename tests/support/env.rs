@@ -1,1 +1,46 @@
-//! Isolated EarnORM environments for tests.
+//! Isolated EarnORM environments for tests: each gets its own database and
+//! key prefix, so tests run in parallel against one MongoDB and one Redis.
+
+use std::time::Duration;
+
+use earnorm::{CacheConfig, Config, Environment};
+
+use crate::{require_mongo, require_redis, unique_name};
+
+/// Cache settings that recover quickly, for tests.
+pub fn fast_cache_config(prefix: &str) -> CacheConfig {
+    CacheConfig {
+        prefix: format!("{prefix}:"),
+        operation_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_millis(300),
+        retry_delay: Duration::from_millis(50),
+        max_retry_delay: Duration::from_millis(200),
+        health_check_interval: Duration::from_millis(300),
+        ..Default::default()
+    }
+}
+
+/// A config with a fresh database and prefix, on the shared services.
+pub fn test_config(tag: &str) -> Config {
+    let name = unique_name(tag);
+    Config {
+        mongo_uri: require_mongo(),
+        database: name.clone(),
+        redis_uri: Some(require_redis()),
+        cache_config: fast_cache_config(&name),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+/// An environment with a fresh database and prefix on the shared services.
+pub async fn test_env(tag: &str) -> Environment {
+    connect(test_config(tag)).await
+}
+
+/// Connects, failing the test with instructions when MongoDB is missing.
+pub async fn connect(config: Config) -> Environment {
+    match Environment::connect(config).await {
+        Ok(env) => env,
+        Err(err) => panic!("{err}: {}", crate::HOW_TO_START),
+    }
+}

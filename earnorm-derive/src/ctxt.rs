@@ -1,0 +1,64 @@
+//! Error collection: every mistake in one build, each at its token.
+
+use std::cell::RefCell;
+use std::fmt::Display;
+
+use proc_macro2::TokenStream;
+use quote::{quote, ToTokens};
+
+/// Collects errors while a macro input is checked. Must be finished with
+/// [`Ctxt::check`]; dropping it unchecked is a bug in the macro.
+pub(crate) struct Ctxt {
+    errors: RefCell<Option<Vec<syn::Error>>>,
+}
+
+impl Ctxt {
+    pub(crate) fn new() -> Self {
+        Self {
+            errors: RefCell::new(Some(Vec::new())),
+        }
+    }
+
+    /// An error spanning `tokens`.
+    pub(crate) fn error_spanned_by<T: ToTokens, M: Display>(&self, tokens: T, message: M) {
+        self.syn_error(syn::Error::new_spanned(tokens, message));
+    }
+
+    /// A ready-made error.
+    pub(crate) fn syn_error(&self, err: syn::Error) {
+        if let Some(errors) = self.errors.borrow_mut().as_mut() {
+            errors.push(err);
+        }
+    }
+
+    /// All collected errors, or `Ok` when there were none.
+    pub(crate) fn check(self) -> Result<(), Vec<syn::Error>> {
+        let errors = self.errors.borrow_mut().take().unwrap_or_default();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+impl Drop for Ctxt {
+    fn drop(&mut self) {
+        if !std::thread::panicking() && self.errors.borrow().is_some() {
+            panic!("earnorm-derive: Ctxt dropped without checking for errors");
+        }
+    }
+}
+
+/// The errors as `compile_error!` invocations.
+pub(crate) fn to_compile_errors(errors: Vec<syn::Error>) -> TokenStream {
+    let errors = errors.iter().map(syn::Error::to_compile_error);
+    quote!(#(#errors)*)
+}
+
+/// The errors followed by the user's item unchanged, so one mistake does not
+/// cascade into errors at every use of the item.
+pub(crate) fn with_original(errors: Vec<syn::Error>, original: TokenStream) -> TokenStream {
+    let errors = to_compile_errors(errors);
+    quote!(#errors #original)
+}

@@ -1,0 +1,501 @@
+//! `#[derive(Model)]`: parse the struct into [`Container`], check the rules
+//! that involve several fields, then generate the `Model` impl and the field
+//! name constants.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{
+    Data, DeriveInput, Expr, ExprLit, ExprUnary, Fields, GenericArgument, Ident, Lit, LitStr, Meta,
+    PathArguments, Token, Type, UnOp,
+};
+
+use crate::ctxt::Ctxt;
+
+/// The struct, as far as the derive cares.
+struct Container<'a> {
+    input: &'a DeriveInput,
+    collection: Option<LitStr>,
+    fields: Vec<Field<'a>>,
+}
+
+/// One named field and its attributes, each remembering its tokens.
+struct Field<'a> {
+    ident: &'a Ident,
+    ty: &'a Type,
+    /// Name in MongoDB (`#[serde(rename = "..")]` or the Rust name).
+    bson_name: String,
+    id: Option<Ident>,
+    required: Option<Ident>,
+    email: Option<Ident>,
+    unique: Option<Ident>,
+    index: Option<Ident>,
+    min_length: Option<(Ident, usize)>,
+    max_length: Option<(Ident, usize)>,
+    min: Option<(Ident, f64)>,
+    max: Option<(Ident, f64)>,
+    pattern: Option<(Ident, LitStr)>,
+}
+
+pub(crate) fn expand(input: &DeriveInput) -> Result<TokenStream, Vec<syn::Error>> {
+    let cx = Ctxt::new();
+    let container = parse(&cx, input);
+    let id_field = container.as_ref().and_then(|c| check(&cx, c));
+    cx.check()?;
+    match (&container, id_field) {
+        (Some(container), Some(id)) => Ok(generate(container, id)),
+        // `check` reported why.
+        _ => Err(vec![syn::Error::new(
+            Span::call_site(),
+            "earnorm: invalid model",
+        )]),
+    }
+}
+
+fn parse<'a>(cx: &Ctxt, input: &'a DeriveInput) -> Option<Container<'a>> {
+    let fields = match &input.data {
+        Data::Struct(data) => {
+            match &data.fields {
+                Fields::Named(named) => &named.named,
+                Fields::Unnamed(_) | Fields::Unit => {
+                    cx.error_spanned_by(&input.ident, "#[derive(Model)] needs a struct with named fields, not a tuple or unit struct");
+                    return None;
+                }
+            }
+        }
+        Data::Enum(data) => {
+            cx.error_spanned_by(
+                data.enum_token,
+                "#[derive(Model)] works on structs, not enums",
+            );
+            return None;
+        }
+        Data::Union(data) => {
+            cx.error_spanned_by(
+                data.union_token,
+                "#[derive(Model)] works on structs, not unions",
+            );
+            return None;
+        }
+    };
+    let collection = parse_container_attrs(cx, input);
+    let fields = fields.iter().filter_map(|f| parse_field(cx, f)).collect();
+    Some(Container {
+        input,
+        collection,
+        fields,
+    })
+}
+
+fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> Option<LitStr> {
+    let mut collection: Option<LitStr> = None;
+    for attr in &input.attrs {
+        if attr.path().is_ident("serde") {
+            for meta in serde_metas(attr) {
+                if meta.path().is_ident("rename_all") {
+                    cx.error_spanned_by(meta, "earnorm does not support `#[serde(rename_all)]` on models yet; rename fields one by one");
+                }
+            }
+            continue;
+        }
+        if !attr.path().is_ident("earnorm") {
+            continue;
+        }
+        let result = attr.parse_nested_meta(|meta| {
+            let Some(key) = meta.path.get_ident().cloned() else {
+                return Err(meta.error("unknown earnorm attribute"));
+            };
+            match key.to_string().as_str() {
+                "collection" => {
+                    let value: Expr = meta.value()?.parse()?;
+                    match value {
+                        Expr::Lit(ExprLit {
+                            lit: Lit::Str(lit), ..
+                        }) => {
+                            if lit.value().is_empty() {
+                                cx.error_spanned_by(&lit, "the collection name must not be empty");
+                            } else if collection.is_some() {
+                                cx.error_spanned_by(
+                                    &key,
+                                    "duplicate earnorm attribute `collection`",
+                                );
+                            } else {
+                                collection = Some(lit);
+                            }
+                        }
+                        other => cx.error_spanned_by(
+                            other,
+                            "`collection` must be a string literal, like collection = \"users\"",
+                        ),
+                    }
+                }
+                other => cx.error_spanned_by(
+                    &key,
+                    format!(
+                        "unknown earnorm attribute `{other}` on a struct (expected `collection`)"
+                    ),
+                ),
+            }
+            Ok(())
+        });
+        if let Err(err) = result {
+            cx.syn_error(err);
+        }
+    }
+    collection
+}
+
+/// The `key`, `key = value` and `key(..)` items of a `#[serde(..)]` attribute.
+fn serde_metas(attr: &syn::Attribute) -> Vec<Meta> {
+    attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)
+        .map(|p| p.into_iter().collect())
+        .unwrap_or_default()
+}
+
+fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
+    let ident = field.ident.as_ref()?;
+    let mut out = Field {
+        ident,
+        ty: &field.ty,
+        bson_name: ident.to_string().trim_start_matches("r#").to_owned(),
+        id: None,
+        required: None,
+        email: None,
+        unique: None,
+        index: None,
+        min_length: None,
+        max_length: None,
+        min: None,
+        max: None,
+        pattern: None,
+    };
+    for attr in &field.attrs {
+        if attr.path().is_ident("serde") {
+            for meta in serde_metas(attr) {
+                if let Meta::NameValue(nv) = meta {
+                    if nv.path.is_ident("rename") {
+                        if let Expr::Lit(ExprLit {
+                            lit: Lit::Str(s), ..
+                        }) = &nv.value
+                        {
+                            out.bson_name = s.value();
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        if !attr.path().is_ident("earnorm") {
+            continue;
+        }
+        let result = attr.parse_nested_meta(|meta| {
+            let Some(key) = meta.path.get_ident().cloned() else {
+                return Err(meta.error("unknown earnorm attribute"));
+            };
+            let name = key.to_string();
+            let flag = |slot: &mut Option<Ident>| {
+                if slot.is_some() {
+                    cx.error_spanned_by(&key, format!("duplicate earnorm attribute `{name}`"));
+                } else {
+                    *slot = Some(key.clone());
+                }
+            };
+            match name.as_str() {
+                "id" => flag(&mut out.id),
+                "required" => flag(&mut out.required),
+                "email" => flag(&mut out.email),
+                "unique" => flag(&mut out.unique),
+                "index" => flag(&mut out.index),
+                "min_length" | "max_length" => {
+                    let value: Expr = meta.value()?.parse()?;
+                    let n = match &value {
+                        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<usize>().ok(),
+                        _ => None,
+                    };
+                    let Some(n) = n else {
+                        cx.error_spanned_by(&value, format!("`{name}` must be a non-negative integer"));
+                        return Ok(());
+                    };
+                    let slot = if name == "min_length" { &mut out.min_length } else { &mut out.max_length };
+                    if slot.is_some() {
+                        cx.error_spanned_by(&key, format!("duplicate earnorm attribute `{name}`"));
+                    } else {
+                        *slot = Some((key.clone(), n));
+                    }
+                }
+                "min" | "max" => {
+                    let value: Expr = meta.value()?.parse()?;
+                    let Some(n) = number(&value) else {
+                        cx.error_spanned_by(&value, format!("`{name}` must be a number literal"));
+                        return Ok(());
+                    };
+                    let slot = if name == "min" { &mut out.min } else { &mut out.max };
+                    if slot.is_some() {
+                        cx.error_spanned_by(&key, format!("duplicate earnorm attribute `{name}`"));
+                    } else {
+                        *slot = Some((key.clone(), n));
+                    }
+                }
+                "pattern" => {
+                    let value: Expr = meta.value()?.parse()?;
+                    match value {
+                        Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => {
+                            if out.pattern.is_some() {
+                                cx.error_spanned_by(&key, "duplicate earnorm attribute `pattern`");
+                            } else {
+                                out.pattern = Some((key.clone(), lit));
+                            }
+                        }
+                        other => cx.error_spanned_by(other, "`pattern` must be a string literal"),
+                    }
+                }
+                other => cx.error_spanned_by(
+                    &key,
+                    format!(
+                        "unknown earnorm attribute `{other}` (expected one of id, required, email, min_length, max_length, min, max, pattern, unique, index)"
+                    ),
+                ),
+            }
+            Ok(())
+        });
+        if let Err(err) = result {
+            cx.syn_error(err);
+        }
+    }
+    Some(out)
+}
+
+/// A number literal, possibly negated.
+fn number(expr: &Expr) -> Option<f64> {
+    match expr {
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i.base10_parse::<f64>().ok(),
+        Expr::Lit(ExprLit {
+            lit: Lit::Float(f), ..
+        }) => f.base10_parse::<f64>().ok(),
+        Expr::Unary(ExprUnary {
+            op: UnOp::Neg(_),
+            expr,
+            ..
+        }) => number(expr).map(|n| -n),
+        _ => None,
+    }
+}
+
+/// Rules across fields; returns the id field.
+fn check<'c, 'a>(cx: &Ctxt, container: &'c Container<'a>) -> Option<&'c Field<'a>> {
+    for field in &container.fields {
+        let text_rules = [
+            field.email.as_ref().map(|k| (k, "email")),
+            field.pattern.as_ref().map(|(k, _)| (k, "pattern")),
+            field.min_length.as_ref().map(|(k, _)| (k, "min_length")),
+            field.max_length.as_ref().map(|(k, _)| (k, "max_length")),
+        ];
+        for (key, rule) in text_rules.into_iter().flatten() {
+            if !is_text(field.ty) {
+                cx.error_spanned_by(
+                    key,
+                    format!(
+                        "`{rule}` applies to `String` or `Option<String>` fields, not `{}`",
+                        field.ty.to_token_stream()
+                    ),
+                );
+            }
+        }
+        if let (Some((_, lo)), Some((key, hi))) = (&field.min_length, &field.max_length) {
+            if lo > hi {
+                cx.error_spanned_by(key, "`max_length` is smaller than `min_length`");
+            }
+        }
+        if let (Some((_, lo)), Some((key, hi))) = (&field.min, &field.max) {
+            if lo > hi {
+                cx.error_spanned_by(key, "`max` is smaller than `min`");
+            }
+        }
+    }
+    let marked: Vec<&Field<'a>> = container.fields.iter().filter(|f| f.id.is_some()).collect();
+    let id = match marked.as_slice() {
+        [one] => Some(*one),
+        [] => container.fields.iter().find(|f| f.bson_name == "_id"),
+        [_, second, ..] => {
+            cx.error_spanned_by(second.id.as_ref(), "only one field can be the id");
+            None
+        }
+    };
+    let Some(id) = id else {
+        if marked.is_empty() {
+            cx.error_spanned_by(
+                &container.input.ident,
+                "missing id field: add `#[serde(rename = \"_id\", default, skip_serializing_if = \"Option::is_none\")] id: Option<ObjectId>`",
+            );
+        }
+        return None;
+    };
+    if id.bson_name != "_id" {
+        cx.error_spanned_by(
+            id.ident,
+            "the id field must be stored as `_id`: add `#[serde(rename = \"_id\")]`",
+        );
+        return None;
+    }
+    Some(id)
+}
+
+/// `String`, `Option<String>`.
+fn is_text(ty: &Type) -> bool {
+    last_segment(ty).is_some_and(|(name, inner)| {
+        name == "String"
+            || (name == "Option"
+                && inner.is_some_and(|t| last_segment(t).is_some_and(|(n, _)| n == "String")))
+    })
+}
+
+/// The last path segment's name and its first type argument.
+fn last_segment(ty: &Type) -> Option<(String, Option<&Type>)> {
+    let Type::Path(path) = ty else { return None };
+    let segment = path.path.segments.last()?;
+    let inner = match &segment.arguments {
+        PathArguments::AngleBracketed(args) => args.args.iter().find_map(|a| match a {
+            GenericArgument::Type(t) => Some(t),
+            _ => None,
+        }),
+        _ => None,
+    };
+    Some((segment.ident.to_string(), inner))
+}
+
+fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
+    let input = container.input;
+    let ident = &input.ident;
+    let vis = &input.vis;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let collection = container
+        .collection
+        .as_ref()
+        .map_or_else(|| default_collection(&ident.to_string()), LitStr::value);
+
+    let id_ident = id.ident;
+    let (id_ty, id_accessors) = match last_segment(id.ty) {
+        Some((name, Some(inner))) if name == "Option" => (
+            inner.clone(),
+            quote! {
+                fn id(&self) -> ::earnorm::__private::Option<&Self::Id> { self.#id_ident.as_ref() }
+                fn set_id(&mut self, id: ::earnorm::__private::Option<Self::Id>) { self.#id_ident = id; }
+            },
+        ),
+        _ => (
+            id.ty.clone(),
+            quote! {
+                fn id(&self) -> ::earnorm::__private::Option<&Self::Id> { ::earnorm::__private::Option::Some(&self.#id_ident) }
+                fn set_id(&mut self, id: ::earnorm::__private::Option<Self::Id>) {
+                    if let ::earnorm::__private::Option::Some(id) = id { self.#id_ident = id; }
+                }
+            },
+        ),
+    };
+
+    let checks = container.fields.iter().map(|f| validations(f));
+    let indexes = container
+        .fields
+        .iter()
+        .filter(|f| f.unique.is_some() || f.index.is_some())
+        .map(|f| {
+            let name = &f.bson_name;
+            let unique = f.unique.is_some();
+            quote!(::earnorm::__private::IndexSpec { field: #name, unique: #unique })
+        });
+
+    let fields_ident = format_ident!("{}Fields", ident);
+    let field_decls = container.fields.iter().map(|f| {
+        let (name, doc) = (f.ident, format!("`{}`", f.bson_name));
+        quote!(#[doc = #doc] pub #name: &'static str)
+    });
+    let field_values = container.fields.iter().map(|f| {
+        let (name, bson) = (f.ident, &f.bson_name);
+        quote!(#name: #bson)
+    });
+    let fields_doc = format!("Names of [`{ident}`]'s fields as stored in MongoDB, for building filters: `{ident}::FIELDS.name`.");
+
+    quote! {
+        #[automatically_derived]
+        impl #impl_generics ::earnorm::Model for #ident #ty_generics #where_clause {
+            const COLLECTION: &'static str = #collection;
+            type Id = #id_ty;
+            #id_accessors
+            fn validate(&self) -> ::earnorm::__private::Result<(), ::earnorm::__private::ValidationErrors> {
+                #[allow(unused_mut)]
+                let mut errors = ::earnorm::__private::ValidationErrors::new();
+                #(#checks)*
+                errors.into_result()
+            }
+            fn indexes() -> ::earnorm::__private::Vec<::earnorm::__private::IndexSpec> {
+                ::earnorm::__private::Vec::from([#(#indexes),*])
+            }
+        }
+
+        #[doc = #fields_doc]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #vis struct #fields_ident {
+            #(#field_decls,)*
+        }
+
+        #[automatically_derived]
+        impl #impl_generics #ident #ty_generics #where_clause {
+            /// Field names as stored in MongoDB.
+            #vis const FIELDS: #fields_ident = #fields_ident { #(#field_values,)* };
+        }
+    }
+}
+
+fn validations(field: &Field<'_>) -> TokenStream {
+    let ident = field.ident;
+    let name = ident.to_string();
+    let span = field.ty.span();
+    let mut out = TokenStream::new();
+    let v = quote!(::earnorm::__private::validate);
+    if field.required.is_some() {
+        out.extend(quote_spanned!(span=> #v::required(&mut errors, #name, &self.#ident);));
+    }
+    if field.email.is_some() {
+        out.extend(quote_spanned!(span=> #v::email(&mut errors, #name, &self.#ident);));
+    }
+    if let Some((_, n)) = field.min_length {
+        out.extend(quote_spanned!(span=> #v::min_length(&mut errors, #name, &self.#ident, #n);));
+    }
+    if let Some((_, n)) = field.max_length {
+        out.extend(quote_spanned!(span=> #v::max_length(&mut errors, #name, &self.#ident, #n);));
+    }
+    if let Some((_, n)) = field.min {
+        out.extend(quote_spanned!(span=> #v::min(&mut errors, #name, &self.#ident, #n);));
+    }
+    if let Some((_, n)) = field.max {
+        out.extend(quote_spanned!(span=> #v::max(&mut errors, #name, &self.#ident, #n);));
+    }
+    if let Some((_, pattern)) = &field.pattern {
+        out.extend(quote_spanned!(span=> {
+            static PATTERN: ::earnorm::__private::OnceLock<::earnorm::__private::Option<::earnorm::__private::Regex>> =
+                ::earnorm::__private::OnceLock::new();
+            #v::pattern(&mut errors, #name, &self.#ident, #pattern, &PATTERN);
+        }));
+    }
+    out
+}
+
+/// `UserProfile` -> `user_profiles`.
+fn default_collection(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('s');
+    out
+}

@@ -1,0 +1,59 @@
+//! Connection settings.
+
+use std::fmt;
+use std::time::Duration;
+
+use earnorm_cache::{redact_url, CacheConfig};
+
+/// Where EarnORM connects, and how its cache behaves.
+///
+/// ```
+/// use earnorm::{CacheConfig, Config};
+///
+/// let config = Config {
+///     mongo_uri: "mongodb://localhost:27017".into(),
+///     database: "shop".into(),
+///     redis_uri: None, // no cache: every cached call computes
+///     cache_config: CacheConfig { prefix: "shop:".into(), ..Default::default() },
+///     ..Default::default()
+/// };
+/// assert_eq!(config.database, "shop");
+/// ```
+#[derive(Clone, PartialEq)]
+pub struct Config {
+    /// MongoDB connection string.
+    pub mongo_uri: String,
+    /// Database name.
+    pub database: String,
+    /// Redis URL; `None` runs without a cache.
+    pub redis_uri: Option<String>,
+    /// Cache behaviour.
+    pub cache_config: CacheConfig,
+    /// How long `init`/`connect` waits for MongoDB before failing.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mongo_uri: "mongodb://localhost:27017".to_owned(),
+            database: "earnbase".to_owned(),
+            redis_uri: Some("redis://localhost:6379/0".to_owned()),
+            cache_config: CacheConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Passwords are redacted.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("mongo_uri", &redact_url(&self.mongo_uri))
+            .field("database", &self.database)
+            .field("redis_uri", &self.redis_uri.as_deref().map(redact_url))
+            .field("cache_config", &self.cache_config)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}

@@ -1,0 +1,143 @@
+//! Environments: a MongoDB database and a cache, used by model calls.
+//!
+//! An [`Environment`] is a cheap cloneable handle. Model methods find theirs
+//! in this order:
+//!
+//! 1. the environment of the enclosing [`Environment::scope`] (a Tokio
+//!    task-local: it follows the future, not the thread, and does not pass
+//!    into `tokio::spawn`ed tasks);
+//! 2. the process-wide default installed by [`init`].
+//!
+//! So an application calls `init` once; tests (or a multi-tenant service)
+//! build several environments with [`Environment::connect`] and run each
+//! piece of work inside `env.scope(...)`; explicit `*_in(&env, ..)` methods
+//! take one directly.
+
+use std::future::Future;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use earnorm_cache::{redact_url, CacheManager};
+use mongodb::bson::doc;
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
+use tracing::info;
+
+use crate::{Config, Error, Result};
+
+/// A connected database and its cache.
+#[derive(Clone, Debug)]
+pub struct Environment {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    database: Database,
+    cache: CacheManager,
+}
+
+static DEFAULT: RwLock<Option<Environment>> = RwLock::new(None);
+
+tokio::task_local! {
+    static CURRENT: Environment;
+}
+
+impl Environment {
+    /// Connects to MongoDB (checking that it answers within
+    /// `connect_timeout`) and sets up the cache. A Redis that is down is not
+    /// an error: the cache runs degraded and attaches when Redis comes up.
+    ///
+    /// # Errors
+    /// [`Error::Connection`] when MongoDB cannot be reached or the URI is
+    /// invalid; [`Error::Cache`] for an invalid Redis URL.
+    pub async fn connect(config: Config) -> Result<Self> {
+        let uri = redact_url(&config.mongo_uri);
+        let connection = |source| Error::Connection {
+            uri: uri.clone(),
+            source,
+        };
+        let mut options = ClientOptions::parse(&config.mongo_uri)
+            .await
+            .map_err(connection)?;
+        options.server_selection_timeout = Some(config.connect_timeout);
+        options.connect_timeout = Some(config.connect_timeout);
+        options.app_name.get_or_insert_with(|| "earnorm".to_owned());
+        let client = Client::with_options(options).map_err(connection)?;
+        let database = client.database(&config.database);
+        database
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map_err(connection)?;
+        info!(uri = %uri, database = %config.database, "connected to MongoDB");
+        let cache = CacheManager::connect(config.redis_uri.as_deref(), config.cache_config).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                database,
+                cache,
+            }),
+        })
+    }
+
+    /// The environment model calls use here: the enclosing
+    /// [`scope`](Self::scope), else the default from [`init`].
+    ///
+    /// # Errors
+    /// [`Error::NotInitialized`] when there is neither.
+    pub fn current() -> Result<Self> {
+        if let Ok(env) = CURRENT.try_with(Clone::clone) {
+            return Ok(env);
+        }
+        DEFAULT
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(Error::NotInitialized)
+    }
+
+    /// Runs `future` with this environment as the current one.
+    pub async fn scope<F: Future>(&self, future: F) -> F::Output {
+        CURRENT.scope(self.clone(), future).await
+    }
+
+    /// Makes this environment the process-wide default.
+    pub fn set_default(&self) {
+        *DEFAULT.write().unwrap_or_else(PoisonError::into_inner) = Some(self.clone());
+    }
+
+    /// The MongoDB database.
+    pub fn database(&self) -> &Database {
+        &self.inner.database
+    }
+
+    /// The MongoDB client.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &CacheManager {
+        &self.inner.cache
+    }
+}
+
+/// Connects with `config` and installs the result as the process-wide
+/// default environment (replacing any earlier one).
+///
+/// # Errors
+/// As [`Environment::connect`].
+pub async fn init(config: Config) -> Result<Environment> {
+    let env = Environment::connect(config).await?;
+    env.set_default();
+    Ok(env)
+}
+
+/// The cache of the current environment; a disabled cache when EarnORM is
+/// not initialized.
+pub fn cache() -> CacheManager {
+    match Environment::current() {
+        Ok(env) => env.inner.cache.clone(),
+        Err(_) => CacheManager::disabled(earnorm_cache::CacheConfig::default()),
+    }
+}

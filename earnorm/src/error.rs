@@ -1,0 +1,163 @@
+//! The ORM's error type.
+
+use std::fmt;
+
+use thiserror::Error;
+
+/// `Result` with [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in an EarnORM call. Never carries credentials.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// One or more fields failed validation; nothing was written.
+    #[error("{0}")]
+    Validation(#[from] ValidationErrors),
+    /// A record that had to exist does not.
+    #[error("{model} not found")]
+    NotFound {
+        /// The model's collection.
+        model: &'static str,
+    },
+    /// A unique index refused the write.
+    #[error("duplicate key in `{model}`: {message}")]
+    DuplicateKey {
+        /// The model's collection.
+        model: &'static str,
+        /// The server's message (names the index and the value).
+        message: String,
+    },
+    /// MongoDB could not be reached at `init`/`connect`.
+    #[error("cannot connect to MongoDB at {uri}: {source}")]
+    Connection {
+        /// The URI with its password redacted.
+        uri: String,
+        /// The driver's error.
+        #[source]
+        source: mongodb::error::Error,
+    },
+    /// Any other error from MongoDB.
+    #[error("MongoDB error: {0}")]
+    Mongo(#[source] mongodb::error::Error),
+    /// A value could not be turned into BSON or back.
+    #[error("serialization error: {0}")]
+    Serialization(String),
+    /// A record has no id where one is needed, or an id of the wrong kind.
+    #[error("{0}")]
+    Id(String),
+    /// No environment: call [`init`](crate::init) or run inside
+    /// [`Environment::scope`](crate::Environment::scope).
+    #[error("EarnORM is not initialized: call earnorm::init(config) first, or run inside Environment::scope")]
+    NotInitialized,
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The cache could not be set up (only an invalid Redis URL does this).
+    #[error(transparent)]
+    Cache(#[from] earnorm_cache::CacheError),
+}
+
+impl Error {
+    /// Maps a driver error, recognising duplicate-key failures.
+    pub(crate) fn from_mongo(model: &'static str, err: mongodb::error::Error) -> Self {
+        use mongodb::error::{ErrorKind, WriteFailure};
+        let duplicate = match err.kind.as_ref() {
+            ErrorKind::Write(WriteFailure::WriteError(we)) if we.code == 11000 => {
+                Some(we.message.clone())
+            }
+            ErrorKind::InsertMany(e) => e
+                .write_errors
+                .as_ref()
+                .and_then(|errs| errs.iter().find(|we| we.code == 11000))
+                .map(|we| we.message.clone()),
+            ErrorKind::Command(c) if c.code == 11000 => Some(c.message.clone()),
+            _ => None,
+        };
+        match duplicate {
+            Some(message) => Error::DuplicateKey { model, message },
+            None => Error::Mongo(err),
+        }
+    }
+}
+
+impl From<mongodb::bson::error::Error> for Error {
+    fn from(err: mongodb::bson::error::Error) -> Self {
+        Error::Serialization(err.to_string())
+    }
+}
+
+/// One field's validation failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field's Rust name.
+    pub field: &'static str,
+    /// The rule that failed: `required`, `email`, `min_length`, `max_length`,
+    /// `min`, `max` or `pattern`.
+    pub rule: &'static str,
+    /// A human-readable message.
+    pub message: String,
+}
+
+/// Every validation failure of one record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Error)]
+pub struct ValidationErrors {
+    /// The failures, in field order.
+    pub errors: Vec<FieldError>,
+}
+
+impl ValidationErrors {
+    /// No failures yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a failure.
+    pub fn add(&mut self, field: &'static str, rule: &'static str, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            field,
+            rule,
+            message: message.into(),
+        });
+    }
+
+    /// Whether `field` failed `rule`.
+    pub fn has(&self, field: &str, rule: &str) -> bool {
+        self.errors
+            .iter()
+            .any(|e| e.field == field && e.rule == rule)
+    }
+
+    /// The names of the failing fields.
+    pub fn fields(&self) -> Vec<&'static str> {
+        self.errors.iter().map(|e| e.field).collect()
+    }
+
+    /// `Ok(())` when nothing failed.
+    ///
+    /// # Errors
+    /// `self` when any rule failed.
+    pub fn into_result(self) -> Result<(), ValidationErrors> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "validation failed:")?;
+        for (i, e) in self.errors.iter().enumerate() {
+            write!(
+                f,
+                "{} {}: {}",
+                if i == 0 { "" } else { ";" },
+                e.field,
+                e.message
+            )?;
+        }
+        Ok(())
+    }
+}

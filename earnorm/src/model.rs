@@ -1,0 +1,376 @@
+//! The [`Model`] trait: a struct stored in a MongoDB collection, with CRUD
+//! that keeps the cache correct.
+
+use std::fmt::Debug;
+use std::future::Future;
+
+use earnorm_cache::Scope;
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
+use mongodb::options::{FindOptions, IndexOptions};
+use mongodb::{Collection, IndexModel};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{Environment, Error, Result, ValidationErrors};
+
+/// An id type a model can use.
+pub trait ModelId: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
+    /// A new id for a record inserted without one (`ObjectId`: a fresh one);
+    /// `None` for types the application must assign itself.
+    fn generate() -> Option<Self>;
+}
+
+impl ModelId for ObjectId {
+    fn generate() -> Option<Self> {
+        Some(ObjectId::new())
+    }
+}
+macro_rules! assigned_ids {
+    ($($t:ty),*) => { $(impl ModelId for $t { fn generate() -> Option<Self> { None } })* };
+}
+assigned_ids!(String, i32, i64, u32, mongodb::bson::Uuid);
+
+/// An index declared with `#[earnorm(index)]` or `#[earnorm(unique)]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexSpec {
+    /// The BSON field name.
+    pub field: &'static str,
+    /// Whether values must be unique.
+    pub unique: bool,
+}
+
+/// A struct stored in a MongoDB collection. Derive it with
+/// `#[derive(Model)]`; the provided methods are the CRUD.
+///
+/// Every method has an `_in` form that takes an explicit [`Environment`];
+/// the plain form uses [`Environment::current`].
+///
+/// Writes invalidate the cache after they commit: `save` and `delete`
+/// invalidate the record's scope (its cached methods, and cached queries over
+/// the model); `insert_many`, `update_many` and `delete_many` invalidate the
+/// whole model. A failed write invalidates nothing; cache trouble never fails
+/// a write.
+pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 'static {
+    /// The collection name.
+    const COLLECTION: &'static str;
+    /// The type of the `_id` field.
+    type Id: ModelId;
+
+    /// The record's id, if it has one.
+    fn id(&self) -> Option<&Self::Id>;
+    /// Sets the record's id.
+    fn set_id(&mut self, id: Option<Self::Id>);
+    /// Checks every validation rule; reports every failing field.
+    ///
+    /// # Errors
+    /// The failures.
+    fn validate(&self) -> Result<(), ValidationErrors>;
+    /// The indexes declared on the model.
+    fn indexes() -> Vec<IndexSpec> {
+        Vec::new()
+    }
+
+    /// The typed collection in `env`.
+    fn collection_in(env: &Environment) -> Collection<Self> {
+        env.database().collection(Self::COLLECTION)
+    }
+
+    /// The record id as the string used in cache scopes.
+    fn id_key(&self) -> Option<String> {
+        self.id().and_then(|id| id_key(id).ok())
+    }
+
+    /// Inserts the record (giving it an id if it has none and the id type can
+    /// generate one) or replaces the stored one; validates first.
+    fn save(&mut self) -> impl Future<Output = Result<()>> + Send {
+        async move { self.save_in(&Environment::current()?).await }
+    }
+
+    /// [`save`](Self::save) in `env`.
+    fn save_in<'a>(
+        &'a mut self,
+        env: &'a Environment,
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        async move {
+            self.validate()?;
+            let coll = Self::collection_in(env);
+            let id = if let Some(id) = self.id() {
+                let id = id.clone();
+                coll.replace_one(doc! { "_id": to_bson(&id)? }, &*self)
+                    .upsert(true)
+                    .await
+                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
+                id
+            } else {
+                let id = <Self::Id as ModelId>::generate().ok_or_else(|| {
+                    Error::Id(format!(
+                        "{}: this id type is not generated; set the id before saving",
+                        Self::COLLECTION
+                    ))
+                })?;
+                self.set_id(Some(id.clone()));
+                if let Err(err) = coll.insert_one(&*self).await {
+                    self.set_id(None);
+                    return Err(Error::from_mongo(Self::COLLECTION, err));
+                }
+                id
+            };
+            let key = id_key(&id)?;
+            env.cache()
+                .invalidate(&[Scope::Record(Self::COLLECTION, &key)])
+                .await;
+            Ok(())
+        }
+    }
+
+    /// Deletes the record. Returns whether it existed.
+    fn delete(&self) -> impl Future<Output = Result<bool>> + Send {
+        async move { self.delete_in(&Environment::current()?).await }
+    }
+
+    /// [`delete`](Self::delete) in `env`.
+    fn delete_in<'a>(
+        &'a self,
+        env: &'a Environment,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
+        async move {
+            let id = self.id().ok_or_else(|| {
+                Error::Id(format!(
+                    "{}: cannot delete a record without an id",
+                    Self::COLLECTION
+                ))
+            })?;
+            let result = Self::collection_in(env)
+                .delete_one(doc! { "_id": to_bson(id)? })
+                .await
+                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
+            env.cache()
+                .invalidate(&[Scope::Record(Self::COLLECTION, &id_key(id)?)])
+                .await;
+            Ok(result.deleted_count > 0)
+        }
+    }
+
+    /// Inserts many records at once (validating all first; nothing is
+    /// written if any fails). Generated ids are set on the records.
+    fn insert_many(records: &mut [Self]) -> impl Future<Output = Result<()>> + Send {
+        async move { Self::insert_many_in(&Environment::current()?, records).await }
+    }
+
+    /// [`insert_many`](Self::insert_many) in `env`.
+    fn insert_many_in<'a>(
+        env: &'a Environment,
+        records: &'a mut [Self],
+    ) -> impl Future<Output = Result<()>> + Send + 'a {
+        async move {
+            if records.is_empty() {
+                return Ok(());
+            }
+            let mut all = ValidationErrors::new();
+            for record in records.iter() {
+                if let Err(errors) = record.validate() {
+                    all.errors.extend(errors.errors);
+                }
+            }
+            all.into_result()?;
+            for record in records.iter_mut() {
+                if record.id().is_none() {
+                    let id = <Self::Id as ModelId>::generate().ok_or_else(|| {
+                        Error::Id(format!(
+                            "{}: this id type is not generated; set ids before inserting",
+                            Self::COLLECTION
+                        ))
+                    })?;
+                    record.set_id(Some(id));
+                }
+            }
+            let result = Self::collection_in(env).insert_many(records.iter()).await;
+            // Part of a failed batch may have been written: invalidate either way.
+            env.cache()
+                .invalidate(&[Scope::Model(Self::COLLECTION)])
+                .await;
+            result
+                .map(|_| ())
+                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
+        }
+    }
+
+    /// The record with this id.
+    fn find_by_id(
+        id: impl Into<Self::Id> + Send,
+    ) -> impl Future<Output = Result<Option<Self>>> + Send {
+        let id = id.into();
+        async move { Self::find_by_id_in(&Environment::current()?, id).await }
+    }
+
+    /// [`find_by_id`](Self::find_by_id) in `env`.
+    fn find_by_id_in(
+        env: &Environment,
+        id: Self::Id,
+    ) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
+        async move { Self::find_one_in(env, doc! { "_id": to_bson(&id)? }).await }
+    }
+
+    /// The first record matching `filter`.
+    fn find_one(filter: Document) -> impl Future<Output = Result<Option<Self>>> + Send {
+        async move { Self::find_one_in(&Environment::current()?, filter).await }
+    }
+
+    /// [`find_one`](Self::find_one) in `env`.
+    fn find_one_in(
+        env: &Environment,
+        filter: Document,
+    ) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
+        async move {
+            Self::collection_in(env)
+                .find_one(filter)
+                .await
+                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
+        }
+    }
+
+    /// Every record matching `filter`.
+    fn find(filter: Document) -> impl Future<Output = Result<Vec<Self>>> + Send {
+        async move { Self::find_in(&Environment::current()?, filter, FindOptions::default()).await }
+    }
+
+    /// Records matching `filter`, with sort, limit and skip:
+    /// `FindOptions::builder().sort(doc! {"age": -1}).limit(10).skip(20).build()`.
+    fn find_with(
+        filter: Document,
+        options: FindOptions,
+    ) -> impl Future<Output = Result<Vec<Self>>> + Send {
+        async move { Self::find_in(&Environment::current()?, filter, options).await }
+    }
+
+    /// [`find_with`](Self::find_with) in `env`.
+    fn find_in(
+        env: &Environment,
+        filter: Document,
+        options: FindOptions,
+    ) -> impl Future<Output = Result<Vec<Self>>> + Send + '_ {
+        async move {
+            let cursor = Self::collection_in(env)
+                .find(filter)
+                .with_options(options)
+                .await
+                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
+            cursor
+                .try_collect()
+                .await
+                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
+        }
+    }
+
+    /// The number of records matching `filter`.
+    fn count(filter: Document) -> impl Future<Output = Result<u64>> + Send {
+        async move { Self::count_in(&Environment::current()?, filter).await }
+    }
+
+    /// [`count`](Self::count) in `env`.
+    fn count_in(
+        env: &Environment,
+        filter: Document,
+    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+        async move {
+            Self::collection_in(env)
+                .count_documents(filter)
+                .await
+                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
+        }
+    }
+
+    /// Applies `update` to every record matching `filter`; returns how many
+    /// were modified. Invalidates the whole model.
+    fn update_many(filter: Document, update: Document) -> impl Future<Output = Result<u64>> + Send {
+        async move { Self::update_many_in(&Environment::current()?, filter, update).await }
+    }
+
+    /// [`update_many`](Self::update_many) in `env`.
+    fn update_many_in(
+        env: &Environment,
+        filter: Document,
+        update: Document,
+    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+        async move {
+            let result = Self::collection_in(env).update_many(filter, update).await;
+            let result = result.map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
+            env.cache()
+                .invalidate(&[Scope::Model(Self::COLLECTION)])
+                .await;
+            Ok(result.modified_count)
+        }
+    }
+
+    /// Deletes every record matching `filter`; returns how many. Invalidates
+    /// the whole model.
+    fn delete_many(filter: Document) -> impl Future<Output = Result<u64>> + Send {
+        async move { Self::delete_many_in(&Environment::current()?, filter).await }
+    }
+
+    /// [`delete_many`](Self::delete_many) in `env`.
+    fn delete_many_in(
+        env: &Environment,
+        filter: Document,
+    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+        async move {
+            let result = Self::collection_in(env).delete_many(filter).await;
+            let result = result.map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
+            env.cache()
+                .invalidate(&[Scope::Model(Self::COLLECTION)])
+                .await;
+            Ok(result.deleted_count)
+        }
+    }
+
+    /// Creates the declared indexes (idempotent).
+    fn ensure_indexes() -> impl Future<Output = Result<()>> + Send {
+        async move { Self::ensure_indexes_in(&Environment::current()?).await }
+    }
+
+    /// [`ensure_indexes`](Self::ensure_indexes) in `env`.
+    fn ensure_indexes_in(env: &Environment) -> impl Future<Output = Result<()>> + Send + '_ {
+        async move {
+            let models: Vec<IndexModel> = Self::indexes()
+                .into_iter()
+                .map(|spec| {
+                    IndexModel::builder()
+                        .keys(doc! { spec.field: 1 })
+                        .options(
+                            IndexOptions::builder()
+                                .unique(spec.unique.then_some(true))
+                                .build(),
+                        )
+                        .build()
+                })
+                .collect();
+            if models.is_empty() {
+                return Ok(());
+            }
+            Self::collection_in(env)
+                .create_indexes(models)
+                .await
+                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
+            Ok(())
+        }
+    }
+}
+
+/// BSON of a value, for filters.
+fn to_bson<T: Serialize + ?Sized>(value: &T) -> Result<Bson> {
+    Ok(mongodb::bson::serialize_to_bson(value)?)
+}
+
+/// The canonical string of an id, as used in cache scopes.
+///
+/// # Errors
+/// When the id does not serialize to BSON.
+pub fn id_key<T: Serialize + ?Sized>(id: &T) -> Result<String> {
+    Ok(match to_bson(id)? {
+        Bson::ObjectId(oid) => oid.to_hex(),
+        Bson::String(s) => s,
+        Bson::Int32(n) => n.to_string(),
+        Bson::Int64(n) => n.to_string(),
+        other => other.to_string(),
+    })
+}

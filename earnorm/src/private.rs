@@ -1,0 +1,127 @@
+//! Support for generated code. Not a public API: names here may change in
+//! any release. `#[derive(Model)]` and `#[cached]` name only these paths.
+
+use std::time::Duration;
+
+use earnorm_cache::{CacheKey, CacheManager, KeyBuilder, Scope};
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::debug;
+
+use crate::{Environment, Model};
+
+pub use core::future::Future;
+pub use core::option::Option;
+pub use core::result::Result;
+pub use earnorm_cache::{OptionOutput, Output, PlainOutput, ResultOutput};
+pub use mongodb::bson;
+pub use regex::Regex;
+pub use serde;
+pub use std::sync::OnceLock;
+pub use std::vec::Vec;
+
+pub use crate::model::{IndexSpec, ModelId};
+pub use crate::validate;
+pub use crate::ValidationErrors;
+
+/// A dependency declared in `#[cached(depends_on(..), tags(..))]`.
+#[derive(Debug, Clone, Copy)]
+pub enum Dep {
+    /// Any write to this collection invalidates the value.
+    Model(&'static str),
+    /// `earnorm::invalidate_tag(tag)` invalidates the value.
+    Tag(&'static str),
+}
+
+fn add_deps(mut builder: KeyBuilder, deps: &[Dep]) -> KeyBuilder {
+    for dep in deps {
+        builder = builder.scope(match *dep {
+            Dep::Model(model) => Scope::Model(model),
+            Dep::Tag(tag) => Scope::Tag(tag),
+        });
+    }
+    builder
+}
+
+fn finish<A: Serialize + ?Sized>(builder: KeyBuilder, version: u32, args: &A) -> Option<CacheKey> {
+    match builder
+        .raw(&version.to_le_bytes())
+        .arg(args)
+        .and_then(KeyBuilder::build)
+    {
+        Ok(key) => Some(key),
+        Err(err) => {
+            debug!(error = %err, "arguments do not encode: calling without the cache");
+            None
+        }
+    }
+}
+
+fn current_cache() -> Option<CacheManager> {
+    Environment::current().ok().map(|env| env.cache().clone())
+}
+
+/// Key of a record-scope method: the model, the record id, the method, the
+/// record's own content (so an outdated copy uses another entry) and the
+/// arguments. `None` (call uncached) without an environment or an id.
+pub fn record_key<M: Model, A: Serialize + ?Sized>(
+    record: &M,
+    name: &str,
+    version: u32,
+    deps: &[Dep],
+    args: &A,
+) -> Option<(CacheManager, CacheKey)> {
+    let cache = current_cache()?;
+    let id = record.id_key()?;
+    let builder = cache
+        .key(M::COLLECTION, name)
+        .scope(Scope::Record(M::COLLECTION, &id));
+    let builder = add_deps(builder, deps).arg(record).ok()?;
+    let key = finish(builder, version, args)?;
+    Some((cache, key))
+}
+
+/// Key of a model-scope associated function.
+pub fn model_key<M: Model, A: Serialize + ?Sized>(
+    name: &str,
+    version: u32,
+    deps: &[Dep],
+    args: &A,
+) -> Option<(CacheManager, CacheKey)> {
+    let cache = current_cache()?;
+    let builder = add_deps(
+        cache
+            .key(M::COLLECTION, name)
+            .scope(Scope::Model(M::COLLECTION)),
+        deps,
+    );
+    let key = finish(builder, version, args)?;
+    Some((cache, key))
+}
+
+/// Key of a free function.
+pub fn free_key<A: Serialize + ?Sized>(
+    namespace: &str,
+    name: &str,
+    version: u32,
+    deps: &[Dep],
+    args: &A,
+) -> Option<(CacheManager, CacheKey)> {
+    let cache = current_cache()?;
+    let builder = add_deps(cache.key(namespace, name), deps);
+    let key = finish(builder, version, args)?;
+    Some((cache, key))
+}
+
+/// A TTL in seconds.
+pub const fn ttl(seconds: u64) -> Option<Duration> {
+    Some(Duration::from_secs(seconds))
+}
+
+/// Compile-time check that an argument type is serializable.
+pub const fn assert_serialize<T: Serialize + ?Sized>() {}
+
+/// Compile-time check that a cached value type round-trips.
+pub const fn assert_cacheable<T: Serialize + DeserializeOwned>() {}
+
+/// Compile-time check that `Self` is a model.
+pub const fn assert_model<M: Model>() {}

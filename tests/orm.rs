@@ -1,0 +1,278 @@
+//! The model layer against a real MongoDB (`MONGODB_URI`) and Redis
+//! (`REDIS_URL`): CRUD, validation, indexes, ids, round trips and the
+//! invalidation scopes of each write.
+
+#[path = "models.rs"]
+mod models;
+
+use earnorm::bson::{doc, oid::ObjectId};
+use earnorm::{Environment, Error, FindOptions, Model};
+use models::{Address, Counter, Profile, Sku, User};
+use support::test_env;
+
+#[tokio::test]
+async fn save_inserts_then_updates_and_every_read_verb_sees_it() {
+    let env = test_env("crud").await;
+    env.scope(async {
+        let mut ada = User::new("Ada", "ada@example.com");
+        ada.save().await.expect("insert");
+        let id = ada.id.expect("insert sets the id");
+        assert_eq!(User::find_by_id(id).await.expect("find"), Some(ada.clone()));
+
+        ada.age = Some(37);
+        ada.save().await.expect("update");
+        assert_eq!(
+            User::count(doc! {}).await.expect("count"),
+            1,
+            "an update does not insert"
+        );
+        assert_eq!(
+            User::find_one(doc! { User::FIELDS.name: "Ada" })
+                .await
+                .expect("find_one")
+                .and_then(|u| u.age),
+            Some(37)
+        );
+
+        let mut more = vec![
+            User::new("Bob", "bob@example.com"),
+            User::new("Cy", "cy@example.com"),
+            User::new("Di", "di@example.com"),
+        ];
+        more[0].age = Some(20);
+        more[1].age = Some(50);
+        more[2].age = Some(40);
+        User::insert_many(&mut more).await.expect("insert_many");
+        assert!(more.iter().all(|u| u.id.is_some()), "insert_many sets ids");
+        assert_eq!(User::count(doc! {}).await.expect("count"), 4);
+
+        let page = User::find_with(
+            doc! {},
+            FindOptions::builder()
+                .sort(doc! { "age": -1 })
+                .skip(1)
+                .limit(2)
+                .build(),
+        )
+        .await
+        .expect("find");
+        let names: Vec<&str> = page.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["Di", "Ada"],
+            "ages 50, 40, 37, 20 sorted descending, skip 1, limit 2"
+        );
+        assert_eq!(
+            User::find(doc! { "age": { "$gte": 40 } })
+                .await
+                .expect("find")
+                .len(),
+            2
+        );
+
+        let modified =
+            User::update_many(doc! { "age": { "$lt": 40 } }, doc! { "$inc": { "age": 1 } })
+                .await
+                .expect("update_many");
+        assert_eq!(modified, 2);
+        assert!(ada.delete().await.expect("delete"));
+        assert!(
+            !ada.delete().await.expect("delete again"),
+            "a second delete finds nothing"
+        );
+        assert_eq!(User::find_by_id(id).await.expect("find"), None);
+        assert_eq!(
+            User::delete_many(doc! { "age": { "$gte": 40 } })
+                .await
+                .expect("delete_many"),
+            2
+        );
+        assert_eq!(User::count(doc! {}).await.expect("count"), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn validation_reports_every_failing_field_and_writes_nothing() {
+    let env = test_env("validation").await;
+    let mut bad = User::new("", "not-an-email");
+    bad.age = Some(-1);
+    bad.reference = Some("XX-1".into());
+    let err = bad.save_in(&env).await.expect_err("invalid");
+    let Error::Validation(errors) = err else {
+        panic!("expected a validation error, got {err}")
+    };
+    for (field, rule) in [
+        ("name", "required"),
+        ("name", "min_length"),
+        ("email", "email"),
+        ("age", "min"),
+        ("reference", "pattern"),
+    ] {
+        assert!(errors.has(field, rule), "{field} {rule}: {errors}");
+    }
+    assert_eq!(errors.errors.len(), 5, "{errors}");
+    assert!(bad.id.is_none());
+    assert_eq!(
+        User::count_in(&env, doc! {}).await.expect("count"),
+        0,
+        "nothing written"
+    );
+
+    let mut long = User::new(&"x".repeat(41), "a@b.co");
+    long.age = Some(151);
+    let Err(Error::Validation(errors)) = long.save_in(&env).await else {
+        panic!("invalid")
+    };
+    assert!(errors.has("name", "max_length") && errors.has("age", "max"));
+
+    let mut batch = vec![
+        User::new("Ok", "ok@example.com"),
+        User::new("B", "b@example.com"),
+    ];
+    assert!(matches!(
+        User::insert_many_in(&env, &mut batch).await,
+        Err(Error::Validation(_))
+    ));
+    assert_eq!(
+        User::count_in(&env, doc! {}).await.expect("count"),
+        0,
+        "a batch with one invalid record writes nothing"
+    );
+
+    // Absent optional values pass every rule but `required`.
+    let mut minimal = User::new("Mo", "mo@example.com");
+    minimal.age = None;
+    minimal.save_in(&env).await.expect("valid");
+}
+
+#[tokio::test]
+async fn unique_indexes_refuse_duplicates_with_a_typed_error() {
+    let env = test_env("unique").await;
+    User::ensure_indexes_in(&env).await.expect("indexes");
+    User::ensure_indexes_in(&env).await.expect("idempotent");
+    User::new("One", "same@example.com")
+        .save_in(&env)
+        .await
+        .expect("first");
+    let mut second = User::new("Two", "same@example.com");
+    match second.save_in(&env).await {
+        Err(Error::DuplicateKey { model, .. }) => assert_eq!(model, "users"),
+        other => panic!("expected a duplicate key error, got {other:?}"),
+    }
+    assert!(
+        second.id.is_none(),
+        "a failed insert leaves the record without an id"
+    );
+    assert_eq!(User::count_in(&env, doc! {}).await.expect("count"), 1);
+}
+
+#[tokio::test]
+async fn string_and_integer_ids_work_and_must_be_assigned() {
+    let env = test_env("ids").await;
+    let mut sku = Sku {
+        code: "SKU-1".into(),
+        price_cents: 999,
+    };
+    sku.save_in(&env).await.expect("save");
+    sku.price_cents = 1099;
+    sku.save_in(&env).await.expect("update");
+    assert_eq!(
+        Sku::find_by_id_in(&env, "SKU-1".into())
+            .await
+            .expect("find"),
+        Some(sku.clone())
+    );
+    assert_eq!(Sku::count_in(&env, doc! {}).await.expect("count"), 1);
+
+    let mut counter = Counter {
+        number: None,
+        value: 1,
+    };
+    assert!(
+        matches!(counter.save_in(&env).await, Err(Error::Id(_))),
+        "integer ids are not generated"
+    );
+    counter.number = Some(42);
+    counter.save_in(&env).await.expect("save");
+    assert_eq!(
+        Counter::find_by_id_in(&env, 42).await.expect("find"),
+        Some(counter)
+    );
+    assert_eq!(Counter::COLLECTION, "counters");
+    assert_eq!(Sku::COLLECTION, "skus", "default collection name");
+}
+
+#[tokio::test]
+async fn unicode_empty_long_nested_and_optional_values_round_trip() {
+    let env = test_env("roundtrip").await;
+    let mut user = User::new("Zoë 漢字 🚀", "zoë@例え.jp");
+    user.profile = Profile {
+        bio: "x".repeat(100_000),
+        tags: vec![String::new(), "ünïcødé".into(), "\u{0}nul".into()],
+        address: Some(Address {
+            city: "Zürich".into(),
+            zip: None,
+        }),
+    };
+    user.age = None;
+    user.reference = Some("ab-12".into());
+    user.save_in(&env).await.expect("save");
+    let back = User::find_by_id_in(&env, user.id.expect("id"))
+        .await
+        .expect("find")
+        .expect("stored");
+    assert_eq!(back, user);
+    let raw = env
+        .database()
+        .collection::<earnorm::bson::Document>("users")
+        .find_one(doc! {})
+        .await
+        .expect("raw")
+        .expect("doc");
+    assert_eq!(
+        raw.get_str("ref").expect("renamed field"),
+        "ab-12",
+        "serde renames are the stored names"
+    );
+    assert_eq!(User::FIELDS.reference, "ref");
+    assert_eq!(User::FIELDS.id, "_id");
+}
+
+#[tokio::test]
+async fn without_an_environment_calls_fail_clearly() {
+    // Not inside a scope and (in this test binary) no `init`: a typed error.
+    let outcome = tokio::spawn(async { User::count(doc! {}).await })
+        .await
+        .expect("task");
+    assert!(matches!(outcome, Err(Error::NotInitialized)), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn connecting_to_a_missing_mongodb_fails_with_a_connection_error() {
+    let config = earnorm::Config {
+        mongo_uri: format!(
+            "mongodb://user:pa55word@127.0.0.1:{}/?directConnection=true",
+            support::free_port()
+        ),
+        connect_timeout: std::time::Duration::from_millis(500),
+        redis_uri: None,
+        ..Default::default()
+    };
+    let err = Environment::connect(config.clone())
+        .await
+        .expect_err("nothing listens there");
+    assert!(matches!(err, Error::Connection { .. }), "{err}");
+    let shown = format!("{err} {err:?} {config:?}");
+    assert!(!shown.contains("pa55word"), "credentials leaked: {shown}");
+}
+
+#[tokio::test]
+async fn ids_are_generated_only_for_object_ids() {
+    let id = ObjectId::new();
+    let user = User {
+        id: Some(id),
+        ..User::new("Al", "al@example.com")
+    };
+    assert_eq!(user.id_key(), Some(id.to_hex()));
+}
