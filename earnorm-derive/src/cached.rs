@@ -275,7 +275,7 @@ fn generate(
             quote!(::<#(#types),*>)
         }
     };
-    let (key_call, body_call) = match receiver {
+    let (model_check, key_call, body_call) = match receiver {
         Receiver::Record => {
             let self_token = match sig.inputs.first() {
                 Some(FnArg::Receiver(r)) => r.self_token.span,
@@ -283,18 +283,21 @@ fn generate(
             };
             let model_check = quote_spanned!(self_token=> #private::assert_model::<Self>(););
             (
-                quote!(#model_check #private::record_key::<Self, _>(self, #key_name, #version, &[#(#deps),*], #key_args)),
+                model_check,
+                quote!(#private::record_key::<Self, _>(self, #key_name, #version, &[#(#deps),*], #key_args)),
                 quote!(self.#uncached #turbofish(#(#arg_names),*)),
             )
         }
         Receiver::Model => {
             let model_check = quote_spanned!(sig.ident.span()=> #private::assert_model::<Self>(););
             (
-                quote!(#model_check #private::model_key::<Self, _>(#key_name, #version, &[#(#deps),*], #key_args)),
+                model_check,
+                quote!(#private::model_key::<Self, _>(#key_name, #version, &[#(#deps),*], #key_args)),
                 quote!(Self::#uncached #turbofish(#(#arg_names),*)),
             )
         }
         Receiver::Free(_) => (
+            quote!(),
             quote!(#private::free_key(::core::module_path!(), #key_name, #version, &[#(#deps),*], #key_args)),
             quote!(#uncached #turbofish(#(#arg_names),*)),
         ),
@@ -314,6 +317,7 @@ fn generate(
         #vis #sig {
             #value_check
             #(#arg_checks)*
+            #model_check
             match #key_call {
                 #private::Option::Some((__earnorm_cache, __earnorm_key)) => {
                     __earnorm_cache.get_or_compute::<_, #mode, _>(&__earnorm_key, #private::ttl(#ttl), #body_call).await

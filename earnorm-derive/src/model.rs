@@ -370,7 +370,20 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
     let input = container.input;
     let ident = &input.ident;
     let vis = &input.vis;
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    // Every type parameter must allow the model to be stored and shared.
+    let mut generics = input.generics.clone();
+    let params: Vec<Ident> = generics.type_params().map(|p| p.ident.clone()).collect();
+    for param in params {
+        generics
+            .make_where_clause()
+            .predicates
+            .push(syn::parse_quote! {
+                #param: ::earnorm::__private::serde::Serialize
+                    + ::earnorm::__private::serde::de::DeserializeOwned
+                    + ::core::marker::Send + ::core::marker::Sync + ::core::marker::Unpin + 'static
+            });
+    }
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let collection = container
         .collection
         .as_ref()
