@@ -14,9 +14,7 @@ async fn cache(tag: &str) -> CacheManager {
         prefix: format!("{}:", unique_name(tag)),
         ..Default::default()
     };
-    let cache = CacheManager::connect(Some(&url), config)
-        .await
-        .expect("connect");
+    let cache = CacheManager::connect(Some(&url), config).await.expect("connect");
     assert!(cache.ping().await.is_ok(), "Redis at {url} answers");
     cache
 }
@@ -113,13 +111,7 @@ async fn writes_invalidate_their_scope_and_nothing_else() {
         .scope(Scope::Tag("reports"))
         .build()
         .expect("key");
-    for (key, v) in [
-        (&user1, 1),
-        (&user2, 2),
-        (&count, 3),
-        (&order, 4),
-        (&report, 5),
-    ] {
+    for (key, v) in [(&user1, 1), (&user2, 2), (&count, 3), (&order, 4), (&report, 5)] {
         assert_eq!(get(key.clone(), v).await, v);
     }
     let cached = |key: CacheKey| {
@@ -158,14 +150,8 @@ async fn pattern_deletion_escapes_glob_characters_and_keeps_other_prefixes() {
     let other = cache_with_prefix(&cache, "other").await;
     let ids = ["a*b", "a?b", "a[b]", r"a\b", "axb", "a[x]b", "ab"];
     for id in ids {
-        cache
-            .set(&profile_key(&cache, id), &1u8, None)
-            .await
-            .expect("set");
-        other
-            .set(&profile_key(&other, id), &1u8, None)
-            .await
-            .expect("set");
+        cache.set(&profile_key(&cache, id), &1u8, None).await.expect("set");
+        other.set(&profile_key(&other, id), &1u8, None).await.expect("set");
     }
     for target in ["a*b", "a?b", "a[b]", r"a\b"] {
         let deleted = cache
@@ -191,11 +177,7 @@ async fn pattern_deletion_escapes_glob_characters_and_keeps_other_prefixes() {
     }
     for id in ids {
         assert!(
-            other
-                .get::<u8>(&profile_key(&other, id))
-                .await
-                .expect("get")
-                .is_some(),
+            other.get::<u8>(&profile_key(&other, id)).await.expect("get").is_some(),
             "other prefix untouched"
         );
     }
@@ -222,20 +204,12 @@ async fn bypass_and_disabled_managers_always_compute() {
         runs.fetch_add(1, Ordering::SeqCst);
         5u64
     };
-    cache
-        .get_or_compute::<_, PlainOutput, _>(&key, None, compute())
-        .await;
+    cache.get_or_compute::<_, PlainOutput, _>(&key, None, compute()).await;
     earnorm_cache::bypass(cache.get_or_compute::<_, PlainOutput, _>(&key, None, compute())).await;
     assert_eq!(runs.load(Ordering::SeqCst), 2, "bypass computes");
     let off = CacheManager::disabled(CacheConfig::default());
-    off.get_or_compute::<_, PlainOutput, _>(&key, None, compute())
-        .await;
-    off.get_or_compute::<_, PlainOutput, _>(&key, None, compute())
-        .await;
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        4,
-        "a disabled manager computes every time"
-    );
+    off.get_or_compute::<_, PlainOutput, _>(&key, None, compute()).await;
+    off.get_or_compute::<_, PlainOutput, _>(&key, None, compute()).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 4, "a disabled manager computes every time");
     assert_eq!(off.status(), earnorm_cache::ConnectionStatus::Disabled);
 }

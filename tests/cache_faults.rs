@@ -52,11 +52,7 @@ async fn killed_redis_costs_a_bounded_delay_and_caching_resumes_after_restart() 
     // Every call still returns the right value, none waits past the timeout.
     for i in 0..20 {
         let (v, computed, elapsed) = call(&cache, "a", 7).await;
-        assert_eq!(
-            (v, computed),
-            (7, true),
-            "call {i} computes while Redis is dead"
-        );
+        assert_eq!((v, computed), (7, true), "call {i} computes while Redis is dead");
         assert!(
             elapsed < timeout + Duration::from_millis(500),
             "call {i} took {elapsed:?}"
@@ -129,11 +125,7 @@ async fn frozen_redis_bounds_every_call_and_recovers_after_thaw() {
     redis.freeze();
     for i in 0..10 {
         let (v, computed, elapsed) = call(&cache, "f", 2).await;
-        assert_eq!(
-            (v, computed),
-            (2, true),
-            "call {i} returns the computed value"
-        );
+        assert_eq!((v, computed), (2, true), "call {i} returns the computed value");
         assert!(
             elapsed < timeout + Duration::from_millis(500),
             "call {i} took {elapsed:?}"
@@ -189,11 +181,7 @@ async fn an_invalidation_sent_while_frozen_is_replayed_before_caching_resumes() 
             .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(5))
             .await
     );
-    assert_eq!(
-        get(3).await,
-        3,
-        "the value made stale during the outage is not served"
-    );
+    assert_eq!(get(3).await, 3, "the value made stale during the outage is not served");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,12 +204,7 @@ async fn corrupt_truncated_and_foreign_values_are_misses_and_are_replaced() {
     let stored = redis.cli(&["GET", key.as_str()]);
     assert!(!stored.is_empty());
 
-    let bad_values: [&[u8]; 4] = [
-        b"\x80\x04\x95pickle",
-        b"{\"json\": true}",
-        b"\xEEO\x01",
-        b"",
-    ];
+    let bad_values: [&[u8]; 4] = [b"\x80\x04\x95pickle", b"{\"json\": true}", b"\xEEO\x01", b""];
     for (i, bad) in bad_values.iter().enumerate() {
         let mut conn = redis::Client::open(redis.url())
             .expect("url")
@@ -237,11 +220,7 @@ async fn corrupt_truncated_and_foreign_values_are_misses_and_are_replaced() {
         let before = cache.stats().decode_errors;
         let fresh = format!("fresh{i}");
         assert_eq!(compute(fresh.clone()).await, fresh, "garbage {i} is a miss");
-        assert_eq!(
-            cache.stats().decode_errors,
-            before + 1,
-            "garbage {i} is counted"
-        );
+        assert_eq!(cache.stats().decode_errors, before + 1, "garbage {i} is counted");
         assert_eq!(
             compute("other".into()).await,
             fresh,
@@ -280,9 +259,5 @@ async fn a_thousand_concurrent_misses_compute_once() {
     for task in tasks {
         assert_eq!(task.await.expect("task"), 42);
     }
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        1,
-        "one computation for 1000 callers"
-    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one computation for 1000 callers");
 }

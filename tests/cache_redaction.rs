@@ -54,43 +54,24 @@ async fn the_password_never_appears_in_logs_debug_or_errors() {
 
     let mut redis = RedisServer::start_with(&["--requirepass", SECRET]);
     let url = format!("redis://:{SECRET}@127.0.0.1:{}/0", redis.port());
-    let cache = CacheManager::connect(Some(&url), config())
-        .await
-        .expect("connect");
-    assert_eq!(
-        cache.status(),
-        ConnectionStatus::Connected,
-        "the password is used"
-    );
+    let cache = CacheManager::connect(Some(&url), config()).await.expect("connect");
+    assert_eq!(cache.status(), ConnectionStatus::Connected, "the password is used");
     call(&cache).await;
     redis.kill();
     call(&cache).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     redis.restart();
     let wrong = format!("redis://:{SECRET}@127.0.0.1:{}/0", free_port());
-    let down = CacheManager::connect(Some(&wrong), config())
-        .await
-        .expect("connect");
-    let bad = CacheManager::connect(
-        Some(&format!("redis://:{SECRET}@[nonsense")),
-        CacheConfig::default(),
-    )
-    .await;
+    let down = CacheManager::connect(Some(&wrong), config()).await.expect("connect");
+    let bad = CacheManager::connect(Some(&format!("redis://:{SECRET}@[nonsense")), CacheConfig::default()).await;
 
     let mut seen = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
-    seen.push_str(&format!(
-        "{cache:?} {down:?} {:?} {}",
-        cache.config(),
-        cache.url()
-    ));
+    seen.push_str(&format!("{cache:?} {down:?} {:?} {}", cache.config(), cache.url()));
     match bad {
         Ok(m) => seen.push_str(&format!("{m:?}")),
         Err(e) => seen.push_str(&format!("{e} {e:?}")),
     }
-    assert!(
-        seen.contains("Redis connection lost"),
-        "the capture works: {seen}"
-    );
+    assert!(seen.contains("Redis connection lost"), "the capture works: {seen}");
     assert!(seen.contains("***"), "the URL is shown redacted");
     assert!(!seen.contains(SECRET), "the password leaked: {seen}");
 }

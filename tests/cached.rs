@@ -109,11 +109,7 @@ impl Account {
     #[cached(ttl = 300)]
     pub async fn stored_balance(&self) -> Option<i64> {
         ran(&format!("{}/stored", self.name));
-        Account::find_by_id(self.id?)
-            .await
-            .ok()
-            .flatten()
-            .map(|a| a.balance)
+        Account::find_by_id(self.id?).await.ok().flatten().map(|a| a.balance)
     }
 
     /// Model scope: invalidated by any write to accounts.
@@ -156,16 +152,9 @@ async fn the_second_call_is_a_hit_and_records_and_arguments_never_share() {
         let before = earnorm::cache().stats();
         assert_eq!(a.summary("x").await.expect("summary").balance, 10);
         assert_eq!(a.summary("x").await.expect("summary").balance, 10);
-        assert_eq!(
-            runs(&format!("{}/summary", a.name)),
-            1,
-            "second call is a hit"
-        );
+        assert_eq!(runs(&format!("{}/summary", a.name)), 1, "second call is a hit");
         let after = earnorm::cache().stats();
-        assert_eq!(
-            (after.hits - before.hits, after.misses - before.misses),
-            (1, 1)
-        );
+        assert_eq!((after.hits - before.hits, after.misses - before.misses), (1, 1));
 
         assert_eq!(
             a.summary("y").await.expect("summary").note,
@@ -189,9 +178,7 @@ async fn the_second_call_is_a_hit_and_records_and_arguments_never_share() {
         a.summary_uncached("x").await.expect("uncached");
         assert_eq!(runs(&format!("{}/summary", a.name)), 3);
         // And the cache can be bypassed for a whole block.
-        earnorm::bypass_cache(a.summary("x"))
-            .await
-            .expect("bypassed");
+        earnorm::bypass_cache(a.summary("x")).await.expect("bypassed");
         assert_eq!(runs(&format!("{}/summary", a.name)), 4);
     })
     .await;
@@ -235,10 +222,7 @@ async fn writes_invalidate_exactly_what_they_made_stale() {
         let (sa, sb) = (format!("{}/stored", a.name), format!("{}/stored", b.name));
         assert_eq!(a.stored_balance().await, Some(100));
         assert_eq!(b.stored_balance().await, Some(200));
-        assert_eq!(
-            Account::richest(150).await.expect("richest"),
-            [b.name.clone()]
-        );
+        assert_eq!(Account::richest(150).await.expect("richest"), [b.name.clone()]);
 
         // save(a): a's entries and model queries go; b's stays.
         a.balance = 300;
@@ -262,10 +246,7 @@ async fn writes_invalidate_exactly_what_they_made_stale() {
             "b's entry is gone after a bulk update"
         );
         assert_eq!(runs(&sb), 2);
-        assert_eq!(
-            Account::richest(150).await.expect("richest"),
-            [a.name.clone()]
-        );
+        assert_eq!(Account::richest(150).await.expect("richest"), [a.name.clone()]);
 
         // delete(a): a's entries go.
         assert_eq!(a.stored_balance().await, Some(300));
@@ -299,11 +280,7 @@ async fn a_write_to_another_collection_invalidates_declared_dependencies() {
         .save()
         .await
         .expect("order");
-        assert_eq!(
-            acct.order_total().await,
-            Ok(250),
-            "a new order invalidates the total"
-        );
+        assert_eq!(acct.order_total().await, Ok(250), "a new order invalidates the total");
         Order::insert_many(&mut [Order {
             id: None,
             account: acct.name.clone(),
@@ -367,13 +344,9 @@ async fn two_environments_on_the_same_services_stay_consistent() {
     };
     assert_eq!(read(&second).await, Some(10));
     assert_eq!(read(&second).await, Some(10));
-    Account::update_many_in(
-        &first,
-        doc! { "name": &acct.name },
-        doc! { "$set": { "balance": 11 } },
-    )
-    .await
-    .expect("update");
+    Account::update_many_in(&first, doc! { "name": &acct.name }, doc! { "$set": { "balance": 11 } })
+        .await
+        .expect("update");
     assert_eq!(
         read(&second).await,
         Some(11),
@@ -400,9 +373,7 @@ async fn a_dead_or_frozen_redis_costs_a_bounded_delay_never_a_wrong_answer() {
         redis.kill();
         for balance in 2..6 {
             acct.balance = balance;
-            acct.save()
-                .await
-                .expect("writes succeed while Redis is dead");
+            acct.save().await.expect("writes succeed while Redis is dead");
             let start = Instant::now();
             assert_eq!(acct.stored_balance().await, Some(balance));
             assert!(start.elapsed() < limit, "took {:?}", start.elapsed());
@@ -417,9 +388,7 @@ async fn a_dead_or_frozen_redis_costs_a_bounded_delay_never_a_wrong_answer() {
 
         redis.freeze();
         acct.balance = 6;
-        acct.save()
-            .await
-            .expect("writes succeed while Redis is frozen");
+        acct.save().await.expect("writes succeed while Redis is frozen");
         for _ in 0..3 {
             let start = Instant::now();
             assert_eq!(acct.stored_balance().await, Some(6));

@@ -48,11 +48,7 @@ async fn save_inserts_then_updates_and_every_read_verb_sees_it() {
 
         let page = User::find_with(
             doc! {},
-            FindOptions::builder()
-                .sort(doc! { "age": -1 })
-                .skip(1)
-                .limit(2)
-                .build(),
+            FindOptions::builder().sort(doc! { "age": -1 }).skip(1).limit(2).build(),
         )
         .await
         .expect("find");
@@ -62,18 +58,11 @@ async fn save_inserts_then_updates_and_every_read_verb_sees_it() {
             ["Di", "Ada"],
             "ages 50, 40, 37, 20 sorted descending, skip 1, limit 2"
         );
-        assert_eq!(
-            User::find(doc! { "age": { "$gte": 40 } })
-                .await
-                .expect("find")
-                .len(),
-            2
-        );
+        assert_eq!(User::find(doc! { "age": { "$gte": 40 } }).await.expect("find").len(), 2);
 
-        let modified =
-            User::update_many(doc! { "age": { "$lt": 40 } }, doc! { "$inc": { "age": 1 } })
-                .await
-                .expect("update_many");
+        let modified = User::update_many(doc! { "age": { "$lt": 40 } }, doc! { "$inc": { "age": 1 } })
+            .await
+            .expect("update_many");
         assert_eq!(modified, 2);
         assert!(ada.delete().await.expect("delete"));
         assert!(
@@ -126,10 +115,7 @@ async fn validation_reports_every_failing_field_and_writes_nothing() {
     };
     assert!(errors.has("name", "max_length") && errors.has("age", "max"));
 
-    let mut batch = vec![
-        User::new("Ok", "ok@example.com"),
-        User::new("B", "b@example.com"),
-    ];
+    let mut batch = vec![User::new("Ok", "ok@example.com"), User::new("B", "b@example.com")];
     assert!(matches!(
         User::insert_many_in(&env, &mut batch).await,
         Err(Error::Validation(_))
@@ -151,19 +137,13 @@ async fn unique_indexes_refuse_duplicates_with_a_typed_error() {
     let env = test_env("unique").await;
     User::ensure_indexes_in(&env).await.expect("indexes");
     User::ensure_indexes_in(&env).await.expect("idempotent");
-    User::new("One", "same@example.com")
-        .save_in(&env)
-        .await
-        .expect("first");
+    User::new("One", "same@example.com").save_in(&env).await.expect("first");
     let mut second = User::new("Two", "same@example.com");
     match second.save_in(&env).await {
         Err(Error::DuplicateKey { model, .. }) => assert_eq!(model, "users"),
         other => panic!("expected a duplicate key error, got {other:?}"),
     }
-    assert!(
-        second.id.is_none(),
-        "a failed insert leaves the record without an id"
-    );
+    assert!(second.id.is_none(), "a failed insert leaves the record without an id");
     assert_eq!(User::count_in(&env, doc! {}).await.expect("count"), 1);
 }
 
@@ -178,27 +158,19 @@ async fn string_and_integer_ids_work_and_must_be_assigned() {
     sku.price_cents = 1099;
     sku.save_in(&env).await.expect("update");
     assert_eq!(
-        Sku::find_by_id_in(&env, "SKU-1".into())
-            .await
-            .expect("find"),
+        Sku::find_by_id_in(&env, "SKU-1".into()).await.expect("find"),
         Some(sku.clone())
     );
     assert_eq!(Sku::count_in(&env, doc! {}).await.expect("count"), 1);
 
-    let mut counter = Counter {
-        number: None,
-        value: 1,
-    };
+    let mut counter = Counter { number: None, value: 1 };
     assert!(
         matches!(counter.save_in(&env).await, Err(Error::Id(_))),
         "integer ids are not generated"
     );
     counter.number = Some(42);
     counter.save_in(&env).await.expect("save");
-    assert_eq!(
-        Counter::find_by_id_in(&env, 42).await.expect("find"),
-        Some(counter)
-    );
+    assert_eq!(Counter::find_by_id_in(&env, 42).await.expect("find"), Some(counter));
     assert_eq!(Counter::COLLECTION, "counters");
     assert_eq!(Sku::COLLECTION, "skus", "default collection name");
 }
@@ -242,9 +214,7 @@ async fn unicode_empty_long_nested_and_optional_values_round_trip() {
 #[tokio::test]
 async fn without_an_environment_calls_fail_clearly() {
     // Not inside a scope and (in this test binary) no `init`: a typed error.
-    let outcome = tokio::spawn(async { User::count(doc! {}).await })
-        .await
-        .expect("task");
+    let outcome = tokio::spawn(async { User::count(doc! {}).await }).await.expect("task");
     assert!(matches!(outcome, Err(Error::NotInitialized)), "{outcome:?}");
 }
 

@@ -57,10 +57,7 @@ impl<'a> Envelope<'a> {
             return Err(bad("not an earnorm cache value"));
         }
         if bytes[2] != FORMAT_VERSION {
-            return Err(CacheError::Decode(format!(
-                "unsupported envelope version {}",
-                bytes[2]
-            )));
+            return Err(CacheError::Decode(format!("unsupported envelope version {}", bytes[2])));
         }
         let tokens_len = usize::from(bytes[3]) * TOKEN_LEN;
         if bytes.len() < HEADER_LEN + tokens_len {
@@ -199,8 +196,7 @@ mod tests {
         assert!(<ResultOutput as Output<_>>::encode(&err).is_none());
         assert!(<OptionOutput as Output<Option<u32>>>::encode(&None).is_none());
         let bytes = encode(&7u32).expect("encodes");
-        let back: Result<u32, String> =
-            <ResultOutput as Output<_>>::decode(&bytes).expect("decodes");
+        let back: Result<u32, String> = <ResultOutput as Output<_>>::decode(&bytes).expect("decodes");
         assert_eq!(back, Ok(7));
     }
 }

@@ -59,19 +59,13 @@ impl Flights {
     /// Forgets every flight in progress: callers arriving from now on start
     /// new ones. Called on every local invalidation.
     pub(crate) fn clear(&self) {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        self.map.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
     /// Number of flights in progress.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.map.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 
@@ -105,17 +99,10 @@ impl Leader<'_> {
         }
         self.done = true;
         {
-            let mut map = self
-                .flights
-                .map
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut map = self.flights.map.lock().unwrap_or_else(PoisonError::into_inner);
             // Remove only our own entry: a newer flight may have replaced it
             // after a `clear`.
-            if map
-                .get(&self.key)
-                .is_some_and(|slot| Arc::ptr_eq(slot, &self.slot))
-            {
+            if map.get(&self.key).is_some_and(|slot| Arc::ptr_eq(slot, &self.slot)) {
                 map.remove(&self.key);
             }
         }

@@ -76,10 +76,7 @@ impl Link {
                 let redacted = redact_url(url);
                 let client = redis::Client::open(url).map_err(|err| CacheError::InvalidUrl {
                     url: redacted.clone(),
-                    reason: format!(
-                        "{:?} (expected redis://[user:password@]host[:port][/db])",
-                        err.kind()
-                    ),
+                    reason: format!("{:?} (expected redis://[user:password@]host[:port][/db])", err.kind()),
                 })?;
                 Ok(Self::with_client(Some(client), redacted, config))
             }
@@ -138,10 +135,7 @@ impl Link {
 
     /// Whether a connection is live right now.
     pub(crate) fn is_connected(&self) -> bool {
-        self.conn
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        self.conn.read().unwrap_or_else(PoisonError::into_inner).is_some()
     }
 
     /// Runs one Redis operation on the live connection, bounded by the
@@ -215,9 +209,7 @@ impl Link {
             .set_connection_timeout(Some(limit))
             .set_response_timeout(None);
         let attempt = async {
-            let mut conn = client
-                .get_multiplexed_async_connection_with_config(&settings)
-                .await?;
+            let mut conn = client.get_multiplexed_async_connection_with_config(&settings).await?;
             redis::cmd("PING").query_async::<()>(&mut conn).await?;
             Ok::<_, RedisError>(conn)
         };
@@ -283,10 +275,7 @@ impl Link {
 
 /// Whether an error means the connection itself is unusable.
 fn is_connection_error(err: &RedisError) -> bool {
-    err.is_io_error()
-        || err.is_connection_dropped()
-        || err.is_timeout()
-        || err.is_unrecoverable_error()
+    err.is_io_error() || err.is_connection_dropped() || err.is_timeout() || err.is_unrecoverable_error()
 }
 
 /// The reconnect-and-health-check loop. Runs until [`Link::close`].

@@ -71,12 +71,7 @@ pub(crate) fn generation_pipeline(config: &CacheConfig, keys: &[String]) -> redi
         } else {
             key.clone()
         };
-        pipe.cmd("SET")
-            .arg(key)
-            .arg(new_token())
-            .arg("PX")
-            .arg(ttl_ms)
-            .ignore();
+        pipe.cmd("SET").arg(key).arg(new_token()).arg("PX").arg(ttl_ms).ignore();
     }
     pipe
 }
@@ -92,10 +87,7 @@ impl Link {
         {
             // Checked under the pending lock: a connection published after
             // this check finds our keys in the queue (see `publish_after_replay`).
-            let mut pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if !self.is_connected() {
                 pending.add(keys);
                 Counters::bump(&self.counters.invalidations_deferred);
@@ -110,10 +102,7 @@ impl Link {
             // Keep the invariant "queued invalidations exist only while the
             // link is down": queue them and drop whatever connection is live,
             // so that the supervisor replays them before caching resumes.
-            let mut pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             pending.add(keys);
             Counters::bump(&self.counters.invalidations_deferred);
             self.force_down("an invalidation could not be sent");

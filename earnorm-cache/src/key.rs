@@ -172,8 +172,7 @@ impl KeyBuilder {
                 "a cache key may depend on at most {MAX_DEPENDENCIES} scopes"
             )));
         }
-        let mut value =
-            String::with_capacity(self.prefix.len() + self.namespace.len() + self.name.len() + 48);
+        let mut value = String::with_capacity(self.prefix.len() + self.namespace.len() + self.name.len() + 48);
         let hash = self.hasher.digest128();
         let id = self.id.as_deref().unwrap_or("_");
         let _ = write!(

@@ -88,10 +88,7 @@
 //! **Without Redis.** A manager built with no URL caches nothing: every call
 //! computes. (There is no in-process tier: it could not be kept coherent
 //! across processes.)
-#![cfg_attr(
-    not(test),
-    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
-)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
 mod backoff;

@@ -224,12 +224,7 @@ impl CacheManager {
     ///
     /// Never fails because of the cache: every cache problem makes the call
     /// compute. Concurrent calls for one key in this process compute once.
-    pub async fn get_or_compute<R, O, Fut>(
-        &self,
-        key: &CacheKey,
-        ttl: Option<Duration>,
-        compute: Fut,
-    ) -> R
+    pub async fn get_or_compute<R, O, Fut>(&self, key: &CacheKey, ttl: Option<Duration>, compute: Fut) -> R
     where
         O: Output<R>,
         Fut: Future<Output = R>,
@@ -293,10 +288,7 @@ impl CacheManager {
             None => return value,
         };
         let outcome = match generations {
-            Some(generations) => match self
-                .store(key, Expected::Seen(&generations), &payload, ttl)
-                .await
-            {
+            Some(generations) => match self.store(key, Expected::Seen(&generations), &payload, ttl).await {
                 Ok(true) => Outcome::Value(payload.into()),
                 // An invalidation happened during the computation: the value
                 // may be older than a write some follower already saw.
@@ -316,9 +308,7 @@ impl CacheManager {
         let expected = 1 + key.generations.len();
         match self
             .link()
-            .call(
-                |mut conn| async move { cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await },
-            )
+            .call(|mut conn| async move { cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await })
             .await
         {
             Ok(mut values) if values.len() == expected => {
@@ -357,10 +347,9 @@ impl CacheManager {
     ) -> Result<bool, CacheError> {
         let link = self.link();
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let generation_ms = u64::try_from(
-            (generation_ttl(&link.config).max(ttl) + Duration::from_secs(60)).as_millis(),
-        )
-        .unwrap_or(u64::MAX);
+        let generation_ms =
+            u64::try_from((generation_ttl(&link.config).max(ttl) + Duration::from_secs(60)).as_millis())
+                .unwrap_or(u64::MAX);
         let mut invocation = self.inner.store.key(&key.value);
         invocation
             .key(&key.generations)
@@ -403,18 +392,16 @@ impl CacheManager {
     /// not decode is removed and reported as `Ok(None)`.
     pub async fn get<T: DeserializeOwned>(&self, key: &CacheKey) -> Result<Option<T>, CacheError> {
         match self.lookup(key).await {
-            Lookup::Hit(bytes, _) => {
-                match Envelope::open(&bytes).and_then(|env| codec::decode(env.payload)) {
-                    Ok(value) => {
-                        Counters::bump(&self.link().counters.hits);
-                        Ok(Some(value))
-                    }
-                    Err(err) => {
-                        self.discard(key, &err).await;
-                        Ok(None)
-                    }
+            Lookup::Hit(bytes, _) => match Envelope::open(&bytes).and_then(|env| codec::decode(env.payload)) {
+                Ok(value) => {
+                    Counters::bump(&self.link().counters.hits);
+                    Ok(Some(value))
                 }
-            }
+                Err(err) => {
+                    self.discard(key, &err).await;
+                    Ok(None)
+                }
+            },
             Lookup::Miss(_) => {
                 Counters::bump(&self.link().counters.misses);
                 Ok(None)
@@ -438,9 +425,7 @@ impl CacheManager {
     ) -> Result<(), CacheError> {
         let payload = codec::encode(value)?;
         let ttl = ttl.unwrap_or(self.config().ttl);
-        self.store(key, Expected::Any, &payload, ttl)
-            .await
-            .map(|_| ())
+        self.store(key, Expected::Any, &payload, ttl).await.map(|_| ())
     }
 
     /// Deletes one value. Returns whether it existed.
@@ -502,11 +487,7 @@ impl CacheManager {
         let mut deleted = 0;
         loop {
             let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&full)
-                .arg("COUNT")
-                .arg(1000);
+            scan.arg(cursor).arg("MATCH").arg(&full).arg("COUNT").arg(1000);
             let (next, keys): (u64, Vec<String>) = self
                 .link()
                 .call(|mut conn| async move { scan.query_async(&mut conn).await })

@@ -19,12 +19,7 @@ pub fn redact_url(url: &str) -> String {
         // `redis://secret@host` passes `secret` as the password.
         None => "***".to_owned(),
     };
-    format!(
-        "{}{}@{}",
-        &url[..scheme_end + 3],
-        redacted_userinfo,
-        &rest[at + 1..]
-    )
+    format!("{}{}@{}", &url[..scheme_end + 3], redacted_userinfo, &rest[at + 1..])
 }
 
 #[cfg(test)]
@@ -40,10 +35,7 @@ mod tests {
         assert_eq!(redact_url("redis://app:hunter2@h/1"), "redis://app:***@h/1");
         assert_eq!(redact_url("rediss://hunter2@h"), "rediss://***@h");
         assert_eq!(redact_url("redis://a:p@ss@h:1"), "redis://a:***@h:1");
-        assert_eq!(
-            redact_url("redis://localhost:6379"),
-            "redis://localhost:6379"
-        );
+        assert_eq!(redact_url("redis://localhost:6379"), "redis://localhost:6379");
         assert_eq!(redact_url("not a url"), "not a url");
     }
 }

@@ -12,6 +12,8 @@ use crate::ctxt::Ctxt;
 /// The attribute's options.
 #[derive(Default)]
 struct Options {
+    /// Whether `ttl` was written at all (valid or not).
+    ttl_given: bool,
     ttl: Option<u64>,
     key: Option<LitStr>,
     version: Option<u32>,
@@ -44,7 +46,7 @@ pub(crate) fn expand(args: TokenStream, item: &ItemFn) -> Result<TokenStream, Ve
     if sig.asyncness.is_none() {
         cx.error_spanned_by(sig.fn_token, "#[cached] needs an `async fn`");
     }
-    if options.ttl.is_none() {
+    if !options.ttl_given {
         cx.syn_error(syn::Error::new(
             Span::call_site(),
             "missing `ttl`: write #[cached(ttl = SECONDS)]",
@@ -54,10 +56,7 @@ pub(crate) fn expand(args: TokenStream, item: &ItemFn) -> Result<TokenStream, Ve
     let args = arguments(&cx, item);
     cx.check()?;
     let (Some(receiver), Some(args)) = (receiver, args) else {
-        return Err(vec![syn::Error::new(
-            Span::call_site(),
-            "#[cached]: invalid function",
-        )]);
+        return Err(vec![syn::Error::new(Span::call_site(), "#[cached]: invalid function")]);
     };
     Ok(generate(item, &options, &receiver, &args))
 }
@@ -69,19 +68,25 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
             return Err(meta.error("unknown #[cached] option"));
         };
         let name = key.to_string();
-        let duplicate =
-            || cx.error_spanned_by(&key, format!("duplicate #[cached] option `{name}`"));
+        let duplicate = || cx.error_spanned_by(&key, format!("duplicate #[cached] option `{name}`"));
         match name.as_str() {
             "ttl" => {
+                options.ttl_given = true;
                 let value: syn::Expr = meta.value()?.parse()?;
                 match &value {
-                    syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(lit), .. }) => match lit.base10_parse::<u64>() {
+                    syn::Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Int(lit),
+                        ..
+                    }) => match lit.base10_parse::<u64>() {
                         Ok(0) => cx.error_spanned_by(lit, "`ttl` must be at least 1 second"),
                         Ok(n) if options.ttl.is_none() => options.ttl = Some(n),
                         Ok(_) => duplicate(),
                         Err(_) => cx.error_spanned_by(lit, "`ttl` must be a whole number of seconds"),
                     },
-                    _ => cx.error_spanned_by(&value, "`ttl` must be a positive integer literal (seconds), like ttl = 300"),
+                    _ => cx.error_spanned_by(
+                        &value,
+                        "`ttl` must be a positive integer literal (seconds), like ttl = 300",
+                    ),
                 }
             }
             "key" | "scope" => {
@@ -89,7 +94,11 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                 if lit.value().is_empty() {
                     cx.error_spanned_by(&lit, format!("`{name}` must not be empty"));
                 }
-                let slot = if name == "key" { &mut options.key } else { &mut options.scope };
+                let slot = if name == "key" {
+                    &mut options.key
+                } else {
+                    &mut options.scope
+                };
                 if slot.is_some() {
                     duplicate();
                 } else {
@@ -114,10 +123,19 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                 let list = content.parse_terminated(|input| input.parse::<LitStr>(), syn::Token![,])?;
                 options.tags.extend(list);
             }
-            other => cx.error_spanned_by(
-                &key,
-                format!("unknown #[cached] option `{other}` (expected ttl, key, version, scope, depends_on, tags)"),
-            ),
+            other => {
+                cx.error_spanned_by(
+                    &key,
+                    format!("unknown #[cached] option `{other}` (expected ttl, key, version, scope, depends_on, tags)"),
+                );
+                // Skip its value so that the rest of the options still parse.
+                if meta.input.peek(syn::Token![=]) {
+                    let _: syn::Expr = meta.value()?.parse()?;
+                } else if meta.input.peek(syn::token::Paren) {
+                    let _content;
+                    syn::parenthesized!(_content in meta.input);
+                }
+            }
         }
         Ok(())
     });
@@ -134,7 +152,10 @@ fn receiver(cx: &Ctxt, item: &ItemFn, options: &Options) -> Option<Receiver> {
                 cx.error_spanned_by(r, "#[cached] methods take `&self`, not `self`");
                 None
             } else if r.mutability.is_some() {
-                cx.error_spanned_by(r, "#[cached] methods take `&self`, not `&mut self`: a cached method must not change the record");
+                cx.error_spanned_by(
+                    r,
+                    "#[cached] methods take `&self`, not `&mut self`: a cached method must not change the record",
+                );
                 None
             } else if let Some(scope) = &options.scope {
                 cx.error_spanned_by(
@@ -146,12 +167,7 @@ fn receiver(cx: &Ctxt, item: &ItemFn, options: &Options) -> Option<Receiver> {
                 Some(Receiver::Record)
             }
         }
-        _ => Some(
-            options
-                .scope
-                .clone()
-                .map_or(Receiver::Model, Receiver::Free),
-        ),
+        _ => Some(options.scope.clone().map_or(Receiver::Model, Receiver::Free)),
     }
 }
 
@@ -169,9 +185,7 @@ fn arguments<'a>(cx: &Ctxt, item: &'a ItemFn) -> Option<Vec<(&'a Ident, &'a Type
             continue;
         }
         match &*pat_type.pat {
-            Pat::Ident(pat) if pat.by_ref.is_none() && pat.subpat.is_none() => {
-                out.push((&pat.ident, &*pat_type.ty))
-            }
+            Pat::Ident(pat) if pat.by_ref.is_none() && pat.subpat.is_none() => out.push((&pat.ident, &*pat_type.ty)),
             other => {
                 cx.error_spanned_by(
                     other,
@@ -192,12 +206,10 @@ fn output(sig: &syn::Signature) -> (OutputKind, Type) {
     if let Type::Path(path) = &**ty {
         if let Some(segment) = path.path.segments.last() {
             let first_arg = match &segment.arguments {
-                syn::PathArguments::AngleBracketed(args) => {
-                    args.args.iter().find_map(|a| match a {
-                        syn::GenericArgument::Type(t) => Some(t.clone()),
-                        _ => None,
-                    })
-                }
+                syn::PathArguments::AngleBracketed(args) => args.args.iter().find_map(|a| match a {
+                    syn::GenericArgument::Type(t) => Some(t.clone()),
+                    _ => None,
+                }),
                 _ => None,
             };
             if let Some(inner) = first_arg {
@@ -213,24 +225,11 @@ fn output(sig: &syn::Signature) -> (OutputKind, Type) {
     (OutputKind::Plain, (**ty).clone())
 }
 
-fn generate(
-    item: &ItemFn,
-    options: &Options,
-    receiver: &Receiver,
-    args: &[(&Ident, &Type)],
-) -> TokenStream {
-    let ItemFn {
-        attrs,
-        vis,
-        sig,
-        block,
-    } = item;
+fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ident, &Type)]) -> TokenStream {
+    let ItemFn { attrs, vis, sig, block } = item;
     let name = &sig.ident;
     let uncached = format_ident!("{}_uncached", name);
-    let key_name = options
-        .key
-        .as_ref()
-        .map_or_else(|| name.to_string(), LitStr::value);
+    let key_name = options.key.as_ref().map_or_else(|| name.to_string(), LitStr::value);
     let version = options.version.unwrap_or(0);
     let ttl = options.ttl.unwrap_or(1);
     let private = quote!(::earnorm::__private);
@@ -252,7 +251,11 @@ fn generate(
     let arg_names: Vec<&Ident> = args.iter().map(|(ident, _)| *ident).collect();
     let key_args = quote!(&(#(&#arg_names,)*));
 
-    let mut deps: Vec<TokenStream> = options.depends_on.iter().map(|p| quote_spanned!(p.span()=> #private::Dep::Model(<#p as ::earnorm::Model>::COLLECTION))).collect();
+    let mut deps: Vec<TokenStream> = options
+        .depends_on
+        .iter()
+        .map(|p| quote_spanned!(p.span()=> #private::Dep::Model(<#p as ::earnorm::Model>::COLLECTION)))
+        .collect();
     deps.extend(options.tags.iter().map(|t| quote!(#private::Dep::Tag(#t))));
     if let Receiver::Free(scope) = receiver {
         deps.push(quote!(#private::Dep::Tag(#scope)));
@@ -327,7 +330,7 @@ fn generate(
         }
 
         #[doc = #uncached_doc]
-        #[allow(clippy::unused_async)]
+        #[allow(clippy::unused_async, clippy::missing_errors_doc, clippy::missing_panics_doc)]
         #vis #uncached_sig #block
     }
 }

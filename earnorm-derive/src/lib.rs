@@ -24,9 +24,7 @@ use proc_macro::TokenStream;
 #[proc_macro_derive(Model, attributes(earnorm))]
 pub fn derive_model(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
-    model::expand(&input)
-        .unwrap_or_else(ctxt::to_compile_errors)
-        .into()
+    model::expand(&input).unwrap_or_else(ctxt::to_compile_errors).into()
 }
 
 /// Caches an async function's result in the current EarnORM environment.

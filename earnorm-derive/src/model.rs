@@ -7,8 +7,8 @@ use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{
-    Data, DeriveInput, Expr, ExprLit, ExprUnary, Fields, GenericArgument, Ident, Lit, LitStr, Meta,
-    PathArguments, Token, Type, UnOp,
+    Data, DeriveInput, Expr, ExprLit, ExprUnary, Fields, GenericArgument, Ident, Lit, LitStr, Meta, PathArguments,
+    Token, Type, UnOp,
 };
 
 use crate::ctxt::Ctxt;
@@ -46,36 +46,28 @@ pub(crate) fn expand(input: &DeriveInput) -> Result<TokenStream, Vec<syn::Error>
     match (&container, id_field) {
         (Some(container), Some(id)) => Ok(generate(container, id)),
         // `check` reported why.
-        _ => Err(vec![syn::Error::new(
-            Span::call_site(),
-            "earnorm: invalid model",
-        )]),
+        _ => Err(vec![syn::Error::new(Span::call_site(), "earnorm: invalid model")]),
     }
 }
 
 fn parse<'a>(cx: &Ctxt, input: &'a DeriveInput) -> Option<Container<'a>> {
     let fields = match &input.data {
-        Data::Struct(data) => {
-            match &data.fields {
-                Fields::Named(named) => &named.named,
-                Fields::Unnamed(_) | Fields::Unit => {
-                    cx.error_spanned_by(&input.ident, "#[derive(Model)] needs a struct with named fields, not a tuple or unit struct");
-                    return None;
-                }
+        Data::Struct(data) => match &data.fields {
+            Fields::Named(named) => &named.named,
+            Fields::Unnamed(_) | Fields::Unit => {
+                cx.error_spanned_by(
+                    &input.ident,
+                    "#[derive(Model)] needs a struct with named fields, not a tuple or unit struct",
+                );
+                return None;
             }
-        }
+        },
         Data::Enum(data) => {
-            cx.error_spanned_by(
-                data.enum_token,
-                "#[derive(Model)] works on structs, not enums",
-            );
+            cx.error_spanned_by(data.enum_token, "#[derive(Model)] works on structs, not enums");
             return None;
         }
         Data::Union(data) => {
-            cx.error_spanned_by(
-                data.union_token,
-                "#[derive(Model)] works on structs, not unions",
-            );
+            cx.error_spanned_by(data.union_token, "#[derive(Model)] works on structs, not unions");
             return None;
         }
     };
@@ -94,7 +86,10 @@ fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> Option<LitStr> {
         if attr.path().is_ident("serde") {
             for meta in serde_metas(attr) {
                 if meta.path().is_ident("rename_all") {
-                    cx.error_spanned_by(meta, "earnorm does not support `#[serde(rename_all)]` on models yet; rename fields one by one");
+                    cx.error_spanned_by(
+                        meta,
+                        "earnorm does not support `#[serde(rename_all)]` on models yet; rename fields one by one",
+                    );
                 }
             }
             continue;
@@ -110,16 +105,11 @@ fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> Option<LitStr> {
                 "collection" => {
                     let value: Expr = meta.value()?.parse()?;
                     match value {
-                        Expr::Lit(ExprLit {
-                            lit: Lit::Str(lit), ..
-                        }) => {
+                        Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => {
                             if lit.value().is_empty() {
                                 cx.error_spanned_by(&lit, "the collection name must not be empty");
                             } else if collection.is_some() {
-                                cx.error_spanned_by(
-                                    &key,
-                                    "duplicate earnorm attribute `collection`",
-                                );
+                                cx.error_spanned_by(&key, "duplicate earnorm attribute `collection`");
                             } else {
                                 collection = Some(lit);
                             }
@@ -132,9 +122,7 @@ fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> Option<LitStr> {
                 }
                 other => cx.error_spanned_by(
                     &key,
-                    format!(
-                        "unknown earnorm attribute `{other}` on a struct (expected `collection`)"
-                    ),
+                    format!("unknown earnorm attribute `{other}` on a struct (expected `collection`)"),
                 ),
             }
             Ok(())
@@ -175,10 +163,7 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
             for meta in serde_metas(attr) {
                 if let Meta::NameValue(nv) = meta {
                     if nv.path.is_ident("rename") {
-                        if let Expr::Lit(ExprLit {
-                            lit: Lit::Str(s), ..
-                        }) = &nv.value
-                        {
+                        if let Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) = &nv.value {
                             out.bson_name = s.value();
                         }
                     }
@@ -269,16 +254,10 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
 /// A number literal, possibly negated.
 fn number(expr: &Expr) -> Option<f64> {
     match expr {
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(i), ..
-        }) => i.base10_parse::<f64>().ok(),
-        Expr::Lit(ExprLit {
-            lit: Lit::Float(f), ..
-        }) => f.base10_parse::<f64>().ok(),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<f64>().ok(),
+        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>().ok(),
         Expr::Unary(ExprUnary {
-            op: UnOp::Neg(_),
-            expr,
-            ..
+            op: UnOp::Neg(_), expr, ..
         }) => number(expr).map(|n| -n),
         _ => None,
     }
@@ -347,8 +326,7 @@ fn check<'c, 'a>(cx: &Ctxt, container: &'c Container<'a>) -> Option<&'c Field<'a
 fn is_text(ty: &Type) -> bool {
     last_segment(ty).is_some_and(|(name, inner)| {
         name == "String"
-            || (name == "Option"
-                && inner.is_some_and(|t| last_segment(t).is_some_and(|(n, _)| n == "String")))
+            || (name == "Option" && inner.is_some_and(|t| last_segment(t).is_some_and(|(n, _)| n == "String")))
     })
 }
 
@@ -374,14 +352,11 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
     let mut generics = input.generics.clone();
     let params: Vec<Ident> = generics.type_params().map(|p| p.ident.clone()).collect();
     for param in params {
-        generics
-            .make_where_clause()
-            .predicates
-            .push(syn::parse_quote! {
-                #param: ::earnorm::__private::serde::Serialize
-                    + ::earnorm::__private::serde::de::DeserializeOwned
-                    + ::core::marker::Send + ::core::marker::Sync + ::core::marker::Unpin + 'static
-            });
+        generics.make_where_clause().predicates.push(syn::parse_quote! {
+            #param: ::earnorm::__private::serde::Serialize
+                + ::earnorm::__private::serde::de::DeserializeOwned
+                + ::core::marker::Send + ::core::marker::Sync + ::core::marker::Unpin + 'static
+        });
     }
     let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let collection = container
@@ -429,7 +404,8 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
         let (name, bson) = (f.ident, &f.bson_name);
         quote!(#name: #bson)
     });
-    let fields_doc = format!("Names of [`{ident}`]'s fields as stored in MongoDB, for building filters: `{ident}::FIELDS.name`.");
+    let fields_doc =
+        format!("Names of [`{ident}`]'s fields as stored in MongoDB, for building filters: `{ident}::FIELDS.name`.");
 
     quote! {
         #[automatically_derived]

@@ -57,18 +57,13 @@ impl Environment {
             uri: uri.clone(),
             source,
         };
-        let mut options = ClientOptions::parse(&config.mongo_uri)
-            .await
-            .map_err(connection)?;
+        let mut options = ClientOptions::parse(&config.mongo_uri).await.map_err(connection)?;
         options.server_selection_timeout = Some(config.connect_timeout);
         options.connect_timeout = Some(config.connect_timeout);
         options.app_name.get_or_insert_with(|| "earnorm".to_owned());
         let client = Client::with_options(options).map_err(connection)?;
         let database = client.database(&config.database);
-        database
-            .run_command(doc! { "ping": 1 })
-            .await
-            .map_err(connection)?;
+        database.run_command(doc! { "ping": 1 }).await.map_err(connection)?;
         info!(uri = %uri, database = %config.database, "connected to MongoDB");
         let cache = CacheManager::connect(config.redis_uri.as_deref(), config.cache_config).await?;
         Ok(Self {

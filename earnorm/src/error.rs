@@ -63,9 +63,7 @@ impl Error {
     pub(crate) fn from_mongo(model: &'static str, err: mongodb::error::Error) -> Self {
         use mongodb::error::{ErrorKind, WriteFailure};
         let duplicate = match err.kind.as_ref() {
-            ErrorKind::Write(WriteFailure::WriteError(we)) if we.code == 11000 => {
-                Some(we.message.clone())
-            }
+            ErrorKind::Write(WriteFailure::WriteError(we)) if we.code == 11000 => Some(we.message.clone()),
             ErrorKind::InsertMany(e) => e
                 .write_errors
                 .as_ref()
@@ -123,9 +121,7 @@ impl ValidationErrors {
 
     /// Whether `field` failed `rule`.
     pub fn has(&self, field: &str, rule: &str) -> bool {
-        self.errors
-            .iter()
-            .any(|e| e.field == field && e.rule == rule)
+        self.errors.iter().any(|e| e.field == field && e.rule == rule)
     }
 
     /// The names of the failing fields.
@@ -150,13 +146,7 @@ impl fmt::Display for ValidationErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "validation failed:")?;
         for (i, e) in self.errors.iter().enumerate() {
-            write!(
-                f,
-                "{} {}: {}",
-                if i == 0 { "" } else { ";" },
-                e.field,
-                e.message
-            )?;
+            write!(f, "{} {}: {}", if i == 0 { "" } else { ";" }, e.field, e.message)?;
         }
         Ok(())
     }

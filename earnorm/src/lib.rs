@@ -37,10 +37,7 @@
 //! ```
 //!
 //! See the README for environments, scopes and the cache's guarantees.
-#![cfg_attr(
-    not(test),
-    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
-)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
 mod config;
@@ -55,8 +52,7 @@ pub mod __private;
 
 pub use config::Config;
 pub use earnorm_cache::{
-    self as cache_layer, bypass as bypass_cache, CacheConfig, CacheManager, CacheStats,
-    ConnectionStatus,
+    self as cache_layer, bypass as bypass_cache, CacheConfig, CacheManager, CacheStats, ConnectionStatus,
 };
 pub use earnorm_derive::{cached, Model};
 pub use env::{cache, init, Environment};

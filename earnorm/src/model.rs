@@ -87,10 +87,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     }
 
     /// [`save`](Self::save) in `env`.
-    fn save_in<'a>(
-        &'a mut self,
-        env: &'a Environment,
-    ) -> impl Future<Output = Result<()>> + Send + 'a {
+    fn save_in<'a>(&'a mut self, env: &'a Environment) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
             self.validate()?;
             let coll = Self::collection_in(env);
@@ -116,9 +113,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
                 id
             };
             let key = id_key(&id)?;
-            env.cache()
-                .invalidate(&[Scope::Record(Self::COLLECTION, &key)])
-                .await;
+            env.cache().invalidate(&[Scope::Record(Self::COLLECTION, &key)]).await;
             Ok(())
         }
     }
@@ -129,17 +124,11 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     }
 
     /// [`delete`](Self::delete) in `env`.
-    fn delete_in<'a>(
-        &'a self,
-        env: &'a Environment,
-    ) -> impl Future<Output = Result<bool>> + Send + 'a {
+    fn delete_in<'a>(&'a self, env: &'a Environment) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
-            let id = self.id().ok_or_else(|| {
-                Error::Id(format!(
-                    "{}: cannot delete a record without an id",
-                    Self::COLLECTION
-                ))
-            })?;
+            let id = self
+                .id()
+                .ok_or_else(|| Error::Id(format!("{}: cannot delete a record without an id", Self::COLLECTION)))?;
             let result = Self::collection_in(env)
                 .delete_one(doc! { "_id": to_bson(id)? })
                 .await
@@ -186,28 +175,19 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             }
             let result = Self::collection_in(env).insert_many(records.iter()).await;
             // Part of a failed batch may have been written: invalidate either way.
-            env.cache()
-                .invalidate(&[Scope::Model(Self::COLLECTION)])
-                .await;
-            result
-                .map(|_| ())
-                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
+            env.cache().invalidate(&[Scope::Model(Self::COLLECTION)]).await;
+            result.map(|_| ()).map_err(|e| Error::from_mongo(Self::COLLECTION, e))
         }
     }
 
     /// The record with this id.
-    fn find_by_id(
-        id: impl Into<Self::Id> + Send,
-    ) -> impl Future<Output = Result<Option<Self>>> + Send {
+    fn find_by_id(id: impl Into<Self::Id> + Send) -> impl Future<Output = Result<Option<Self>>> + Send {
         let id = id.into();
         async move { Self::find_by_id_in(&Environment::current()?, id).await }
     }
 
     /// [`find_by_id`](Self::find_by_id) in `env`.
-    fn find_by_id_in(
-        env: &Environment,
-        id: Self::Id,
-    ) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
+    fn find_by_id_in(env: &Environment, id: Self::Id) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
         async move { Self::find_one_in(env, doc! { "_id": to_bson(&id)? }).await }
     }
 
@@ -217,10 +197,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     }
 
     /// [`find_one`](Self::find_one) in `env`.
-    fn find_one_in(
-        env: &Environment,
-        filter: Document,
-    ) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
+    fn find_one_in(env: &Environment, filter: Document) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
         async move {
             Self::collection_in(env)
                 .find_one(filter)
@@ -236,10 +213,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// Records matching `filter`, with sort, limit and skip:
     /// `FindOptions::builder().sort(doc! {"age": -1}).limit(10).skip(20).build()`.
-    fn find_with(
-        filter: Document,
-        options: FindOptions,
-    ) -> impl Future<Output = Result<Vec<Self>>> + Send {
+    fn find_with(filter: Document, options: FindOptions) -> impl Future<Output = Result<Vec<Self>>> + Send {
         async move { Self::find_in(&Environment::current()?, filter, options).await }
     }
 
@@ -268,10 +242,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     }
 
     /// [`count`](Self::count) in `env`.
-    fn count_in(
-        env: &Environment,
-        filter: Document,
-    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+    fn count_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             Self::collection_in(env)
                 .count_documents(filter)
@@ -295,9 +266,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         async move {
             let result = Self::collection_in(env).update_many(filter, update).await;
             let result = result.map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
-            env.cache()
-                .invalidate(&[Scope::Model(Self::COLLECTION)])
-                .await;
+            env.cache().invalidate(&[Scope::Model(Self::COLLECTION)]).await;
             Ok(result.modified_count)
         }
     }
@@ -309,16 +278,11 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     }
 
     /// [`delete_many`](Self::delete_many) in `env`.
-    fn delete_many_in(
-        env: &Environment,
-        filter: Document,
-    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+    fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let result = Self::collection_in(env).delete_many(filter).await;
             let result = result.map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
-            env.cache()
-                .invalidate(&[Scope::Model(Self::COLLECTION)])
-                .await;
+            env.cache().invalidate(&[Scope::Model(Self::COLLECTION)]).await;
             Ok(result.deleted_count)
         }
     }
@@ -336,11 +300,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
                 .map(|spec| {
                     IndexModel::builder()
                         .keys(doc! { spec.field: 1 })
-                        .options(
-                            IndexOptions::builder()
-                                .unique(spec.unique.then_some(true))
-                                .build(),
-                        )
+                        .options(IndexOptions::builder().unique(spec.unique.then_some(true)).build())
                         .build()
                 })
                 .collect();

@@ -72,9 +72,7 @@ pub fn record_key<M: Model, A: Serialize + ?Sized>(
 ) -> Option<(CacheManager, CacheKey)> {
     let cache = current_cache()?;
     let id = record.id_key()?;
-    let builder = cache
-        .key(M::COLLECTION, name)
-        .scope(Scope::Record(M::COLLECTION, &id));
+    let builder = cache.key(M::COLLECTION, name).scope(Scope::Record(M::COLLECTION, &id));
     let builder = add_deps(builder, deps).arg(record).ok()?;
     let key = finish(builder, version, args)?;
     Some((cache, key))
@@ -88,12 +86,7 @@ pub fn model_key<M: Model, A: Serialize + ?Sized>(
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
     let cache = current_cache()?;
-    let builder = add_deps(
-        cache
-            .key(M::COLLECTION, name)
-            .scope(Scope::Model(M::COLLECTION)),
-        deps,
-    );
+    let builder = add_deps(cache.key(M::COLLECTION, name).scope(Scope::Model(M::COLLECTION)), deps);
     let key = finish(builder, version, args)?;
     Some((cache, key))
 }

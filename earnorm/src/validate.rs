@@ -116,37 +116,19 @@ pub fn is_email(text: &str) -> bool {
 }
 
 /// `min_length`: at least `min` characters (not bytes).
-pub fn min_length<T: Text>(
-    errors: &mut ValidationErrors,
-    field: &'static str,
-    value: &T,
-    min: usize,
-) {
+pub fn min_length<T: Text>(errors: &mut ValidationErrors, field: &'static str, value: &T, min: usize) {
     if let Some(text) = value.text() {
         if text.chars().count() < min {
-            errors.add(
-                field,
-                "min_length",
-                format!("must be at least {min} characters"),
-            );
+            errors.add(field, "min_length", format!("must be at least {min} characters"));
         }
     }
 }
 
 /// `max_length`: at most `max` characters (not bytes).
-pub fn max_length<T: Text>(
-    errors: &mut ValidationErrors,
-    field: &'static str,
-    value: &T,
-    max: usize,
-) {
+pub fn max_length<T: Text>(errors: &mut ValidationErrors, field: &'static str, value: &T, max: usize) {
     if let Some(text) = value.text() {
         if text.chars().count() > max {
-            errors.add(
-                field,
-                "max_length",
-                format!("must be at most {max} characters"),
-            );
+            errors.add(field, "max_length", format!("must be at most {max} characters"));
         }
     }
 }

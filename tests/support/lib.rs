@@ -19,8 +19,7 @@ mod env;
 pub use env::*;
 
 /// How to start the services, printed when a test cannot reach one.
-pub const HOW_TO_START: &str =
-    "start the services with `scripts/services.sh up` (or `docker compose up -d`), \
+pub const HOW_TO_START: &str = "start the services with `scripts/services.sh up` (or `docker compose up -d`), \
      or point REDIS_URL / MONGODB_URI at running servers";
 
 /// The shared Redis URL (`REDIS_URL`, default `redis://127.0.0.1:6379/0`).
@@ -148,14 +147,25 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|err| panic!("could not run redis-server ({err}); install it (Debian: apt-get install redis-server)"));
+            .unwrap_or_else(|err| {
+                panic!("could not run redis-server ({err}); install it (Debian: apt-get install redis-server)")
+            });
         self.child = Some(child);
         self.frozen = false;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -193,9 +203,7 @@ impl RedisServer {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             if self.frozen {
-                let _ = Command::new("kill")
-                    .args(["-CONT", &child.id().to_string()])
-                    .status();
+                let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -209,11 +217,7 @@ impl RedisServer {
         // The port is ours; a just-closed listener may take a moment to free.
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpListener::bind(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "port {} did not become free",
-                self.port
-            );
+            assert!(Instant::now() < deadline, "port {} did not become free", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
         self.spawn();

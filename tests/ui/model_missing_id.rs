@@ -1,0 +1,10 @@
+use earnorm::bson::oid::ObjectId;
+use earnorm::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Model)]
+pub struct User {
+    pub name: String,
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use earnorm::bson::oid::ObjectId;
+use earnorm::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Model)]
+pub struct User(ObjectId, String);
+
+fn main() {}

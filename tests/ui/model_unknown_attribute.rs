@@ -1,0 +1,13 @@
+use earnorm::bson::oid::ObjectId;
+use earnorm::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Model)]
+pub struct User {
+    #[serde(rename = "_id")]
+    pub id: ObjectId,
+    #[earnorm(requird)]
+    pub name: String,
+}
+
+fn main() {}
