@@ -1,42 +1,4 @@
-//! # EarnORM
-//!
-//! An async ORM for MongoDB with a Redis cache built in. Derive [`Model`] on
-//! a struct, mark expensive async methods with [`cached`], and every write
-//! through the ORM invalidates exactly what it made stale.
-//!
-//! ```no_run
-//! use earnorm::prelude::*;
-//! use earnorm::bson::oid::ObjectId;
-//! use serde::{Deserialize, Serialize};
-//!
-//! #[derive(Debug, Clone, Serialize, Deserialize, Model)]
-//! #[earnorm(collection = "users")]
-//! pub struct User {
-//!     #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
-//!     pub id: Option<ObjectId>,
-//!     #[earnorm(required)]
-//!     pub name: String,
-//!     #[earnorm(email)]
-//!     pub email: String,
-//! }
-//!
-//! impl User {
-//!     /// Runs once per record state and TTL; later calls are cache hits.
-//!     #[cached(ttl = 300)]
-//!     pub async fn greeting(&self) -> earnorm::Result<String> {
-//!         Ok(format!("Hello, {}!", self.name))
-//!     }
-//! }
-//!
-//! # async fn demo() -> earnorm::Result<()> {
-//! earnorm::init(Config::default()).await?;
-//! let mut user = User { id: None, name: "Ada".into(), email: "ada@example.com".into() };
-//! user.save().await?;
-//! let hello = user.greeting().await?;
-//! # let _ = hello; Ok(()) }
-//! ```
-//!
-//! See the README for environments, scopes and the cache's guarantees.
+#![doc = include_str!("../../README.md")]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 

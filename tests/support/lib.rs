@@ -71,23 +71,43 @@ fn tcp_answers(addr: &str, limit: Duration) -> bool {
 /// Panics with instructions unless the shared Redis answers PING.
 pub fn require_redis() -> String {
     let url = redis_url();
-    let addr = host_port(&url, 6379);
-    assert!(
-        ping_redis(&addr, Duration::from_secs(2)),
-        "Redis is not reachable at {addr} (REDIS_URL={url}): {HOW_TO_START}"
-    );
+    check_redis(&url).unwrap_or_else(|message| panic!("{message}"));
     url
 }
 
 /// Panics with instructions unless MongoDB accepts connections.
 pub fn require_mongo() -> String {
     let uri = mongo_uri();
-    let addr = host_port(&uri, 27017);
-    assert!(
-        tcp_answers(&addr, Duration::from_secs(2)),
-        "MongoDB is not reachable at {addr}: {HOW_TO_START}"
-    );
+    check_mongo(&uri).unwrap_or_else(|message| panic!("{message}"));
     uri
+}
+
+/// Whether a Redis answers at `url`; the error says how to start one.
+///
+/// # Errors
+/// A message naming the service, the address and how to start it.
+pub fn check_redis(url: &str) -> Result<(), String> {
+    let addr = host_port(url, 6379);
+    if ping_redis(&addr, Duration::from_secs(2)) {
+        Ok(())
+    } else {
+        Err(format!("Redis is not reachable at {addr} (REDIS_URL): {HOW_TO_START}"))
+    }
+}
+
+/// Whether a MongoDB accepts connections at `uri`; the error says how to start one.
+///
+/// # Errors
+/// A message naming the service, the address and how to start it.
+pub fn check_mongo(uri: &str) -> Result<(), String> {
+    let addr = host_port(uri, 27017);
+    if tcp_answers(&addr, Duration::from_secs(2)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "MongoDB is not reachable at {addr} (MONGODB_URI): {HOW_TO_START}"
+        ))
+    }
 }
 
 /// Sends a raw PING and checks that a Redis answers (`+PONG`, or an error

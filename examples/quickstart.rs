@@ -1,0 +1,94 @@
+//! EarnORM in one page: derive a model, save it, call a cached method twice
+//! (a miss, then a hit), update the record (which invalidates), and print the
+//! cache statistics.
+//!
+//! Run with `scripts/demo.sh` (starts MongoDB and Redis if needed), or
+//! `cargo run --example quickstart` against servers at `MONGODB_URI` and
+//! `REDIS_URL`.
+
+use std::time::{Duration, Instant};
+
+use earnorm::bson::{doc, oid::ObjectId};
+use earnorm::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "users")]
+pub struct User {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    #[earnorm(required)]
+    pub name: String,
+    #[earnorm(email)]
+    pub email: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Profile {
+    pub display_name: String,
+    pub domain: String,
+}
+
+impl User {
+    /// An "expensive" computation, cached per user for five minutes.
+    #[cached(ttl = 300)]
+    pub async fn get_profile(&self) -> earnorm::Result<Profile> {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let domain = self.email.split('@').nth(1).unwrap_or_default().to_owned();
+        Ok(Profile {
+            display_name: self.name.to_uppercase(),
+            domain,
+        })
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> earnorm::Result<()> {
+    let config = Config {
+        mongo_uri: std::env::var("MONGODB_URI").unwrap_or_else(|_| "mongodb://localhost:27017".into()),
+        database: "earnorm_quickstart".into(),
+        redis_uri: Some(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://localhost:6379/0".into())),
+        cache_config: CacheConfig {
+            ttl: Duration::from_secs(3600),
+            prefix: "earnorm-quickstart:".into(),
+            max_retries: 3,
+            retry_delay: Duration::from_secs(1),
+            health_check_interval: Duration::from_secs(30),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    earnorm::init(config).await?;
+    println!("cache: {:?}", earnorm::cache().status());
+
+    User::delete_many(doc! {}).await?;
+    let mut user = User {
+        id: None,
+        name: "Ada".into(),
+        email: "ada@example.com".into(),
+    };
+    user.save().await?;
+    println!("saved user {}", user.id.map(|id| id.to_hex()).unwrap_or_default());
+
+    for label in ["first call (miss, runs the body)", "second call (hit)"] {
+        let start = Instant::now();
+        let profile = user.get_profile().await?;
+        println!("{label}: {profile:?} in {:?}", start.elapsed());
+    }
+
+    user.email = "ada@lovelace.org".into();
+    user.save().await?; // invalidates this user's cached entries
+    let profile = user.get_profile().await?;
+    println!("after the update: {profile:?}");
+
+    let found = User::find_by_id(user.id.unwrap_or_default()).await?;
+    println!("find_by_id: {found:?}");
+    println!("users: {}", User::count(doc! {}).await?);
+
+    let stats = earnorm::cache().stats();
+    println!(
+        "stats: hits={} misses={} sets={} invalidations={} errors={} fallbacks={} status={:?}",
+        stats.hits, stats.misses, stats.sets, stats.invalidations, stats.errors, stats.fallbacks, stats.status
+    );
+    Ok(())
+}
