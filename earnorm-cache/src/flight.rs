@@ -2,27 +2,43 @@
 //!
 //! The first caller to miss on a key becomes its leader and computes; callers
 //! arriving meanwhile wait for the leader's outcome instead of computing too.
-//! A leader shares its value only when the value is known to be current (it was
-//! stored under unchanged generations, or the cache is unavailable and the
-//! process's own writes cleared the flights); otherwise its followers start
-//! over, so a follower that began after a write never receives a value
-//! computed before it.
+//!
+//! A follower must never receive a value older than a write acknowledged
+//! before the follower began, even a write made by another process. So it
+//! takes the leader's value only when
+//! * the value was [`Stored`](Outcome::Stored) by the compare-and-set, which
+//!   proves no invalidation happened between the start of the computation and
+//!   the store, a moment after the follower joined; or
+//! * the value was merely [`Computed`](Outcome::Computed) (the cache was
+//!   unavailable), and the leader started after the follower began.
+//!
+//! Otherwise the follower waits for the flight to end and joins the next one,
+//! which starts after it: still one computation at a time per key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
 /// What a leader hands to its followers.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
-    /// The encoded payload of a current value.
-    Value(Arc<[u8]>),
+    /// A payload stored under unchanged generations: current for every follower.
+    Stored(Arc<[u8]>),
+    /// A payload computed without the cache's check: current only for
+    /// followers that began before the leader.
+    Computed(Arc<[u8]>),
     /// No shareable value: look up again (and perhaps lead).
     Retry,
 }
 
-type Slot = watch::Sender<Option<Outcome>>;
+/// One flight: its outcome channel and when its leader started.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    tx: watch::Sender<Option<Outcome>>,
+    started: Instant,
+}
 
 /// The flights in progress, by key.
 #[derive(Debug, Default)]
@@ -35,8 +51,31 @@ pub(crate) struct Flights {
 pub(crate) enum Role<'a> {
     /// Compute, then [`Leader::complete`].
     Leader(Leader<'a>),
-    /// Wait with [`wait`].
-    Follower(watch::Receiver<Option<Outcome>>),
+    /// Wait with [`Follower::wait`].
+    Follower(Follower),
+}
+
+/// A caller waiting for a leader.
+#[derive(Debug)]
+pub(crate) struct Follower {
+    rx: watch::Receiver<Option<Outcome>>,
+    leader_started: Instant,
+}
+
+impl Follower {
+    /// Waits for the leader and returns the payload if this caller, which
+    /// began at `began`, may use it; `None` means look up again.
+    pub(crate) async fn wait(mut self, began: Instant) -> Option<Arc<[u8]>> {
+        let outcome = match self.rx.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Outcome::Retry),
+            Err(_) => Outcome::Retry,
+        };
+        match outcome {
+            Outcome::Stored(payload) => Some(payload),
+            Outcome::Computed(payload) if self.leader_started >= began => Some(payload),
+            Outcome::Computed(_) | Outcome::Retry => None,
+        }
+    }
 }
 
 impl Flights {
@@ -44,9 +83,15 @@ impl Flights {
     pub(crate) fn join(&self, key: &str) -> Role<'_> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = map.get(key) {
-            return Role::Follower(slot.subscribe());
+            return Role::Follower(Follower {
+                rx: slot.tx.subscribe(),
+                leader_started: slot.started,
+            });
         }
-        let slot = Arc::new(watch::Sender::new(None));
+        let slot = Arc::new(Slot {
+            tx: watch::Sender::new(None),
+            started: Instant::now(),
+        });
         map.insert(key.to_owned(), Arc::clone(&slot));
         Role::Leader(Leader {
             flights: self,
@@ -66,14 +111,6 @@ impl Flights {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-}
-
-/// Waits for the leader's outcome; a vanished leader means [`Outcome::Retry`].
-pub(crate) async fn wait(mut rx: watch::Receiver<Option<Outcome>>) -> Outcome {
-    match rx.wait_for(Option::is_some).await {
-        Ok(outcome) => outcome.clone().unwrap_or(Outcome::Retry),
-        Err(_) => Outcome::Retry,
     }
 }
 
@@ -106,7 +143,7 @@ impl Leader<'_> {
                 map.remove(&self.key);
             }
         }
-        self.slot.send_replace(Some(outcome));
+        self.slot.tx.send_replace(Some(outcome));
     }
 }
 
@@ -120,18 +157,48 @@ impl Drop for Leader<'_> {
 mod tests {
     use super::*;
 
+    fn payload() -> Arc<[u8]> {
+        Arc::from(&b"v"[..])
+    }
+
     #[tokio::test]
-    async fn followers_get_the_leaders_value() {
+    async fn followers_get_a_stored_value() {
         let flights = Flights::default();
         let Role::Leader(leader) = flights.join("k") else {
             panic!("first caller leads")
         };
-        let Role::Follower(rx) = flights.join("k") else {
+        let began = Instant::now();
+        let Role::Follower(follower) = flights.join("k") else {
             panic!("second caller follows")
         };
-        leader.complete(Outcome::Value(Arc::from(&b"v"[..])));
-        assert!(matches!(wait(rx).await, Outcome::Value(v) if &*v == b"v"));
+        leader.complete(Outcome::Stored(payload()));
+        assert_eq!(follower.wait(began).await.as_deref(), Some(&b"v"[..]));
         assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unchecked_value_only_serves_followers_that_began_before_the_leader() {
+        let flights = Flights::default();
+        let early = Instant::now();
+        let Role::Leader(leader) = flights.join("k") else {
+            panic!("leads")
+        };
+        let late = Instant::now();
+        let Role::Follower(a) = flights.join("k") else {
+            panic!("follows")
+        };
+        let Role::Follower(b) = flights.join("k") else {
+            panic!("follows")
+        };
+        leader.complete(Outcome::Computed(payload()));
+        assert!(
+            a.wait(early).await.is_some(),
+            "began before the leader: the value is fresh enough"
+        );
+        assert!(
+            b.wait(late).await.is_none(),
+            "began after the leader started: must not use its value"
+        );
     }
 
     #[tokio::test]
@@ -140,7 +207,7 @@ mod tests {
         let Role::Leader(leader) = flights.join("k") else {
             panic!("leads")
         };
-        let Role::Follower(rx) = flights.join("k") else {
+        let Role::Follower(follower) = flights.join("k") else {
             panic!("follows")
         };
         flights.clear();
@@ -148,7 +215,7 @@ mod tests {
             panic!("after clear a new flight starts")
         };
         drop(leader);
-        assert!(matches!(wait(rx).await, Outcome::Retry));
+        assert!(follower.wait(Instant::now()).await.is_none());
         // The old leader did not remove the new flight.
         assert_eq!(flights.len(), 1);
         drop(second);

@@ -17,6 +17,13 @@
 //! * Before a new connection is used, invalidations that could not be sent
 //!   while Redis was away are replayed (see [`crate::invalidate`]), so a value
 //!   made stale during an outage is not served after it.
+//! * After reconnecting following an outage, the manager is
+//!   [`Recovering`](ConnectionStatus::Recovering) for a quarantine: it looks
+//!   values up and stores them, but serves no hits. Other processes may still
+//!   be disconnected, holding invalidations for writes they made meanwhile;
+//!   every process retries at least every `max(health_check_interval,
+//!   max_retry_delay * (1 + jitter))`, so by the end of the quarantine (that
+//!   plus `connect_timeout`) each has reconnected and replayed them.
 //! * The supervisor stops when the last [`CacheManager`](crate::CacheManager)
 //!   handle is dropped.
 
@@ -55,6 +62,8 @@ pub(crate) struct Link {
     wake: Notify,
     closed: AtomicBool,
     next_id: AtomicU64,
+    /// Whether lookups may return values (false during a quarantine).
+    serving: AtomicBool,
     pub(crate) counters: Counters,
     pub(crate) pending: Mutex<Pending>,
 }
@@ -99,6 +108,7 @@ impl Link {
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
+            serving: AtomicBool::new(true),
             counters: Counters::default(),
             pending: Mutex::new(Pending::default()),
         }
@@ -131,6 +141,21 @@ impl Link {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .ok_or(CacheError::Unavailable)
+    }
+
+    /// Whether lookups may serve stored values now.
+    pub(crate) fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    /// How long a manager serves no hits after reconnecting following an
+    /// outage (see the module docs).
+    pub(crate) fn quarantine(&self) -> Duration {
+        let longest_step = self
+            .config
+            .max_retry_delay
+            .mul_f64(1.0 + self.config.jitter.clamp(0.0, 1.0));
+        self.config.health_check_interval.max(longest_step) + self.config.connect_timeout
     }
 
     /// Whether a connection is live right now.
@@ -199,8 +224,9 @@ impl Link {
     }
 
     /// Opens a connection, replays deferred invalidations on it, and makes it
-    /// the live one.
-    pub(crate) async fn establish(&self) -> Result<(), CacheError> {
+    /// the live one. After an outage, hits stay off until the supervisor ends
+    /// the quarantine.
+    pub(crate) async fn establish(&self, after_outage: bool) -> Result<(), CacheError> {
         let Some(client) = &self.client else {
             return Err(CacheError::Disabled);
         };
@@ -217,10 +243,18 @@ impl Link {
             .await
             .map_err(|_| CacheError::Timeout(limit))??;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if after_outage {
+            self.serving.store(false, Ordering::Release);
+        }
         self.publish_after_replay(Live { id, conn }).await?;
         Counters::bump(&self.counters.reconnects);
-        self.status.send_replace(ConnectionStatus::Connected);
-        info!(url = %self.url, "connected to Redis; caching active");
+        if after_outage {
+            self.status.send_replace(ConnectionStatus::Recovering);
+            info!(url = %self.url, quarantine = ?self.quarantine(), "reconnected to Redis; serving cached values again after the quarantine");
+        } else {
+            self.status.send_replace(ConnectionStatus::Connected);
+            info!(url = %self.url, "connected to Redis; caching active");
+        }
         Ok(())
     }
 
@@ -278,6 +312,29 @@ fn is_connection_error(err: &RedisError) -> bool {
     err.is_io_error() || err.is_connection_dropped() || err.is_timeout() || err.is_unrecoverable_error()
 }
 
+/// Waits out the quarantine after a reconnect, then serves hits again if the
+/// connection survived it.
+async fn end_quarantine(link: &Link) {
+    let deadline = tokio::time::Instant::now() + link.quarantine();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            // A wake-up may be an old one: only a lost connection or a close
+            // ends the quarantine early (without serving).
+            () = link.wake.notified() => {
+                if !link.is_connected() || link.closed.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+        }
+    }
+    if link.is_connected() && !link.closed.load(Ordering::Acquire) {
+        link.serving.store(true, Ordering::Release);
+        link.status.send_replace(ConnectionStatus::Connected);
+        info!(url = %link.url, "caching resumed");
+    }
+}
+
 /// The reconnect-and-health-check loop. Runs until [`Link::close`].
 pub(crate) async fn supervise(link: Arc<Link>) {
     let backoff = Backoff {
@@ -304,8 +361,11 @@ pub(crate) async fn supervise(link: Arc<Link>) {
             if link.closed.load(Ordering::Acquire) {
                 return;
             }
-            match link.establish().await {
-                Ok(()) => break,
+            match link.establish(true).await {
+                Ok(()) => {
+                    end_quarantine(&link).await;
+                    break;
+                }
                 Err(err) => {
                     debug!(url = %link.url, attempt = attempt + 1, error = %err, "Redis reconnection attempt failed");
                     if attempt + 1 < attempts {

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::Script;
 use serde::{de::DeserializeOwned, Serialize};
@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tracing::{debug, trace, warn};
 
 use crate::codec::{self, Envelope, Output};
-use crate::flight::{self, Flights, Outcome, Role};
+use crate::flight::{Flights, Outcome, Role};
 use crate::health::{supervise, Link};
 use crate::invalidate::generation_ttl;
 use crate::key::{epoch_key, escape_glob, CacheKey, KeyBuilder, Scope};
@@ -137,7 +137,7 @@ impl CacheManager {
     pub async fn connect(url: Option<&str>, config: CacheConfig) -> Result<Self, CacheError> {
         let link = Arc::new(Link::new(url, config)?);
         if link.is_enabled() {
-            if let Err(err) = link.establish().await {
+            if let Err(err) = link.establish(false).await {
                 link.set_down();
                 warn!(url = %link.url, error = %err, "Redis unavailable at start; caching paused, connecting in the background");
             }
@@ -234,6 +234,7 @@ impl CacheManager {
             return compute.await;
         }
         let ttl = ttl.unwrap_or(link.config.ttl);
+        let began = Instant::now();
         let mut lead = None;
         for _ in 0..MAX_ROUNDS {
             let generations = match self.lookup(key).await {
@@ -258,15 +259,14 @@ impl CacheManager {
                     lead = Some((leader, generations));
                     break;
                 }
-                Role::Follower(rx) => match flight::wait(rx).await {
-                    Outcome::Value(payload) => {
+                Role::Follower(follower) => {
+                    if let Some(payload) = follower.wait(began).await {
                         if let Ok(value) = O::decode(&payload) {
                             Counters::bump(&link.counters.coalesced);
                             return value;
                         }
                     }
-                    Outcome::Retry => {}
-                },
+                }
             }
         }
         let Some((leader, generations)) = lead else {
@@ -277,6 +277,11 @@ impl CacheManager {
             Some(_) => Counters::bump(&link.counters.misses),
             None => Counters::bump(&link.counters.fallbacks),
         }
+        // A successful compare-and-set proves no invalidation reached Redis
+        // during the computation; it proves nothing about invalidations still
+        // queued in other processes, which is possible only around a
+        // quarantine (see `health`).
+        let serving_before = link.is_serving();
         let value = compute.await;
         let payload = match O::encode(&value) {
             Some(Ok(payload)) => payload,
@@ -289,13 +294,14 @@ impl CacheManager {
         };
         let outcome = match generations {
             Some(generations) => match self.store(key, Expected::Seen(&generations), &payload, ttl).await {
-                Ok(true) => Outcome::Value(payload.into()),
+                Ok(true) if serving_before && link.is_serving() => Outcome::Stored(payload.into()),
+                Ok(true) => Outcome::Computed(payload.into()),
                 // An invalidation happened during the computation: the value
                 // may be older than a write some follower already saw.
                 Ok(false) => Outcome::Retry,
-                Err(_) => Outcome::Value(payload.into()),
+                Err(_) => Outcome::Computed(payload.into()),
             },
-            None => Outcome::Value(payload.into()),
+            None => Outcome::Computed(payload.into()),
         };
         leader.complete(outcome);
         value
@@ -315,7 +321,8 @@ impl CacheManager {
                 let value = values.remove(0);
                 match value {
                     Some(bytes) => match Envelope::open(&bytes) {
-                        Ok(env) if env.is_current(&values) => Lookup::Hit(bytes, values),
+                        // During a quarantine, current values are not served.
+                        Ok(env) if env.is_current(&values) && self.link().is_serving() => Lookup::Hit(bytes, values),
                         // Superseded by a write: ignored, it expires by its TTL.
                         Ok(_) => Lookup::Miss(values),
                         Err(err) => {

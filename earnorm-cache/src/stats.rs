@@ -14,6 +14,12 @@ pub enum ConnectionStatus {
     Connecting,
     /// Connected; cache operations go to Redis.
     Connected,
+    /// Reconnected after an outage: values are looked up and stored, but not
+    /// served yet, until every other process (with the same settings) has had
+    /// time to reconnect and replay the invalidations it queued meanwhile.
+    /// Lasts `max(health_check_interval, max_retry_delay * (1 + jitter)) +
+    /// connect_timeout`, then the status becomes `Connected`.
+    Recovering,
     /// Known down: calls skip the cache without waiting while it reconnects.
     Down,
 }

@@ -15,7 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod checker;
 mod env;
+pub use checker::{run as run_checker, CheckerConfig, Report};
 pub use env::*;
 
 /// How to start the services, printed when a test cannot reach one.

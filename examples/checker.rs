@@ -1,0 +1,60 @@
+//! The consistency and fault checker as a command:
+//!
+//! ```sh
+//! scripts/services.sh up
+//! cargo run --release --example checker -- --seconds 30            # EarnORM's #[cached]
+//! cargo run --release --example checker -- --seconds 30 --naive    # plain cache-aside
+//! ```
+//!
+//! Options: `--seconds N` (default 10), `--records N` (8), `--readers N` (8),
+//! `--writers N` (2), `--no-faults`, `--naive`, `--seed N`,
+//! `--health-check-ms N` (500), `--json PATH` (also write the report there).
+//! Prints a one-line summary and the JSON report; exits 1 when it finds a
+//! stale read or a failed call.
+
+use std::time::Duration;
+
+use support::{run_checker, CheckerConfig};
+
+fn main() {
+    let mut config = CheckerConfig::default();
+    let mut json_path = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut number = |name: &str| -> u64 {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| fail(&format!("{name} needs a whole number")))
+        };
+        match arg.as_str() {
+            "--seconds" => config.duration = Duration::from_secs(number("--seconds")),
+            "--records" => config.records = usize::try_from(number("--records")).unwrap_or(8).max(1),
+            "--readers" => config.readers = usize::try_from(number("--readers")).unwrap_or(8),
+            "--writers" => config.writers = usize::try_from(number("--writers")).unwrap_or(2),
+            "--seed" => config.seed = number("--seed"),
+            "--health-check-ms" => config.health_check_interval = Duration::from_millis(number("--health-check-ms")),
+            "--no-faults" => config.faults = false,
+            "--naive" => config.naive = true,
+            "--json" => json_path = Some(args.next().unwrap_or_else(|| fail("--json needs a path"))),
+            other => fail(&format!("unknown option {other}")),
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let report = runtime.block_on(run_checker(&config));
+    println!("{}", report.summary());
+    println!("{}", report.to_json());
+    if let Some(path) = json_path {
+        std::fs::write(&path, report.to_json()).unwrap_or_else(|e| fail(&format!("cannot write {path}: {e}")));
+    }
+    if report.stale_reads > 0 || report.failed_calls > 0 {
+        std::process::exit(1);
+    }
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("checker: {message}");
+    std::process::exit(2)
+}

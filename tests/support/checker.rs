@@ -1,0 +1,615 @@
+//! The consistency and fault checker: a randomized workload of cached reads
+//! and ORM writes over two environments (standing in for two processes)
+//! sharing one MongoDB database and one private Redis, with Redis killed,
+//! restarted, frozen, thawed and flushed during the run. Every read is checked
+//! against the history of acknowledged writes.
+//!
+//! A read that began at `t0` is **stale** when it returns a state older than
+//! the last write to that record acknowledged before `t0`:
+//! * a version `v` is stale if that write's sequence number is greater than `v`
+//!   (versions are the global sequence numbers of the writes that set them);
+//! * "absent" is stale if that write was not a delete and no delete of the
+//!   record began before the read ended.
+//!
+//! With `naive = true` the same workload reads through a plain cache-aside
+//! (`get`, then compute and `set` with no generation check), which is what the
+//! checker must catch.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use earnorm::bson::{doc, oid::ObjectId};
+use earnorm::cache_layer::Scope;
+use earnorm::prelude::*;
+use earnorm::{ConnectionStatus, Environment};
+use serde::{Deserialize, Serialize};
+
+use crate::{connect, fast_cache_config, require_mongo, unique_name, RedisServer};
+
+/// One record of the workload. `version` is the sequence number of the last
+/// write that set it.
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "checker_items")]
+pub struct Item {
+    /// Id.
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    /// Which record of the workload (0..records).
+    pub slot: i64,
+    /// Sequence number of the last write.
+    pub version: i64,
+}
+
+/// Widens the race window between reading the database and storing the value,
+/// the same way in both modes.
+async fn think(seed: u64) {
+    tokio::time::sleep(Duration::from_micros(seed % 3000)).await;
+}
+
+impl Item {
+    /// Record scope: the stored version of this record, read from MongoDB.
+    #[cached(ttl = 60)]
+    pub async fn stored_version(&self, jitter: Jitter) -> Result<Option<i64>, String> {
+        let id = self.id.ok_or("no id")?;
+        let found = Item::find_by_id(id).await.map_err(|e| e.to_string())?;
+        think(jitter.0).await;
+        Ok(found.map(|item| item.version))
+    }
+
+    /// Model scope: the stored version of a slot, read from MongoDB.
+    #[cached(ttl = 60)]
+    pub async fn version_of(slot: i64, jitter: Jitter) -> Result<Option<i64>, String> {
+        let found = Item::find_one(doc! { "slot": slot }).await.map_err(|e| e.to_string())?;
+        think(jitter.0).await;
+        Ok(found.map(|item| item.version))
+    }
+}
+
+/// A delay that does not enter the cache key (so reads share entries).
+#[derive(Debug, Clone, Copy)]
+pub struct Jitter(pub u64);
+
+impl Serialize for Jitter {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_unit()
+    }
+}
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+pub struct CheckerConfig {
+    /// Length of the run.
+    pub duration: Duration,
+    /// Records in the workload.
+    pub records: usize,
+    /// Concurrent reader tasks.
+    pub readers: usize,
+    /// Concurrent writer tasks.
+    pub writers: usize,
+    /// Inject faults on the private Redis.
+    pub faults: bool,
+    /// Read through a naive cache-aside instead of `#[cached]`.
+    pub naive: bool,
+    /// Random seed.
+    pub seed: u64,
+    /// The cache's health-check interval (recovery is measured against it).
+    pub health_check_interval: Duration,
+}
+
+impl Default for CheckerConfig {
+    fn default() -> Self {
+        Self {
+            duration: Duration::from_secs(10),
+            records: 8,
+            readers: 8,
+            writers: 2,
+            faults: true,
+            naive: false,
+            seed: 0x5EED,
+            health_check_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Naive mode?
+    pub naive: bool,
+    /// Seconds the workload ran.
+    pub seconds: f64,
+    /// Reads + writes.
+    pub operations: u64,
+    /// Cached reads.
+    pub reads: u64,
+    /// Acknowledged writes.
+    pub writes: u64,
+    /// Cache hits, both environments.
+    pub hits: u64,
+    /// Cache misses, both environments.
+    pub misses: u64,
+    /// Calls that computed because the cache was unavailable.
+    pub fallbacks: u64,
+    /// Reads older than a write acknowledged before they began.
+    pub stale_reads: u64,
+    /// Reads or writes that returned an error.
+    pub failed_calls: u64,
+    /// Read latency percentiles and maximum, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Maximum.
+    pub max_us: u64,
+    /// For each time Redis came back: milliseconds until both environments were connected again.
+    pub recoveries_ms: Vec<u64>,
+    /// The health-check interval, milliseconds.
+    pub health_check_interval_ms: u64,
+    /// Faults injected, in order.
+    pub faults: Vec<String>,
+    /// Some stale reads, for diagnosis.
+    pub examples: Vec<String>,
+}
+
+impl Report {
+    /// The longest recovery.
+    pub fn max_recovery_ms(&self) -> u64 {
+        self.recoveries_ms.iter().copied().max().unwrap_or(0)
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.naive {
+            "naive"
+        } else {
+            "earnorm"
+        }
+    }
+
+    /// The figures, named, in report order (shared by the JSON and the summary).
+    fn figures(&self) -> [(&'static str, u64); 14] {
+        [
+            ("operations", self.operations),
+            ("reads", self.reads),
+            ("writes", self.writes),
+            ("hits", self.hits),
+            ("misses", self.misses),
+            ("fallbacks", self.fallbacks),
+            ("stale_reads", self.stale_reads),
+            ("failed_calls", self.failed_calls),
+            ("p50_us", self.p50_us),
+            ("p99_us", self.p99_us),
+            ("max_us", self.max_us),
+            ("max_recovery_ms", self.max_recovery_ms()),
+            ("health_check_interval_ms", self.health_check_interval_ms),
+            ("recoveries", self.recoveries_ms.len() as u64),
+        ]
+    }
+
+    /// A machine-readable form.
+    pub fn to_json(&self) -> String {
+        let list = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(",");
+        let figures: Vec<String> = self.figures().iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        let recoveries = self
+            .recoveries_ms
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        format!(
+            "{{\"mode\":\"{}\",\"seconds\":{:.1},{},\"recoveries_ms\":[{}],\"faults\":[{}],\"stale_examples\":[{}]}}",
+            self.mode(),
+            self.seconds,
+            figures.join(","),
+            recoveries,
+            list(&self.faults),
+            list(&self.examples),
+        )
+    }
+
+    /// One line.
+    pub fn summary(&self) -> String {
+        let figures: Vec<String> = self.figures().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("checker[{}] {:.1}s: {}", self.mode(), self.seconds, figures.join(" "))
+    }
+}
+
+/// A tiny deterministic generator (xorshift64*).
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n as u64).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Present(i64),
+    Deleted,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Write {
+    env: usize,
+    seq: i64,
+    state: State,
+    started: Instant,
+    acked: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Read {
+    env: usize,
+    slot: usize,
+    started: Instant,
+    ended: Instant,
+    result: Option<i64>,
+    how: &'static str,
+}
+
+tokio::task_local! {
+    /// Which of the two environments the current task uses (for diagnosis).
+    static ENV_INDEX: usize;
+}
+
+/// Shared state of the workload.
+struct Shared {
+    ids: Vec<ObjectId>,
+    locks: Vec<tokio::sync::Mutex<bool>>, // true: the record exists
+    seq: AtomicU64,
+    writes: Mutex<Vec<Vec<Write>>>,
+    reads: Mutex<Vec<Read>>,
+    latencies: Mutex<Vec<u64>>,
+    failed: AtomicU64,
+    stop: AtomicBool,
+    /// When the workload (after seeding) started.
+    begin: Instant,
+}
+
+impl Shared {
+    fn next_seq(&self) -> i64 {
+        i64::try_from(self.seq.fetch_add(1, Ordering::SeqCst) + 1).unwrap_or(i64::MAX)
+    }
+    fn record_write(&self, slot: usize, seq: i64, state: State, started: Instant, acked: Instant) {
+        let env = ENV_INDEX.try_with(|e| *e).unwrap_or(0);
+        let write = Write {
+            env,
+            seq,
+            state,
+            started,
+            acked,
+        };
+        self.writes.lock().unwrap_or_else(PoisonError::into_inner)[slot].push(write);
+    }
+
+    /// The record in `slot` as a writer sets it.
+    fn item(&self, slot: usize, version: i64) -> Item {
+        Item {
+            id: Some(self.ids[slot]),
+            slot: slot as i64,
+            version,
+        }
+    }
+}
+
+/// Runs the workload and checks it.
+///
+/// # Panics
+/// When the services cannot be reached (with instructions).
+pub async fn run(config: &CheckerConfig) -> Report {
+    let mut redis = RedisServer::start();
+    let name = unique_name("checker");
+    let mut cache_config = fast_cache_config(&name);
+    cache_config.health_check_interval = config.health_check_interval;
+    cache_config.connect_timeout = Duration::from_millis(100);
+    let env_config = earnorm::Config {
+        mongo_uri: require_mongo(),
+        database: name.clone(),
+        redis_uri: Some(redis.url()),
+        cache_config,
+        connect_timeout: Duration::from_secs(5),
+    };
+    let envs = [connect(env_config.clone()).await, connect(env_config).await];
+
+    // Seed the records.
+    let shared = Arc::new(Shared {
+        ids: (0..config.records).map(|_| ObjectId::new()).collect(),
+        locks: (0..config.records).map(|_| tokio::sync::Mutex::new(true)).collect(),
+        seq: AtomicU64::new(0),
+        writes: Mutex::new(vec![Vec::new(); config.records]),
+        reads: Mutex::new(Vec::new()),
+        latencies: Mutex::new(Vec::new()),
+        failed: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        begin: Instant::now(),
+    });
+    for slot in 0..config.records {
+        let seq = shared.next_seq();
+        let started = Instant::now();
+        let mut item = shared.item(slot, seq);
+        item.save_in(&envs[0]).await.expect("seed a record");
+        shared.record_write(slot, seq, State::Present(seq), started, Instant::now());
+    }
+
+    let begin = shared.begin;
+    let mut tasks = Vec::new();
+    for w in 0..config.writers {
+        let (shared, env) = (Arc::clone(&shared), envs[w % 2].clone());
+        let mut rng = Rng(config.seed ^ (0x1000 + w as u64));
+        tasks.push(tokio::spawn(
+            ENV_INDEX.scope(w % 2, async move { writer(&shared, &env, &mut rng).await }),
+        ));
+    }
+    for r in 0..config.readers {
+        let (shared, env) = (Arc::clone(&shared), envs[r % 2].clone());
+        let mut rng = Rng(config.seed ^ (0x2000 + r as u64));
+        let naive = config.naive;
+        tasks.push(tokio::spawn(ENV_INDEX.scope(r % 2, async move {
+            env.clone().scope(reader(&shared, &env, &mut rng, naive)).await
+        })));
+    }
+
+    // Faults, spread over the run.
+    let mut faults = Vec::new();
+    let mut recoveries = Vec::new();
+    if config.faults {
+        let step = config.duration / 10;
+        let at = |n: u32| begin + step * n;
+        tokio::time::sleep_until(at(2).into()).await;
+        redis.kill();
+        faults.push("kill".to_owned());
+        tokio::time::sleep_until(at(3).into()).await;
+        redis.restart();
+        faults.push("restart (empty)".to_owned());
+        recoveries.push(recovery(&envs).await);
+        tokio::time::sleep_until(at(4).into()).await;
+        redis.freeze();
+        faults.push("freeze".to_owned());
+        tokio::time::sleep_until(at(5).into()).await;
+        redis.thaw();
+        faults.push("thaw".to_owned());
+        recoveries.push(recovery(&envs).await);
+        tokio::time::sleep_until(at(7).into()).await;
+        redis.cli(&["FLUSHALL"]);
+        faults.push("flushall".to_owned());
+        tokio::time::sleep_until(at(8).into()).await;
+        redis.freeze();
+        faults.push("freeze".to_owned());
+        tokio::time::sleep(step / 2).await;
+        redis.kill();
+        redis.restart();
+        faults.push("kill while frozen, restart".to_owned());
+        recoveries.push(recovery(&envs).await);
+    }
+    tokio::time::sleep_until((begin + config.duration).into()).await;
+    shared.stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let seconds = begin.elapsed().as_secs_f64();
+
+    let mut report = check(&shared);
+    report.naive = config.naive;
+    report.seconds = seconds;
+    report.faults = faults;
+    report.recoveries_ms = recoveries;
+    report.health_check_interval_ms = u64::try_from(config.health_check_interval.as_millis()).unwrap_or(u64::MAX);
+    for env in &envs {
+        let stats = env.cache().stats();
+        report.hits += stats.hits + stats.coalesced;
+        report.misses += stats.misses;
+        report.fallbacks += stats.fallbacks;
+    }
+    let _ = envs[0].database().drop().await;
+    report
+}
+
+/// Milliseconds until both environments are connected again.
+async fn recovery(envs: &[Environment; 2]) -> u64 {
+    let start = Instant::now();
+    for env in envs {
+        env.cache()
+            .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(30))
+            .await;
+    }
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
+    let n = shared.ids.len();
+    while !shared.stop.load(Ordering::SeqCst) {
+        let roll = rng.below(10);
+        if roll < 6 {
+            // save one record (re-creates it if deleted)
+            let slot = rng.below(n);
+            let mut exists = shared.locks[slot].lock().await;
+            let seq = shared.next_seq();
+            let started = Instant::now();
+            let mut item = shared.item(slot, seq);
+            match item.save_in(env).await {
+                Ok(()) => {
+                    *exists = true;
+                    shared.record_write(slot, seq, State::Present(seq), started, Instant::now());
+                }
+                Err(_) => {
+                    shared.failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        } else if roll < 9 {
+            // bulk update of a few records
+            let mut slots: Vec<usize> = (0..3).map(|_| rng.below(n)).collect();
+            slots.sort_unstable();
+            slots.dedup();
+            let mut guards = Vec::new();
+            for &slot in &slots {
+                guards.push(shared.locks[slot].lock().await);
+            }
+            let seq = shared.next_seq();
+            let started = Instant::now();
+            let filter = doc! { "slot": { "$in": slots.iter().map(|s| *s as i64).collect::<Vec<_>>() } };
+            match Item::update_many_in(env, filter, doc! { "$set": { "version": seq } }).await {
+                Ok(_) => {
+                    let acked = Instant::now();
+                    for (slot, exists) in slots.iter().zip(&guards) {
+                        if **exists {
+                            shared.record_write(*slot, seq, State::Present(seq), started, acked);
+                        }
+                    }
+                }
+                Err(_) => {
+                    shared.failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        } else {
+            // delete one record
+            let slot = rng.below(n);
+            let mut exists = shared.locks[slot].lock().await;
+            let seq = shared.next_seq();
+            let started = Instant::now();
+            let item = shared.item(slot, 0);
+            match item.delete_in(env).await {
+                Ok(_) => {
+                    *exists = false;
+                    shared.record_write(slot, seq, State::Deleted, started, Instant::now());
+                }
+                Err(_) => {
+                    shared.failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2 + rng.below(6) as u64)).await;
+    }
+}
+
+async fn reader(shared: &Shared, env: &Environment, rng: &mut Rng, naive: bool) {
+    let n = shared.ids.len();
+    // Each reader keeps its own copies of the records, which go out of date.
+    let copies: Vec<Item> = (0..n).map(|slot| shared.item(slot, 0)).collect();
+    while !shared.stop.load(Ordering::SeqCst) {
+        let slot = rng.below(n);
+        let jitter = Jitter(rng.next());
+        let record_scope = rng.below(2) == 0;
+        let started = Instant::now();
+        let result = match (naive, record_scope) {
+            (false, true) => copies[slot].stored_version(jitter).await,
+            (false, false) => Item::version_of(slot as i64, jitter).await,
+            (true, true) => naive_read(env, &copies[slot], true, jitter).await,
+            (true, false) => naive_read(env, &copies[slot], false, jitter).await,
+        };
+        let ended = Instant::now();
+        match result {
+            Ok(result) => {
+                let how = if record_scope { "record" } else { "model" };
+                shared.reads.lock().unwrap_or_else(PoisonError::into_inner).push(Read {
+                    env: ENV_INDEX.try_with(|e| *e).unwrap_or(9),
+                    slot,
+                    started,
+                    ended,
+                    result,
+                    how,
+                });
+                shared
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(u64::try_from((ended - started).as_micros()).unwrap_or(u64::MAX));
+            }
+            Err(_) => {
+                shared.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Plain cache-aside: `get`; on a miss compute and `set`, with no check
+/// that the value is still current when it is stored.
+async fn naive_read(env: &Environment, item: &Item, record_scope: bool, jitter: Jitter) -> Result<Option<i64>, String> {
+    let cache = env.cache();
+    let id = item.id.map(|id| id.to_hex()).unwrap_or_default();
+    let builder = if record_scope {
+        cache
+            .key("checker_items", "naive_record")
+            .scope(Scope::Record("checker_items", &id))
+    } else {
+        cache
+            .key("checker_items", "naive_model")
+            .scope(Scope::Model("checker_items"))
+    };
+    let key = builder
+        .arg(&item.slot)
+        .and_then(earnorm::cache_layer::KeyBuilder::build)
+        .map_err(|e| e.to_string())?;
+    if let Ok(Some(value)) = cache.get::<Option<i64>>(&key).await {
+        return Ok(value);
+    }
+    let value = if record_scope {
+        item.stored_version_uncached(jitter).await?
+    } else {
+        Item::version_of_uncached(item.slot, jitter).await?
+    };
+    let _ = cache.set(&key, &value, Some(Duration::from_secs(60))).await;
+    Ok(value)
+}
+
+/// Checks every read against the write history.
+fn check(shared: &Shared) -> Report {
+    let writes = shared.writes.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let reads = shared.reads.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let mut latencies = shared.latencies.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        if latencies.is_empty() {
+            0
+        } else {
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss
+            )]
+            let i = ((latencies.len() - 1) as f64 * p).round() as usize;
+            latencies[i]
+        }
+    };
+    let mut report = Report {
+        reads: reads.len() as u64,
+        writes: writes.iter().map(|w| w.len() as u64).sum(),
+        failed_calls: shared.failed.load(Ordering::SeqCst),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        max_us: latencies.last().copied().unwrap_or(0),
+        ..Report::default()
+    };
+    report.operations = report.reads + report.writes;
+    for read in &reads {
+        let history = &writes[read.slot];
+        let Some(last) = history.iter().filter(|w| w.acked < read.started).max_by_key(|w| w.seq) else {
+            continue;
+        };
+        let stale = match read.result {
+            Some(version) => version < last.seq,
+            None => {
+                last.state != State::Deleted
+                    && !history
+                        .iter()
+                        .any(|w| w.state == State::Deleted && w.seq > last.seq && w.started < read.ended)
+            }
+        };
+        if stale {
+            report.stale_reads += 1;
+            if report.examples.len() < 5 {
+                report.examples.push(format!(
+                    "{} read of slot {} in env {} at {:?} returned {:?}, but write {} ({:?}) by env {} was acknowledged at {:?}",
+                    read.how, read.slot, read.env, read.started.duration_since(shared.begin), read.result, last.seq, last.state, last.env, last.acked.duration_since(shared.begin)
+                ));
+            }
+        }
+    }
+    report
+}
