@@ -279,7 +279,7 @@ impl Link {
                 self.pending
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .restore(batch);
+                    .add(&self.config.prefix, batch);
                 return Err(match sent {
                     Ok(Err(err)) => CacheError::Redis(err),
                     _ => CacheError::Timeout(limit),

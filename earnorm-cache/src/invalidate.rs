@@ -8,20 +8,20 @@
 //!
 //! When Redis cannot be reached, the generation keys are queued in memory and
 //! replayed before the next connection is used (see [`crate::health`]). If the
-//! queue overflows, the whole prefix's epoch is replaced instead: everything
-//! this manager cached becomes a miss, which is always safe.
+//! queue overflows, record generations are folded into their models' (a bulk
+//! invalidation of each model concerned): coarser, always safe, and bounded by
+//! the number of models and tags.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::health::Link;
-use crate::key::epoch_key;
 use crate::stats::Counters;
 use crate::token::new_token;
 use crate::CacheConfig;
 
-/// Most generation keys remembered while Redis is unavailable before falling
-/// back to replacing the epoch.
+/// Most generation keys remembered while Redis is unavailable before record
+/// generations are folded into their models'.
 const MAX_PENDING: usize = 10_000;
 
 /// Generation keys whose replacement could not be sent yet.
@@ -39,18 +39,34 @@ impl Pending {
         self.keys.drain().collect()
     }
 
-    /// Puts back keys whose replay failed.
-    pub(crate) fn restore(&mut self, keys: Vec<String>) {
-        self.add(keys);
-    }
-
-    fn add(&mut self, keys: impl IntoIterator<Item = String>) {
+    /// Queues generation keys (all under `prefix`).
+    pub(crate) fn add(&mut self, prefix: &str, keys: impl IntoIterator<Item = String>) {
         self.keys.extend(keys);
         if self.keys.len() > MAX_PENDING {
-            // Too many to remember: replacing the epoch covers them all.
-            self.keys.clear();
-            self.keys.insert(String::new());
+            self.fold_records(prefix);
         }
+    }
+
+    /// Replaces every record generation `P g:r:MODEL:ID` by its model's bulk
+    /// and query generations, which cover it.
+    fn fold_records(&mut self, prefix: &str) {
+        let mut folded = HashSet::new();
+        for key in self.keys.drain() {
+            let record_model = key
+                .strip_prefix(prefix)
+                .and_then(|k| k.strip_prefix("g:r:"))
+                .and_then(|k| k.split(':').next());
+            match record_model {
+                Some(model) => {
+                    folded.insert(format!("{prefix}g:m:{model}"));
+                    folded.insert(format!("{prefix}g:q:{model}"));
+                }
+                None => {
+                    folded.insert(key);
+                }
+            }
+        }
+        self.keys = folded;
     }
 }
 
@@ -60,17 +76,11 @@ pub(crate) fn generation_ttl(config: &CacheConfig) -> Duration {
     config.ttl.max(Duration::from_secs(60)) + Duration::from_secs(60)
 }
 
-/// One pipeline that gives every key in `keys` a fresh token. The empty key
-/// stands for the epoch.
+/// One pipeline that gives every key in `keys` a fresh token.
 pub(crate) fn generation_pipeline(config: &CacheConfig, keys: &[String]) -> redis::Pipeline {
     let ttl_ms = u64::try_from(generation_ttl(config).as_millis()).unwrap_or(u64::MAX);
     let mut pipe = redis::pipe();
     for key in keys {
-        let key = if key.is_empty() {
-            epoch_key(&config.prefix)
-        } else {
-            key.clone()
-        };
         pipe.cmd("SET").arg(key).arg(new_token()).arg("PX").arg(ttl_ms).ignore();
     }
     pipe
@@ -89,7 +99,7 @@ impl Link {
             // this check finds our keys in the queue (see `publish_after_replay`).
             let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if !self.is_connected() {
-                pending.add(keys);
+                pending.add(&self.config.prefix, keys);
                 Counters::bump(&self.counters.invalidations_deferred);
                 return;
             }
@@ -103,9 +113,24 @@ impl Link {
             // link is down": queue them and drop whatever connection is live,
             // so that the supervisor replays them before caching resumes.
             let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            pending.add(keys);
+            pending.add(&self.config.prefix, keys);
             Counters::bump(&self.counters.invalidations_deferred);
             self.force_down("an invalidation could not be sent");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pending;
+
+    #[test]
+    fn an_overflowing_queue_folds_records_into_their_models() {
+        let mut pending = Pending::default();
+        pending.add("p:", (0..=super::MAX_PENDING).map(|i| format!("p:g:r:users:{i}")));
+        pending.add("p:", ["p:g:t:reports".to_owned()]);
+        let mut keys = pending.take();
+        keys.sort();
+        assert_eq!(keys, ["p:g:m:users", "p:g:q:users", "p:g:t:reports"]);
     }
 }

@@ -5,7 +5,6 @@
 //! | key                     | holds                                             |
 //! |-------------------------|---------------------------------------------------|
 //! | `P v:NS:NAME:ID:HASH`   | a cached value (an envelope, see [`crate::codec`]) |
-//! | `P g:epoch`             | generation of the whole prefix                    |
 //! | `P g:r:MODEL:ID`        | generation of one record                          |
 //! | `P g:m:MODEL`           | generation of every record of a model (bulk writes) |
 //! | `P g:q:MODEL`           | generation of a model's queries (any write)       |
@@ -72,11 +71,6 @@ impl Scope<'_> {
     }
 }
 
-/// The generation key of the whole prefix.
-pub(crate) fn epoch_key(prefix: &str) -> String {
-    format!("{prefix}g:epoch")
-}
-
 /// Most scopes one key may depend on (the envelope stores one byte of count).
 pub const MAX_DEPENDENCIES: usize = 32;
 
@@ -101,9 +95,9 @@ impl CacheKey {
 
 /// Builds a [`CacheKey`]; get one from [`CacheManager::key`](crate::CacheManager::key).
 pub struct KeyBuilder {
-    prefix: String,
-    namespace: String,
-    name: String,
+    /// `PREFIX v:NAMESPACE:NAME:` so far; the id and hash are appended by `build`.
+    value: String,
+    prefix_len: usize,
     id: Option<String>,
     generations: Vec<String>,
     hasher: Xxh3,
@@ -112,22 +106,40 @@ pub struct KeyBuilder {
 impl std::fmt::Debug for KeyBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyBuilder")
-            .field("namespace", &self.namespace)
-            .field("name", &self.name)
+            .field("key", &self.value)
             .field("id", &self.id)
             .field("generations", &self.generations)
             .finish_non_exhaustive()
     }
 }
 
+/// Feeds serializer output straight into the hash, with no buffer.
+struct HashWriter<'a>(&'a mut Xxh3);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl KeyBuilder {
     pub(crate) fn new(prefix: &str, namespace: &str, name: &str) -> Self {
+        let mut value = String::with_capacity(prefix.len() + namespace.len() + name.len() + 64);
+        value.push_str(prefix);
+        value.push_str("v:");
+        value.push_str(namespace);
+        value.push(':');
+        value.push_str(name);
+        value.push(':');
         Self {
-            prefix: prefix.to_owned(),
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
+            value,
+            prefix_len: prefix.len(),
             id: None,
-            generations: vec![epoch_key(prefix)],
+            generations: Vec::with_capacity(3),
             hasher: Xxh3::new(),
         }
     }
@@ -139,22 +151,23 @@ impl KeyBuilder {
         if let Scope::Record(_, id) = scope {
             self.id.get_or_insert_with(|| id.to_owned());
         }
-        scope.read_generations(&self.prefix, &mut self.generations);
+        scope.read_generations(&self.value[..self.prefix_len], &mut self.generations);
         self
     }
 
-    /// Mixes one argument into the key hash, by its canonical encoding.
+    /// Mixes one argument into the key hash, by its canonical encoding
+    /// (MessagePack with named fields, streamed into the hash; MessagePack
+    /// values are self-delimiting, so consecutive arguments cannot run into
+    /// each other).
     ///
     /// # Errors
     /// [`CacheError::Encode`] when the argument cannot be serialized.
     pub fn arg<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, CacheError> {
-        let bytes = crate::codec::encode(value)?;
-        self.hasher.update(&(bytes.len() as u64).to_le_bytes());
-        self.hasher.update(&bytes);
+        rmp_serde::encode::write_named(&mut HashWriter(&mut self.hasher), value).map_err(CacheError::Encode)?;
         Ok(self)
     }
 
-    /// Mixes raw bytes (already canonical) into the key hash.
+    /// Mixes raw bytes (already canonical) into the key hash, length first.
     #[must_use]
     pub fn raw(mut self, bytes: &[u8]) -> Self {
         self.hasher.update(&(bytes.len() as u64).to_le_bytes());
@@ -166,22 +179,16 @@ impl KeyBuilder {
     ///
     /// # Errors
     /// [`CacheError::InvalidKey`] when more than [`MAX_DEPENDENCIES`] scopes were added.
-    pub fn build(self) -> Result<CacheKey, CacheError> {
+    pub fn build(mut self) -> Result<CacheKey, CacheError> {
         if self.generations.len() > MAX_DEPENDENCIES {
             return Err(CacheError::InvalidKey(format!(
                 "a cache key may depend on at most {MAX_DEPENDENCIES} scopes"
             )));
         }
-        let mut value = String::with_capacity(self.prefix.len() + self.namespace.len() + self.name.len() + 48);
-        let hash = self.hasher.digest128();
-        let id = self.id.as_deref().unwrap_or("_");
-        let _ = write!(
-            value,
-            "{}v:{}:{}:{}:{:032x}",
-            self.prefix, self.namespace, self.name, id, hash
-        );
+        self.value.push_str(self.id.as_deref().unwrap_or("_"));
+        let _ = write!(self.value, ":{:032x}", self.hasher.digest128());
         Ok(CacheKey {
-            value,
+            value: self.value,
             generations: self.generations,
         })
     }
@@ -236,7 +243,7 @@ mod tests {
         assert_ne!(a.value, c.value);
         assert_ne!(d.value, e.value);
         assert!(a.value.starts_with("p:v:users:profile:1:"));
-        assert_eq!(a.generations, ["p:g:epoch", "p:g:m:users", "p:g:r:users:1"]);
+        assert_eq!(a.generations, ["p:g:m:users", "p:g:r:users:1"]);
     }
 
     #[test]

@@ -31,21 +31,22 @@
 //! connection down and later calls skip Redis without waiting until the
 //! background supervisor has reconnected ([`health`]).
 //!
-//! **Invalidation in O(1) round trips, no scanning.** Each value depends on a
-//! few *generation* keys (its record, its model, its tags, and the prefix's
-//! epoch; see [`Scope`]). A stored value carries the generation tokens it was
-//! computed under, and a lookup reads the value and the current tokens in one
-//! `MGET`: a value whose tokens differ is never served. A write invalidates by
-//! giving each scope it touched a fresh random token (one pipelined `SET` per
-//! scope), so its cost does not depend on how many keys Redis holds, and only
-//! this manager's prefix is ever touched.
+//! **Invalidation in O(1) round trips, no scanning.** Each value depends on
+//! one or two *generation* keys (its record and its model, or its model's
+//! queries, or a tag; see [`Scope`]). A stored value carries the generation
+//! tokens it was computed under, and a lookup reads the value and the current
+//! tokens in one `MGET`: a value whose tokens differ is never served. A write
+//! invalidates by giving each scope it touched a fresh random token (one
+//! pipelined `SET` per scope), so its cost does not depend on how many keys
+//! Redis holds, and only this manager's prefix is ever touched.
 //!
 //! **No stale sets.** The classic race: a reader misses, reads the old row, a
 //! writer commits and invalidates, then the reader stores the old row. Here
 //! the reader notes the generation tokens *before* computing (they come back
-//! with the missing lookup), and stores with a Lua compare-and-set that
-//! writes only if every token is still the one it noted. The writer's
-//! invalidation happens after its commit and replaces a token, so:
+//! with the missing lookup; absent ones it creates first, with `SET NX`), and
+//! stores with a Lua compare-and-set that writes only if every token is still
+//! the one it noted. The writer's invalidation happens after its commit and
+//! replaces a token, so:
 //!
 //! * if the reader noted tokens before the invalidation, the store happens
 //!   after the reader computed, the comparison sees the new token, and the
@@ -53,22 +54,20 @@
 //! * if the reader noted tokens after the invalidation, its database read
 //!   also started after the commit, so its value is not stale.
 //!
-//! A token absent from Redis (never written, expired, evicted, or Redis
-//! restarted empty) never matches a stored value, because stored values only
-//! carry real tokens: the store script creates missing tokens itself. Tokens
-//! written by invalidations live at least `max(ttl, 60 s) + 60 s`, and stores
-//! extend them to outlive the values that use them; the argument above assumes
-//! a computation takes less than that.
-//!
+//! An absent token (expired, evicted, Redis restarted empty) never matches:
+//! neither a stored value (which only carries real tokens) nor a store's
+//! expectation. So eviction and restarts can cost misses, never staleness.
+
 //! Values shared between concurrent callers follow the same rule: a leader's
-//! value is handed to waiting callers only when its store succeeded (or the
-//! cache is unavailable, in which case the process's own invalidations clear
-//! the waiting rooms), see [`flight`].
+//! value is handed to a waiting caller only when its store succeeded, or when
+//! the leader started after that caller began ([`flight`]).
 //!
 //! **Invalidations that cannot be sent** (Redis down or frozen) are queued and
 //! replayed before a new connection is used, so a value made stale during an
-//! outage is not served after it. The queue is bounded; on overflow the whole
-//! prefix's epoch is replaced.
+//! outage is not served after it; and after an outage a manager serves no
+//! hits for a quarantine, until other processes have replayed theirs
+//! ([`health`]). The queue is bounded: on overflow, record invalidations fold
+//! into their models'.
 //!
 //! **Outdated in-memory copies.** Callers that put the record's own content
 //! into the key (as `#[cached]` does for record methods, with

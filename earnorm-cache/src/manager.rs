@@ -12,8 +12,8 @@ use tracing::{debug, trace, warn};
 use crate::codec::{self, Envelope, Output};
 use crate::flight::{Flights, Outcome, Role};
 use crate::health::{supervise, Link};
-use crate::invalidate::generation_ttl;
-use crate::key::{epoch_key, escape_glob, CacheKey, KeyBuilder, Scope};
+use crate::invalidate::{generation_pipeline, generation_ttl};
+use crate::key::{escape_glob, CacheKey, KeyBuilder, Scope};
 use crate::stats::{CacheStats, ConnectionStatus, Counters};
 use crate::token::new_token;
 use crate::{CacheConfig, CacheError};
@@ -24,19 +24,16 @@ use crate::{CacheConfig, CacheError};
 /// KEYS[1]: value key; KEYS[2..]: generation keys.
 /// ARGV[1]: value TTL ms; ARGV[2]: generation TTL ms; ARGV[3]: fresh token;
 /// ARGV[4]: envelope header; ARGV[5]: payload; ARGV[5 + i]: expected token
-/// of KEYS[1 + i] ('' = expected absent, '*' = accept the current one).
+/// of KEYS[1 + i], or '*' to accept the current one (creating it if absent).
+/// An absent generation never matches an expected token.
 const STORE_SCRIPT: &str = r"
 local n = #KEYS - 1
 local tokens = {}
 for i = 1, n do
   local current = redis.call('GET', KEYS[i + 1])
   local expected = ARGV[5 + i]
-  if expected ~= '*' then
-    if expected == '' then
-      if current then return 0 end
-    elseif current ~= expected then
-      return 0
-    end
+  if expected ~= '*' and current ~= expected then
+    return 0
   end
   tokens[i] = current
 end
@@ -282,6 +279,18 @@ impl CacheManager {
         // queued in other processes, which is possible only around a
         // quarantine (see `health`).
         let serving_before = link.is_serving();
+        // A computation never starts under an absent generation: create the
+        // missing ones first, so that any later invalidation replaces a token
+        // this computation knows.
+        let generations = match generations {
+            Some(mut generations) if generations.iter().any(Option::is_none) => {
+                match self.create_generations(key, &mut generations).await {
+                    Ok(()) => Some(generations),
+                    Err(_) => None,
+                }
+            }
+            other => other,
+        };
         let value = compute.await;
         let payload = match O::encode(&value) {
             Some(Ok(payload)) => payload,
@@ -335,6 +344,38 @@ impl CacheManager {
             }
             Ok(_) | Err(_) => Lookup::Unavailable,
         }
+    }
+
+    /// Creates the absent generations among `generations` (`SET NX GET`, one
+    /// round trip) and fills in their tokens: ours, or the one another caller
+    /// created first.
+    async fn create_generations(&self, key: &CacheKey, generations: &mut [Option<Vec<u8>>]) -> Result<(), CacheError> {
+        let ttl_ms = u64::try_from(generation_ttl(self.config()).as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        let mut fresh = Vec::new();
+        for (name, token) in key.generations.iter().zip(generations.iter()) {
+            if token.is_none() {
+                let new = new_token();
+                pipe.cmd("SET")
+                    .arg(name)
+                    .arg(&new)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("PX")
+                    .arg(ttl_ms);
+                fresh.push(new);
+            }
+        }
+        let previous: Vec<Option<Vec<u8>>> = self
+            .link()
+            .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
+        let mut answers = fresh.into_iter().zip(previous);
+        for token in generations.iter_mut().filter(|t| t.is_none()) {
+            let (new, previous) = answers.next().ok_or(CacheError::Unavailable)?;
+            *token = Some(previous.unwrap_or_else(|| new.into_bytes()));
+        }
+        Ok(())
     }
 
     /// Removes a value that does not decode, counting it.
@@ -468,13 +509,22 @@ impl CacheManager {
         self.link().replace_generations(keys).await;
     }
 
-    /// Invalidates everything this manager has cached (every key under its
-    /// prefix), in one round trip.
-    pub async fn invalidate_all(&self) {
+    /// Invalidates everything this manager has cached: replaces every
+    /// generation under its prefix (found with `SCAN`, in batches). Unlike
+    /// [`invalidate`](Self::invalidate), its cost grows with the keyspace:
+    /// it is for administration, not for ordinary writes. Returns the number
+    /// of generations replaced.
+    ///
+    /// Correct against computations in flight: a computation only starts under
+    /// generations that exist, so every one of them is found and replaced.
+    ///
+    /// # Errors
+    /// When the cache is disabled, unavailable or fails part-way.
+    pub async fn invalidate_all(&self) -> Result<u64, CacheError> {
         self.inner.flights.clear();
-        self.link()
-            .replace_generations(vec![epoch_key(&self.config().prefix)])
-            .await;
+        Counters::bump(&self.link().counters.invalidations);
+        self.scan(&format!("{}g:*", escape_glob(&self.config().prefix)), Batch::Replace)
+            .await
     }
 
     /// Deletes every key under this manager's prefix that matches `pattern`
@@ -490,31 +540,49 @@ impl CacheManager {
     /// before the failure stay deleted).
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         let full = format!("{}{}", escape_glob(&self.config().prefix), pattern);
+        let deleted = self.scan(&full, Batch::Unlink).await?;
+        debug!(pattern = %full, deleted, "pattern deletion");
+        Ok(deleted)
+    }
+
+    /// `SCAN`s for `pattern` (a complete glob) and applies `action` to each
+    /// batch; returns how many keys it acted on.
+    async fn scan(&self, pattern: &str, action: Batch) -> Result<u64, CacheError> {
         let mut cursor: u64 = 0;
-        let mut deleted = 0;
+        let mut count = 0;
         loop {
             let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor).arg("MATCH").arg(&full).arg("COUNT").arg(1000);
+            scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
             let (next, keys): (u64, Vec<String>) = self
                 .link()
                 .call(|mut conn| async move { scan.query_async(&mut conn).await })
                 .await?;
             if !keys.is_empty() {
-                let mut unlink = redis::cmd("UNLINK");
-                unlink.arg(&keys);
-                let n: u64 = self
+                let pipe = match action {
+                    Batch::Unlink => {
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("UNLINK").arg(&keys);
+                        pipe
+                    }
+                    Batch::Replace => generation_pipeline(self.config(), &keys),
+                };
+                let done: Vec<redis::Value> = self
                     .link()
-                    .call(|mut conn| async move { unlink.query_async(&mut conn).await })
+                    .call(|mut conn| async move { pipe.query_async(&mut conn).await })
                     .await?;
-                deleted += n;
+                count += match action {
+                    Batch::Unlink => done
+                        .first()
+                        .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
+                        .unwrap_or(0),
+                    Batch::Replace => keys.len() as u64,
+                };
             }
             if next == 0 {
-                break;
+                return Ok(count);
             }
             cursor = next;
         }
-        debug!(pattern = %full, deleted, "pattern deletion");
-        Ok(deleted)
     }
 
     fn unavailable(&self) -> CacheError {
@@ -524,6 +592,13 @@ impl CacheManager {
             CacheError::Disabled
         }
     }
+}
+
+/// What [`CacheManager::scan`] does with each batch of keys.
+#[derive(Debug, Clone, Copy)]
+enum Batch {
+    Unlink,
+    Replace,
 }
 
 /// The generations a store expects to find.

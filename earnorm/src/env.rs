@@ -131,8 +131,17 @@ pub async fn init(config: Config) -> Result<Environment> {
 /// The cache of the current environment; a disabled cache when EarnORM is
 /// not initialized.
 pub fn cache() -> CacheManager {
-    match Environment::current() {
-        Ok(env) => env.inner.cache.clone(),
-        Err(_) => CacheManager::disabled(earnorm_cache::CacheConfig::default()),
+    current_cache().unwrap_or_else(|| CacheManager::disabled(earnorm_cache::CacheConfig::default()))
+}
+
+/// The current environment's cache, without cloning the environment.
+pub(crate) fn current_cache() -> Option<CacheManager> {
+    if let Ok(cache) = CURRENT.try_with(|env| env.inner.cache.clone()) {
+        return Some(cache);
     }
+    DEFAULT
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|env| env.inner.cache.clone())
 }

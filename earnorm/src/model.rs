@@ -18,17 +18,34 @@ pub trait ModelId: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 
     /// A new id for a record inserted without one (`ObjectId`: a fresh one);
     /// `None` for types the application must assign itself.
     fn generate() -> Option<Self>;
+
+    /// The id as it appears in cache scopes and keys. The default goes
+    /// through BSON ([`id_key`]); the built-in id types format directly.
+    fn to_key(&self) -> Option<String> {
+        id_key(self).ok()
+    }
 }
 
 impl ModelId for ObjectId {
     fn generate() -> Option<Self> {
         Some(ObjectId::new())
     }
+    fn to_key(&self) -> Option<String> {
+        Some(self.to_hex())
+    }
 }
 macro_rules! assigned_ids {
-    ($($t:ty),*) => { $(impl ModelId for $t { fn generate() -> Option<Self> { None } })* };
+    ($($t:ty),*) => { $(impl ModelId for $t {
+        fn generate() -> Option<Self> { None }
+        fn to_key(&self) -> Option<String> { Some(self.to_string()) }
+    })* };
 }
-assigned_ids!(String, i32, i64, u32, mongodb::bson::Uuid);
+assigned_ids!(String, i32, i64, u32);
+impl ModelId for mongodb::bson::Uuid {
+    fn generate() -> Option<Self> {
+        None
+    }
+}
 
 /// An index declared with `#[earnorm(index)]` or `#[earnorm(unique)]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +94,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// The record id as the string used in cache scopes.
     fn id_key(&self) -> Option<String> {
-        self.id().and_then(|id| id_key(id).ok())
+        self.id().and_then(ModelId::to_key)
     }
 
     /// Inserts the record (giving it an id if it has none and the id type can
@@ -112,7 +129,9 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
                 }
                 id
             };
-            let key = id_key(&id)?;
+            let key = id
+                .to_key()
+                .ok_or_else(|| Error::Id(format!("{}: the id has no key form", Self::COLLECTION)))?;
             env.cache().invalidate(&[Scope::Record(Self::COLLECTION, &key)]).await;
             Ok(())
         }

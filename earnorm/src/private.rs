@@ -7,7 +7,8 @@ use earnorm_cache::{CacheKey, CacheManager, KeyBuilder, Scope};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
-use crate::{Environment, Model};
+use crate::env::current_cache;
+use crate::Model;
 
 pub use core::future::Future;
 pub use core::option::Option;
@@ -54,10 +55,6 @@ fn finish<A: Serialize + ?Sized>(builder: KeyBuilder, version: u32, args: &A) ->
             None
         }
     }
-}
-
-fn current_cache() -> Option<CacheManager> {
-    Environment::current().ok().map(|env| env.cache().clone())
 }
 
 /// Key of a record-scope method: the model, the record id, the method, the

@@ -1,0 +1,511 @@
+//! Side-by-side benchmarks of the cache, each comparison measured in one run
+//! on one Redis, printed as medians and ratios. Run all with
+//! `scripts/bench.sh` (or `cargo bench -p earnorm-bench` with the services up).
+//!
+//! Each figure is the median over rounds of the mean time per operation in
+//! that round; the contenders of a comparison alternate round by round, so
+//! drift on a shared machine hits them alike.
+
+use std::future::Future;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cached::stores::AsyncRedisCache;
+use cached::ConcurrentCachedAsync;
+use earnorm::bson::oid::ObjectId;
+use earnorm::prelude::*;
+use earnorm::{Environment, ModelId};
+use earnorm_cache::{CacheManager, PlainOutput, Scope};
+use serde::{Deserialize, Serialize};
+use support::{connect, fast_cache_config, test_config, RedisServer};
+
+/// The cached value: about 250 bytes in MessagePack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub id: u64,
+    pub name: String,
+    pub email: String,
+    pub bio: String,
+    pub tags: Vec<String>,
+    pub score: f64,
+    pub active: bool,
+}
+
+fn profile(id: u64) -> Profile {
+    Profile {
+        id,
+        name: "Ada Lovelace".into(),
+        email: "ada.lovelace@example.com".into(),
+        bio: "Mathematician and writer, chiefly known for her work on the Analytical Engine; first to publish an algorithm for it.".into(),
+        tags: vec!["math".into(), "computing".into(), "poetry".into()],
+        score: 98.5,
+        active: true,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "bench_users")]
+pub struct User {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub n: i64,
+}
+
+impl User {
+    /// Record scope: a hit costs key building (record + arguments) and one MGET.
+    #[cached(ttl = 600)]
+    pub async fn profile(&self) -> earnorm::Result<Profile> {
+        Ok(profile(u64::try_from(self.n).unwrap_or(0)))
+    }
+
+    /// Model scope, wrapping a database read.
+    #[cached(ttl = 600)]
+    pub async fn by_id_cached(id: ObjectId) -> earnorm::Result<Option<User>> {
+        User::find_by_id(id).await
+    }
+}
+
+/// Median over `rounds` of the mean time of `per_round` calls, for each
+/// contender, alternating contenders round by round.
+async fn compare<const N: usize>(
+    rounds: usize,
+    per_round: usize,
+    mut contenders: [&mut dyn Contender; N],
+) -> [Duration; N] {
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); N];
+    for c in &mut contenders {
+        for _ in 0..per_round {
+            c.call().await; // warm up
+        }
+    }
+    for _ in 0..rounds {
+        for (i, c) in contenders.iter_mut().enumerate() {
+            let start = Instant::now();
+            for _ in 0..per_round {
+                c.call().await;
+            }
+            samples[i].push(start.elapsed() / u32::try_from(per_round).unwrap_or(1));
+        }
+    }
+    let mut out = [Duration::ZERO; N];
+    for (i, mut s) in samples.into_iter().enumerate() {
+        s.sort_unstable();
+        out[i] = s[s.len() / 2];
+    }
+    out
+}
+
+/// Something to time, one call at a time.
+trait Contender {
+    fn call(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + '_>>;
+}
+
+struct Closure<F>(F);
+impl<F, Fut> Contender for Closure<F>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + 'static,
+{
+    fn call(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + '_>> {
+        Box::pin((self.0)())
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} us", d.as_secs_f64() * 1e6)
+}
+
+fn ratio(a: Duration, b: Duration) -> String {
+    format!("{:.3}x", a.as_secs_f64() / b.as_secs_f64())
+}
+
+fn row(name: &str, value: &str, note: &str) {
+    println!("| {name} | {value} | {note} |");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (rounds, per_round) = if quick { (5, 200) } else { (41, 1000) };
+    let redis = RedisServer::start();
+    let mut config = test_config("bench");
+    config.redis_uri = Some(redis.url());
+    config.cache_config = earnorm::CacheConfig {
+        operation_timeout: Duration::from_secs(2),
+        ..fast_cache_config(&config.database)
+    };
+    let env = connect(config).await;
+    let cache = env.cache().clone();
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut raw = client.get_multiplexed_async_connection().await.expect("connect");
+
+    let value = profile(1);
+    let payload = rmp_serde::to_vec_named(&value).expect("encode");
+    println!("# EarnORM cache benchmarks\n");
+    println!(
+        "value: {} bytes of MessagePack; Redis {} on loopback; rounds {rounds} x {per_round}\n",
+        payload.len(),
+        redis_version(&redis)
+    );
+    println!("| benchmark | median | notes |\n|---|---|---|");
+
+    // 1. Sequential hit: bare GET + decode vs CacheManager vs #[cached].
+    redis::cmd("SET")
+        .arg("bench:raw")
+        .arg(&payload)
+        .query_async::<()>(&mut raw)
+        .await
+        .expect("set");
+    let key = cache
+        .key("bench", "profile")
+        .scope(Scope::Record("bench", "1"))
+        .build()
+        .expect("key");
+    let _: Profile = cache
+        .get_or_compute::<_, PlainOutput, _>(&key, None, async { profile(1) })
+        .await;
+    let mut user = User { id: None, n: 1 };
+    user.save_in(&env).await.expect("save");
+    env.scope(user.profile()).await.expect("warm");
+
+    if std::env::args().any(|a| a == "--micro") {
+        let n = 200_000u32;
+        let start = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(
+                env.scope(async { earnorm::__private::record_key::<User, _>(&user, "profile", 0, &[], &()) })
+                    .await,
+            );
+        }
+        println!("record_key: {:?}/op", start.elapsed() / n);
+        let start = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(
+                cache
+                    .key("bench", "profile")
+                    .scope(Scope::Record("bench", "1"))
+                    .build()
+                    .expect("key"),
+            );
+        }
+        println!("key build: {:?}/op", start.elapsed() / n);
+        let keys: Vec<String> = std::iter::once(key.as_str().to_owned())
+            .chain(key.generations().iter().cloned())
+            .collect();
+        let mut c4 = raw.clone();
+        let start = Instant::now();
+        for _ in 0..20_000u32 {
+            let v: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&keys).query_async(&mut c4).await.expect("mget");
+            std::hint::black_box(v);
+        }
+        println!("raw MGET 4 keys: {:?}/op", start.elapsed() / 20_000);
+        for n in [1usize, 2, 3] {
+            let start = Instant::now();
+            for _ in 0..20_000u32 {
+                let v: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                    .arg(&keys[..=n])
+                    .query_async(&mut c4)
+                    .await
+                    .expect("mget");
+                std::hint::black_box(v);
+            }
+            println!("raw MGET {} keys: {:?}/op", n + 1, start.elapsed() / 20_000);
+        }
+        let start = Instant::now();
+        for _ in 0..20_000u32 {
+            let v: Option<Vec<u8>> = redis::cmd("GET").arg(&keys[0]).query_async(&mut c4).await.expect("get");
+            std::hint::black_box(v);
+        }
+        println!("raw GET: {:?}/op", start.elapsed() / 20_000);
+        let start = Instant::now();
+        for _ in 0..20_000u32 {
+            let v: Option<Vec<u8>> = tokio::time::timeout(
+                Duration::from_secs(1),
+                redis::cmd("GET").arg(&keys[0]).query_async(&mut c4),
+            )
+            .await
+            .expect("t")
+            .expect("get");
+            std::hint::black_box(v);
+        }
+        println!("raw GET with timeout: {:?}/op", start.elapsed() / 20_000);
+        return;
+    }
+
+    if std::env::args().any(|a| a == "--profile-hit") {
+        // For `perf record`: only the #[cached] hit path, sequentially, for 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            std::hint::black_box(env.scope(user.profile()).await.expect("hit"));
+        }
+        return;
+    }
+
+    // The `cached` crate's Redis store on the same value and server.
+    let peer: AsyncRedisCache<String, Profile> = AsyncRedisCache::builder("bench-peer")
+        .connection_string(&redis.url())
+        .ttl(Duration::from_secs(600))
+        .build()
+        .await
+        .expect("cached store");
+    peer.async_cache_set("k".to_owned(), value.clone()).await.expect("set");
+    let peer = Arc::new(peer);
+
+    let [bare, manager, macro_hit, peer_time] = {
+        let raw = raw.clone();
+        let mut bare = Closure(move || {
+            let mut conn = raw.clone();
+            async move {
+                let bytes: Vec<u8> = redis::cmd("GET")
+                    .arg("bench:raw")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("get");
+                let p: Profile = rmp_serde::from_slice(&bytes).expect("decode");
+                std::hint::black_box(p);
+            }
+        });
+        let (c, k) = (cache.clone(), key.clone());
+        let mut manager = Closure(move || {
+            let (c, k) = (c.clone(), k.clone());
+            async move {
+                let p: Profile = c
+                    .get_or_compute::<_, PlainOutput, _>(&k, None, async { unreachable!("a hit") })
+                    .await;
+                std::hint::black_box(p);
+            }
+        });
+        // As an application calls it: the default environment from `init`.
+        env.set_default();
+        let u = Arc::new(user.clone());
+        let mut macro_hit = Closure(move || {
+            let u = Arc::clone(&u);
+            async move {
+                let p = u.profile().await.expect("hit");
+                std::hint::black_box(p);
+            }
+        });
+        let p = Arc::clone(&peer);
+        let mut theirs = Closure(move || {
+            let p = Arc::clone(&p);
+            async move {
+                let v = p.async_cache_get(&"k".to_owned()).await.expect("get").expect("hit");
+                std::hint::black_box(v);
+            }
+        });
+        compare(
+            rounds,
+            per_round,
+            [&mut bare, &mut manager, &mut macro_hit, &mut theirs],
+        )
+        .await
+    };
+    row(
+        "1a. bare `redis` GET + decode",
+        &us(bare),
+        "the wire: one round trip and one decode",
+    );
+    row(
+        "1b. `CacheManager::get_or_compute` hit",
+        &us(manager),
+        &format!("{} of bare (one MGET of value + generations)", ratio(manager, bare)),
+    );
+    row(
+        "1c. `#[cached]` hit (record method)",
+        &us(macro_hit),
+        &format!("{} of bare (bar: <= 1.10x)", ratio(macro_hit, bare)),
+    );
+    row(
+        "2. `cached` crate `AsyncRedisCache` hit",
+        &us(peer_time),
+        &format!(
+            "peer; `#[cached]` is {} of it (bar: <= 1.00x)",
+            ratio(macro_hit, peer_time)
+        ),
+    );
+
+    // 3. 64 concurrent tasks on hits vs redis-benchmark -c 50.
+    let seconds = if quick { 1 } else { 3 };
+    let ours_rps = concurrent_hits(&env, &user, 64, Duration::from_secs(seconds)).await;
+    let theirs_rps = redis_benchmark(&redis, if quick { 50_000 } else { 200_000 });
+    row(
+        "3a. `redis-benchmark -c 50 -t get -d 256`",
+        &format!("{theirs_rps:.0} req/s"),
+        "unpipelined, 50 connections",
+    );
+    row(
+        "3b. `#[cached]` hits, 64 tasks, one connection",
+        &format!("{ours_rps:.0} calls/s"),
+        &format!("{:.2}x redis-benchmark (bar: >= 1.00x)", ours_rps / theirs_rps),
+    );
+
+    // 4. A miss (compute + store) vs the body alone.
+    let counter = Arc::new(AtomicU64::new(0));
+    let (miss, body) = {
+        let (c, n) = (cache.clone(), Arc::clone(&counter));
+        let mut miss = Closure(move || {
+            let (c, n) = (c.clone(), Arc::clone(&n));
+            async move {
+                let i = n.fetch_add(1, Ordering::Relaxed);
+                let k = c
+                    .key("bench", "miss")
+                    .scope(Scope::Record("bench", "m"))
+                    .arg(&i)
+                    .and_then(earnorm_cache::KeyBuilder::build)
+                    .expect("key");
+                std::hint::black_box(
+                    c.get_or_compute::<_, PlainOutput, _>(&k, None, async move { profile(i) })
+                        .await,
+                );
+            }
+        });
+        let mut body = Closure(|| async {
+            std::hint::black_box(profile(7));
+        });
+        let [a, b] = compare(rounds, per_round / 4, [&mut miss, &mut body]).await;
+        (a, b)
+    };
+    row(
+        "4a. miss: lookup + compute + compare-and-set store",
+        &us(miss),
+        "two round trips (MGET, EVALSHA)",
+    );
+    row("4b. the body alone", &us(body), "");
+
+    // 5. Invalidation cost with 1k, 100k and 1M unrelated keys.
+    let big = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let big_cache = CacheManager::connect(
+        Some(&big.url()),
+        earnorm::CacheConfig {
+            prefix: "inv:".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let mut previous = 0u64;
+    let mut costs = Vec::new();
+    for keys in [1_000u64, 100_000, 1_000_000] {
+        big.cli(&[
+            "DEBUG",
+            "POPULATE",
+            &(keys - previous).to_string(),
+            &format!("other{previous}:"),
+        ]);
+        previous = keys;
+        let c = big_cache.clone();
+        let mut inv = Closure(move || {
+            let c = c.clone();
+            async move { c.invalidate(&[Scope::Record("users", "42")]).await }
+        });
+        let [t] = compare(rounds, per_round / 4, [&mut inv]).await;
+        costs.push(t);
+        row(
+            &format!("5. invalidate one record, {keys} other keys"),
+            &us(t),
+            &format!("dbsize {}", big.cli(&["DBSIZE"])),
+        );
+    }
+    row(
+        "5. 1M vs 1k",
+        &ratio(costs[2], costs[0]),
+        "flat: no scanning (bar: ~1.0x)",
+    );
+
+    // 6. find_by_id uncached vs cached.
+    let id = user.id.expect("id");
+    let (db, hit) = {
+        let e = env.clone();
+        let mut db = Closure(move || {
+            let e = e.clone();
+            async move {
+                std::hint::black_box(User::find_by_id_in(&e, id).await.expect("find"));
+            }
+        });
+        let e = env.clone();
+        let mut hit = Closure(move || {
+            let e = e.clone();
+            async move {
+                std::hint::black_box(e.scope(User::by_id_cached(id)).await.expect("find"));
+            }
+        });
+        let [a, b] = compare(rounds, per_round / 4, [&mut db, &mut hit]).await;
+        (a, b)
+    };
+    row("6a. `find_by_id` (MongoDB)", &us(db), "");
+    row(
+        "6b. `find_by_id` through `#[cached]`",
+        &us(hit),
+        &format!("{} of uncached", ratio(hit, db)),
+    );
+    let stats = cache.stats();
+    println!(
+        "\ncache stats: hits {} misses {} sets {} errors {} fallbacks {}",
+        stats.hits, stats.misses, stats.sets, stats.errors, stats.fallbacks
+    );
+    let _ = env.database().drop().await;
+    let _ = <ObjectId as ModelId>::generate();
+}
+
+/// Calls per second of `tasks` tasks hitting `#[cached]` for `length`.
+async fn concurrent_hits(env: &Environment, user: &User, tasks: usize, length: Duration) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + length;
+    let mut handles = Vec::new();
+    let start = Instant::now();
+    for _ in 0..tasks {
+        let (env, user, done) = (env.clone(), user.clone(), Arc::clone(&done));
+        handles.push(tokio::spawn(async move {
+            env.scope(async {
+                while Instant::now() < deadline {
+                    std::hint::black_box(user.profile().await.expect("hit"));
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .await;
+        }));
+    }
+    for h in handles {
+        h.await.expect("task");
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let n = done.load(Ordering::Relaxed) as f64;
+    n / start.elapsed().as_secs_f64()
+}
+
+/// `redis-benchmark -c 50 -t get -d 256` requests per second on `redis`.
+fn redis_benchmark(redis: &RedisServer, requests: u64) -> f64 {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "-c",
+            "50",
+            "-t",
+            "get",
+            "-d",
+            "256",
+            "-n",
+            &requests.to_string(),
+            "-q",
+        ])
+        .output()
+        .expect("run redis-benchmark (Debian: redis-tools)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "GET: 108225.10 requests per second, p50=0.239 msec"
+    text.rsplit("GET:")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn redis_version(redis: &RedisServer) -> String {
+    redis
+        .cli(&["INFO", "server"])
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:").map(str::to_owned))
+        .unwrap_or_default()
+}
