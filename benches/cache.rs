@@ -67,34 +67,54 @@ impl User {
     }
 }
 
-/// Median over `rounds` of the mean time of `per_round` calls, for each
-/// contender, alternating contenders round by round.
+/// The per-round mean times of each contender of one comparison.
+struct Samples<const N: usize>([Vec<Duration>; N]);
+
+impl<const N: usize> Samples<N> {
+    /// Median of contender `i`'s per-round means.
+    fn median(&self, i: usize) -> Duration {
+        let mut s = self.0[i].clone();
+        s.sort_unstable();
+        s[s.len() / 2]
+    }
+
+    /// Median over rounds of `a`'s time divided by `b`'s in the same round:
+    /// drift between rounds cancels out.
+    fn ratio(&self, a: usize, b: usize) -> String {
+        let mut r: Vec<f64> = self.0[a]
+            .iter()
+            .zip(&self.0[b])
+            .map(|(x, y)| x.as_secs_f64() / y.as_secs_f64())
+            .collect();
+        r.sort_by(f64::total_cmp);
+        format!("{:.3}x", r[r.len() / 2])
+    }
+}
+
+/// Runs `rounds` rounds of `per_round` calls of each contender, rotating the
+/// order of the contenders from round to round, after a warm-up.
 async fn compare<const N: usize>(
     rounds: usize,
     per_round: usize,
     mut contenders: [&mut dyn Contender; N],
-) -> [Duration; N] {
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); N];
+) -> Samples<N> {
+    let mut samples: [Vec<Duration>; N] = std::array::from_fn(|_| Vec::with_capacity(rounds));
     for c in &mut contenders {
         for _ in 0..per_round {
-            c.call().await; // warm up
+            c.call().await;
         }
     }
-    for _ in 0..rounds {
-        for (i, c) in contenders.iter_mut().enumerate() {
+    for round in 0..rounds {
+        for k in 0..N {
+            let i = (round + k) % N;
             let start = Instant::now();
             for _ in 0..per_round {
-                c.call().await;
+                contenders[i].call().await;
             }
             samples[i].push(start.elapsed() / u32::try_from(per_round).unwrap_or(1));
         }
     }
-    let mut out = [Duration::ZERO; N];
-    for (i, mut s) in samples.into_iter().enumerate() {
-        s.sort_unstable();
-        out[i] = s[s.len() / 2];
-    }
-    out
+    Samples(samples)
 }
 
 /// Something to time, one call at a time.
@@ -117,15 +137,11 @@ fn us(d: Duration) -> String {
     format!("{:.1} us", d.as_secs_f64() * 1e6)
 }
 
-fn ratio(a: Duration, b: Duration) -> String {
-    format!("{:.3}x", a.as_secs_f64() / b.as_secs_f64())
-}
-
 fn row(name: &str, value: &str, note: &str) {
     println!("| {name} | {value} | {note} |");
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, per_round) = if quick { (5, 200) } else { (41, 1000) };
@@ -253,7 +269,7 @@ async fn main() {
     peer.async_cache_set("k".to_owned(), value.clone()).await.expect("set");
     let peer = Arc::new(peer);
 
-    let [bare, manager, macro_hit, peer_time] = {
+    let hits = {
         let raw = raw.clone();
         let mut bare = Closure(move || {
             let mut conn = raw.clone();
@@ -304,26 +320,23 @@ async fn main() {
     };
     row(
         "1a. bare `redis` GET + decode",
-        &us(bare),
+        &us(hits.median(0)),
         "the wire: one round trip and one decode",
     );
     row(
         "1b. `CacheManager::get_or_compute` hit",
-        &us(manager),
-        &format!("{} of bare (one MGET of value + generations)", ratio(manager, bare)),
+        &us(hits.median(1)),
+        &format!("{} of bare (one MGET of value + generations)", hits.ratio(1, 0)),
     );
     row(
         "1c. `#[cached]` hit (record method)",
-        &us(macro_hit),
-        &format!("{} of bare (bar: <= 1.10x)", ratio(macro_hit, bare)),
+        &us(hits.median(2)),
+        &format!("{} of bare (bar: <= 1.10x)", hits.ratio(2, 0)),
     );
     row(
         "2. `cached` crate `AsyncRedisCache` hit",
-        &us(peer_time),
-        &format!(
-            "peer; `#[cached]` is {} of it (bar: <= 1.00x)",
-            ratio(macro_hit, peer_time)
-        ),
+        &us(hits.median(3)),
+        &format!("peer; `#[cached]` is {} of it (bar: <= 1.00x)", hits.ratio(2, 3)),
     );
 
     // 3. 64 concurrent tasks on hits vs redis-benchmark -c 50.
@@ -343,7 +356,7 @@ async fn main() {
 
     // 4. A miss (compute + store) vs the body alone.
     let counter = Arc::new(AtomicU64::new(0));
-    let (miss, body) = {
+    let misses = {
         let (c, n) = (cache.clone(), Arc::clone(&counter));
         let mut miss = Closure(move || {
             let (c, n) = (c.clone(), Arc::clone(&n));
@@ -364,59 +377,57 @@ async fn main() {
         let mut body = Closure(|| async {
             std::hint::black_box(profile(7));
         });
-        let [a, b] = compare(rounds, per_round / 4, [&mut miss, &mut body]).await;
-        (a, b)
+        compare(rounds, per_round / 4, [&mut miss, &mut body]).await
     };
     row(
         "4a. miss: lookup + compute + compare-and-set store",
-        &us(miss),
-        "two round trips (MGET, EVALSHA)",
+        &us(misses.median(0)),
+        "two round trips (MGET, EVALSHA; a cold scope adds SET NX)",
     );
-    row("4b. the body alone", &us(body), "");
+    row("4b. the body alone", &us(misses.median(1)), "");
 
-    // 5. Invalidation cost with 1k, 100k and 1M unrelated keys.
-    let big = RedisServer::start_with(&["--enable-debug-command", "local"]);
-    let big_cache = CacheManager::connect(
-        Some(&big.url()),
-        earnorm::CacheConfig {
+    // 5. Invalidation cost with 1k, 100k and 1M unrelated keys: one server
+    // (so all three see the same process), one database per size, measured
+    // round by round side by side.
+    let sizes = [1_000u64, 100_000, 1_000_000];
+    let server = RedisServer::start_with(&["--enable-debug-command", "local"]);
+    let mut managers = Vec::new();
+    for (db, keys) in sizes.iter().enumerate() {
+        server.cli(&["-n", &db.to_string(), "DEBUG", "POPULATE", &keys.to_string(), "other:"]);
+        let url = format!("redis://127.0.0.1:{}/{db}", server.port());
+        let config = earnorm::CacheConfig {
             prefix: "inv:".into(),
             ..Default::default()
-        },
-    )
-    .await
-    .expect("connect");
-    let mut previous = 0u64;
-    let mut costs = Vec::new();
-    for keys in [1_000u64, 100_000, 1_000_000] {
-        big.cli(&[
-            "DEBUG",
-            "POPULATE",
-            &(keys - previous).to_string(),
-            &format!("other{previous}:"),
-        ]);
-        previous = keys;
-        let c = big_cache.clone();
-        let mut inv = Closure(move || {
+        };
+        managers.push(CacheManager::connect(Some(&url), config).await.expect("connect"));
+    }
+    // Let the server finish growing its hash tables.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let invalidate = |c: CacheManager| {
+        Closure(move || {
             let c = c.clone();
             async move { c.invalidate(&[Scope::Record("users", "42")]).await }
-        });
-        let [t] = compare(rounds, per_round / 4, [&mut inv]).await;
-        costs.push(t);
+        })
+    };
+    let (mut a, mut b, mut c) = (
+        invalidate(managers[0].clone()),
+        invalidate(managers[1].clone()),
+        invalidate(managers[2].clone()),
+    );
+    let inv = compare(rounds, per_round / 4, [&mut a, &mut b, &mut c]).await;
+    for (i, keys) in sizes.iter().enumerate() {
+        let size = server.cli(&["-n", &i.to_string(), "DBSIZE"]);
         row(
             &format!("5. invalidate one record, {keys} other keys"),
-            &us(t),
-            &format!("dbsize {}", big.cli(&["DBSIZE"])),
+            &us(inv.median(i)),
+            &format!("dbsize {size}"),
         );
     }
-    row(
-        "5. 1M vs 1k",
-        &ratio(costs[2], costs[0]),
-        "flat: no scanning (bar: ~1.0x)",
-    );
+    row("5. 1M vs 1k", &inv.ratio(2, 0), "flat: no scanning (bar: ~1.0x)");
 
     // 6. find_by_id uncached vs cached.
     let id = user.id.expect("id");
-    let (db, hit) = {
+    let finds = {
         let e = env.clone();
         let mut db = Closure(move || {
             let e = e.clone();
@@ -431,14 +442,13 @@ async fn main() {
                 std::hint::black_box(e.scope(User::by_id_cached(id)).await.expect("find"));
             }
         });
-        let [a, b] = compare(rounds, per_round / 4, [&mut db, &mut hit]).await;
-        (a, b)
+        compare(rounds, per_round / 4, [&mut db, &mut hit]).await
     };
-    row("6a. `find_by_id` (MongoDB)", &us(db), "");
+    row("6a. `find_by_id` (MongoDB)", &us(finds.median(0)), "");
     row(
         "6b. `find_by_id` through `#[cached]`",
-        &us(hit),
-        &format!("{} of uncached", ratio(hit, db)),
+        &us(finds.median(1)),
+        &format!("{} of uncached", finds.ratio(1, 0)),
     );
     let stats = cache.stats();
     println!(

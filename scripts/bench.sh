@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The benchmarks: brings up MongoDB and Redis if needed (scripts/services.sh),
+# then runs every side-by-side comparison in benches/cache.rs and prints a
+# Markdown table (the one in BENCHMARKS.md). `scripts/bench.sh --quick` for a
+# short smoke run. The benchmarks start their own redis-server processes; they
+# need redis-server and redis-benchmark (Debian: redis-server, redis-tools).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/services.sh up
+export MONGODB_URI="${MONGODB_URI:-mongodb://127.0.0.1:27017}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
+cargo bench --quiet -p earnorm-bench -- "$@"
