@@ -409,3 +409,77 @@ async fn a_dead_or_frozen_redis_costs_a_bounded_delay_never_a_wrong_answer() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_transaction_applies_and_invalidates_at_commit_and_abort_discards() {
+    let env = test_env("tx").await;
+    env.scope(async {
+        let mut a = Account::new(&unique_name("tx-a"), 1);
+        let mut b = Account::new(&unique_name("tx-b"), 2);
+        a.save().await.expect("save");
+        b.save().await.expect("save");
+        assert_eq!(a.stored_balance().await, Some(1));
+        assert_eq!(b.stored_balance().await, Some(2));
+
+        let mut tx = env.start_transaction().await.expect("transactions are supported");
+        a.balance = 10;
+        a.save_tx(&mut tx).await.expect("save in tx");
+        Account::update_many_tx(&mut tx, doc! { "name": &b.name }, doc! { "$set": { "balance": 20 } })
+            .await
+            .expect("update in tx");
+        let mut c = Account::new(&unique_name("tx-c"), 3);
+        c.save_tx(&mut tx).await.expect("insert in tx");
+        assert_eq!(
+            Account::find_one_tx(&mut tx, doc! { "name": &c.name })
+                .await
+                .expect("read in tx")
+                .map(|x| x.balance),
+            Some(3),
+            "the transaction sees its own writes"
+        );
+        assert_eq!(
+            Account::find_one(doc! { "name": &c.name }).await.expect("read"),
+            None,
+            "others do not, yet"
+        );
+        assert_eq!(
+            a.stored_balance().await,
+            Some(1),
+            "the cache still serves the committed state"
+        );
+        tx.commit().await.expect("commit");
+        assert_eq!(a.stored_balance().await, Some(10), "invalidated at commit");
+        assert_eq!(
+            b.stored_balance().await,
+            Some(20),
+            "the bulk write invalidated the model"
+        );
+        assert_eq!(
+            Account::find_one(doc! { "name": &c.name })
+                .await
+                .expect("read")
+                .map(|x| x.balance),
+            Some(3)
+        );
+
+        let committed = a.clone();
+        let mut tx = env.start_transaction().await.expect("transaction");
+        a.balance = 99;
+        a.save_tx(&mut tx).await.expect("save in tx");
+        a.delete_tx(&mut tx).await.expect("delete in tx");
+        let before = runs(&format!("{}/stored", a.name));
+        tx.abort().await.expect("abort");
+        assert_eq!(committed.stored_balance().await, Some(10), "nothing applied");
+        assert_eq!(
+            runs(&format!("{}/stored", a.name)),
+            before,
+            "nothing invalidated: still a hit"
+        );
+        assert_eq!(
+            a.stored_balance().await,
+            Some(10),
+            "the aborted in-memory change reads the stored state"
+        );
+    })
+    .await;
+}

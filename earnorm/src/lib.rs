@@ -6,6 +6,7 @@ mod config;
 mod env;
 mod error;
 mod model;
+mod transaction;
 pub mod validate;
 
 #[doc(hidden)]
@@ -23,6 +24,7 @@ pub use model::{id_key, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;
 pub use mongodb::options::FindOptions;
+pub use transaction::Transaction;
 
 /// Invalidates every value cached with `#[cached(tags("..."))]` naming `tag`,
 /// in the current environment.

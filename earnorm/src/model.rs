@@ -4,13 +4,13 @@
 use std::fmt::Debug;
 use std::future::Future;
 
-use earnorm_cache::Scope;
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::options::{FindOptions, IndexOptions};
-use mongodb::{Collection, IndexModel};
+use mongodb::{ClientSession, Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::transaction::{invalidate, Touched, Transaction};
 use crate::{Environment, Error, Result, ValidationErrors};
 
 /// An id type a model can use.
@@ -106,33 +106,17 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`save`](Self::save) in `env`.
     fn save_in<'a>(&'a mut self, env: &'a Environment) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
-            self.validate()?;
-            let coll = Self::collection_in(env);
-            let id = if let Some(id) = self.id() {
-                let id = id.clone();
-                coll.replace_one(doc! { "_id": to_bson(&id)? }, &*self)
-                    .upsert(true)
-                    .await
-                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
-                id
-            } else {
-                let id = <Self::Id as ModelId>::generate().ok_or_else(|| {
-                    Error::Id(format!(
-                        "{}: this id type is not generated; set the id before saving",
-                        Self::COLLECTION
-                    ))
-                })?;
-                self.set_id(Some(id.clone()));
-                if let Err(err) = coll.insert_one(&*self).await {
-                    self.set_id(None);
-                    return Err(Error::from_mongo(Self::COLLECTION, err));
-                }
-                id
-            };
-            let key = id
-                .to_key()
-                .ok_or_else(|| Error::Id(format!("{}: the id has no key form", Self::COLLECTION)))?;
-            env.cache().invalidate(&[Scope::Record(Self::COLLECTION, &key)]).await;
+            let touched = save_core(self, env, None).await?;
+            invalidate(env, &[touched]).await;
+            Ok(())
+        }
+    }
+
+    /// [`save`](Self::save) inside a transaction: applied and invalidated at commit.
+    fn save_tx<'a>(&'a mut self, tx: &'a mut Transaction) -> impl Future<Output = Result<()>> + Send + 'a {
+        async move {
+            let (env, session, touched) = tx.parts();
+            touched.push(save_core(self, env, Some(session)).await?);
             Ok(())
         }
     }
@@ -145,17 +129,19 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`delete`](Self::delete) in `env`.
     fn delete_in<'a>(&'a self, env: &'a Environment) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
-            let id = self
-                .id()
-                .ok_or_else(|| Error::Id(format!("{}: cannot delete a record without an id", Self::COLLECTION)))?;
-            let result = Self::collection_in(env)
-                .delete_one(doc! { "_id": to_bson(id)? })
-                .await
-                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
-            env.cache()
-                .invalidate(&[Scope::Record(Self::COLLECTION, &id_key(id)?)])
-                .await;
-            Ok(result.deleted_count > 0)
+            let (deleted, touched) = delete_core(self, env, None).await?;
+            invalidate(env, &[touched]).await;
+            Ok(deleted)
+        }
+    }
+
+    /// [`delete`](Self::delete) inside a transaction.
+    fn delete_tx<'a>(&'a self, tx: &'a mut Transaction) -> impl Future<Output = Result<bool>> + Send + 'a {
+        async move {
+            let (env, session, touched) = tx.parts();
+            let (deleted, scope) = delete_core(self, env, Some(session)).await?;
+            touched.push(scope);
+            Ok(deleted)
         }
     }
 
@@ -194,7 +180,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             }
             let result = Self::collection_in(env).insert_many(records.iter()).await;
             // Part of a failed batch may have been written: invalidate either way.
-            env.cache().invalidate(&[Scope::Model(Self::COLLECTION)]).await;
+            invalidate(env, &[Touched::Model(Self::COLLECTION)]).await;
             result.map(|_| ()).map_err(|e| Error::from_mongo(Self::COLLECTION, e))
         }
     }
@@ -283,10 +269,23 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         update: Document,
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
-            let result = Self::collection_in(env).update_many(filter, update).await;
-            let result = result.map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
-            env.cache().invalidate(&[Scope::Model(Self::COLLECTION)]).await;
-            Ok(result.modified_count)
+            let modified = update_many_core::<Self>(env, None, filter, update).await?;
+            invalidate(env, &[Touched::Model(Self::COLLECTION)]).await;
+            Ok(modified)
+        }
+    }
+
+    /// [`update_many`](Self::update_many) inside a transaction.
+    fn update_many_tx(
+        tx: &mut Transaction,
+        filter: Document,
+        update: Document,
+    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+        async move {
+            let (env, session, touched) = tx.parts();
+            let modified = update_many_core::<Self>(env, Some(session), filter, update).await?;
+            touched.push(Touched::Model(Self::COLLECTION));
+            Ok(modified)
         }
     }
 
@@ -299,10 +298,31 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`delete_many`](Self::delete_many) in `env`.
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
-            let result = Self::collection_in(env).delete_many(filter).await;
-            let result = result.map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
-            env.cache().invalidate(&[Scope::Model(Self::COLLECTION)]).await;
-            Ok(result.deleted_count)
+            let deleted = delete_many_core::<Self>(env, None, filter).await?;
+            invalidate(env, &[Touched::Model(Self::COLLECTION)]).await;
+            Ok(deleted)
+        }
+    }
+
+    /// [`delete_many`](Self::delete_many) inside a transaction.
+    fn delete_many_tx(tx: &mut Transaction, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
+        async move {
+            let (env, session, touched) = tx.parts();
+            let deleted = delete_many_core::<Self>(env, Some(session), filter).await?;
+            touched.push(Touched::Model(Self::COLLECTION));
+            Ok(deleted)
+        }
+    }
+
+    /// The first record matching `filter`, as the transaction sees it.
+    fn find_one_tx(tx: &mut Transaction, filter: Document) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
+        async move {
+            let (env, session, _) = tx.parts();
+            Self::collection_in(env)
+                .find_one(filter)
+                .session(session)
+                .await
+                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
         }
     }
 
@@ -333,6 +353,103 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             Ok(())
         }
     }
+}
+
+/// Inserts or replaces `record`; returns the scope to invalidate.
+async fn save_core<M: Model>(
+    record: &mut M,
+    env: &Environment,
+    session: Option<&mut ClientSession>,
+) -> Result<Touched> {
+    record.validate()?;
+    let coll = M::collection_in(env);
+    let id = if let Some(id) = record.id() {
+        let id = id.clone();
+        let mut replace = coll.replace_one(doc! { "_id": to_bson(&id)? }, &*record).upsert(true);
+        if let Some(session) = session {
+            replace = replace.session(session);
+        }
+        replace.await.map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
+        id
+    } else {
+        let id = <M::Id as ModelId>::generate().ok_or_else(|| {
+            Error::Id(format!(
+                "{}: this id type is not generated; set the id before saving",
+                M::COLLECTION
+            ))
+        })?;
+        record.set_id(Some(id.clone()));
+        let mut insert = coll.insert_one(&*record);
+        if let Some(session) = session {
+            insert = insert.session(session);
+        }
+        if let Err(err) = insert.await {
+            record.set_id(None);
+            return Err(Error::from_mongo(M::COLLECTION, err));
+        }
+        id
+    };
+    Ok(Touched::Record(M::COLLECTION, record_key::<M>(&id)?))
+}
+
+/// Deletes `record`; returns whether it existed and the scope to invalidate.
+async fn delete_core<M: Model>(
+    record: &M,
+    env: &Environment,
+    session: Option<&mut ClientSession>,
+) -> Result<(bool, Touched)> {
+    let id = record
+        .id()
+        .ok_or_else(|| Error::Id(format!("{}: cannot delete a record without an id", M::COLLECTION)))?;
+    let coll = M::collection_in(env);
+    let mut delete = coll.delete_one(doc! { "_id": to_bson(id)? });
+    if let Some(session) = session {
+        delete = delete.session(session);
+    }
+    let result = delete.await.map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
+    Ok((
+        result.deleted_count > 0,
+        Touched::Record(M::COLLECTION, record_key::<M>(id)?),
+    ))
+}
+
+async fn update_many_core<M: Model>(
+    env: &Environment,
+    session: Option<&mut ClientSession>,
+    filter: Document,
+    update: Document,
+) -> Result<u64> {
+    let coll = M::collection_in(env);
+    let mut action = coll.update_many(filter, update);
+    if let Some(session) = session {
+        action = action.session(session);
+    }
+    Ok(action
+        .await
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))?
+        .modified_count)
+}
+
+async fn delete_many_core<M: Model>(
+    env: &Environment,
+    session: Option<&mut ClientSession>,
+    filter: Document,
+) -> Result<u64> {
+    let coll = M::collection_in(env);
+    let mut action = coll.delete_many(filter);
+    if let Some(session) = session {
+        action = action.session(session);
+    }
+    Ok(action
+        .await
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))?
+        .deleted_count)
+}
+
+/// The cache-scope form of an id.
+fn record_key<M: Model>(id: &M::Id) -> Result<String> {
+    id.to_key()
+        .ok_or_else(|| Error::Id(format!("{}: the id has no key form", M::COLLECTION)))
 }
 
 /// BSON of a value, for filters.

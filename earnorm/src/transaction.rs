@@ -1,0 +1,110 @@
+//! Transactions: several writes that commit together, invalidating the cache
+//! only once they have committed.
+
+use std::fmt;
+
+use earnorm_cache::Scope;
+use mongodb::ClientSession;
+
+use crate::{Environment, Error, Result};
+
+/// A cache scope a write touched, remembered until the transaction commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Touched {
+    Record(&'static str, String),
+    Model(&'static str),
+}
+
+/// A MongoDB transaction (the server must support them: a replica set or a
+/// sharded cluster). Writes made with the models' `*_tx` methods are applied
+/// on [`commit`](Self::commit), which then invalidates what they made stale;
+/// [`abort`](Self::abort), or dropping the transaction, discards them and
+/// invalidates nothing.
+///
+/// ```no_run
+/// # use earnorm::{Environment, Model};
+/// # async fn demo<M: Model>(env: &Environment, a: &mut M, b: &mut M) -> earnorm::Result<()> {
+/// let mut tx = env.start_transaction().await?;
+/// a.save_tx(&mut tx).await?;
+/// b.save_tx(&mut tx).await?;
+/// tx.commit().await?; // both writes, then the cache invalidations
+/// # Ok(()) }
+/// ```
+pub struct Transaction {
+    env: Environment,
+    session: ClientSession,
+    touched: Vec<Touched>,
+}
+
+impl fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transaction")
+            .field("touched", &self.touched)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Environment {
+    /// Starts a transaction.
+    ///
+    /// # Errors
+    /// When the server does not support transactions or cannot be reached.
+    pub async fn start_transaction(&self) -> Result<Transaction> {
+        let mut session = self.client().start_session().await.map_err(Error::Mongo)?;
+        session.start_transaction().await.map_err(Error::Mongo)?;
+        Ok(Transaction {
+            env: self.clone(),
+            session,
+            touched: Vec::new(),
+        })
+    }
+}
+
+impl Transaction {
+    /// The environment the transaction runs in.
+    pub fn env(&self) -> &Environment {
+        &self.env
+    }
+
+    /// The driver session, for operations EarnORM does not wrap. Writes made
+    /// through it directly are not tracked for cache invalidation.
+    pub fn session(&mut self) -> &mut ClientSession {
+        &mut self.session
+    }
+
+    pub(crate) fn parts(&mut self) -> (&Environment, &mut ClientSession, &mut Vec<Touched>) {
+        (&self.env, &mut self.session, &mut self.touched)
+    }
+
+    /// Commits, then invalidates every scope the transaction's writes touched.
+    ///
+    /// # Errors
+    /// When the commit fails; nothing is invalidated then.
+    pub async fn commit(mut self) -> Result<()> {
+        self.session.commit_transaction().await.map_err(Error::Mongo)?;
+        invalidate(&self.env, &self.touched).await;
+        Ok(())
+    }
+
+    /// Aborts: no write is applied, nothing is invalidated.
+    ///
+    /// # Errors
+    /// When the server cannot be told.
+    pub async fn abort(mut self) -> Result<()> {
+        self.session.abort_transaction().await.map_err(Error::Mongo)
+    }
+}
+
+/// Invalidates `touched` in one call (one round trip).
+pub(crate) async fn invalidate(env: &Environment, touched: &[Touched]) {
+    let scopes: Vec<Scope<'_>> = touched
+        .iter()
+        .map(|t| match t {
+            Touched::Record(model, id) => Scope::Record(model, id),
+            Touched::Model(model) => Scope::Model(model),
+        })
+        .collect();
+    if !scopes.is_empty() {
+        env.cache().invalidate(&scopes).await;
+    }
+}
