@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use earnorm_cache::{CacheConfig, CacheManager, ConnectionStatus, PlainOutput};
-use support::{free_port, unique_name, RedisServer};
+use support::{unique_name, RedisServer};
 
 fn config() -> CacheConfig {
     CacheConfig {
@@ -61,7 +61,7 @@ async fn the_password_never_appears_in_logs_debug_or_errors() {
     call(&cache).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     redis.restart();
-    let wrong = format!("redis://:{SECRET}@127.0.0.1:{}/0", free_port());
+    let wrong = format!("redis://:{SECRET}@127.0.0.1:1/0");
     let down = CacheManager::connect(Some(&wrong), config()).await.expect("connect");
     let bad = CacheManager::connect(Some(&format!("redis://:{SECRET}@[nonsense")), CacheConfig::default()).await;
 

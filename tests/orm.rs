@@ -221,10 +221,8 @@ async fn without_an_environment_calls_fail_clearly() {
 #[tokio::test]
 async fn connecting_to_a_missing_mongodb_fails_with_a_connection_error() {
     let config = earnorm::Config {
-        mongo_uri: format!(
-            "mongodb://user:pa55word@127.0.0.1:{}/?directConnection=true",
-            support::free_port()
-        ),
+        // Port 1: nothing listens there.
+        mongo_uri: "mongodb://user:pa55word@127.0.0.1:1/?directConnection=true".to_owned(),
         connect_timeout: std::time::Duration::from_millis(500),
         redis_uri: None,
         ..Default::default()

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use support::{check_mongo, check_redis, free_port, RedisServer};
+use support::{check_mongo, check_redis, RedisServer};
 
 #[test]
 fn redis_server_kill_restart_freeze_thaw() {
@@ -42,7 +42,9 @@ fn dropping_the_helper_stops_the_server() {
 
 #[test]
 fn missing_services_are_named_with_instructions() {
-    let port = free_port();
+    // Port 1 is privileged and unused: nothing can be listening there, and no
+    // parallel test can take it.
+    let port = 1;
     let mongo = check_mongo(&format!("mongodb://127.0.0.1:{port}")).expect_err("nothing listens");
     assert!(
         mongo.contains("MongoDB is not reachable") && mongo.contains("scripts/services.sh up"),
