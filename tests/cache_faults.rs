@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use earnorm_cache::{CacheConfig, CacheManager, ConnectionStatus, PlainOutput, Scope};
+use earnorm_cache::{CacheConfig, CacheKey, CacheManager, ConnectionStatus, PlainOutput, Scope};
 use support::{free_port, unique_name, RedisServer};
 
 /// Fast reconnection settings for tests.
@@ -33,6 +33,13 @@ async fn call(cache: &CacheManager, name: &str, value: u64) -> (u64, bool, Durat
         })
         .await;
     (got, computed.load(Ordering::SeqCst) == 1, start.elapsed())
+}
+
+/// The value under `key`, or `v` computed and stored.
+async fn get_or(cache: &CacheManager, key: &CacheKey, v: u64) -> u64 {
+    cache
+        .get_or_compute::<_, PlainOutput, _>(key, None, async move { v })
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,17 +165,8 @@ async fn an_invalidation_sent_while_frozen_is_replayed_before_caching_resumes() 
         .scope(Scope::Record("users", "1"))
         .build()
         .expect("key");
-    let get = |v: u64| {
-        let cache = cache.clone();
-        let key = key.clone();
-        async move {
-            cache
-                .get_or_compute::<_, PlainOutput, _>(&key, None, async move { v })
-                .await
-        }
-    };
-    assert_eq!(get(1).await, 1);
-    assert_eq!(get(2).await, 1);
+    assert_eq!(get_or(&cache, &key, 1).await, 1);
+    assert_eq!(get_or(&cache, &key, 2).await, 1);
 
     redis.freeze();
     cache.invalidate(&[Scope::Record("users", "1")]).await;
@@ -181,7 +179,11 @@ async fn an_invalidation_sent_while_frozen_is_replayed_before_caching_resumes() 
             .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(5))
             .await
     );
-    assert_eq!(get(3).await, 3, "the value made stale during the outage is not served");
+    assert_eq!(
+        get_or(&cache, &key, 3).await,
+        3,
+        "the value made stale during the outage is not served"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,4 +262,41 @@ async fn a_thousand_concurrent_misses_compute_once() {
         assert_eq!(task.await.expect("task"), 42);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1, "one computation for 1000 callers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_restarts_from_an_old_snapshot_serves_nothing_stale() {
+    let mut redis = RedisServer::start();
+    let cache = CacheManager::connect(Some(&redis.url()), config(Duration::from_millis(500)))
+        .await
+        .expect("connect");
+    let key = cache
+        .key("users", "profile")
+        .scope(Scope::Record("users", "9"))
+        .build()
+        .expect("key");
+    assert_eq!(get_or(&cache, &key, 1).await, 1);
+    assert_eq!(
+        redis.cli(&["SAVE"]),
+        "OK",
+        "snapshot holding the value and its generations"
+    );
+    cache.invalidate(&[Scope::Record("users", "9")]).await; // acknowledged, not in the snapshot
+    assert_eq!(get_or(&cache, &key, 2).await, 2);
+
+    redis.kill();
+    assert!(cache.ping().await.is_err(), "the manager notices the crash");
+    assert_eq!(cache.status(), ConnectionStatus::Down);
+    redis.restart(); // reloads the old snapshot
+    assert_ne!(redis.cli(&["DBSIZE"]), "0", "the snapshot was reloaded");
+    assert!(
+        cache
+            .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(5))
+            .await
+    );
+    assert_eq!(
+        get_or(&cache, &key, 3).await,
+        3,
+        "the value from the old snapshot is not served"
+    );
 }

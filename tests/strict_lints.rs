@@ -67,6 +67,13 @@ pub async fn doubled(n: i64) -> i64 {
     n * 2
 }
 
+/// A free function with a `mut` argument.
+#[cached(ttl = 30, scope = "strict")]
+pub async fn incremented(mut n: i64) -> i64 {
+    n += 1;
+    n
+}
+
 #[test]
 fn strict_code_compiles_and_runs_without_a_cache() {
     let item = Item {
@@ -85,6 +92,7 @@ fn strict_code_compiles_and_runs_without_a_cache() {
     assert_eq!(rt.block_on(item.label("!")).expect("label"), "ok!");
     assert_eq!(rt.block_on(Item::total(3)), Some(3));
     assert_eq!(rt.block_on(doubled(4)), 8);
+    assert_eq!(rt.block_on(incremented(4)), 5);
     let boxed = Boxed {
         id: "b".into(),
         value: 5u8,

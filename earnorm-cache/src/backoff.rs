@@ -17,10 +17,16 @@ impl Backoff {
     pub(crate) fn delay(&self, attempt: u32, unit: f64) -> Duration {
         let factor = 2u32.saturating_pow(attempt.min(31));
         let nominal = self.base.saturating_mul(factor).min(self.max_delay);
-        let jitter = self.jitter.clamp(0.0, 1.0);
-        // Scale into [1 - jitter, 1 + jitter).
-        let scale = 1.0 - jitter + 2.0 * jitter * unit.clamp(0.0, 1.0);
-        nominal.mul_f64(scale)
+        // Scale into [1 - jitter, 1 + jitter); a jitter that is not a number
+        // counts as none, and a step too long to represent stays nominal.
+        let jitter = if self.jitter.is_finite() {
+            self.jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.5 };
+        let scale = 1.0 - jitter + 2.0 * jitter * unit;
+        Duration::try_from_secs_f64(nominal.as_secs_f64() * scale).unwrap_or(nominal)
     }
 }
 
@@ -62,5 +68,11 @@ mod tests {
         assert!(b.delay(0, 0.999) < Duration::from_millis(1200));
         let u = random_unit();
         assert!((0.0..1.0).contains(&u));
+        let wild = Backoff {
+            base: Duration::MAX,
+            max_delay: Duration::MAX,
+            jitter: f64::NAN,
+        };
+        assert_eq!(wild.delay(40, f64::NAN), Duration::MAX, "no panic on extreme settings");
     }
 }

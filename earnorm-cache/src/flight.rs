@@ -8,12 +8,16 @@
 //! takes the leader's value only when
 //! * the value was [`Stored`](Outcome::Stored) by the compare-and-set, which
 //!   proves no invalidation happened between the start of the computation and
-//!   the store, a moment after the follower joined; or
+//!   the store, and the follower began before the store was sent (a write
+//!   acknowledged before the follower began was invalidated before the store,
+//!   so the store would have failed); or
 //! * the value was merely [`Computed`](Outcome::Computed) (the cache was
 //!   unavailable), and the leader started after the follower began.
 //!
-//! Otherwise the follower waits for the flight to end and joins the next one,
-//! which starts after it: still one computation at a time per key.
+//! Otherwise the follower looks up again and joins the next flight, which
+//! starts after it. A result that is not cached at all (an `Err`, a `None`)
+//! is [`Uncacheable`](Outcome::Uncacheable): followers then compute their
+//! own at once rather than queue behind one another.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,13 +28,27 @@ use tokio::sync::watch;
 /// What a leader hands to its followers.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
-    /// A payload stored under unchanged generations: current for every follower.
-    Stored(Arc<[u8]>),
+    /// A payload stored under unchanged generations by a store sent at the
+    /// given instant: current for followers that began before it.
+    Stored(Arc<[u8]>, Instant),
     /// A payload computed without the cache's check: current only for
     /// followers that began before the leader.
     Computed(Arc<[u8]>),
     /// No shareable value: look up again (and perhaps lead).
     Retry,
+    /// The leader's result is not cached: compute without waiting again.
+    Uncacheable,
+}
+
+/// What a follower does after waiting.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// Use this payload.
+    Use(Arc<[u8]>),
+    /// Look up again.
+    Retry,
+    /// Compute directly.
+    Compute,
 }
 
 /// One flight: its outcome channel and when its leader started.
@@ -63,17 +81,18 @@ pub(crate) struct Follower {
 }
 
 impl Follower {
-    /// Waits for the leader and returns the payload if this caller, which
-    /// began at `began`, may use it; `None` means look up again.
-    pub(crate) async fn wait(mut self, began: Instant) -> Option<Arc<[u8]>> {
+    /// Waits for the leader; says whether this caller, which began at
+    /// `began`, may use its payload.
+    pub(crate) async fn wait(mut self, began: Instant) -> Next {
         let outcome = match self.rx.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().unwrap_or(Outcome::Retry),
             Err(_) => Outcome::Retry,
         };
         match outcome {
-            Outcome::Stored(payload) => Some(payload),
-            Outcome::Computed(payload) if self.leader_started >= began => Some(payload),
-            Outcome::Computed(_) | Outcome::Retry => None,
+            Outcome::Stored(payload, sent) if began < sent => Next::Use(payload),
+            Outcome::Computed(payload) if self.leader_started >= began => Next::Use(payload),
+            Outcome::Uncacheable => Next::Compute,
+            Outcome::Stored(..) | Outcome::Computed(_) | Outcome::Retry => Next::Retry,
         }
     }
 }
@@ -161,18 +180,34 @@ mod tests {
         Arc::from(&b"v"[..])
     }
 
+    fn lead(flights: &Flights) -> Leader<'_> {
+        match flights.join("k") {
+            Role::Leader(leader) => leader,
+            Role::Follower(_) => panic!("expected to lead"),
+        }
+    }
+
+    fn follow(flights: &Flights) -> Follower {
+        match flights.join("k") {
+            Role::Follower(follower) => follower,
+            Role::Leader(_) => panic!("expected to follow"),
+        }
+    }
+
     #[tokio::test]
-    async fn followers_get_a_stored_value() {
+    async fn a_stored_value_serves_followers_that_began_before_the_store() {
         let flights = Flights::default();
-        let Role::Leader(leader) = flights.join("k") else {
-            panic!("first caller leads")
-        };
+        let leader = lead(&flights);
         let began = Instant::now();
-        let Role::Follower(follower) = flights.join("k") else {
-            panic!("second caller follows")
-        };
-        leader.complete(Outcome::Stored(payload()));
-        assert_eq!(follower.wait(began).await.as_deref(), Some(&b"v"[..]));
+        let (early, late) = (follow(&flights), follow(&flights));
+        let sent = Instant::now();
+        let after_store = Instant::now();
+        leader.complete(Outcome::Stored(payload(), sent));
+        assert!(matches!(early.wait(began).await, Next::Use(v) if &*v == b"v"));
+        assert!(
+            matches!(late.wait(after_store).await, Next::Retry),
+            "began after the store was sent"
+        );
         assert_eq!(flights.len(), 0);
     }
 
@@ -180,42 +215,38 @@ mod tests {
     async fn an_unchecked_value_only_serves_followers_that_began_before_the_leader() {
         let flights = Flights::default();
         let early = Instant::now();
-        let Role::Leader(leader) = flights.join("k") else {
-            panic!("leads")
-        };
+        let leader = lead(&flights);
         let late = Instant::now();
-        let Role::Follower(a) = flights.join("k") else {
-            panic!("follows")
-        };
-        let Role::Follower(b) = flights.join("k") else {
-            panic!("follows")
-        };
+        let (a, b) = (follow(&flights), follow(&flights));
         leader.complete(Outcome::Computed(payload()));
         assert!(
-            a.wait(early).await.is_some(),
-            "began before the leader: the value is fresh enough"
+            matches!(a.wait(early).await, Next::Use(_)),
+            "began before the leader: fresh enough"
         );
         assert!(
-            b.wait(late).await.is_none(),
-            "began after the leader started: must not use its value"
+            matches!(b.wait(late).await, Next::Retry),
+            "began after the leader started"
         );
+    }
+
+    #[tokio::test]
+    async fn an_uncacheable_result_sends_followers_to_compute() {
+        let flights = Flights::default();
+        let leader = lead(&flights);
+        let follower = follow(&flights);
+        leader.complete(Outcome::Uncacheable);
+        assert!(matches!(follower.wait(Instant::now()).await, Next::Compute));
     }
 
     #[tokio::test]
     async fn a_dropped_leader_means_retry_and_clear_starts_new_flights() {
         let flights = Flights::default();
-        let Role::Leader(leader) = flights.join("k") else {
-            panic!("leads")
-        };
-        let Role::Follower(follower) = flights.join("k") else {
-            panic!("follows")
-        };
+        let leader = lead(&flights);
+        let follower = follow(&flights);
         flights.clear();
-        let Role::Leader(second) = flights.join("k") else {
-            panic!("after clear a new flight starts")
-        };
+        let second = lead(&flights);
         drop(leader);
-        assert!(follower.wait(Instant::now()).await.is_none());
+        assert!(matches!(follower.wait(Instant::now()).await, Next::Retry));
         // The old leader did not remove the new flight.
         assert_eq!(flights.len(), 1);
         drop(second);

@@ -23,7 +23,12 @@
 //!   be disconnected, holding invalidations for writes they made meanwhile;
 //!   every process retries at least every `max(health_check_interval,
 //!   max_retry_delay * (1 + jitter))`, so by the end of the quarantine (that
-//!   plus `connect_timeout`) each has reconnected and replayed them.
+//!   plus `connect_timeout`) each has reconnected and replayed them, provided
+//!   its replay itself is quick (each replay batch is bounded by
+//!   `operation_timeout`).
+//! * A Redis that restarted (a new `run_id`) may have reloaded old values and
+//!   old generations from a snapshot or an append-only file: before using
+//!   it, the manager replaces every generation under its prefix.
 //! * The supervisor stops when the last [`CacheManager`](crate::CacheManager)
 //!   handle is dropped.
 
@@ -64,6 +69,8 @@ pub(crate) struct Link {
     next_id: AtomicU64,
     /// Whether lookups may return values (false during a quarantine).
     serving: AtomicBool,
+    /// The `run_id` of the Redis last connected to, to notice restarts.
+    run_id: Mutex<Option<String>>,
     pub(crate) counters: Counters,
     pub(crate) pending: Mutex<Pending>,
 }
@@ -109,6 +116,7 @@ impl Link {
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             serving: AtomicBool::new(true),
+            run_id: Mutex::new(None),
             counters: Counters::default(),
             pending: Mutex::new(Pending::default()),
         }
@@ -151,11 +159,17 @@ impl Link {
     /// How long a manager serves no hits after reconnecting following an
     /// outage (see the module docs).
     pub(crate) fn quarantine(&self) -> Duration {
-        let longest_step = self
-            .config
-            .max_retry_delay
-            .mul_f64(1.0 + self.config.jitter.clamp(0.0, 1.0));
-        self.config.health_check_interval.max(longest_step) + self.config.connect_timeout
+        let jitter = if self.config.jitter.is_finite() {
+            self.config.jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let longest_step = Duration::try_from_secs_f64(self.config.max_retry_delay.as_secs_f64() * (1.0 + jitter))
+            .unwrap_or(Duration::MAX);
+        self.config
+            .health_check_interval
+            .max(longest_step)
+            .saturating_add(self.config.connect_timeout)
     }
 
     /// Whether a connection is live right now.
@@ -236,12 +250,13 @@ impl Link {
             .set_response_timeout(None);
         let attempt = async {
             let mut conn = client.get_multiplexed_async_connection_with_config(&settings).await?;
-            redis::cmd("PING").query_async::<()>(&mut conn).await?;
-            Ok::<_, RedisError>(conn)
+            let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await?;
+            Ok::<_, RedisError>((conn, run_id(&info)))
         };
-        let conn = tokio::time::timeout(limit, attempt)
+        let (conn, run_id) = tokio::time::timeout(limit, attempt)
             .await
             .map_err(|_| CacheError::Timeout(limit))??;
+        self.check_restart(&conn, run_id).await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         if after_outage {
             self.serving.store(false, Ordering::Release);
@@ -254,6 +269,22 @@ impl Link {
         } else {
             self.status.send_replace(ConnectionStatus::Connected);
             info!(url = %self.url, "connected to Redis; caching active");
+        }
+        Ok(())
+    }
+
+    /// When Redis restarted since we last saw it (a new `run_id`), it may have
+    /// reloaded old values and old generations from a snapshot or an append
+    /// log: replace every generation under the prefix before anyone reads.
+    async fn check_restart(&self, conn: &MultiplexedConnection, run_id: Option<String>) -> Result<(), CacheError> {
+        let previous = self.run_id.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let restarted = matches!((&previous, &run_id), (Some(before), Some(now)) if before != now);
+        if restarted {
+            let replaced = crate::invalidate::replace_all_generations(conn.clone(), &self.config).await?;
+            info!(url = %self.url, replaced, "Redis restarted: replaced every generation in case old values were reloaded");
+        }
+        if run_id.is_some() {
+            *self.run_id.lock().unwrap_or_else(PoisonError::into_inner) = run_id;
         }
         Ok(())
     }
@@ -307,6 +338,13 @@ impl Link {
     }
 }
 
+/// The `run_id` line of `INFO server`.
+fn run_id(info: &str) -> Option<String> {
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+}
+
 /// Whether an error means the connection itself is unusable.
 fn is_connection_error(err: &RedisError) -> bool {
     err.is_io_error() || err.is_connection_dropped() || err.is_timeout() || err.is_unrecoverable_error()
@@ -315,10 +353,11 @@ fn is_connection_error(err: &RedisError) -> bool {
 /// Waits out the quarantine after a reconnect, then serves hits again if the
 /// connection survived it.
 async fn end_quarantine(link: &Link) {
-    let deadline = tokio::time::Instant::now() + link.quarantine();
+    let quarantine = tokio::time::sleep(link.quarantine());
+    tokio::pin!(quarantine);
     loop {
         tokio::select! {
-            () = tokio::time::sleep_until(deadline) => break,
+            () = &mut quarantine => break,
             // A wake-up may be an old one: only a lost connection or a close
             // ends the quarantine early (without serving).
             () = link.wake.notified() => {

@@ -73,17 +73,70 @@ impl Pending {
 /// How long a generation token lives once written by an invalidation. Values
 /// stored later extend it to outlive them (see the store script).
 pub(crate) fn generation_ttl(config: &CacheConfig) -> Duration {
-    config.ttl.max(Duration::from_secs(60)) + Duration::from_secs(60)
+    config
+        .ttl
+        .max(Duration::from_secs(60))
+        .saturating_add(Duration::from_secs(60))
+}
+
+/// Longest expiry sent to Redis: ten years, far inside what `PX` accepts.
+const MAX_EXPIRY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// A duration as the milliseconds of a `PX` argument: at least 1, at most
+/// [`MAX_EXPIRY_MS`], whatever the configuration says.
+pub(crate) fn expiry_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS)
 }
 
 /// One pipeline that gives every key in `keys` a fresh token.
 pub(crate) fn generation_pipeline(config: &CacheConfig, keys: &[String]) -> redis::Pipeline {
-    let ttl_ms = u64::try_from(generation_ttl(config).as_millis()).unwrap_or(u64::MAX);
+    let ttl_ms = expiry_ms(generation_ttl(config));
     let mut pipe = redis::pipe();
     for key in keys {
         pipe.cmd("SET").arg(key).arg(new_token()).arg("PX").arg(ttl_ms).ignore();
     }
     pipe
+}
+
+/// Gives every generation under the prefix a fresh token, finding them with
+/// `SCAN` (each command bounded by the operation timeout). Used when Redis
+/// may have reloaded old data; its cost grows with the keyspace.
+pub(crate) async fn replace_all_generations(
+    mut conn: redis::aio::MultiplexedConnection,
+    config: &CacheConfig,
+) -> Result<u64, crate::CacheError> {
+    let pattern = format!("{}g:*", crate::escape_glob(&config.prefix));
+    let limit = config.operation_timeout;
+    fn bounded<T>(
+        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        limit: Duration,
+    ) -> Result<T, crate::CacheError> {
+        match result {
+            Ok(inner) => inner.map_err(crate::CacheError::Redis),
+            Err(_) => Err(crate::CacheError::Timeout(limit)),
+        }
+    }
+    let (mut cursor, mut replaced) = (0u64, 0u64);
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000);
+        let (next, keys): (u64, Vec<String>) =
+            bounded(tokio::time::timeout(limit, scan.query_async(&mut conn)).await, limit)?;
+        if !keys.is_empty() {
+            let pipe = generation_pipeline(config, &keys);
+            bounded(
+                tokio::time::timeout(limit, pipe.query_async::<()>(&mut conn)).await,
+                limit,
+            )?;
+            replaced += keys.len() as u64;
+        }
+        if next == 0 {
+            return Ok(replaced);
+        }
+        cursor = next;
+    }
 }
 
 impl Link {

@@ -10,9 +10,16 @@
 //! | `P g:q:MODEL`           | generation of a model's queries (any write)       |
 //! | `P g:t:TAG`             | generation of a free-form tag                     |
 //!
-//! `HASH` is a 128-bit XXH3 of the canonical MessagePack encoding of the
-//! arguments (and, for record methods, of the record itself), so keys are the
-//! same in every process and on every run.
+//! `HASH` is a 128-bit XXH3 of the MessagePack encoding of the arguments
+//! (and, for record methods, of the record itself), with fixed seeds: the same
+//! values give the same key in every process and on every run. One caveat:
+//! serde encodes a `HashMap` or `HashSet` in its (randomly seeded) iteration
+//! order, so such arguments can give different keys in different processes;
+//! that costs misses, never wrong values. Prefer `BTreeMap`/`BTreeSet` in
+//! cached arguments and records.
+//!
+//! `MODEL` names must not contain `:` (record generations are parsed back to
+//! their model when the queue of deferred invalidations is folded).
 
 use std::fmt::Write as _;
 

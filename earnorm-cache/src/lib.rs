@@ -74,8 +74,12 @@
 //! [`KeyBuilder::arg`]) make a caller holding an old copy of a record read and
 //! write a different entry than a caller holding the current one.
 //!
-//! **Stampedes.** Concurrent misses on one key compute once per process
-//! ([`flight`]); across processes, at most one computation per process runs.
+//! **Stampedes.** Concurrent misses on one key share one computation per
+//! process ([`flight`]): callers that arrive while it runs wait for it, and
+//! use its value when it is provably fresh for them; otherwise they join the
+//! next computation. Exceptions: a result that is not cached (an `Err`, a
+//! `None`) sends waiting callers to compute their own, and a local
+//! invalidation starts new computations for callers arriving after it.
 //!
 //! **Safe values.** Values are MessagePack in a versioned envelope
 //! ([`codec`]); anything that does not decode is a miss and is removed.

@@ -10,9 +10,9 @@ use tokio::sync::watch;
 use tracing::{debug, trace, warn};
 
 use crate::codec::{self, Envelope, Output};
-use crate::flight::{Flights, Outcome, Role};
+use crate::flight::{Flights, Next, Outcome, Role};
 use crate::health::{supervise, Link};
-use crate::invalidate::{generation_pipeline, generation_ttl};
+use crate::invalidate::{expiry_ms, generation_pipeline, generation_ttl};
 use crate::key::{escape_glob, CacheKey, KeyBuilder, Scope};
 use crate::stats::{CacheStats, ConnectionStatus, Counters};
 use crate::token::new_token;
@@ -256,14 +256,18 @@ impl CacheManager {
                     lead = Some((leader, generations));
                     break;
                 }
-                Role::Follower(follower) => {
-                    if let Some(payload) = follower.wait(began).await {
+                Role::Follower(follower) => match follower.wait(began).await {
+                    Next::Use(payload) => {
                         if let Ok(value) = O::decode(&payload) {
                             Counters::bump(&link.counters.coalesced);
                             return value;
                         }
                     }
-                }
+                    Next::Retry => {}
+                    // The leader's result was not cacheable (an `Err`, a
+                    // `None`): waiting for another leader would only queue.
+                    Next::Compute => return compute.await,
+                },
             }
         }
         let Some((leader, generations)) = lead else {
@@ -296,14 +300,19 @@ impl CacheManager {
             Some(Ok(payload)) => payload,
             Some(Err(err)) => {
                 debug!(key = key.as_str(), error = %err, "value not cached: it does not encode");
+                leader.complete(Outcome::Uncacheable);
                 return value;
             }
             // Not a cacheable result (an `Err`, a `None`): followers compute their own.
-            None => return value,
+            None => {
+                leader.complete(Outcome::Uncacheable);
+                return value;
+            }
         };
+        let store_sent = Instant::now();
         let outcome = match generations {
             Some(generations) => match self.store(key, Expected::Seen(&generations), &payload, ttl).await {
-                Ok(true) if serving_before && link.is_serving() => Outcome::Stored(payload.into()),
+                Ok(true) if serving_before && link.is_serving() => Outcome::Stored(payload.into(), store_sent),
                 Ok(true) => Outcome::Computed(payload.into()),
                 // An invalidation happened during the computation: the value
                 // may be older than a write some follower already saw.
@@ -350,7 +359,7 @@ impl CacheManager {
     /// round trip) and fills in their tokens: ours, or the one another caller
     /// created first.
     async fn create_generations(&self, key: &CacheKey, generations: &mut [Option<Vec<u8>>]) -> Result<(), CacheError> {
-        let ttl_ms = u64::try_from(generation_ttl(self.config()).as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = expiry_ms(generation_ttl(self.config()));
         let mut pipe = redis::pipe();
         let mut fresh = Vec::new();
         for (name, token) in key.generations.iter().zip(generations.iter()) {
@@ -394,10 +403,12 @@ impl CacheManager {
         ttl: Duration,
     ) -> Result<bool, CacheError> {
         let link = self.link();
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let generation_ms =
-            u64::try_from((generation_ttl(&link.config).max(ttl) + Duration::from_secs(60)).as_millis())
-                .unwrap_or(u64::MAX);
+        let ttl_ms = expiry_ms(ttl);
+        let generation_ms = expiry_ms(
+            generation_ttl(&link.config)
+                .max(ttl)
+                .saturating_add(Duration::from_secs(60)),
+        );
         let mut invocation = self.inner.store.key(&key.value);
         invocation
             .key(&key.generations)

@@ -315,6 +315,16 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
         uncached_doc
     };
 
+    // The wrapper only passes arguments on: `mut` bindings belong to the body.
+    let mut sig = sig.clone();
+    for input in &mut sig.inputs {
+        if let FnArg::Typed(pat_type) = input {
+            if let Pat::Ident(pat) = &mut *pat_type.pat {
+                pat.mutability = None;
+            }
+        }
+    }
+
     quote! {
         #(#attrs)*
         #vis #sig {

@@ -211,7 +211,7 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
                 }
                 "min" | "max" => {
                     let value: Expr = meta.value()?.parse()?;
-                    let Some(n) = number(&value) else {
+                    let Some(n) = number(&value).filter(|n| n.is_finite()) else {
                         cx.error_spanned_by(&value, format!("`{name}` must be a number literal"));
                         return Ok(());
                     };

@@ -37,6 +37,17 @@ struct Inner {
     cache: CacheManager,
 }
 
+/// The cache name of a model in an environment: `DATABASE.COLLECTION`, so
+/// that environments on different databases sharing one Redis and prefix
+/// never share entries or invalidations.
+pub(crate) fn model_scope(database: &str, collection: &str) -> String {
+    let mut name = String::with_capacity(database.len() + collection.len() + 1);
+    name.push_str(database);
+    name.push('.');
+    name.push_str(collection);
+    name
+}
+
 static DEFAULT: RwLock<Option<Environment>> = RwLock::new(None);
 
 tokio::task_local! {
@@ -115,6 +126,11 @@ impl Environment {
     pub fn cache(&self) -> &CacheManager {
         &self.inner.cache
     }
+
+    /// The name a collection of this environment has in cache keys and scopes.
+    pub fn model_scope(&self, collection: &str) -> String {
+        model_scope(self.inner.database.name(), collection)
+    }
 }
 
 /// Connects with `config` and installs the result as the process-wide
@@ -134,14 +150,22 @@ pub fn cache() -> CacheManager {
     current_cache().unwrap_or_else(|| CacheManager::disabled(earnorm_cache::CacheConfig::default()))
 }
 
-/// The current environment's cache, without cloning the environment.
-pub(crate) fn current_cache() -> Option<CacheManager> {
-    if let Ok(cache) = CURRENT.try_with(|env| env.inner.cache.clone()) {
-        return Some(cache);
+/// Runs `f` on the current environment's cache and database name, without
+/// cloning the environment.
+pub(crate) fn with_current<T>(f: impl FnOnce(&CacheManager, &str) -> T) -> Option<T> {
+    let mut f = Some(f);
+    let mut call = |env: &Environment| f.take().map(|f| f(&env.inner.cache, env.inner.database.name()));
+    if let Ok(out) = CURRENT.try_with(|env| call(env)) {
+        return out;
     }
     DEFAULT
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
-        .map(|env| env.inner.cache.clone())
+        .and_then(call)
+}
+
+/// The current environment's cache, without cloning the environment.
+pub(crate) fn current_cache() -> Option<CacheManager> {
+    with_current(|cache, _| cache.clone())
 }

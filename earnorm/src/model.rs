@@ -65,8 +65,11 @@ pub struct IndexSpec {
 /// Writes invalidate the cache after they commit: `save` and `delete`
 /// invalidate the record's scope (its cached methods, and cached queries over
 /// the model); `insert_many`, `update_many` and `delete_many` invalidate the
-/// whole model. A failed write invalidates nothing; cache trouble never fails
-/// a write.
+/// whole model. A write refused before anything could be written
+/// (validation, a duplicate key) invalidates nothing; a failure that may have
+/// applied part of the write (a bulk write stopped half-way, a connection lost
+/// after sending) still invalidates its scope. Cache trouble never fails a
+/// write.
 pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 'static {
     /// The collection name.
     const COLLECTION: &'static str;
@@ -105,19 +108,14 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// [`save`](Self::save) in `env`.
     fn save_in<'a>(&'a mut self, env: &'a Environment) -> impl Future<Output = Result<()>> + Send + 'a {
-        async move {
-            let touched = save_core(self, env, None).await?;
-            invalidate(env, &[touched]).await;
-            Ok(())
-        }
+        async move { settle(env, save_core(self, env, None).await).await }
     }
 
     /// [`save`](Self::save) inside a transaction: applied and invalidated at commit.
     fn save_tx<'a>(&'a mut self, tx: &'a mut Transaction) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
             let (env, session, touched) = tx.parts();
-            touched.push(save_core(self, env, Some(session)).await?);
-            Ok(())
+            remember(touched, save_core(self, env, Some(session)).await)
         }
     }
 
@@ -128,20 +126,14 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// [`delete`](Self::delete) in `env`.
     fn delete_in<'a>(&'a self, env: &'a Environment) -> impl Future<Output = Result<bool>> + Send + 'a {
-        async move {
-            let (deleted, touched) = delete_core(self, env, None).await?;
-            invalidate(env, &[touched]).await;
-            Ok(deleted)
-        }
+        async move { settle(env, delete_core(self, env, None).await).await }
     }
 
     /// [`delete`](Self::delete) inside a transaction.
     fn delete_tx<'a>(&'a self, tx: &'a mut Transaction) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
             let (env, session, touched) = tx.parts();
-            let (deleted, scope) = delete_core(self, env, Some(session)).await?;
-            touched.push(scope);
-            Ok(deleted)
+            remember(touched, delete_core(self, env, Some(session)).await)
         }
     }
 
@@ -268,11 +260,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         filter: Document,
         update: Document,
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move {
-            let modified = update_many_core::<Self>(env, None, filter, update).await?;
-            invalidate(env, &[Touched::Model(Self::COLLECTION)]).await;
-            Ok(modified)
-        }
+        async move { settle(env, update_many_core::<Self>(env, None, filter, update).await).await }
     }
 
     /// [`update_many`](Self::update_many) inside a transaction.
@@ -283,9 +271,10 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let (env, session, touched) = tx.parts();
-            let modified = update_many_core::<Self>(env, Some(session), filter, update).await?;
-            touched.push(Touched::Model(Self::COLLECTION));
-            Ok(modified)
+            remember(
+                touched,
+                update_many_core::<Self>(env, Some(session), filter, update).await,
+            )
         }
     }
 
@@ -297,20 +286,14 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// [`delete_many`](Self::delete_many) in `env`.
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move {
-            let deleted = delete_many_core::<Self>(env, None, filter).await?;
-            invalidate(env, &[Touched::Model(Self::COLLECTION)]).await;
-            Ok(deleted)
-        }
+        async move { settle(env, delete_many_core::<Self>(env, None, filter).await).await }
     }
 
     /// [`delete_many`](Self::delete_many) inside a transaction.
     fn delete_many_tx(tx: &mut Transaction, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let (env, session, touched) = tx.parts();
-            let deleted = delete_many_core::<Self>(env, Some(session), filter).await?;
-            touched.push(Touched::Model(Self::COLLECTION));
-            Ok(deleted)
+            remember(touched, delete_many_core::<Self>(env, Some(session), filter).await)
         }
     }
 
@@ -355,62 +338,90 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     }
 }
 
-/// Inserts or replaces `record`; returns the scope to invalidate.
-async fn save_core<M: Model>(
-    record: &mut M,
-    env: &Environment,
-    session: Option<&mut ClientSession>,
-) -> Result<Touched> {
-    record.validate()?;
+/// A write's result, and the scope it may have changed: `Some` after a
+/// success, and after a failure whose effect is unknown or partial (a network
+/// error after the server applied it, a bulk write that stopped half-way);
+/// `None` when nothing can have been written (validation, a duplicate key).
+type Written<T> = (Result<T>, Option<Touched>);
+
+/// Whether a failed write may still have changed something.
+fn may_have_written(err: &Error) -> bool {
+    !matches!(
+        err,
+        Error::Validation(_) | Error::DuplicateKey { .. } | Error::Id(_) | Error::Serialization(_)
+    )
+}
+
+/// Inserts or replaces `record`.
+async fn save_core<M: Model>(record: &mut M, env: &Environment, session: Option<&mut ClientSession>) -> Written<()> {
+    if let Err(err) = record.validate() {
+        return (Err(err.into()), None);
+    }
     let coll = M::collection_in(env);
-    let id = if let Some(id) = record.id() {
+    let (id, result) = if let Some(id) = record.id() {
         let id = id.clone();
-        let mut replace = coll.replace_one(doc! { "_id": to_bson(&id)? }, &*record).upsert(true);
+        let filter = match to_bson(&id) {
+            Ok(bson) => doc! { "_id": bson },
+            Err(err) => return (Err(err), None),
+        };
+        let mut replace = coll.replace_one(filter, &*record).upsert(true);
         if let Some(session) = session {
             replace = replace.session(session);
         }
-        replace.await.map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
-        id
+        (id, replace.await.map(|_| ()))
     } else {
-        let id = <M::Id as ModelId>::generate().ok_or_else(|| {
-            Error::Id(format!(
+        let Some(id) = <M::Id as ModelId>::generate() else {
+            let message = format!(
                 "{}: this id type is not generated; set the id before saving",
                 M::COLLECTION
-            ))
-        })?;
+            );
+            return (Err(Error::Id(message)), None);
+        };
         record.set_id(Some(id.clone()));
         let mut insert = coll.insert_one(&*record);
         if let Some(session) = session {
             insert = insert.session(session);
         }
-        if let Err(err) = insert.await {
+        let result = insert.await.map(|_| ());
+        if result.is_err() {
             record.set_id(None);
-            return Err(Error::from_mongo(M::COLLECTION, err));
         }
-        id
+        (id, result)
     };
-    Ok(Touched::Record(M::COLLECTION, record_key::<M>(&id)?))
+    let result = result.map_err(|e| Error::from_mongo(M::COLLECTION, e));
+    let touched = match &result {
+        Err(err) if !may_have_written(err) => None,
+        _ => record_key::<M>(&id).ok().map(|key| Touched::Record(M::COLLECTION, key)),
+    };
+    (result, touched)
 }
 
-/// Deletes `record`; returns whether it existed and the scope to invalidate.
-async fn delete_core<M: Model>(
-    record: &M,
-    env: &Environment,
-    session: Option<&mut ClientSession>,
-) -> Result<(bool, Touched)> {
-    let id = record
-        .id()
-        .ok_or_else(|| Error::Id(format!("{}: cannot delete a record without an id", M::COLLECTION)))?;
+/// Deletes `record`; says whether it existed.
+async fn delete_core<M: Model>(record: &M, env: &Environment, session: Option<&mut ClientSession>) -> Written<bool> {
+    let Some(id) = record.id() else {
+        return (
+            Err(Error::Id(format!(
+                "{}: cannot delete a record without an id",
+                M::COLLECTION
+            ))),
+            None,
+        );
+    };
+    let filter = match to_bson(id) {
+        Ok(bson) => doc! { "_id": bson },
+        Err(err) => return (Err(err), None),
+    };
     let coll = M::collection_in(env);
-    let mut delete = coll.delete_one(doc! { "_id": to_bson(id)? });
+    let mut delete = coll.delete_one(filter);
     if let Some(session) = session {
         delete = delete.session(session);
     }
-    let result = delete.await.map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
-    Ok((
-        result.deleted_count > 0,
-        Touched::Record(M::COLLECTION, record_key::<M>(id)?),
-    ))
+    let result = delete
+        .await
+        .map(|r| r.deleted_count > 0)
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e));
+    let touched = record_key::<M>(id).ok().map(|key| Touched::Record(M::COLLECTION, key));
+    (result, touched)
 }
 
 async fn update_many_core<M: Model>(
@@ -418,32 +429,48 @@ async fn update_many_core<M: Model>(
     session: Option<&mut ClientSession>,
     filter: Document,
     update: Document,
-) -> Result<u64> {
+) -> Written<u64> {
     let coll = M::collection_in(env);
     let mut action = coll.update_many(filter, update);
     if let Some(session) = session {
         action = action.session(session);
     }
-    Ok(action
+    let result = action
         .await
-        .map_err(|e| Error::from_mongo(M::COLLECTION, e))?
-        .modified_count)
+        .map(|r| r.modified_count)
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e));
+    (result, Some(Touched::Model(M::COLLECTION)))
 }
 
 async fn delete_many_core<M: Model>(
     env: &Environment,
     session: Option<&mut ClientSession>,
     filter: Document,
-) -> Result<u64> {
+) -> Written<u64> {
     let coll = M::collection_in(env);
     let mut action = coll.delete_many(filter);
     if let Some(session) = session {
         action = action.session(session);
     }
-    Ok(action
+    let result = action
         .await
-        .map_err(|e| Error::from_mongo(M::COLLECTION, e))?
-        .deleted_count)
+        .map(|r| r.deleted_count)
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e));
+    (result, Some(Touched::Model(M::COLLECTION)))
+}
+
+/// Invalidates what a plain write touched, then returns its result.
+async fn settle<T>(env: &Environment, (result, touched): Written<T>) -> Result<T> {
+    if let Some(touched) = touched {
+        invalidate(env, &[touched]).await;
+    }
+    result
+}
+
+/// Remembers what a transactional write touched, for the commit.
+fn remember<T>(touched_list: &mut Vec<Touched>, (result, touched): Written<T>) -> Result<T> {
+    touched_list.extend(touched);
+    result
 }
 
 /// The cache-scope form of an id.

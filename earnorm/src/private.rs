@@ -7,7 +7,7 @@ use earnorm_cache::{CacheKey, CacheManager, KeyBuilder, Scope};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
-use crate::env::current_cache;
+use crate::env::{model_scope, with_current};
 use crate::Model;
 
 pub use core::future::Future;
@@ -33,12 +33,12 @@ pub enum Dep {
     Tag(&'static str),
 }
 
-fn add_deps(mut builder: KeyBuilder, deps: &[Dep]) -> KeyBuilder {
+fn add_deps(mut builder: KeyBuilder, database: &str, deps: &[Dep]) -> KeyBuilder {
     for dep in deps {
-        builder = builder.scope(match *dep {
-            Dep::Model(model) => Scope::Model(model),
-            Dep::Tag(tag) => Scope::Tag(tag),
-        });
+        builder = match *dep {
+            Dep::Model(model) => builder.scope(Scope::Model(&model_scope(database, model))),
+            Dep::Tag(tag) => builder.scope(Scope::Tag(tag)),
+        };
     }
     builder
 }
@@ -67,12 +67,13 @@ pub fn record_key<M: Model, A: Serialize + ?Sized>(
     deps: &[Dep],
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
-    let cache = current_cache()?;
     let id = record.id_key()?;
-    let builder = cache.key(M::COLLECTION, name).scope(Scope::Record(M::COLLECTION, &id));
-    let builder = add_deps(builder, deps).arg(record).ok()?;
-    let key = finish(builder, version, args)?;
-    Some((cache, key))
+    with_current(|cache, database| {
+        let model = model_scope(database, M::COLLECTION);
+        let builder = cache.key(&model, name).scope(Scope::Record(&model, &id));
+        let builder = add_deps(builder, database, deps).arg(record).ok()?;
+        Some((cache.clone(), finish(builder, version, args)?))
+    })?
 }
 
 /// Key of a model-scope associated function.
@@ -82,10 +83,11 @@ pub fn model_key<M: Model, A: Serialize + ?Sized>(
     deps: &[Dep],
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
-    let cache = current_cache()?;
-    let builder = add_deps(cache.key(M::COLLECTION, name).scope(Scope::Model(M::COLLECTION)), deps);
-    let key = finish(builder, version, args)?;
-    Some((cache, key))
+    with_current(|cache, database| {
+        let model = model_scope(database, M::COLLECTION);
+        let builder = add_deps(cache.key(&model, name).scope(Scope::Model(&model)), database, deps);
+        Some((cache.clone(), finish(builder, version, args)?))
+    })?
 }
 
 /// Key of a free function.
@@ -96,10 +98,10 @@ pub fn free_key<A: Serialize + ?Sized>(
     deps: &[Dep],
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
-    let cache = current_cache()?;
-    let builder = add_deps(cache.key(namespace, name), deps);
-    let key = finish(builder, version, args)?;
-    Some((cache, key))
+    with_current(|cache, database| {
+        let builder = add_deps(cache.key(namespace, name), database, deps);
+        Some((cache.clone(), finish(builder, version, args)?))
+    })?
 }
 
 /// A TTL in seconds.

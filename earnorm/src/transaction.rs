@@ -11,7 +11,9 @@ use crate::{Environment, Error, Result};
 /// A cache scope a write touched, remembered until the transaction commits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Touched {
+    /// A record: (collection, id key).
     Record(&'static str, String),
+    /// A whole collection.
     Model(&'static str),
 }
 
@@ -97,11 +99,18 @@ impl Transaction {
 
 /// Invalidates `touched` in one call (one round trip).
 pub(crate) async fn invalidate(env: &Environment, touched: &[Touched]) {
-    let scopes: Vec<Scope<'_>> = touched
+    let models: Vec<String> = touched
         .iter()
         .map(|t| match t {
-            Touched::Record(model, id) => Scope::Record(model, id),
-            Touched::Model(model) => Scope::Model(model),
+            Touched::Record(collection, _) | Touched::Model(collection) => env.model_scope(collection),
+        })
+        .collect();
+    let scopes: Vec<Scope<'_>> = touched
+        .iter()
+        .zip(&models)
+        .map(|(t, model)| match t {
+            Touched::Record(_, id) => Scope::Record(model, id),
+            Touched::Model(_) => Scope::Model(model),
         })
         .collect();
     if !scopes.is_empty() {

@@ -533,14 +533,12 @@ async fn reader(shared: &Shared, env: &Environment, rng: &mut Rng, naive: bool) 
 async fn naive_read(env: &Environment, item: &Item, record_scope: bool, jitter: Jitter) -> Result<Option<i64>, String> {
     let cache = env.cache();
     let id = item.id.map(|id| id.to_hex()).unwrap_or_default();
+    // The same scopes the ORM's writes invalidate.
+    let model = env.model_scope("checker_items");
     let builder = if record_scope {
-        cache
-            .key("checker_items", "naive_record")
-            .scope(Scope::Record("checker_items", &id))
+        cache.key(&model, "naive_record").scope(Scope::Record(&model, &id))
     } else {
-        cache
-            .key("checker_items", "naive_model")
-            .scope(Scope::Model("checker_items"))
+        cache.key(&model, "naive_model").scope(Scope::Model(&model))
     };
     let key = builder
         .arg(&item.slot)
