@@ -121,8 +121,10 @@ enum Lookup {
 }
 
 impl CacheManager {
-    /// Connects to Redis at `url` (`redis://[user:password@]host[:port][/db]`),
-    /// or builds a disabled manager for `None`.
+    /// Connects to Redis at `url` (`redis://[user:password@]host[:port][/db]`,
+    /// or `rediss://` for TLS, verified against the system's root certificates
+    /// unless the URL ends in `#insecure`), or builds a disabled manager for
+    /// `None`.
     ///
     /// Makes one connection attempt (bounded by `connect_timeout`) before
     /// returning; if Redis is not there, the manager starts
