@@ -141,8 +141,12 @@ pub struct Report {
     pub p99_us: u64,
     /// Maximum.
     pub max_us: u64,
-    /// For each time Redis came back: milliseconds until both environments were connected again.
+    /// For each time Redis came back: milliseconds until both environments
+    /// were serving hits again (reconnection plus the quarantine).
     pub recoveries_ms: Vec<u64>,
+    /// For each time Redis came back: milliseconds until both environments
+    /// had reconnected (and replayed their queued invalidations).
+    pub reconnects_ms: Vec<u64>,
     /// The health-check interval, milliseconds.
     pub health_check_interval_ms: u64,
     /// Faults injected, in order.
@@ -152,9 +156,14 @@ pub struct Report {
 }
 
 impl Report {
-    /// The longest recovery.
+    /// The longest recovery (until hits are served again).
     pub fn max_recovery_ms(&self) -> u64 {
         self.recoveries_ms.iter().copied().max().unwrap_or(0)
+    }
+
+    /// The longest reconnection.
+    pub fn max_reconnect_ms(&self) -> u64 {
+        self.reconnects_ms.iter().copied().max().unwrap_or(0)
     }
 
     fn mode(&self) -> &'static str {
@@ -166,7 +175,7 @@ impl Report {
     }
 
     /// The figures, named, in report order (shared by the JSON and the summary).
-    fn figures(&self) -> [(&'static str, u64); 14] {
+    fn figures(&self) -> [(&'static str, u64); 15] {
         [
             ("operations", self.operations),
             ("reads", self.reads),
@@ -179,6 +188,7 @@ impl Report {
             ("p50_us", self.p50_us),
             ("p99_us", self.p99_us),
             ("max_us", self.max_us),
+            ("max_reconnect_ms", self.max_reconnect_ms()),
             ("max_recovery_ms", self.max_recovery_ms()),
             ("health_check_interval_ms", self.health_check_interval_ms),
             ("recoveries", self.recoveries_ms.len() as u64),
@@ -359,6 +369,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
     // Faults, spread over the run.
     let mut faults = Vec::new();
     let mut recoveries = Vec::new();
+    let mut reconnects = Vec::new();
     if config.faults {
         let step = config.duration / 10;
         let at = |n: u32| begin + step * n;
@@ -368,14 +379,18 @@ pub async fn run(config: &CheckerConfig) -> Report {
         tokio::time::sleep_until(at(3).into()).await;
         redis.restart();
         faults.push("restart (empty)".to_owned());
-        recoveries.push(recovery(&envs).await);
+        let (reconnect, recovered) = recovery(&envs).await;
+        reconnects.push(reconnect);
+        recoveries.push(recovered);
         tokio::time::sleep_until(at(4).into()).await;
         redis.freeze();
         faults.push("freeze".to_owned());
         tokio::time::sleep_until(at(5).into()).await;
         redis.thaw();
         faults.push("thaw".to_owned());
-        recoveries.push(recovery(&envs).await);
+        let (reconnect, recovered) = recovery(&envs).await;
+        reconnects.push(reconnect);
+        recoveries.push(recovered);
         tokio::time::sleep_until(at(7).into()).await;
         redis.cli(&["FLUSHALL"]);
         faults.push("flushall".to_owned());
@@ -386,7 +401,9 @@ pub async fn run(config: &CheckerConfig) -> Report {
         redis.kill();
         redis.restart();
         faults.push("kill while frozen, restart".to_owned());
-        recoveries.push(recovery(&envs).await);
+        let (reconnect, recovered) = recovery(&envs).await;
+        reconnects.push(reconnect);
+        recoveries.push(recovered);
     }
     tokio::time::sleep_until((begin + config.duration).into()).await;
     shared.stop.store(true, Ordering::SeqCst);
@@ -400,6 +417,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
     report.seconds = seconds;
     report.faults = faults;
     report.recoveries_ms = recoveries;
+    report.reconnects_ms = reconnects;
     report.health_check_interval_ms = u64::try_from(config.health_check_interval.as_millis()).unwrap_or(u64::MAX);
     for env in &envs {
         let stats = env.cache().stats();
@@ -411,15 +429,22 @@ pub async fn run(config: &CheckerConfig) -> Report {
     report
 }
 
-/// Milliseconds until both environments are connected again.
-async fn recovery(envs: &[Environment; 2]) -> u64 {
+/// Milliseconds until both environments have reconnected, and until both
+/// serve hits again.
+async fn recovery(envs: &[Environment; 2]) -> (u64, u64) {
     let start = Instant::now();
+    let limit = Duration::from_secs(30);
+    let ms = |start: Instant| u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
     for env in envs {
-        env.cache()
-            .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(30))
-            .await;
+        let mut status = env.cache().subscribe();
+        let back = status.wait_for(|s| matches!(s, ConnectionStatus::Recovering | ConnectionStatus::Connected));
+        let _ = tokio::time::timeout(limit, back).await;
     }
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    let reconnected = ms(start);
+    for env in envs {
+        env.cache().wait_for_status(ConnectionStatus::Connected, limit).await;
+    }
+    (reconnected, ms(start))
 }
 
 async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
