@@ -19,6 +19,10 @@ pub enum CacheError {
         /// Why it was refused.
         reason: String,
     },
+    /// `CacheManager::connect` was called outside a Tokio runtime (with its
+    /// time driver enabled), which the background reconnection needs.
+    #[error("the cache needs a Tokio runtime with timers enabled (tokio::main, or Builder::enable_all)")]
+    NoRuntime,
     /// Caching is off (no Redis configured, or `enabled = false`).
     #[error("caching is disabled")]
     Disabled,

@@ -132,10 +132,14 @@ impl CacheManager {
     /// Redis appears. Must be called inside a Tokio runtime.
     ///
     /// # Errors
-    /// Only [`CacheError::InvalidUrl`]: an unreachable Redis is not an error.
+    /// [`CacheError::InvalidUrl`], or [`CacheError::NoRuntime`] outside a
+    /// Tokio runtime; an unreachable Redis is not an error.
     pub async fn connect(url: Option<&str>, config: CacheConfig) -> Result<Self, CacheError> {
         let link = Arc::new(Link::new(url, config)?);
         if link.is_enabled() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(CacheError::NoRuntime);
+            }
             if let Err(err) = link.establish(false).await {
                 link.set_down();
                 warn!(url = %link.url, error = %err, "Redis unavailable at start; caching paused, connecting in the background");
