@@ -6,17 +6,17 @@
 //! A follower must never receive a value older than a write acknowledged
 //! before the follower began, even a write made by another process. So it
 //! takes the leader's value only when
-//! * the value was [`Stored`](Outcome::Stored) by the compare-and-set, which
+//! * the value was `Stored` by the compare-and-set, which
 //!   proves no invalidation happened between the start of the computation and
 //!   the store, and the follower began before the store was sent (a write
 //!   acknowledged before the follower began was invalidated before the store,
 //!   so the store would have failed); or
-//! * the value was merely [`Computed`](Outcome::Computed) (the cache was
+//! * the value was merely `Computed` (the cache was
 //!   unavailable), and the leader started after the follower began.
 //!
 //! Otherwise the follower looks up again and joins the next flight, which
 //! starts after it. A result that is not cached at all (an `Err`, a `None`)
-//! is [`Uncacheable`](Outcome::Uncacheable): followers then compute their
+//! is `Uncacheable`: followers then compute their
 //! own at once rather than queue behind one another.
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 //! Use them through the `earnorm` crate (`use earnorm::prelude::*`); the code
 //! they generate names only `::earnorm::__private::...` paths.
 //!
-//! Layout: [`ctxt`] collects errors; [`model`] and [`cached`] each parse
+//! Layout: `ctxt` collects errors; `model` and `cached` each parse
 //! their input into a small model, check it, and expand it.
 
 mod cached;

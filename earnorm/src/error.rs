@@ -4,7 +4,7 @@ use std::fmt;
 
 use thiserror::Error;
 
-/// `Result` with [`Error`] as the default error.
+/// `Result` with [`Error`](enum@Error) as the default error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in an EarnORM call. Never carries credentials.
