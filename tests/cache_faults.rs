@@ -35,6 +35,20 @@ async fn call(cache: &CacheManager, name: &str, value: u64) -> (u64, bool, Durat
     (got, computed.load(Ordering::SeqCst) == 1, start.elapsed())
 }
 
+/// A private Redis, a manager on it, and the key of user `id`'s profile.
+async fn private_cache(id: &str, timeout: Duration) -> (RedisServer, CacheManager, CacheKey) {
+    let redis = RedisServer::start();
+    let cache = CacheManager::connect(Some(&redis.url()), config(timeout))
+        .await
+        .expect("connect");
+    let key = cache
+        .key("users", "profile")
+        .scope(Scope::Record("users", id))
+        .build()
+        .expect("key");
+    (redis, cache, key)
+}
+
 /// The value under `key`, or `v` computed and stored.
 async fn get_or(cache: &CacheManager, key: &CacheKey, v: u64) -> u64 {
     cache
@@ -156,15 +170,7 @@ async fn frozen_redis_bounds_every_call_and_recovers_after_thaw() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidation_sent_while_frozen_is_replayed_before_caching_resumes() {
-    let mut redis = RedisServer::start();
-    let cache = CacheManager::connect(Some(&redis.url()), config(Duration::from_millis(300)))
-        .await
-        .expect("connect");
-    let key = cache
-        .key("users", "profile")
-        .scope(Scope::Record("users", "1"))
-        .build()
-        .expect("key");
+    let (mut redis, cache, key) = private_cache("1", Duration::from_millis(300)).await;
     assert_eq!(get_or(&cache, &key, 1).await, 1);
     assert_eq!(get_or(&cache, &key, 2).await, 1);
 
@@ -266,15 +272,7 @@ async fn a_thousand_concurrent_misses_compute_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_restarts_from_an_old_snapshot_serves_nothing_stale() {
-    let mut redis = RedisServer::start();
-    let cache = CacheManager::connect(Some(&redis.url()), config(Duration::from_millis(500)))
-        .await
-        .expect("connect");
-    let key = cache
-        .key("users", "profile")
-        .scope(Scope::Record("users", "9"))
-        .build()
-        .expect("key");
+    let (mut redis, cache, key) = private_cache("9", Duration::from_millis(500)).await;
     assert_eq!(get_or(&cache, &key, 1).await, 1);
     assert_eq!(
         redis.cli(&["SAVE"]),

@@ -68,12 +68,14 @@ pub fn record_key<M: Model, A: Serialize + ?Sized>(
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
     let id = record.id_key()?;
-    with_current(|cache, database| {
-        let model = model_scope(database, M::COLLECTION);
-        let builder = cache.key(&model, name).scope(Scope::Record(&model, &id));
-        let builder = add_deps(builder, database, deps).arg(record).ok()?;
-        Some((cache.clone(), finish(builder, version, args)?))
-    })?
+    key(
+        Namespace::Model(M::COLLECTION),
+        name,
+        version,
+        deps,
+        args,
+        |builder, model| builder.scope(Scope::Record(model, &id)).arg(record).ok(),
+    )
 }
 
 /// Key of a model-scope associated function.
@@ -83,14 +85,17 @@ pub fn model_key<M: Model, A: Serialize + ?Sized>(
     deps: &[Dep],
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
-    with_current(|cache, database| {
-        let model = model_scope(database, M::COLLECTION);
-        let builder = add_deps(cache.key(&model, name).scope(Scope::Model(&model)), database, deps);
-        Some((cache.clone(), finish(builder, version, args)?))
-    })?
+    key(
+        Namespace::Model(M::COLLECTION),
+        name,
+        version,
+        deps,
+        args,
+        |builder, model| Some(builder.scope(Scope::Model(model))),
+    )
 }
 
-/// Key of a free function.
+/// Key of a free function (`namespace` is its module path).
 pub fn free_key<A: Serialize + ?Sized>(
     namespace: &str,
     name: &str,
@@ -98,8 +103,37 @@ pub fn free_key<A: Serialize + ?Sized>(
     deps: &[Dep],
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
+    key(Namespace::Free(namespace), name, version, deps, args, |builder, _| {
+        Some(builder)
+    })
+}
+
+/// Where a cached function lives.
+enum Namespace<'a> {
+    /// On a model: its collection (named `DATABASE.COLLECTION` in the cache).
+    Model(&'a str),
+    /// A free function: its module path.
+    Free(&'a str),
+}
+
+/// Builds a key in the current environment: the namespace, then `scope`
+/// adds the function's own scope, then the declared dependencies and the
+/// arguments.
+fn key<A: Serialize + ?Sized>(
+    namespace: Namespace<'_>,
+    name: &str,
+    version: u32,
+    deps: &[Dep],
+    args: &A,
+    scope: impl FnOnce(KeyBuilder, &str) -> Option<KeyBuilder>,
+) -> Option<(CacheManager, CacheKey)> {
     with_current(|cache, database| {
-        let builder = add_deps(cache.key(namespace, name), database, deps);
+        let namespace = match namespace {
+            Namespace::Model(collection) => model_scope(database, collection),
+            Namespace::Free(module) => module.to_owned(),
+        };
+        let builder = scope(cache.key(&namespace, name), &namespace)?;
+        let builder = add_deps(builder, database, deps);
         Some((cache.clone(), finish(builder, version, args)?))
     })?
 }
