@@ -67,6 +67,22 @@ pub async fn doubled(n: i64) -> i64 {
     n * 2
 }
 
+/// The application's result alias.
+pub type AppResult<T> = Result<T, String>;
+
+/// A free function returning a result alias: only `Ok` is cached.
+///
+/// # Errors
+/// For negative input.
+#[cached(ttl = 30, scope = "strict")]
+pub async fn checked(n: i64) -> AppResult<i64> {
+    if n < 0 {
+        Err("negative".to_owned())
+    } else {
+        Ok(n)
+    }
+}
+
 /// A free function with a `mut` argument.
 #[cached(ttl = 30, scope = "strict")]
 pub async fn incremented(mut n: i64) -> i64 {
@@ -93,6 +109,7 @@ fn strict_code_compiles_and_runs_without_a_cache() {
     assert_eq!(rt.block_on(Item::total(3)), Some(3));
     assert_eq!(rt.block_on(doubled(4)), 8);
     assert_eq!(rt.block_on(incremented(4)), 5);
+    assert_eq!(rt.block_on(checked(-1)), Err("negative".to_owned()));
     let boxed = Boxed {
         id: "b".into(),
         value: 5u8,

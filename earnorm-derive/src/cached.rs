@@ -213,7 +213,8 @@ fn output(sig: &syn::Signature) -> (OutputKind, Type) {
                 _ => None,
             };
             if let Some(inner) = first_arg {
-                if segment.ident == "Result" {
+                // `Result`, or an alias named like one (`AppResult<T>`).
+                if segment.ident.to_string().ends_with("Result") {
                     return (OutputKind::Result, inner);
                 }
                 if segment.ident == "Option" {
