@@ -26,9 +26,11 @@
 //!   plus `connect_timeout`) each has reconnected and replayed them, provided
 //!   its replay itself is quick (each replay batch is bounded by
 //!   `operation_timeout`).
-//! * A Redis that restarted (a new `run_id`) may have reloaded old values and
-//!   old generations from a snapshot or an append-only file: before using
-//!   it, the manager replaces every generation under its prefix.
+//! * A Redis that restarted (a `run_id` other than the one recorded under the
+//!   prefix) may have reloaded old values and old generations from a snapshot
+//!   or an append-only file: before using it, the manager replaces every
+//!   generation under its prefix. The `run_id` is recorded in Redis, so a
+//!   process that starts after the restart checks too.
 //! * The supervisor stops when the last [`CacheManager`](crate::CacheManager)
 //!   handle is dropped.
 
@@ -69,8 +71,6 @@ pub(crate) struct Link {
     next_id: AtomicU64,
     /// Whether lookups may return values (false during a quarantine).
     serving: AtomicBool,
-    /// The `run_id` of the Redis last connected to, to notice restarts.
-    run_id: Mutex<Option<String>>,
     pub(crate) counters: Counters,
     pub(crate) pending: Mutex<Pending>,
 }
@@ -116,7 +116,6 @@ impl Link {
             closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             serving: AtomicBool::new(true),
-            run_id: Mutex::new(None),
             counters: Counters::default(),
             pending: Mutex::new(Pending::default()),
         }
@@ -273,19 +272,34 @@ impl Link {
         Ok(())
     }
 
-    /// When Redis restarted since we last saw it (a new `run_id`), it may have
-    /// reloaded old values and old generations from a snapshot or an append
-    /// log: replace every generation under the prefix before anyone reads.
+    /// When the Redis server is not the one the data under this prefix was
+    /// last used with (its `run_id` differs from the one recorded in Redis at
+    /// `PREFIX meta:run_id`), it may have reloaded old values and old
+    /// generations from a snapshot or an append-only file: replace every
+    /// generation under the prefix before anyone reads, then record the new
+    /// `run_id`. Recorded in Redis, not in memory, so a process that starts
+    /// after the restart does the check too.
     async fn check_restart(&self, conn: &MultiplexedConnection, run_id: Option<String>) -> Result<(), CacheError> {
-        let previous = self.run_id.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let restarted = matches!((&previous, &run_id), (Some(before), Some(now)) if before != now);
-        if restarted {
-            let replaced = crate::invalidate::replace_all_generations(conn.clone(), &self.config).await?;
+        let Some(run_id) = run_id else { return Ok(()) };
+        let limit = self.config.operation_timeout;
+        let marker = format!("{}meta:run_id", self.config.prefix);
+        let mut c = conn.clone();
+        let recorded: Option<String> = tokio::time::timeout(limit, redis::cmd("GET").arg(&marker).query_async(&mut c))
+            .await
+            .map_err(|_| CacheError::Timeout(limit))??;
+        if recorded.as_deref() == Some(run_id.as_str()) {
+            return Ok(());
+        }
+        let replaced = crate::invalidate::replace_all_generations(conn.clone(), &self.config).await?;
+        if replaced > 0 {
             info!(url = %self.url, replaced, "Redis restarted: replaced every generation in case old values were reloaded");
         }
-        if run_id.is_some() {
-            *self.run_id.lock().unwrap_or_else(PoisonError::into_inner) = run_id;
-        }
+        tokio::time::timeout(
+            limit,
+            redis::cmd("SET").arg(&marker).arg(&run_id).query_async::<()>(&mut c),
+        )
+        .await
+        .map_err(|_| CacheError::Timeout(limit))??;
         Ok(())
     }
 

@@ -26,10 +26,14 @@ pub use mongodb::bson;
 pub use mongodb::options::FindOptions;
 pub use transaction::Transaction;
 
-/// Invalidates every value cached with `#[cached(tags("..."))]` naming `tag`,
-/// in the current environment.
+/// Invalidates every value cached with `#[cached(tags("..."))]` or
+/// `#[cached(scope = "...")]` naming `tag`, in the current environment (tags
+/// are named per database, like models). Does nothing without an environment.
 pub async fn invalidate_tag(tag: &str) {
-    cache().invalidate(&[earnorm_cache::Scope::Tag(tag)]).await;
+    if let Ok(env) = Environment::current() {
+        let name = env.model_scope(tag);
+        env.cache().invalidate(&[earnorm_cache::Scope::Tag(&name)]).await;
+    }
 }
 
 /// The names most programs need: `use earnorm::prelude::*;`.

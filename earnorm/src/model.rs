@@ -10,7 +10,7 @@ use mongodb::options::{FindOptions, IndexOptions};
 use mongodb::{ClientSession, Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::transaction::{invalidate, Touched, Transaction};
+use crate::transaction::{invalidate, Invalidation, Touched, Transaction};
 use crate::{Environment, Error, Result, ValidationErrors};
 
 /// An id type a model can use.
@@ -108,14 +108,22 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// [`save`](Self::save) in `env`.
     fn save_in<'a>(&'a mut self, env: &'a Environment) -> impl Future<Output = Result<()>> + Send + 'a {
-        async move { settle(env, save_core(self, env, None).await).await }
+        async move {
+            let mut guard = Invalidation::new(env);
+            let result = save_core(self, env, None, &mut guard).await;
+            guard.run().await;
+            result
+        }
     }
 
     /// [`save`](Self::save) inside a transaction: applied and invalidated at commit.
     fn save_tx<'a>(&'a mut self, tx: &'a mut Transaction) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
             let (env, session, touched) = tx.parts();
-            remember(touched, save_core(self, env, Some(session)).await)
+            let mut guard = Invalidation::new(env);
+            let result = save_core(self, env, Some(session), &mut guard).await;
+            touched.extend(guard.disarm());
+            result
         }
     }
 
@@ -126,14 +134,22 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// [`delete`](Self::delete) in `env`.
     fn delete_in<'a>(&'a self, env: &'a Environment) -> impl Future<Output = Result<bool>> + Send + 'a {
-        async move { settle(env, delete_core(self, env, None).await).await }
+        async move {
+            let mut guard = Invalidation::new(env);
+            let result = delete_core(self, env, None, &mut guard).await;
+            guard.run().await;
+            result
+        }
     }
 
     /// [`delete`](Self::delete) inside a transaction.
     fn delete_tx<'a>(&'a self, tx: &'a mut Transaction) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
             let (env, session, touched) = tx.parts();
-            remember(touched, delete_core(self, env, Some(session)).await)
+            let mut guard = Invalidation::new(env);
+            let result = delete_core(self, env, Some(session), &mut guard).await;
+            touched.extend(guard.disarm());
+            result
         }
     }
 
@@ -260,7 +276,12 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         filter: Document,
         update: Document,
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move { settle(env, update_many_core::<Self>(env, None, filter, update).await).await }
+        async move {
+            let mut guard = Invalidation::new(env);
+            let result = update_many_core::<Self>(env, None, filter, update, &mut guard).await;
+            guard.run().await;
+            result
+        }
     }
 
     /// [`update_many`](Self::update_many) inside a transaction.
@@ -271,10 +292,10 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let (env, session, touched) = tx.parts();
-            remember(
-                touched,
-                update_many_core::<Self>(env, Some(session), filter, update).await,
-            )
+            let mut guard = Invalidation::new(env);
+            let result = update_many_core::<Self>(env, Some(session), filter, update, &mut guard).await;
+            touched.extend(guard.disarm());
+            result
         }
     }
 
@@ -286,14 +307,22 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// [`delete_many`](Self::delete_many) in `env`.
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move { settle(env, delete_many_core::<Self>(env, None, filter).await).await }
+        async move {
+            let mut guard = Invalidation::new(env);
+            let result = delete_many_core::<Self>(env, None, filter, &mut guard).await;
+            guard.run().await;
+            result
+        }
     }
 
     /// [`delete_many`](Self::delete_many) inside a transaction.
     fn delete_many_tx(tx: &mut Transaction, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let (env, session, touched) = tx.parts();
-            remember(touched, delete_many_core::<Self>(env, Some(session), filter).await)
+            let mut guard = Invalidation::new(env);
+            let result = delete_many_core::<Self>(env, Some(session), filter, &mut guard).await;
+            touched.extend(guard.disarm());
+            result
         }
     }
 
@@ -338,13 +367,10 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     }
 }
 
-/// A write's result, and the scope it may have changed: `Some` after a
-/// success, and after a failure whose effect is unknown or partial (a network
-/// error after the server applied it, a bulk write that stopped half-way);
-/// `None` when nothing can have been written (validation, a duplicate key).
-type Written<T> = (Result<T>, Option<Touched>);
-
-/// Whether a failed write may still have changed something.
+/// Whether a failed write may still have changed something (a network error
+/// after sending, a bulk write stopped half-way). Validation, id and
+/// serialization errors and duplicate keys are raised before anything is
+/// written.
 fn may_have_written(err: &Error) -> bool {
     !matches!(
         err,
@@ -352,65 +378,85 @@ fn may_have_written(err: &Error) -> bool {
     )
 }
 
-/// Inserts or replaces `record`.
-async fn save_core<M: Model>(record: &mut M, env: &Environment, session: Option<&mut ClientSession>) -> Written<()> {
-    if let Err(err) = record.validate() {
-        return (Err(err.into()), None);
+/// The scope a write to the record with this id touches: the record's, or
+/// the whole model's when the id has no key form.
+fn record_scope<M: Model>(id: &M::Id) -> Touched {
+    match record_key::<M>(id) {
+        Ok(key) => Touched::Record(M::COLLECTION, key),
+        Err(_) => Touched::Model(M::COLLECTION),
     }
+}
+
+/// Disarms `guard` when `result` failed before anything could be written.
+fn settled<T>(guard: &mut Invalidation, result: Result<T>) -> Result<T> {
+    if let Err(err) = &result {
+        if !may_have_written(err) {
+            guard.disarm();
+        }
+    }
+    result
+}
+
+/// Inserts or replaces `record`. The scope it touches is armed in `guard`
+/// before the write is sent.
+async fn save_core<M: Model>(
+    record: &mut M,
+    env: &Environment,
+    session: Option<&mut ClientSession>,
+    guard: &mut Invalidation,
+) -> Result<()> {
+    record.validate()?;
     let coll = M::collection_in(env);
-    let (id, result) = if let Some(id) = record.id() {
-        let id = id.clone();
-        let filter = match to_bson(&id) {
-            Ok(bson) => doc! { "_id": bson },
-            Err(err) => return (Err(err), None),
-        };
+    if let Some(id) = record.id() {
+        let filter = doc! { "_id": to_bson(id)? };
+        guard.add(record_scope::<M>(id));
         let mut replace = coll.replace_one(filter, &*record).upsert(true);
         if let Some(session) = session {
             replace = replace.session(session);
         }
-        (id, replace.await.map(|_| ()))
+        let result = replace
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::from_mongo(M::COLLECTION, e));
+        settled(guard, result)
     } else {
-        let Some(id) = <M::Id as ModelId>::generate() else {
-            let message = format!(
+        let id = <M::Id as ModelId>::generate().ok_or_else(|| {
+            Error::Id(format!(
                 "{}: this id type is not generated; set the id before saving",
                 M::COLLECTION
-            );
-            return (Err(Error::Id(message)), None);
-        };
-        record.set_id(Some(id.clone()));
+            ))
+        })?;
+        guard.add(record_scope::<M>(&id));
+        record.set_id(Some(id));
         let mut insert = coll.insert_one(&*record);
         if let Some(session) = session {
             insert = insert.session(session);
         }
-        let result = insert.await.map(|_| ());
-        if result.is_err() {
+        let result = insert
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::from_mongo(M::COLLECTION, e));
+        // Keep the id when the insert may have happened, so a retry updates
+        // that record instead of inserting a second one.
+        if matches!(&result, Err(err) if !may_have_written(err)) {
             record.set_id(None);
         }
-        (id, result)
-    };
-    let result = result.map_err(|e| Error::from_mongo(M::COLLECTION, e));
-    let touched = match &result {
-        Err(err) if !may_have_written(err) => None,
-        _ => record_key::<M>(&id).ok().map(|key| Touched::Record(M::COLLECTION, key)),
-    };
-    (result, touched)
+        settled(guard, result)
+    }
 }
 
 /// Deletes `record`; says whether it existed.
-async fn delete_core<M: Model>(record: &M, env: &Environment, session: Option<&mut ClientSession>) -> Written<bool> {
-    let Some(id) = record.id() else {
-        return (
-            Err(Error::Id(format!(
-                "{}: cannot delete a record without an id",
-                M::COLLECTION
-            ))),
-            None,
-        );
-    };
-    let filter = match to_bson(id) {
-        Ok(bson) => doc! { "_id": bson },
-        Err(err) => return (Err(err), None),
-    };
+async fn delete_core<M: Model>(
+    record: &M,
+    env: &Environment,
+    session: Option<&mut ClientSession>,
+    guard: &mut Invalidation,
+) -> Result<bool> {
+    let id = record
+        .id()
+        .ok_or_else(|| Error::Id(format!("{}: cannot delete a record without an id", M::COLLECTION)))?;
+    let filter = doc! { "_id": to_bson(id)? };
+    guard.add(record_scope::<M>(id));
     let coll = M::collection_in(env);
     let mut delete = coll.delete_one(filter);
     if let Some(session) = session {
@@ -420,8 +466,7 @@ async fn delete_core<M: Model>(record: &M, env: &Environment, session: Option<&m
         .await
         .map(|r| r.deleted_count > 0)
         .map_err(|e| Error::from_mongo(M::COLLECTION, e));
-    let touched = record_key::<M>(id).ok().map(|key| Touched::Record(M::COLLECTION, key));
-    (result, touched)
+    settled(guard, result)
 }
 
 async fn update_many_core<M: Model>(
@@ -429,48 +474,36 @@ async fn update_many_core<M: Model>(
     session: Option<&mut ClientSession>,
     filter: Document,
     update: Document,
-) -> Written<u64> {
+    guard: &mut Invalidation,
+) -> Result<u64> {
+    guard.add(Touched::Model(M::COLLECTION));
     let coll = M::collection_in(env);
     let mut action = coll.update_many(filter, update);
     if let Some(session) = session {
         action = action.session(session);
     }
-    let result = action
+    action
         .await
         .map(|r| r.modified_count)
-        .map_err(|e| Error::from_mongo(M::COLLECTION, e));
-    (result, Some(Touched::Model(M::COLLECTION)))
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }
 
 async fn delete_many_core<M: Model>(
     env: &Environment,
     session: Option<&mut ClientSession>,
     filter: Document,
-) -> Written<u64> {
+    guard: &mut Invalidation,
+) -> Result<u64> {
+    guard.add(Touched::Model(M::COLLECTION));
     let coll = M::collection_in(env);
     let mut action = coll.delete_many(filter);
     if let Some(session) = session {
         action = action.session(session);
     }
-    let result = action
+    action
         .await
         .map(|r| r.deleted_count)
-        .map_err(|e| Error::from_mongo(M::COLLECTION, e));
-    (result, Some(Touched::Model(M::COLLECTION)))
-}
-
-/// Invalidates what a plain write touched, then returns its result.
-async fn settle<T>(env: &Environment, (result, touched): Written<T>) -> Result<T> {
-    if let Some(touched) = touched {
-        invalidate(env, &[touched]).await;
-    }
-    result
-}
-
-/// Remembers what a transactional write touched, for the commit.
-fn remember<T>(touched_list: &mut Vec<Touched>, (result, touched): Written<T>) -> Result<T> {
-    touched_list.extend(touched);
-    result
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }
 
 /// The cache-scope form of an id.

@@ -29,7 +29,8 @@ pub use crate::ValidationErrors;
 pub enum Dep {
     /// Any write to this collection invalidates the value.
     Model(&'static str),
-    /// `earnorm::invalidate_tag(tag)` invalidates the value.
+    /// `earnorm::invalidate_tag(tag)` in the same environment invalidates the
+    /// value (tags, like models, are named per database).
     Tag(&'static str),
 }
 
@@ -37,7 +38,7 @@ fn add_deps(mut builder: KeyBuilder, database: &str, deps: &[Dep]) -> KeyBuilder
     for dep in deps {
         builder = match *dep {
             Dep::Model(model) => builder.scope(Scope::Model(&model_scope(database, model))),
-            Dep::Tag(tag) => builder.scope(Scope::Tag(tag)),
+            Dep::Tag(tag) => builder.scope(Scope::Tag(&model_scope(database, tag))),
         };
     }
     builder
@@ -130,7 +131,7 @@ fn key<A: Serialize + ?Sized>(
     with_current(|cache, database| {
         let namespace = match namespace {
             Namespace::Model(collection) => model_scope(database, collection),
-            Namespace::Free(module) => module.to_owned(),
+            Namespace::Free(module) => model_scope(database, module),
         };
         let builder = scope(cache.key(&namespace, name), &namespace)?;
         let builder = add_deps(builder, database, deps);

@@ -79,13 +79,19 @@ impl Transaction {
     }
 
     /// Commits, then invalidates every scope the transaction's writes touched.
+    /// If the commit fails, they are invalidated all the same: a commit whose
+    /// answer was lost may have been applied, and invalidating costs only misses.
     ///
     /// # Errors
-    /// When the commit fails; nothing is invalidated then.
+    /// When the commit fails.
     pub async fn commit(mut self) -> Result<()> {
-        self.session.commit_transaction().await.map_err(Error::Mongo)?;
-        invalidate(&self.env, &self.touched).await;
-        Ok(())
+        let mut guard = Invalidation::new(&self.env);
+        for touched in self.touched.drain(..) {
+            guard.add(touched);
+        }
+        let result = self.session.commit_transaction().await.map_err(Error::Mongo);
+        guard.run().await;
+        result
     }
 
     /// Aborts: no write is applied, nothing is invalidated.
@@ -94,6 +100,54 @@ impl Transaction {
     /// When the server cannot be told.
     pub async fn abort(mut self) -> Result<()> {
         self.session.abort_transaction().await.map_err(Error::Mongo)
+    }
+}
+
+/// Scopes a write is about to change, invalidated once it is done, and also
+/// if the caller stops waiting after the write was sent (the guard is
+/// dropped): then a task is spawned to invalidate them.
+pub(crate) struct Invalidation {
+    env: Environment,
+    touched: Vec<Touched>,
+}
+
+impl Invalidation {
+    pub(crate) fn new(env: &Environment) -> Self {
+        Self {
+            env: env.clone(),
+            touched: Vec::new(),
+        }
+    }
+
+    /// Arms the guard for `touched`; call before sending the write.
+    pub(crate) fn add(&mut self, touched: Touched) {
+        self.touched.push(touched);
+    }
+
+    /// Takes the scopes back (nothing was written, or a transaction keeps them
+    /// for its commit).
+    pub(crate) fn disarm(&mut self) -> Vec<Touched> {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Invalidates now. If this future is dropped midway, `Drop` still does.
+    pub(crate) async fn run(mut self) {
+        if !self.touched.is_empty() {
+            invalidate(&self.env, &self.touched).await;
+            self.touched.clear();
+        }
+    }
+}
+
+impl Drop for Invalidation {
+    fn drop(&mut self) {
+        if self.touched.is_empty() {
+            return;
+        }
+        let (env, touched) = (self.env.clone(), std::mem::take(&mut self.touched));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { invalidate(&env, &touched).await });
+        }
     }
 }
 
