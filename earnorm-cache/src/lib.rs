@@ -1,8 +1,11 @@
 //! # earnorm-cache
 //!
 //! A Redis cache manager for async Rust that never takes the application down
-//! and never serves a value older than an acknowledged write. It is the cache
-//! behind EarnORM's `#[cached]`, and works on its own with any data source.
+//! and does not serve a value older than a write acknowledged (and
+//! invalidated through a manager) before the read began; the one exception,
+//! a process that alone loses Redis, is described under "Invalidations that
+//! cannot be sent". It is the cache behind EarnORM's `#[cached]`, and works on
+//! its own with any data source.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -67,7 +70,11 @@
 //! outage is not served after it; and after an outage a manager serves no
 //! hits for a quarantine, until other processes have replayed theirs
 //! ([`health`]). The queue is bounded: on overflow, record invalidations fold
-//! into their models'.
+//! into their models'. The exception: while one process alone cannot reach
+//! Redis (a one-sided partition, a local timeout) and others can, those
+//! others keep serving entries its writes made stale until it reconnects and
+//! replays them; only invalidation from the database itself (change streams)
+//! can close that.
 //!
 //! **Outdated in-memory copies.** Callers that put the record's own content
 //! into the key (as `#[cached]` does for record methods, with
