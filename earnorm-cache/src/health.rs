@@ -183,9 +183,29 @@ impl Link {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        let mut budget = self.config.operation_timeout;
+        self.call_within(&mut budget, op).await
+    }
+
+    /// Like [`call`](Self::call), but bounded by what is left of `budget`
+    /// (one call's allowance for waiting on Redis across several operations),
+    /// which it reduces by the time spent. A timeout marks the link down only
+    /// when the operation had the full operation timeout.
+    pub(crate) async fn call_within<T, F, Fut>(&self, budget: &mut Duration, op: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let full = self.config.operation_timeout;
+        if budget.is_zero() {
+            return Err(CacheError::Timeout(full));
+        }
         let live = self.live()?;
-        let limit = self.config.operation_timeout;
-        match tokio::time::timeout(limit, op(live.conn)).await {
+        let limit = (*budget).min(full);
+        let start = Instant::now();
+        let outcome = tokio::time::timeout(limit, op(live.conn)).await;
+        *budget = budget.saturating_sub(start.elapsed());
+        match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
                 Counters::bump(&self.counters.errors);
@@ -198,7 +218,9 @@ impl Link {
             }
             Err(_) => {
                 Counters::bump(&self.counters.errors);
-                self.mark_down(live.id, &format!("no answer within {limit:?}"));
+                if limit == full {
+                    self.mark_down(live.id, &format!("no answer within {limit:?}"));
+                }
                 Err(CacheError::Timeout(limit))
             }
         }

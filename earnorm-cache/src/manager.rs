@@ -75,8 +75,10 @@ fn bypassed() -> bool {
 /// * **Fail open.** [`get_or_compute`](Self::get_or_compute) always returns
 ///   the computed value when the cache fails: refused, reset, timed out,
 ///   frozen, or holding a value that does not decode. No call waits on Redis
-///   longer than `operation_timeout`; while Redis is known down, calls do not
-///   wait at all. See [`crate::health`] for reconnection.
+///   longer than `operation_timeout` in all (its lookup, store and the rest
+///   share one allowance); while Redis is known down, calls do not wait at
+///   all. (Waiting for another caller's computation of the same key is not
+///   waiting on Redis.) See [`crate::health`] for reconnection.
 /// * **No stale sets.** A value is stored only if no write invalidated its
 ///   scopes since its computation began.
 /// * **Single flight.** Concurrent misses on one key compute once per process.
@@ -238,9 +240,11 @@ impl CacheManager {
         }
         let ttl = ttl.unwrap_or(link.config.ttl);
         let began = Instant::now();
+        // What this call may spend waiting on Redis, across all its operations.
+        let mut budget = link.config.operation_timeout;
         let mut lead = None;
         for _ in 0..MAX_ROUNDS {
-            let generations = match self.lookup(key).await {
+            let generations = match self.lookup(key, &mut budget).await {
                 Lookup::Hit(bytes, generations) => {
                     match Envelope::open(&bytes).and_then(|env| O::decode(env.payload)) {
                         Ok(value) => {
@@ -249,7 +253,7 @@ impl CacheManager {
                             return value;
                         }
                         Err(err) => {
-                            self.discard(key, &err).await;
+                            self.discard(key, &err, &mut budget).await;
                             Some(generations)
                         }
                     }
@@ -294,7 +298,7 @@ impl CacheManager {
         // this computation knows.
         let generations = match generations {
             Some(mut generations) if generations.iter().any(Option::is_none) => {
-                match self.create_generations(key, &mut generations).await {
+                match self.create_generations(key, &mut generations, &mut budget).await {
                     Ok(()) => Some(generations),
                     Err(_) => None,
                 }
@@ -317,7 +321,10 @@ impl CacheManager {
         };
         let store_sent = Instant::now();
         let outcome = match generations {
-            Some(generations) => match self.store(key, Expected::Seen(&generations), &payload, ttl).await {
+            Some(generations) => match self
+                .store(key, Expected::Seen(&generations), &payload, ttl, &mut budget)
+                .await
+            {
                 Ok(true) if serving_before && link.is_serving() => Outcome::Stored(payload.into(), store_sent),
                 Ok(true) => Outcome::Computed(payload.into()),
                 // An invalidation happened during the computation: the value
@@ -332,13 +339,15 @@ impl CacheManager {
     }
 
     /// Reads the value and its generations in one `MGET`.
-    async fn lookup(&self, key: &CacheKey) -> Lookup {
+    async fn lookup(&self, key: &CacheKey, budget: &mut Duration) -> Lookup {
         let mut cmd = redis::cmd("MGET");
         cmd.arg(&key.value).arg(&key.generations);
         let expected = 1 + key.generations.len();
         match self
             .link()
-            .call(|mut conn| async move { cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await })
+            .call_within(budget, |mut conn| async move {
+                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
+            })
             .await
         {
             Ok(mut values) if values.len() == expected => {
@@ -350,7 +359,7 @@ impl CacheManager {
                         // Superseded by a write: ignored, it expires by its TTL.
                         Ok(_) => Lookup::Miss(values),
                         Err(err) => {
-                            self.discard(key, &err).await;
+                            self.discard(key, &err, budget).await;
                             Lookup::Miss(values)
                         }
                     },
@@ -364,7 +373,12 @@ impl CacheManager {
     /// Creates the absent generations among `generations` (`SET NX GET`, one
     /// round trip) and fills in their tokens: ours, or the one another caller
     /// created first.
-    async fn create_generations(&self, key: &CacheKey, generations: &mut [Option<Vec<u8>>]) -> Result<(), CacheError> {
+    async fn create_generations(
+        &self,
+        key: &CacheKey,
+        generations: &mut [Option<Vec<u8>>],
+        budget: &mut Duration,
+    ) -> Result<(), CacheError> {
         let ttl_ms = expiry_ms(generation_ttl(self.config()));
         let mut pipe = redis::pipe();
         let mut fresh = Vec::new();
@@ -383,7 +397,7 @@ impl CacheManager {
         }
         let previous: Vec<Option<Vec<u8>>> = self
             .link()
-            .call(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .call_within(budget, |mut conn| async move { pipe.query_async(&mut conn).await })
             .await?;
         let mut answers = fresh.into_iter().zip(previous);
         for token in generations.iter_mut().filter(|t| t.is_none()) {
@@ -394,10 +408,10 @@ impl CacheManager {
     }
 
     /// Removes a value that does not decode, counting it.
-    async fn discard(&self, key: &CacheKey, err: &CacheError) {
+    async fn discard(&self, key: &CacheKey, err: &CacheError, budget: &mut Duration) {
         Counters::bump(&self.link().counters.decode_errors);
         debug!(key = key.as_str(), error = %err, "removing a cached value that does not decode");
-        let _ = self.delete(key).await;
+        let _ = self.delete_within(key, budget).await;
     }
 
     /// Stores through the compare-and-set script.
@@ -407,6 +421,7 @@ impl CacheManager {
         expected: Expected<'_>,
         payload: &[u8],
         ttl: Duration,
+        budget: &mut Duration,
     ) -> Result<bool, CacheError> {
         let link = self.link();
         let ttl_ms = expiry_ms(ttl);
@@ -436,7 +451,10 @@ impl CacheManager {
             }
         }
         let stored: i64 = link
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .call_within(
+                budget,
+                |mut conn| async move { invocation.invoke_async(&mut conn).await },
+            )
             .await?;
         if stored == 1 {
             Counters::bump(&link.counters.sets);
@@ -456,14 +474,15 @@ impl CacheManager {
     /// When the cache is disabled, unavailable, or fails. A value that does
     /// not decode is removed and reported as `Ok(None)`.
     pub async fn get<T: DeserializeOwned>(&self, key: &CacheKey) -> Result<Option<T>, CacheError> {
-        match self.lookup(key).await {
+        let mut budget = self.config().operation_timeout;
+        match self.lookup(key, &mut budget).await {
             Lookup::Hit(bytes, _) => match Envelope::open(&bytes).and_then(|env| codec::decode(env.payload)) {
                 Ok(value) => {
                     Counters::bump(&self.link().counters.hits);
                     Ok(Some(value))
                 }
                 Err(err) => {
-                    self.discard(key, &err).await;
+                    self.discard(key, &err, &mut budget).await;
                     Ok(None)
                 }
             },
@@ -490,7 +509,10 @@ impl CacheManager {
     ) -> Result<(), CacheError> {
         let payload = codec::encode(value)?;
         let ttl = ttl.unwrap_or(self.config().ttl);
-        self.store(key, Expected::Any, &payload, ttl).await.map(|_| ())
+        let mut budget = self.config().operation_timeout;
+        self.store(key, Expected::Any, &payload, ttl, &mut budget)
+            .await
+            .map(|_| ())
     }
 
     /// Deletes one value. Returns whether it existed.
@@ -498,11 +520,16 @@ impl CacheManager {
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn delete(&self, key: &CacheKey) -> Result<bool, CacheError> {
+        let mut budget = self.config().operation_timeout;
+        self.delete_within(key, &mut budget).await
+    }
+
+    async fn delete_within(&self, key: &CacheKey, budget: &mut Duration) -> Result<bool, CacheError> {
         let mut cmd = redis::cmd("UNLINK");
         cmd.arg(&key.value);
         let removed: u64 = self
             .link()
-            .call(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .call_within(budget, |mut conn| async move { cmd.query_async(&mut conn).await })
             .await?;
         Ok(removed > 0)
     }
