@@ -45,7 +45,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::backoff::{random_unit, Backoff};
-use crate::invalidate::Pending;
+use crate::invalidate::{self, Batch, Pending, Via};
 use crate::redact::redact_url;
 use crate::stats::{ConnectionStatus, Counters};
 use crate::{CacheConfig, CacheError};
@@ -312,7 +312,8 @@ impl Link {
         if recorded.as_deref() == Some(run_id.as_str()) {
             return Ok(());
         }
-        let replaced = crate::invalidate::replace_all_generations(conn.clone(), &self.config).await?;
+        let pattern = invalidate::generations_pattern(&self.config.prefix);
+        let replaced = invalidate::scan(Via::Connection(conn.clone()), &self.config, &pattern, Batch::Replace).await?;
         if replaced > 0 {
             info!(url = %self.url, replaced, "Redis restarted: replaced every generation in case old values were reloaded");
         }

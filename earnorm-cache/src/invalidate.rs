@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::health::Link;
 use crate::stats::Counters;
 use crate::token::new_token;
-use crate::CacheConfig;
+use crate::{CacheConfig, CacheError};
 
 /// Most generation keys remembered while Redis is unavailable before record
 /// generations are folded into their models'.
@@ -100,40 +100,85 @@ pub(crate) fn generation_pipeline(config: &CacheConfig, keys: &[String]) -> redi
     pipe
 }
 
-/// Gives every generation under the prefix a fresh token, finding them with
-/// `SCAN` (each command bounded by the operation timeout). Used when Redis
-/// may have reloaded old data; its cost grows with the keyspace.
-pub(crate) async fn replace_all_generations(
-    mut conn: redis::aio::MultiplexedConnection,
-    config: &CacheConfig,
-) -> Result<u64, crate::CacheError> {
-    let pattern = format!("{}g:*", crate::escape_glob(&config.prefix));
-    let limit = config.operation_timeout;
-    fn bounded<T>(
-        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-        limit: Duration,
-    ) -> Result<T, crate::CacheError> {
-        match result {
-            Ok(inner) => inner.map_err(crate::CacheError::Redis),
-            Err(_) => Err(crate::CacheError::Timeout(limit)),
+/// What a scan does with each batch of keys it finds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Batch {
+    /// `UNLINK` them.
+    Unlink,
+    /// Give each (a generation) a fresh token.
+    Replace,
+}
+
+/// Where a scan sends its commands, each bounded by the operation timeout.
+pub(crate) enum Via<'a> {
+    /// The live connection; failures mark it down.
+    Link(&'a Link),
+    /// A connection not yet published (while reconnecting).
+    Connection(redis::aio::MultiplexedConnection),
+}
+
+impl Via<'_> {
+    async fn run<T: redis::FromRedisValue>(
+        &mut self,
+        config: &CacheConfig,
+        pipe: redis::Pipeline,
+    ) -> Result<T, CacheError> {
+        match self {
+            Via::Link(link) => {
+                link.call(|mut conn| async move { pipe.query_async(&mut conn).await })
+                    .await
+            }
+            Via::Connection(conn) => {
+                let limit = config.operation_timeout;
+                match tokio::time::timeout(limit, pipe.query_async(conn)).await {
+                    Ok(result) => result.map_err(CacheError::Redis),
+                    Err(_) => Err(CacheError::Timeout(limit)),
+                }
+            }
         }
     }
-    let (mut cursor, mut replaced) = (0u64, 0u64);
+}
+
+/// The glob matching every generation under `prefix`.
+pub(crate) fn generations_pattern(prefix: &str) -> String {
+    format!("{}g:*", crate::escape_glob(prefix))
+}
+
+/// `SCAN`s for `pattern` (a complete glob) in batches and applies `action`
+/// to each; returns how many keys it acted on. Never `KEYS`; its cost grows
+/// with the keyspace, so it serves administration and recovery only.
+pub(crate) async fn scan(
+    mut via: Via<'_>,
+    config: &CacheConfig,
+    pattern: &str,
+    action: Batch,
+) -> Result<u64, CacheError> {
+    let (mut cursor, mut count) = (0u64, 0u64);
     loop {
-        let mut scan = redis::cmd("SCAN");
-        scan.arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000);
-        let (next, keys): (u64, Vec<String>) =
-            bounded(tokio::time::timeout(limit, scan.query_async(&mut conn)).await, limit)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000);
+        let ((next, keys),): ((u64, Vec<String>),) = via.run(config, pipe).await?;
         if !keys.is_empty() {
-            let pipe = generation_pipeline(config, &keys);
-            bounded(
-                tokio::time::timeout(limit, pipe.query_async::<()>(&mut conn)).await,
-                limit,
-            )?;
-            replaced += keys.len() as u64;
+            count += match action {
+                Batch::Unlink => {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("UNLINK").arg(&keys);
+                    let (unlinked,): (u64,) = via.run(config, pipe).await?;
+                    unlinked
+                }
+                Batch::Replace => {
+                    via.run::<()>(config, generation_pipeline(config, &keys)).await?;
+                    keys.len() as u64
+                }
+            };
         }
         if next == 0 {
-            return Ok(replaced);
+            return Ok(count);
         }
         cursor = next;
     }

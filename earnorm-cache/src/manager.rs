@@ -12,7 +12,7 @@ use tracing::{debug, trace, warn};
 use crate::codec::{self, Envelope, Output};
 use crate::flight::{Flights, Next, Outcome, Role};
 use crate::health::{supervise, Link};
-use crate::invalidate::{expiry_ms, generation_pipeline, generation_ttl};
+use crate::invalidate::{expiry_ms, generation_ttl, generations_pattern, scan, Batch, Via};
 use crate::key::{escape_glob, CacheKey, KeyBuilder, Scope};
 use crate::stats::{CacheStats, ConnectionStatus, Counters};
 use crate::token::new_token;
@@ -567,8 +567,8 @@ impl CacheManager {
     pub async fn invalidate_all(&self) -> Result<u64, CacheError> {
         self.inner.flights.clear();
         Counters::bump(&self.link().counters.invalidations);
-        self.scan(&format!("{}g:*", escape_glob(&self.config().prefix)), Batch::Replace)
-            .await
+        let pattern = generations_pattern(&self.config().prefix);
+        scan(Via::Link(self.link()), self.config(), &pattern, Batch::Replace).await
     }
 
     /// Deletes every key under this manager's prefix that matches `pattern`
@@ -584,49 +584,9 @@ impl CacheManager {
     /// before the failure stay deleted).
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
         let full = format!("{}{}", escape_glob(&self.config().prefix), pattern);
-        let deleted = self.scan(&full, Batch::Unlink).await?;
+        let deleted = scan(Via::Link(self.link()), self.config(), &full, Batch::Unlink).await?;
         debug!(pattern = %full, deleted, "pattern deletion");
         Ok(deleted)
-    }
-
-    /// `SCAN`s for `pattern` (a complete glob) and applies `action` to each
-    /// batch; returns how many keys it acted on.
-    async fn scan(&self, pattern: &str, action: Batch) -> Result<u64, CacheError> {
-        let mut cursor: u64 = 0;
-        let mut count = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1000);
-            let (next, keys): (u64, Vec<String>) = self
-                .link()
-                .call(|mut conn| async move { scan.query_async(&mut conn).await })
-                .await?;
-            if !keys.is_empty() {
-                let pipe = match action {
-                    Batch::Unlink => {
-                        let mut pipe = redis::pipe();
-                        pipe.cmd("UNLINK").arg(&keys);
-                        pipe
-                    }
-                    Batch::Replace => generation_pipeline(self.config(), &keys),
-                };
-                let done: Vec<redis::Value> = self
-                    .link()
-                    .call(|mut conn| async move { pipe.query_async(&mut conn).await })
-                    .await?;
-                count += match action {
-                    Batch::Unlink => done
-                        .first()
-                        .and_then(|v| redis::from_redis_value_ref::<u64>(v).ok())
-                        .unwrap_or(0),
-                    Batch::Replace => keys.len() as u64,
-                };
-            }
-            if next == 0 {
-                return Ok(count);
-            }
-            cursor = next;
-        }
     }
 
     fn unavailable(&self) -> CacheError {
@@ -636,13 +596,6 @@ impl CacheManager {
             CacheError::Disabled
         }
     }
-}
-
-/// What [`CacheManager::scan`] does with each batch of keys.
-#[derive(Debug, Clone, Copy)]
-enum Batch {
-    Unlink,
-    Replace,
 }
 
 /// The generations a store expects to find.

@@ -82,63 +82,75 @@ fn parse<'a>(cx: &Ctxt, input: &'a DeriveInput) -> Option<Container<'a>> {
 
 fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> Option<LitStr> {
     let mut collection: Option<LitStr> = None;
-    for attr in &input.attrs {
-        if attr.path().is_ident("serde") {
-            for meta in serde_metas(attr) {
-                if meta.path().is_ident("rename_all") {
-                    cx.error_spanned_by(
-                        meta,
-                        "earnorm does not support `#[serde(rename_all)]` on models yet; rename fields one by one",
-                    );
+    for meta in serde_items(&input.attrs) {
+        if meta.path().is_ident("rename_all") {
+            cx.error_spanned_by(
+                meta,
+                "earnorm does not support `#[serde(rename_all)]` on models yet; rename fields one by one",
+            );
+        }
+    }
+    for_each_earnorm_item(cx, &input.attrs, |key, meta| {
+        match key.to_string().as_str() {
+            "collection" => {
+                let value: Expr = meta.value()?.parse()?;
+                match value {
+                    Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => {
+                        if lit.value().is_empty() {
+                            cx.error_spanned_by(&lit, "the collection name must not be empty");
+                        } else if collection.is_some() {
+                            cx.error_spanned_by(&key, "duplicate earnorm attribute `collection`");
+                        } else {
+                            collection = Some(lit);
+                        }
+                    }
+                    other => cx.error_spanned_by(
+                        other,
+                        "`collection` must be a string literal, like collection = \"users\"",
+                    ),
                 }
             }
-            continue;
+            other => cx.error_spanned_by(
+                &key,
+                format!("unknown earnorm attribute `{other}` on a struct (expected `collection`)"),
+            ),
         }
-        if !attr.path().is_ident("earnorm") {
-            continue;
-        }
+        Ok(())
+    });
+    collection
+}
+
+/// The `key`, `key = value` and `key(..)` items of every `#[serde(..)]`
+/// attribute in `attrs`.
+fn serde_items(attrs: &[syn::Attribute]) -> impl Iterator<Item = Meta> + '_ {
+    attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("serde"))
+        .flat_map(|attr| {
+            attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)
+                .map(|p| p.into_iter().collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+}
+
+/// Calls `f` with the key and the rest of every item of every
+/// `#[earnorm(..)]` attribute in `attrs`, reporting malformed items.
+fn for_each_earnorm_item(
+    cx: &Ctxt,
+    attrs: &[syn::Attribute],
+    mut f: impl FnMut(Ident, syn::meta::ParseNestedMeta<'_>) -> syn::Result<()>,
+) {
+    for attr in attrs.iter().filter(|attr| attr.path().is_ident("earnorm")) {
         let result = attr.parse_nested_meta(|meta| {
             let Some(key) = meta.path.get_ident().cloned() else {
                 return Err(meta.error("unknown earnorm attribute"));
             };
-            match key.to_string().as_str() {
-                "collection" => {
-                    let value: Expr = meta.value()?.parse()?;
-                    match value {
-                        Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => {
-                            if lit.value().is_empty() {
-                                cx.error_spanned_by(&lit, "the collection name must not be empty");
-                            } else if collection.is_some() {
-                                cx.error_spanned_by(&key, "duplicate earnorm attribute `collection`");
-                            } else {
-                                collection = Some(lit);
-                            }
-                        }
-                        other => cx.error_spanned_by(
-                            other,
-                            "`collection` must be a string literal, like collection = \"users\"",
-                        ),
-                    }
-                }
-                other => cx.error_spanned_by(
-                    &key,
-                    format!("unknown earnorm attribute `{other}` on a struct (expected `collection`)"),
-                ),
-            }
-            Ok(())
+            f(key, meta)
         });
         if let Err(err) = result {
             cx.syn_error(err);
         }
     }
-    collection
-}
-
-/// The `key`, `key = value` and `key(..)` items of a `#[serde(..)]` attribute.
-fn serde_metas(attr: &syn::Attribute) -> Vec<Meta> {
-    attr.parse_args_with(Punctuated::<Meta, Token![,]>::parse_terminated)
-        .map(|p| p.into_iter().collect())
-        .unwrap_or_default()
 }
 
 fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
@@ -158,35 +170,25 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
         max: None,
         pattern: None,
     };
-    for attr in &field.attrs {
-        if attr.path().is_ident("serde") {
-            for meta in serde_metas(attr) {
-                if let Meta::NameValue(nv) = meta {
-                    if nv.path.is_ident("rename") {
-                        if let Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) = &nv.value {
-                            out.bson_name = s.value();
-                        }
-                    }
+    for meta in serde_items(&field.attrs) {
+        if let Meta::NameValue(nv) = meta {
+            if nv.path.is_ident("rename") {
+                if let Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) = &nv.value {
+                    out.bson_name = s.value();
                 }
             }
-            continue;
         }
-        if !attr.path().is_ident("earnorm") {
-            continue;
-        }
-        let result = attr.parse_nested_meta(|meta| {
-            let Some(key) = meta.path.get_ident().cloned() else {
-                return Err(meta.error("unknown earnorm attribute"));
-            };
-            let name = key.to_string();
-            let flag = |slot: &mut Option<Ident>| {
-                if slot.is_some() {
-                    cx.error_spanned_by(&key, format!("duplicate earnorm attribute `{name}`"));
-                } else {
-                    *slot = Some(key.clone());
-                }
-            };
-            match name.as_str() {
+    }
+    for_each_earnorm_item(cx, &field.attrs, |key, meta| {
+        let name = key.to_string();
+        let flag = |slot: &mut Option<Ident>| {
+            if slot.is_some() {
+                cx.error_spanned_by(&key, format!("duplicate earnorm attribute `{name}`"));
+            } else {
+                *slot = Some(key.clone());
+            }
+        };
+        match name.as_str() {
                 "id" => flag(&mut out.id),
                 "required" => flag(&mut out.required),
                 "email" => flag(&mut out.email),
@@ -242,12 +244,8 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
                     ),
                 ),
             }
-            Ok(())
-        });
-        if let Err(err) = result {
-            cx.syn_error(err);
-        }
-    }
+        Ok(())
+    });
     Some(out)
 }
 

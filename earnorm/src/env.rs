@@ -150,22 +150,13 @@ pub fn cache() -> CacheManager {
     current_cache().unwrap_or_else(|| CacheManager::disabled(earnorm_cache::CacheConfig::default()))
 }
 
-/// Runs `f` on the current environment's cache and database name, without
-/// cloning the environment.
+/// Runs `f` on the current environment's cache and database name.
 pub(crate) fn with_current<T>(f: impl FnOnce(&CacheManager, &str) -> T) -> Option<T> {
-    let mut f = Some(f);
-    let mut call = |env: &Environment| f.take().map(|f| f(&env.inner.cache, env.inner.database.name()));
-    if let Ok(out) = CURRENT.try_with(|env| call(env)) {
-        return out;
-    }
-    DEFAULT
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .and_then(call)
+    let env = Environment::current().ok()?;
+    Some(f(&env.inner.cache, env.inner.database.name()))
 }
 
-/// The current environment's cache, without cloning the environment.
+/// The current environment's cache.
 pub(crate) fn current_cache() -> Option<CacheManager> {
     with_current(|cache, _| cache.clone())
 }
