@@ -30,6 +30,18 @@ impl Backoff {
     }
 }
 
+impl Backoff {
+    /// The longest pause a reconnection round of `attempts` attempts can
+    /// contain: the last step's nominal length (steps never reach a cap
+    /// larger than it), stretched by the largest jitter.
+    pub(crate) fn longest_step(&self, attempts: u32) -> Duration {
+        if attempts < 2 {
+            return Duration::ZERO;
+        }
+        self.delay(attempts - 2, 1.0)
+    }
+}
+
 /// A random number in `[0, 1)` from the process's randomly seeded hasher.
 /// Good enough to spread reconnection storms; not for anything secret.
 pub(crate) fn random_unit() -> f64 {
@@ -54,6 +66,19 @@ mod tests {
         assert_eq!(b.delay(3, 0.5), Duration::from_millis(800));
         assert_eq!(b.delay(4, 0.5), Duration::from_secs(1));
         assert_eq!(b.delay(200, 0.5), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_longest_step_is_the_last_one_a_round_takes() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+            jitter: 0.2,
+        };
+        assert_eq!(b.longest_step(1), Duration::ZERO, "one attempt: no pause");
+        assert_eq!(b.longest_step(2), Duration::from_millis(120));
+        assert_eq!(b.longest_step(4), Duration::from_millis(480));
+        assert_eq!(b.longest_step(40), Duration::from_secs(36), "capped, then stretched");
     }
 
     #[test]

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::backoff::Backoff;
+use crate::CacheError;
+
 /// How the cache behaves: key prefix, default TTL, reconnection and time limits.
 ///
 /// Constructible as a struct literal with `..Default::default()`, and
@@ -25,10 +28,13 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Default time to live of a cached value when a call does not give one.
+    /// At least 1 ms.
     #[serde(with = "seconds")]
     pub ttl: Duration,
     /// Prefix of every key this manager reads or writes. Keys outside it are
-    /// never touched, so several applications can share one Redis.
+    /// never touched, so several applications can share one Redis. It must
+    /// not be empty; a `:` is added when it does not end with one, so that
+    /// `"app"` never reaches another application's `apple:1`.
     pub prefix: String,
     /// Connection attempts per reconnection round before waiting for the next
     /// health check.
@@ -42,15 +48,28 @@ pub struct CacheConfig {
     /// Random spread applied to each back-off step, as a fraction (0.0 to 1.0):
     /// 0.2 means each step lasts between 80% and 120% of its nominal length.
     pub jitter: f64,
-    /// How often a connected cache is pinged, and how often a disconnected one
-    /// starts a new reconnection round. It never gives up.
+    /// How often a disconnected cache starts a new reconnection round (it
+    /// never gives up), and the longest pause between two health checks of a
+    /// connected one. At least 10 ms.
     #[serde(with = "seconds")]
     pub health_check_interval: Duration,
-    /// Longest time any single cache operation may take before the call falls
-    /// back to computing its value. A timeout marks the connection down.
+    /// How often a connected cache announces itself in Redis (a heartbeat,
+    /// which is also its health check). Managers sharing a prefix serve no
+    /// hits while one of them has missed its heartbeats, because it may hold
+    /// invalidations it could not send. At least 10 ms.
+    #[serde(with = "seconds")]
+    pub heartbeat_interval: Duration,
+    /// Longest time a call waits for another caller's computation of the same
+    /// key before computing its own value.
+    #[serde(with = "seconds")]
+    pub lease_wait: Duration,
+    /// Longest time a call may wait on Redis in all (its lookup, store and
+    /// the rest share it) before it falls back to computing its value. A
+    /// timeout marks the connection down. At least 1 ms.
     #[serde(with = "seconds")]
     pub operation_timeout: Duration,
-    /// Longest time one connection attempt (TCP, TLS, handshake) may take.
+    /// Longest time one connection attempt (TCP, TLS, handshake, checks) may
+    /// take. At least 1 ms.
     #[serde(with = "seconds")]
     pub connect_timeout: Duration,
     /// Whether caching is on at all. Off: every call computes its value.
@@ -67,9 +86,81 @@ impl Default for CacheConfig {
             max_retry_delay: Duration::from_secs(30),
             jitter: 0.2,
             health_check_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_millis(500),
+            lease_wait: Duration::from_secs(1),
             operation_timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(2),
             enabled: true,
+        }
+    }
+}
+
+/// Shortest operation, connection and TTL settings accepted.
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+/// Shortest health-check and heartbeat intervals accepted: shorter ones
+/// would flood Redis with checks and a dead Redis with reconnections.
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+impl CacheConfig {
+    /// Checks that the settings can work; [`CacheManager::connect`] refuses
+    /// those that cannot.
+    ///
+    /// # Errors
+    /// [`CacheError::InvalidConfig`] naming the first setting at fault.
+    ///
+    /// [`CacheManager::connect`]: crate::CacheManager::connect
+    pub fn validate(&self) -> Result<(), CacheError> {
+        let invalid = |field: &'static str, reason: String| Err(CacheError::InvalidConfig { field, reason });
+        if self.prefix.is_empty() {
+            return invalid(
+                "prefix",
+                "must not be empty: it keeps other applications' keys out of reach".into(),
+            );
+        }
+        for (field, value, min) in [
+            ("ttl", self.ttl, MIN_TIMEOUT),
+            ("operation_timeout", self.operation_timeout, MIN_TIMEOUT),
+            ("connect_timeout", self.connect_timeout, MIN_TIMEOUT),
+            ("health_check_interval", self.health_check_interval, MIN_INTERVAL),
+            ("heartbeat_interval", self.heartbeat_interval, MIN_INTERVAL),
+        ] {
+            if value < min {
+                return invalid(field, format!("{value:?} is below the minimum of {min:?}"));
+            }
+        }
+        if self.max_retry_delay < self.retry_delay {
+            return invalid(
+                "max_retry_delay",
+                format!(
+                    "{:?} is below retry_delay ({:?})",
+                    self.max_retry_delay, self.retry_delay
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return invalid(
+                "jitter",
+                format!("{} is not a fraction between 0.0 and 1.0", self.jitter),
+            );
+        }
+        Ok(())
+    }
+
+    /// The prefix as used in keys: the configured one, ending in `:`.
+    pub(crate) fn namespace(&self) -> String {
+        if self.prefix.ends_with(':') {
+            self.prefix.clone()
+        } else {
+            format!("{}:", self.prefix)
+        }
+    }
+
+    /// The back-off schedule of reconnection attempts.
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.retry_delay,
+            max_delay: self.max_retry_delay,
+            jitter: self.jitter,
         }
     }
 }

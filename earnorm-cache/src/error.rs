@@ -19,6 +19,14 @@ pub enum CacheError {
         /// Why it was refused.
         reason: String,
     },
+    /// A [`CacheConfig`](crate::CacheConfig) setting cannot work.
+    #[error("invalid cache setting `{field}`: {reason}")]
+    InvalidConfig {
+        /// The setting at fault.
+        field: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
     /// `CacheManager::connect` was called outside a Tokio runtime (with its
     /// time driver enabled), which the background reconnection needs.
     #[error("the cache needs a Tokio runtime with timers enabled (tokio::main, or Builder::enable_all)")]

@@ -18,10 +18,17 @@
 //! starts after it. A result that is not cached at all (an `Err`, a `None`)
 //! is `Uncacheable`: followers then compute their
 //! own at once rather than queue behind one another.
+//!
+//! A follower's wait is bounded twice: it waits for the leader's
+//! computation at most until its deadline (`lease_wait` after the call
+//! began: a leader that is slow, or whose future is kept but never polled,
+//! holds nobody longer), and for the leader's store, which is waiting on
+//! Redis, at most what is left of its own Redis allowance. Either way, past
+//! the bound it computes its own value.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -51,10 +58,21 @@ pub(crate) enum Next {
     Compute,
 }
 
-/// One flight: its outcome channel and when its leader started.
+/// Where a flight stands.
+#[derive(Debug, Clone)]
+enum Stage {
+    /// The leader is computing.
+    Computing,
+    /// The leader has its value and is storing it.
+    Storing,
+    /// The leader is done.
+    Done(Outcome),
+}
+
+/// One flight: its stage channel and when its leader started.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    tx: watch::Sender<Option<Outcome>>,
+    tx: watch::Sender<Stage>,
     started: Instant,
 }
 
@@ -76,17 +94,43 @@ pub(crate) enum Role<'a> {
 /// A caller waiting for a leader.
 #[derive(Debug)]
 pub(crate) struct Follower {
-    rx: watch::Receiver<Option<Outcome>>,
+    rx: watch::Receiver<Stage>,
     leader_started: Instant,
 }
 
 impl Follower {
-    /// Waits for the leader; says whether this caller, which began at
-    /// `began`, may use its payload.
-    pub(crate) async fn wait(mut self, began: Instant) -> Next {
-        let outcome = match self.rx.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().unwrap_or(Outcome::Retry),
-            Err(_) => Outcome::Retry,
+    /// Waits for the leader's computation until `deadline`, then for its
+    /// store within `budget` (reduced by the time spent); says whether this
+    /// caller, which began at `began`, may use its payload.
+    pub(crate) async fn wait(mut self, began: Instant, deadline: Instant, budget: &mut Duration) -> Next {
+        let computed = tokio::time::timeout_at(
+            deadline.into(),
+            self.rx.wait_for(|stage| !matches!(stage, Stage::Computing)),
+        )
+        .await
+        .map(|waited| waited.map(|stage| Stage::clone(&stage)));
+        let stage = match computed {
+            Err(_) => return Next::Compute,
+            Ok(Err(_)) => return Next::Retry,
+            Ok(Ok(stage)) => stage,
+        };
+        let outcome = match stage {
+            Stage::Done(outcome) => outcome,
+            Stage::Computing | Stage::Storing => {
+                let start = Instant::now();
+                let stored = tokio::time::timeout(*budget, self.rx.wait_for(|stage| matches!(stage, Stage::Done(_))))
+                    .await
+                    .map(|waited| waited.map(|stage| Stage::clone(&stage)));
+                *budget = budget.saturating_sub(start.elapsed());
+                match stored {
+                    Err(_) => return Next::Compute,
+                    Ok(Err(_)) => return Next::Retry,
+                    Ok(Ok(stage)) => match stage {
+                        Stage::Done(outcome) => outcome,
+                        Stage::Computing | Stage::Storing => Outcome::Retry,
+                    },
+                }
+            }
         };
         match outcome {
             Outcome::Stored(payload, sent) if began < sent => Next::Use(payload),
@@ -108,7 +152,7 @@ impl Flights {
             });
         }
         let slot = Arc::new(Slot {
-            tx: watch::Sender::new(None),
+            tx: watch::Sender::new(Stage::Computing),
             started: Instant::now(),
         });
         map.insert(key.to_owned(), Arc::clone(&slot));
@@ -144,6 +188,12 @@ pub(crate) struct Leader<'a> {
 }
 
 impl Leader<'_> {
+    /// Tells followers the value is computed and being stored: from now on
+    /// they wait on Redis, within their own allowance.
+    pub(crate) fn storing(&self) {
+        self.slot.tx.send_replace(Stage::Storing);
+    }
+
     /// Hands the outcome to every follower and ends the flight.
     pub(crate) fn complete(mut self, outcome: Outcome) {
         self.finish(outcome);
@@ -162,7 +212,7 @@ impl Leader<'_> {
                 map.remove(&self.key);
             }
         }
-        self.slot.tx.send_replace(Some(outcome));
+        self.slot.tx.send_replace(Stage::Done(outcome));
     }
 }
 
@@ -187,6 +237,14 @@ mod tests {
         }
     }
 
+    /// Waits with generous bounds.
+    async fn wait(follower: Follower, began: Instant) -> Next {
+        let mut budget = Duration::from_secs(5);
+        follower
+            .wait(began, Instant::now() + Duration::from_secs(5), &mut budget)
+            .await
+    }
+
     fn follow(flights: &Flights) -> Follower {
         match flights.join("k") {
             Role::Follower(follower) => follower,
@@ -203,9 +261,9 @@ mod tests {
         let sent = Instant::now();
         let after_store = Instant::now();
         leader.complete(Outcome::Stored(payload(), sent));
-        assert!(matches!(early.wait(began).await, Next::Use(v) if &*v == b"v"));
+        assert!(matches!(wait(early, began).await, Next::Use(v) if &*v == b"v"));
         assert!(
-            matches!(late.wait(after_store).await, Next::Retry),
+            matches!(wait(late, after_store).await, Next::Retry),
             "began after the store was sent"
         );
         assert_eq!(flights.len(), 0);
@@ -220,11 +278,11 @@ mod tests {
         let (a, b) = (follow(&flights), follow(&flights));
         leader.complete(Outcome::Computed(payload()));
         assert!(
-            matches!(a.wait(early).await, Next::Use(_)),
+            matches!(wait(a, early).await, Next::Use(_)),
             "began before the leader: fresh enough"
         );
         assert!(
-            matches!(b.wait(late).await, Next::Retry),
+            matches!(wait(b, late).await, Next::Retry),
             "began after the leader started"
         );
     }
@@ -235,7 +293,7 @@ mod tests {
         let leader = lead(&flights);
         let follower = follow(&flights);
         leader.complete(Outcome::Uncacheable);
-        assert!(matches!(follower.wait(Instant::now()).await, Next::Compute));
+        assert!(matches!(wait(follower, Instant::now()).await, Next::Compute));
     }
 
     #[tokio::test]
@@ -246,10 +304,32 @@ mod tests {
         flights.clear();
         let second = lead(&flights);
         drop(leader);
-        assert!(matches!(follower.wait(Instant::now()).await, Next::Retry));
+        assert!(matches!(wait(follower, Instant::now()).await, Next::Retry));
         // The old leader did not remove the new flight.
         assert_eq!(flights.len(), 1);
         drop(second);
         assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_follower_waits_for_the_computation_until_its_deadline_and_for_the_store_within_its_budget() {
+        let flights = Flights::default();
+        let leader = lead(&flights);
+        let follower = follow(&flights);
+        let mut budget = Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_millis(30);
+        assert!(matches!(
+            follower.wait(Instant::now(), deadline, &mut budget).await,
+            Next::Compute
+        ));
+        leader.storing();
+        let follower = follow(&flights);
+        let mut budget = Duration::from_millis(30);
+        let far = Instant::now() + Duration::from_secs(5);
+        assert!(matches!(
+            follower.wait(Instant::now(), far, &mut budget).await,
+            Next::Compute
+        ));
+        assert!(budget.is_zero(), "the wait for the store came out of the budget");
     }
 }

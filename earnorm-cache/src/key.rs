@@ -1,6 +1,7 @@
 //! Cache keys, the scopes a value depends on, and glob escaping.
 //!
-//! Every key lives under the manager's prefix `P`:
+//! Every key lives under the manager's prefix `P` (the configured prefix,
+//! ending in `:`):
 //!
 //! | key                     | holds                                             |
 //! |-------------------------|---------------------------------------------------|
@@ -9,6 +10,9 @@
 //! | `P g:m:MODEL`           | generation of every record of a model (bulk writes) |
 //! | `P g:q:MODEL`           | generation of a model's queries (any write)       |
 //! | `P g:t:TAG`             | generation of a free-form tag                     |
+//! | `P meta:run_id`         | the Redis server the generations were made on      |
+//! | `P meta:members`        | heartbeats of the managers using the prefix        |
+//! | `P meta:probe:N`        | a short-lived key written by the checks at connect |
 //!
 //! `HASH` is a 128-bit XXH3 of the MessagePack encoding of the arguments
 //! (and, for record methods, of the record itself), with fixed seeds: the same
@@ -18,8 +22,8 @@
 //! that costs misses, never wrong values. Prefer `BTreeMap`/`BTreeSet` in
 //! cached arguments and records.
 //!
-//! `MODEL` names must not contain `:` (record generations are parsed back to
-//! their model when the queue of deferred invalidations is folded).
+//! Names may contain any character, `:` included: keys are only ever built
+//! from scopes, never parsed back.
 
 use std::fmt::Write as _;
 
@@ -74,6 +78,35 @@ impl Scope<'_> {
                 out.push(format!("{prefix}g:q:{model}"));
             }
             Scope::Tag(tag) => out.push(format!("{prefix}g:t:{tag}")),
+        }
+    }
+}
+
+/// A [`Scope`] that owns its names, for invalidations kept until Redis can
+/// take them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum OwnedScope {
+    Record(String, String),
+    Model(String),
+    Tag(String),
+}
+
+impl OwnedScope {
+    pub(crate) fn as_scope(&self) -> Scope<'_> {
+        match self {
+            OwnedScope::Record(model, id) => Scope::Record(model, id),
+            OwnedScope::Model(model) => Scope::Model(model),
+            OwnedScope::Tag(tag) => Scope::Tag(tag),
+        }
+    }
+}
+
+impl From<&Scope<'_>> for OwnedScope {
+    fn from(scope: &Scope<'_>) -> Self {
+        match *scope {
+            Scope::Record(model, id) => OwnedScope::Record(model.to_owned(), id.to_owned()),
+            Scope::Model(model) => OwnedScope::Model(model.to_owned()),
+            Scope::Tag(tag) => OwnedScope::Tag(tag.to_owned()),
         }
     }
 }

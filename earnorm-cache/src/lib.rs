@@ -3,7 +3,7 @@
 //! A Redis cache manager for async Rust that never takes the application down
 //! and does not serve a value older than a write acknowledged (and
 //! invalidated through a manager) before the read began; the one exception,
-//! a process that alone loses Redis, is described under "Invalidations that
+//! a manager cut off from Redis, is described under "Invalidations that
 //! cannot be sent". It is the cache behind EarnORM's `#[cached]`, and works on
 //! its own with any data source.
 //!
@@ -30,30 +30,32 @@
 //!
 //! **Fail open, bounded.** Every Redis operation runs under
 //! `operation_timeout`; any failure (refused, reset, timeout, corrupt value)
-//! makes [`CacheManager::get_or_compute`] compute instead. A failure marks the
-//! connection down and later calls skip Redis without waiting until the
-//! background supervisor has reconnected ([`health`]).
+//! makes [`CacheManager::get_or_compute`] compute instead. A failure drops
+//! the connection and later calls skip Redis without waiting until the
+//! background supervisor has reconnected (the `connection` module).
 //!
 //! **Invalidation in O(1) round trips, no scanning.** Each value depends on
 //! one or two *generation* keys (its record and its model, or its model's
 //! queries, or a tag; see [`Scope`]). A stored value carries the generation
 //! tokens it was computed under, and a lookup reads the value and the current
 //! tokens in one `MGET`: a value whose tokens differ is never served. A write
-//! invalidates by giving each scope it touched a fresh random token (one
-//! pipelined `SET` per scope), so its cost does not depend on how many keys
-//! Redis holds, and only this manager's prefix is ever touched.
+//! invalidates by deleting the generation of each scope it touched (one
+//! pipelined `DEL` per scope; Redis accepts deletions even when it is out of
+//! memory), so its cost does not depend on how many keys Redis holds, and
+//! only this manager's prefix is ever touched. The prefix must not be empty,
+//! and keys put a `:` after it.
 //!
 //! **No stale sets.** The classic race: a reader misses, reads the old row, a
 //! writer commits and invalidates, then the reader stores the old row. Here
 //! the reader notes the generation tokens *before* computing (they come back
 //! with the missing lookup; absent ones it creates first, with `SET NX`), and
 //! stores with a Lua compare-and-set that writes only if every token is still
-//! the one it noted. The writer's invalidation happens after its commit and
-//! replaces a token, so:
+//! the one it noted (refused up front when Redis is out of memory). The
+//! writer's invalidation happens after its commit and removes a token, so:
 //!
 //! * if the reader noted tokens before the invalidation, the store happens
-//!   after the reader computed, the comparison sees the new token, and the
-//!   store is refused;
+//!   after the reader computed, the comparison sees the token gone (or a new
+//!   one), and the store is refused;
 //! * if the reader noted tokens after the invalidation, its database read
 //!   also started after the commit, so its value is not stale.
 //!
@@ -63,18 +65,25 @@
 
 //! Values shared between concurrent callers follow the same rule: a leader's
 //! value is handed to a waiting caller only when its store succeeded, or when
-//! the leader started after that caller began ([`flight`]).
+//! the leader started after that caller began (the `flight` module).
 //!
-//! **Invalidations that cannot be sent** (Redis down or frozen) are queued and
-//! replayed before a new connection is used, so a value made stale during an
-//! outage is not served after it; and after an outage a manager serves no
-//! hits for a quarantine, until other processes have replayed theirs
-//! ([`health`]). The queue is bounded: on overflow, record invalidations fold
-//! into their models'. The exception: while one process alone cannot reach
-//! Redis (a one-sided partition, a local timeout) and others can, those
-//! others keep serving entries its writes made stale until it reconnects and
-//! replays them; only invalidation from the database itself (change streams)
-//! can close that.
+//! **Invalidations that cannot be sent** (Redis down or frozen) are queued
+//! in an outbox and replayed before a new connection is used, so a value
+//! made stale during an outage is not served after it by the manager that
+//! queued it (the `outbox` module). The outbox is bounded: past 10,000
+//! scopes it invalidates everything under the prefix on replay. Other
+//! managers learn that one is cut off through heartbeats in Redis: every
+//! connected manager beats every `heartbeat_interval`, and while one sharing
+//! the prefix has been silent for `2 * heartbeat_interval +
+//! operation_timeout` (1.25 s with the defaults), the others serve no hits
+//! until it is back (having replayed) or is forgotten as gone (the
+//! `connection` module). The exception: in the first
+//! `2 * heartbeat_interval + operation_timeout` after a manager is cut off,
+//! before its silence shows, the others can serve entries its writes made
+//! stale; and a manager cut off for longer than it takes to be forgotten
+//! (`max(health_check_interval, longest back-off step) + connect_timeout +
+//! operation_timeout`: 32.25 s with the defaults) is treated as gone. Only
+//! invalidation from the database itself (change streams) closes those.
 //!
 //! **Outdated in-memory copies.** Callers that put the record's own content
 //! into the key (as `#[cached]` does for record methods, with
@@ -82,18 +91,27 @@
 //! write a different entry than a caller holding the current one.
 //!
 //! **Stampedes.** Concurrent misses on one key share one computation per
-//! process ([`flight`]): callers that arrive while it runs wait for it, and
-//! use its value when it is provably fresh for them; otherwise they join the
-//! next computation. Exceptions: a result that is not cached (an `Err`, a
-//! `None`) sends waiting callers to compute their own, and a local
-//! invalidation starts new computations for callers arriving after it.
+//! process: callers that arrive while it runs wait for it (at most
+//! `lease_wait`, then for its store at most what is left of their
+//! `operation_timeout`), and use its value when it is provably fresh for
+//! them; otherwise they join the next computation. Exceptions: a result that
+//! is not cached (an `Err`, a `None`) sends waiting callers to compute their
+//! own, a leader slower than `lease_wait` too, and a local invalidation
+//! starts new computations for callers arriving after it.
 //!
 //! **Safe values.** Values are MessagePack in a versioned envelope
 //! ([`codec`]); anything that does not decode is a miss and is removed.
 //!
 //! **Observable.** [`CacheManager::stats`], [`CacheManager::subscribe`], and
 //! `tracing` events: connection changes at `info`/`warn`, operations at
-//! `debug`/`trace`. URLs are logged with passwords redacted.
+//! `debug`/`trace`. URLs are logged with passwords redacted. A Redis that
+//! does not let the cache store values (older than 7.0, an ACL user without
+//! the permissions, out of memory) is reported at `warn`, by
+//! [`CacheManager::can_store`] and by the `store_errors` statistic.
+//!
+//! **Settings that cannot work are refused** by [`CacheManager::connect`]
+//! (see [`CacheConfig::validate`]): an empty prefix, zero timeouts or
+//! intervals, a jitter outside 0..=1.
 //!
 //! **Without Redis.** A manager built with no URL caches nothing: every call
 //! computes. (There is no in-process tier: it could not be kept coherent
@@ -104,13 +122,14 @@
 mod backoff;
 pub mod codec;
 mod config;
+mod connection;
 mod error;
-pub mod flight;
-pub mod health;
-pub mod invalidate;
+mod flight;
 mod key;
 mod manager;
+mod outbox;
 mod redact;
+mod scan;
 mod stats;
 mod token;
 

@@ -10,10 +10,10 @@ use tokio::sync::watch;
 use tracing::{debug, trace, warn};
 
 use crate::codec::{self, Envelope, Output};
-use crate::flight::{Flights, Next, Outcome, Role};
-use crate::health::{supervise, Link};
-use crate::invalidate::{expiry_ms, generation_ttl, generations_pattern, scan, Batch, Via};
+use crate::connection::{supervise, Connection};
+use crate::flight::{self, Flights, Follower, Leader, Outcome, Role};
 use crate::key::{escape_glob, CacheKey, KeyBuilder, Scope};
+use crate::scan::{generations_pattern, unlink_matching};
 use crate::stats::{CacheStats, ConnectionStatus, Counters};
 use crate::token::new_token;
 use crate::{CacheConfig, CacheError};
@@ -21,12 +21,15 @@ use crate::{CacheConfig, CacheError};
 /// Stores a value only if every generation it depends on is still the one
 /// seen before its computation started (see the crate docs, "No stale sets").
 ///
+/// Declared with a shebang (no flags), so that Redis refuses it up front when
+/// it is out of memory, instead of letting its writes through.
+///
 /// KEYS[1]: value key; KEYS[2..]: generation keys.
 /// ARGV[1]: value TTL ms; ARGV[2]: generation TTL ms; ARGV[3]: fresh token;
 /// ARGV[4]: envelope header; ARGV[5]: payload; ARGV[5 + i]: expected token
 /// of KEYS[1 + i], or '*' to accept the current one (creating it if absent).
 /// An absent generation never matches an expected token.
-const STORE_SCRIPT: &str = r"
+const STORE_SCRIPT: &str = r"#!lua
 local n = #KEYS - 1
 local tokens = {}
 for i = 1, n do
@@ -78,7 +81,8 @@ fn bypassed() -> bool {
 ///   longer than `operation_timeout` in all (its lookup, store and the rest
 ///   share one allowance); while Redis is known down, calls do not wait at
 ///   all. (Waiting for another caller's computation of the same key is not
-///   waiting on Redis.) See [`crate::health`] for reconnection.
+///   waiting on Redis; it is bounded by `lease_wait`.) Reconnection happens
+///   in the background (see the crate docs).
 /// * **No stale sets.** A value is stored only if no write invalidated its
 ///   scopes since its computation began.
 /// * **Single flight.** Concurrent misses on one key compute once per process.
@@ -92,7 +96,7 @@ pub struct CacheManager {
 }
 
 struct Inner {
-    link: Arc<Link>,
+    connection: Arc<Connection>,
     flights: Flights,
     store: Script,
 }
@@ -100,16 +104,33 @@ struct Inner {
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheManager")
-            .field("url", &self.link.url)
-            .field("status", &self.link.status())
+            .field("url", &self.connection.url)
+            .field("status", &self.connection.status())
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.link.close();
+        self.connection.close();
     }
+}
+
+/// The generation tokens a lookup saw, in the key's order (`None`: absent).
+type Generations = Vec<Option<Vec<u8>>>;
+
+/// One cached call's clock: when it began, and what it may still spend
+/// waiting on Redis across all its operations.
+struct Call {
+    began: Instant,
+    budget: Duration,
+}
+
+/// What a follower does next.
+enum Next<R> {
+    Use(R),
+    Retry,
+    Compute,
 }
 
 /// The result of reading a key and its generations in one round trip.
@@ -134,21 +155,23 @@ impl CacheManager {
     /// Redis appears. Must be called inside a Tokio runtime.
     ///
     /// # Errors
-    /// [`CacheError::InvalidUrl`], or [`CacheError::NoRuntime`] outside a
-    /// Tokio runtime; an unreachable Redis is not an error.
+    /// [`CacheError::InvalidUrl`], [`CacheError::InvalidConfig`] for settings
+    /// that cannot work (see [`CacheConfig::validate`]), or
+    /// [`CacheError::NoRuntime`] outside a Tokio runtime; an unreachable
+    /// Redis is not an error.
     pub async fn connect(url: Option<&str>, config: CacheConfig) -> Result<Self, CacheError> {
-        let link = Arc::new(Link::new(url, config)?);
-        if link.is_enabled() {
+        let connection = Arc::new(Connection::new(url, config)?);
+        if connection.is_enabled() {
             if tokio::runtime::Handle::try_current().is_err() {
                 return Err(CacheError::NoRuntime);
             }
-            if let Err(err) = link.establish(false).await {
-                link.set_down();
-                warn!(url = %link.url, error = %err, "Redis unavailable at start; caching paused, connecting in the background");
+            if let Err(err) = connection.establish().await {
+                connection.first_attempt_failed();
+                warn!(url = %connection.url, error = %err, "Redis unavailable at start; caching paused, connecting in the background");
             }
-            tokio::spawn(supervise(Arc::clone(&link)));
+            tokio::spawn(supervise(Arc::clone(&connection)));
         }
-        Ok(Self::from_link(link))
+        Ok(Self::from_connection(connection))
     }
 
     /// A manager that caches nothing: every call computes its value.
@@ -157,52 +180,60 @@ impl CacheManager {
             enabled: false,
             ..config
         };
-        Self::from_link(Arc::new(Link::disabled(config)))
+        Self::from_connection(Arc::new(Connection::disabled(config)))
     }
 
-    fn from_link(link: Arc<Link>) -> Self {
+    fn from_connection(connection: Arc<Connection>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                link,
+                connection,
                 flights: Flights::default(),
                 store: Script::new(STORE_SCRIPT),
             }),
         }
     }
 
-    fn link(&self) -> &Link {
-        &self.inner.link
+    fn connection(&self) -> &Connection {
+        &self.inner.connection
     }
 
     /// The configuration this manager was built with.
     pub fn config(&self) -> &CacheConfig {
-        &self.link().config
+        &self.connection().config
     }
 
     /// The Redis URL with its password redacted (empty when disabled).
     pub fn url(&self) -> &str {
-        &self.link().url
+        &self.connection().url
     }
 
     /// Current connection status.
     pub fn status(&self) -> ConnectionStatus {
-        self.link().status()
+        self.connection().status()
     }
 
     /// A receiver that sees every connection status change.
     pub fn subscribe(&self) -> watch::Receiver<ConnectionStatus> {
-        self.link().subscribe()
+        self.connection().subscribe()
     }
 
     /// A snapshot of the counters and the status.
     pub fn stats(&self) -> CacheStats {
-        self.link().counters.snapshot(self.status())
+        self.connection().counters.snapshot(self.status())
+    }
+
+    /// Whether the checks made when connecting found that this Redis lets
+    /// the cache store values (Redis 7.0 or later, and the permissions the
+    /// cache needs). When it does not, every call computes its value; a
+    /// `warn` event says why.
+    pub fn can_store(&self) -> bool {
+        self.connection().can_store()
     }
 
     /// Starts a key for a value named `name` in `namespace` (a model's
     /// collection, or any label).
     pub fn key(&self, namespace: &str, name: &str) -> KeyBuilder {
-        KeyBuilder::new(&self.config().prefix, namespace, name)
+        KeyBuilder::new(&self.connection().namespace, namespace, name)
     }
 
     /// Pings Redis and returns the round-trip time.
@@ -210,7 +241,7 @@ impl CacheManager {
     /// # Errors
     /// When Redis is disabled, down, or does not answer in time.
     pub async fn ping(&self) -> Result<Duration, CacheError> {
-        self.link().ping().await
+        self.connection().ping().await
     }
 
     /// Waits until the status is `status`, or `limit` passes. Returns whether
@@ -234,71 +265,109 @@ impl CacheManager {
         O: Output<R>,
         Fut: Future<Output = R>,
     {
-        let link = self.link();
-        if !link.is_enabled() || bypassed() {
+        let conn = self.connection();
+        if !conn.is_enabled() || bypassed() {
             return compute.await;
         }
-        let ttl = ttl.unwrap_or(link.config.ttl);
-        let began = Instant::now();
-        // What this call may spend waiting on Redis, across all its operations.
-        let mut budget = link.config.operation_timeout;
-        let mut lead = None;
+        let mut call = Call {
+            began: Instant::now(),
+            budget: conn.config.operation_timeout,
+        };
         for _ in 0..MAX_ROUNDS {
-            let generations = match self.lookup(key, &mut budget).await {
-                Lookup::Hit(bytes, generations) => {
-                    match Envelope::open(&bytes).and_then(|env| O::decode(env.payload)) {
-                        Ok(value) => {
-                            Counters::bump(&link.counters.hits);
-                            trace!(key = key.as_str(), "cache hit");
-                            return value;
-                        }
-                        Err(err) => {
-                            self.discard(key, &err, &mut budget).await;
-                            Some(generations)
-                        }
-                    }
-                }
-                Lookup::Miss(generations) => Some(generations),
-                Lookup::Unavailable => None,
+            let generations = match self.try_hit::<R, O>(key, &mut call).await {
+                Ok(value) => return value,
+                Err(generations) => generations,
             };
             match self.inner.flights.join(key.as_str()) {
                 Role::Leader(leader) => {
-                    lead = Some((leader, generations));
-                    break;
+                    return self
+                        .lead::<R, O, Fut>(key, ttl, compute, leader, generations, &mut call)
+                        .await
                 }
-                Role::Follower(follower) => match follower.wait(began).await {
-                    Next::Use(payload) => {
-                        if let Ok(value) = O::decode(&payload) {
-                            Counters::bump(&link.counters.coalesced);
-                            return value;
-                        }
-                    }
+                Role::Follower(follower) => match self.follow::<R, O>(follower, &mut call).await {
+                    Next::Use(value) => return value,
                     Next::Retry => {}
-                    // The leader's result was not cacheable (an `Err`, a
-                    // `None`): waiting for another leader would only queue.
-                    Next::Compute => return compute.await,
+                    Next::Compute => break,
                 },
             }
         }
-        let Some((leader, generations)) = lead else {
-            // Other callers kept invalidating under us: compute without storing.
-            return compute.await;
-        };
+        // Other callers kept invalidating under us, the leader's result was
+        // not cacheable, or it took longer than this caller may wait:
+        // compute without storing.
+        compute.await
+    }
+
+    /// Looks the key up: the decoded value on a hit; otherwise the
+    /// generations seen (for the store after computing), or `None` when the
+    /// cache could not be read.
+    async fn try_hit<R, O: Output<R>>(&self, key: &CacheKey, call: &mut Call) -> Result<R, Option<Generations>> {
+        match self.lookup(key, &mut call.budget).await {
+            Lookup::Hit(bytes, generations) => match Envelope::open(&bytes).and_then(|env| O::decode(env.payload)) {
+                Ok(value) => {
+                    Counters::bump(&self.connection().counters.hits);
+                    trace!(key = key.as_str(), "cache hit");
+                    Ok(value)
+                }
+                Err(err) => {
+                    self.discard(key, &err, &mut call.budget).await;
+                    Err(Some(generations))
+                }
+            },
+            Lookup::Miss(generations) => Err(Some(generations)),
+            Lookup::Unavailable => Err(None),
+        }
+    }
+
+    /// Waits for the leader of this key's flight (see [`crate::flight`]).
+    async fn follow<R, O: Output<R>>(&self, follower: Follower, call: &mut Call) -> Next<R> {
+        let deadline = call.began + self.config().lease_wait;
+        match follower.wait(call.began, deadline, &mut call.budget).await {
+            flight::Next::Use(payload) => match O::decode(&payload) {
+                Ok(value) => {
+                    Counters::bump(&self.connection().counters.coalesced);
+                    Next::Use(value)
+                }
+                Err(_) => Next::Retry,
+            },
+            flight::Next::Retry => Next::Retry,
+            // The leader's result was not cacheable (an `Err`, a `None`), or
+            // it took longer than this caller may wait.
+            flight::Next::Compute => Next::Compute,
+        }
+    }
+
+    /// Computes as the leader of this key's flight, stores the value under
+    /// the compare-and-set, and hands the outcome to the followers.
+    async fn lead<R, O, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl: Option<Duration>,
+        compute: Fut,
+        leader: Leader<'_>,
+        generations: Option<Generations>,
+        call: &mut Call,
+    ) -> R
+    where
+        O: Output<R>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
+        let ttl = ttl.unwrap_or(conn.config.ttl);
         match &generations {
-            Some(_) => Counters::bump(&link.counters.misses),
-            None => Counters::bump(&link.counters.fallbacks),
+            Some(_) => Counters::bump(&conn.counters.misses),
+            None => Counters::bump(&conn.counters.fallbacks),
         }
         // A successful compare-and-set proves no invalidation reached Redis
         // during the computation; it proves nothing about invalidations still
-        // queued in other processes, which is possible only around a
-        // quarantine (see `health`).
-        let serving_before = link.is_serving();
+        // queued in other managers, which is why a value stored while this
+        // manager serves no hits is not handed to followers as checked.
+        let serving_before = conn.is_serving();
         // A computation never starts under an absent generation: create the
-        // missing ones first, so that any later invalidation replaces a token
+        // missing ones first, so that any later invalidation removes a token
         // this computation knows.
         let generations = match generations {
             Some(mut generations) if generations.iter().any(Option::is_none) => {
-                match self.create_generations(key, &mut generations, &mut budget).await {
+                match self.create_generations(key, &mut generations, &mut call.budget).await {
                     Ok(()) => Some(generations),
                     Err(_) => None,
                 }
@@ -319,20 +388,22 @@ impl CacheManager {
                 return value;
             }
         };
+        let Some(generations) = generations else {
+            leader.complete(Outcome::Computed(payload.into()));
+            return value;
+        };
+        leader.storing();
         let store_sent = Instant::now();
-        let outcome = match generations {
-            Some(generations) => match self
-                .store(key, Expected::Seen(&generations), &payload, ttl, &mut budget)
-                .await
-            {
-                Ok(true) if serving_before && link.is_serving() => Outcome::Stored(payload.into(), store_sent),
-                Ok(true) => Outcome::Computed(payload.into()),
-                // An invalidation happened during the computation: the value
-                // may be older than a write some follower already saw.
-                Ok(false) => Outcome::Retry,
-                Err(_) => Outcome::Computed(payload.into()),
-            },
-            None => Outcome::Computed(payload.into()),
+        let outcome = match self
+            .store(key, Expected::Seen(&generations), &payload, ttl, &mut call.budget)
+            .await
+        {
+            Ok(true) if serving_before && conn.is_serving() => Outcome::Stored(payload.into(), store_sent),
+            Ok(true) => Outcome::Computed(payload.into()),
+            // An invalidation happened during the computation: the value
+            // may be older than a write some follower already saw.
+            Ok(false) => Outcome::Retry,
+            Err(_) => Outcome::Computed(payload.into()),
         };
         leader.complete(outcome);
         value
@@ -344,7 +415,7 @@ impl CacheManager {
         cmd.arg(&key.value).arg(&key.generations);
         let expected = 1 + key.generations.len();
         match self
-            .link()
+            .connection()
             .call_within(budget, |mut conn| async move {
                 cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
             })
@@ -355,7 +426,9 @@ impl CacheManager {
                 match value {
                     Some(bytes) => match Envelope::open(&bytes) {
                         // During a quarantine, current values are not served.
-                        Ok(env) if env.is_current(&values) && self.link().is_serving() => Lookup::Hit(bytes, values),
+                        Ok(env) if env.is_current(&values) && self.connection().is_serving() => {
+                            Lookup::Hit(bytes, values)
+                        }
                         // Superseded by a write: ignored, it expires by its TTL.
                         Ok(_) => Lookup::Miss(values),
                         Err(err) => {
@@ -396,7 +469,7 @@ impl CacheManager {
             }
         }
         let previous: Vec<Option<Vec<u8>>> = self
-            .link()
+            .connection()
             .call_within(budget, |mut conn| async move { pipe.query_async(&mut conn).await })
             .await?;
         let mut answers = fresh.into_iter().zip(previous);
@@ -407,9 +480,19 @@ impl CacheManager {
         Ok(())
     }
 
+    /// Reports a store that Redis refused with an error (out of memory, no
+    /// permission, an unsupported command); timeouts and lost connections
+    /// are not refusals.
+    fn refused(&self, err: &CacheError) {
+        if matches!(err, CacheError::Redis(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) || e.code().is_some())
+        {
+            self.connection().store_refused(err);
+        }
+    }
+
     /// Removes a value that does not decode, counting it.
     async fn discard(&self, key: &CacheKey, err: &CacheError, budget: &mut Duration) {
-        Counters::bump(&self.link().counters.decode_errors);
+        Counters::bump(&self.connection().counters.decode_errors);
         debug!(key = key.as_str(), error = %err, "removing a cached value that does not decode");
         let _ = self.delete_within(key, budget).await;
     }
@@ -423,10 +506,10 @@ impl CacheManager {
         ttl: Duration,
         budget: &mut Duration,
     ) -> Result<bool, CacheError> {
-        let link = self.link();
+        let conn = self.connection();
         let ttl_ms = expiry_ms(ttl);
         let generation_ms = expiry_ms(
-            generation_ttl(&link.config)
+            generation_ttl(&conn.config)
                 .max(ttl)
                 .saturating_add(Duration::from_secs(60)),
         );
@@ -450,16 +533,17 @@ impl CacheManager {
                 }
             }
         }
-        let stored: i64 = link
+        let stored: i64 = conn
             .call_within(
                 budget,
                 |mut conn| async move { invocation.invoke_async(&mut conn).await },
             )
-            .await?;
+            .await
+            .inspect_err(|err| self.refused(err))?;
         if stored == 1 {
-            Counters::bump(&link.counters.sets);
+            Counters::bump(&conn.counters.sets);
         } else {
-            Counters::bump(&link.counters.stale_sets_refused);
+            Counters::bump(&conn.counters.stale_sets_refused);
             debug!(
                 key = key.as_str(),
                 "refused to store a value computed before an invalidation"
@@ -478,7 +562,7 @@ impl CacheManager {
         match self.lookup(key, &mut budget).await {
             Lookup::Hit(bytes, _) => match Envelope::open(&bytes).and_then(|env| codec::decode(env.payload)) {
                 Ok(value) => {
-                    Counters::bump(&self.link().counters.hits);
+                    Counters::bump(&self.connection().counters.hits);
                     Ok(Some(value))
                 }
                 Err(err) => {
@@ -487,7 +571,7 @@ impl CacheManager {
                 }
             },
             Lookup::Miss(_) => {
-                Counters::bump(&self.link().counters.misses);
+                Counters::bump(&self.connection().counters.misses);
                 Ok(None)
             }
             Lookup::Unavailable => Err(self.unavailable()),
@@ -528,7 +612,7 @@ impl CacheManager {
         let mut cmd = redis::cmd("UNLINK");
         cmd.arg(&key.value);
         let removed: u64 = self
-            .link()
+            .connection()
             .call_within(budget, |mut conn| async move { cmd.query_async(&mut conn).await })
             .await?;
         Ok(removed > 0)
@@ -544,31 +628,35 @@ impl CacheManager {
         // Callers arriving after this write must not join a computation that
         // began before it.
         self.inner.flights.clear();
-        let prefix = &self.config().prefix;
-        let mut keys = Vec::with_capacity(scopes.len() * 2);
-        for scope in scopes {
-            scope.write_generations(prefix, &mut keys);
-        }
-        debug!(scopes = ?scopes, "invalidating");
-        self.link().replace_generations(keys).await;
+        debug!(scopes = scopes.len(), "invalidating");
+        self.connection().invalidate(scopes).await;
     }
 
-    /// Invalidates everything this manager has cached: replaces every
+    /// Invalidates everything this manager has cached: deletes every
     /// generation under its prefix (found with `SCAN`, in batches). Unlike
     /// [`invalidate`](Self::invalidate), its cost grows with the keyspace:
     /// it is for administration, not for ordinary writes. Returns the number
-    /// of generations replaced.
+    /// of generations deleted.
     ///
     /// Correct against computations in flight: a computation only starts under
-    /// generations that exist, so every one of them is found and replaced.
+    /// generations that exist, so every one of them is found and deleted.
     ///
     /// # Errors
     /// When the cache is disabled, unavailable or fails part-way.
     pub async fn invalidate_all(&self) -> Result<u64, CacheError> {
         self.inner.flights.clear();
-        Counters::bump(&self.link().counters.invalidations);
-        let pattern = generations_pattern(&self.config().prefix);
-        scan(Via::Link(self.link()), self.config(), &pattern, Batch::Replace).await
+        Counters::bump(&self.connection().counters.invalidations);
+        self.unlink_matching(&generations_pattern(&self.connection().namespace))
+            .await
+    }
+
+    /// Unlinks every key matching `pattern` on the published connection.
+    async fn unlink_matching(&self, pattern: &str) -> Result<u64, CacheError> {
+        let conn = self.connection();
+        let (id, mut live) = conn.published()?;
+        unlink_matching(&mut live, conn.config.operation_timeout, pattern)
+            .await
+            .inspect_err(|err| conn.failed(id, err))
     }
 
     /// Deletes every key under this manager's prefix that matches `pattern`
@@ -583,19 +671,39 @@ impl CacheManager {
     /// When the cache is disabled, unavailable or fails part-way (keys deleted
     /// before the failure stay deleted).
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
-        let full = format!("{}{}", escape_glob(&self.config().prefix), pattern);
-        let deleted = scan(Via::Link(self.link()), self.config(), &full, Batch::Unlink).await?;
+        let full = format!("{}{}", escape_glob(&self.connection().namespace), pattern);
+        let deleted = self.unlink_matching(&full).await?;
         debug!(pattern = %full, deleted, "pattern deletion");
         Ok(deleted)
     }
 
     fn unavailable(&self) -> CacheError {
-        if self.link().is_enabled() {
+        if self.connection().is_enabled() {
             CacheError::Unavailable
         } else {
             CacheError::Disabled
         }
     }
+}
+
+/// How long a generation created for a computation lives. Values stored
+/// later extend it to outlive them (see the store script).
+fn generation_ttl(config: &CacheConfig) -> Duration {
+    config
+        .ttl
+        .max(Duration::from_secs(60))
+        .saturating_add(Duration::from_secs(60))
+}
+
+/// Longest expiry sent to Redis: ten years, far inside what `PX` accepts.
+const MAX_EXPIRY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// A duration as the milliseconds of a `PX` argument: at least 1, at most
+/// [`MAX_EXPIRY_MS`], whatever the configuration says.
+fn expiry_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS)
 }
 
 /// The generations a store expects to find.

@@ -12,13 +12,16 @@ pub enum ConnectionStatus {
     Disabled,
     /// The first connection attempt has not finished yet.
     Connecting,
-    /// Connected; cache operations go to Redis.
+    /// Connected and serving hits.
     Connected,
-    /// Reconnected after an outage: values are looked up and stored, but not
-    /// served yet, until every other process (with the same settings) has had
-    /// time to reconnect and replay the invalidations it queued meanwhile.
-    /// Lasts `max(health_check_interval, max_retry_delay * (1 + jitter)) +
-    /// connect_timeout`, then the status becomes `Connected`.
+    /// Connected, but serving no hits: values are looked up and stored, but
+    /// every call computes. Either this manager reconnected after an outage
+    /// less than `max(health_check_interval, longest back-off step) +
+    /// connect_timeout + operation_timeout` ago (others may still be
+    /// reconnecting with invalidations to replay), or another manager
+    /// sharing the prefix has missed its heartbeats and may hold
+    /// invalidations it could not send; it ends when that one is back or
+    /// forgotten.
     Recovering,
     /// Known down: calls skip the cache without waiting while it reconnects.
     Down,
@@ -48,6 +51,9 @@ pub struct CacheStats {
     pub fallbacks: u64,
     /// Stored values that did not decode and were removed.
     pub decode_errors: u64,
+    /// Stores that Redis refused with an error (out of memory, no
+    /// permission, a command it does not know): values it did not keep.
+    pub store_errors: u64,
     /// Successful (re)connections.
     pub reconnects: u64,
     /// Connection status at the time of the snapshot.
@@ -67,6 +73,7 @@ pub(crate) struct Counters {
     pub(crate) errors: AtomicU64,
     pub(crate) fallbacks: AtomicU64,
     pub(crate) decode_errors: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
     pub(crate) reconnects: AtomicU64,
 }
 
@@ -87,6 +94,7 @@ impl Counters {
             errors: self.errors.load(Relaxed),
             fallbacks: self.fallbacks.load(Relaxed),
             decode_errors: self.decode_errors.load(Relaxed),
+            store_errors: self.store_errors.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             status,
         }

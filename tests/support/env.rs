@@ -16,6 +16,7 @@ pub fn fast_cache_config(prefix: &str) -> CacheConfig {
         retry_delay: Duration::from_millis(50),
         max_retry_delay: Duration::from_millis(200),
         health_check_interval: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_millis(100),
         ..Default::default()
     }
 }
