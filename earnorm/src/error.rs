@@ -50,6 +50,10 @@ pub enum Error {
     /// [`Environment::scope`](crate::Environment::scope).
     #[error("EarnORM is not initialized: call earnorm::init(config) first, or run inside Environment::scope")]
     NotInitialized,
+    /// The runtime shut down before a write finished; it may or may not have
+    /// been applied.
+    #[error("the write was cancelled by the runtime shutting down; it may or may not have been applied")]
+    Cancelled,
     /// The configuration is unusable.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -10,7 +10,7 @@ use mongodb::options::{FindOptions, IndexOptions};
 use mongodb::{ClientSession, Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::transaction::{invalidate, Invalidation, Touched, Transaction};
+use crate::transaction::{write_then_invalidate, Touched, Transaction};
 use crate::{Environment, Error, Result, ValidationErrors};
 
 /// An id type a model can use.
@@ -109,21 +109,27 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`save`](Self::save) in `env`.
     fn save_in<'a>(&'a mut self, env: &'a Environment) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
-            let mut guard = Invalidation::new(env);
-            let result = save_core(self, env, None, &mut guard).await;
-            guard.run().await;
-            result
+            let Save { op, touched, generated } = Save::prepare(self)?;
+            let coll = raw_collection::<Self>(env);
+            let result = write_then_invalidate(env, vec![touched], op.run::<Self>(coll, None)).await;
+            settle_id(generated, self, result)
         }
     }
 
     /// [`save`](Self::save) inside a transaction: applied and invalidated at commit.
     fn save_tx<'a>(&'a mut self, tx: &'a mut Transaction) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
+            let Save {
+                op,
+                touched: scope,
+                generated,
+            } = Save::prepare(self)?;
             let (env, session, touched) = tx.parts();
-            let mut guard = Invalidation::new(env);
-            let result = save_core(self, env, Some(session), &mut guard).await;
-            touched.extend(guard.disarm());
-            result
+            // Remembered before sending: a write cancelled half-way may still
+            // commit with the transaction.
+            touched.push(scope);
+            let result = op.run::<Self>(raw_collection::<Self>(env), Some(session)).await;
+            settle_id(generated, self, result)
         }
     }
 
@@ -135,21 +141,20 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`delete`](Self::delete) in `env`.
     fn delete_in<'a>(&'a self, env: &'a Environment) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
-            let mut guard = Invalidation::new(env);
-            let result = delete_core(self, env, None, &mut guard).await;
-            guard.run().await;
-            result
+            let (filter, touched) = delete_target(self)?;
+            let coll = raw_collection::<Self>(env);
+            let delete = async move { delete_one::<Self>(coll, filter, None).await };
+            write_then_invalidate(env, vec![touched], delete).await
         }
     }
 
     /// [`delete`](Self::delete) inside a transaction.
     fn delete_tx<'a>(&'a self, tx: &'a mut Transaction) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
+            let (filter, scope) = delete_target(self)?;
             let (env, session, touched) = tx.parts();
-            let mut guard = Invalidation::new(env);
-            let result = delete_core(self, env, Some(session), &mut guard).await;
-            touched.extend(guard.disarm());
-            result
+            touched.push(scope);
+            delete_one::<Self>(raw_collection::<Self>(env), filter, Some(session)).await
         }
     }
 
@@ -186,10 +191,17 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
                     record.set_id(Some(id));
                 }
             }
-            let result = Self::collection_in(env).insert_many(records.iter()).await;
-            // Part of a failed batch may have been written: invalidate either way.
-            invalidate(env, &[Touched::Model(Self::COLLECTION)]).await;
-            result.map(|_| ()).map_err(|e| Error::from_mongo(Self::COLLECTION, e))
+            let documents = records.iter().map(to_document).collect::<Result<Vec<_>>>()?;
+            let coll = raw_collection::<Self>(env);
+            let insert = async move {
+                coll.insert_many(documents)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
+            };
+            // Part of a failed batch may have been written: a failure
+            // invalidates too (see `may_have_written`).
+            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], insert).await
         }
     }
 
@@ -277,10 +289,8 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         update: Document,
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
-            let mut guard = Invalidation::new(env);
-            let result = update_many_core::<Self>(env, None, filter, update, &mut guard).await;
-            guard.run().await;
-            result
+            let update = update_many::<Self>(raw_collection::<Self>(env), filter, update, None);
+            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], update).await
         }
     }
 
@@ -292,10 +302,8 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let (env, session, touched) = tx.parts();
-            let mut guard = Invalidation::new(env);
-            let result = update_many_core::<Self>(env, Some(session), filter, update, &mut guard).await;
-            touched.extend(guard.disarm());
-            result
+            touched.push(Touched::Model(Self::COLLECTION));
+            update_many::<Self>(raw_collection::<Self>(env), filter, update, Some(session)).await
         }
     }
 
@@ -308,10 +316,8 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`delete_many`](Self::delete_many) in `env`.
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
-            let mut guard = Invalidation::new(env);
-            let result = delete_many_core::<Self>(env, None, filter, &mut guard).await;
-            guard.run().await;
-            result
+            let delete = delete_many::<Self>(raw_collection::<Self>(env), filter, None);
+            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], delete).await
         }
     }
 
@@ -319,10 +325,8 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     fn delete_many_tx(tx: &mut Transaction, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let (env, session, touched) = tx.parts();
-            let mut guard = Invalidation::new(env);
-            let result = delete_many_core::<Self>(env, Some(session), filter, &mut guard).await;
-            touched.extend(guard.disarm());
-            result
+            touched.push(Touched::Model(Self::COLLECTION));
+            delete_many::<Self>(raw_collection::<Self>(env), filter, Some(session)).await
         }
     }
 
@@ -371,7 +375,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 /// after sending, a bulk write stopped half-way). Validation, id and
 /// serialization errors and duplicate keys are raised before anything is
 /// written.
-fn may_have_written(err: &Error) -> bool {
+pub(crate) fn may_have_written(err: &Error) -> bool {
     !matches!(
         err,
         Error::Validation(_) | Error::DuplicateKey { .. } | Error::Id(_) | Error::Serialization(_)
@@ -387,97 +391,126 @@ fn record_scope<M: Model>(id: &M::Id) -> Touched {
     }
 }
 
-/// Disarms `guard` when `result` failed before anything could be written.
-fn settled<T>(guard: &mut Invalidation, result: Result<T>) -> Result<T> {
-    if let Err(err) = &result {
-        if !may_have_written(err) {
-            guard.disarm();
+/// The collection of `M` as untyped documents: writes send owned documents,
+/// so that they can run in a task of their own (see `write_then_invalidate`).
+fn raw_collection<M: Model>(env: &Environment) -> Collection<Document> {
+    env.database().collection(M::COLLECTION)
+}
+
+/// A record as the document stored for it.
+fn to_document<T: Serialize>(record: &T) -> Result<Document> {
+    Ok(mongodb::bson::serialize_to_document(record)?)
+}
+
+/// What `save` sends: an insert of a new record or a replacement by id.
+struct Save {
+    op: SaveOp,
+    touched: Touched,
+    /// The id was generated for this insert (taken back if nothing was written).
+    generated: bool,
+}
+
+enum SaveOp {
+    Insert(Document),
+    Replace(Document, Document),
+}
+
+impl Save {
+    /// Validates `record`, gives it an id if it needs one, and builds the write.
+    fn prepare<M: Model>(record: &mut M) -> Result<Self> {
+        record.validate()?;
+        let generated = record.id().is_none();
+        if generated {
+            let id = <M::Id as ModelId>::generate().ok_or_else(|| {
+                Error::Id(format!(
+                    "{}: this id type is not generated; set the id before saving",
+                    M::COLLECTION
+                ))
+            })?;
+            record.set_id(Some(id));
         }
+        let built = (|| {
+            let id = record
+                .id()
+                .ok_or_else(|| Error::Id(format!("{}: no id", M::COLLECTION)))?;
+            let touched = record_scope::<M>(id);
+            let document = to_document(&*record)?;
+            let op = if generated {
+                SaveOp::Insert(document)
+            } else {
+                SaveOp::Replace(doc! { "_id": to_bson(id)? }, document)
+            };
+            Ok(Self { op, touched, generated })
+        })();
+        if built.is_err() && generated {
+            record.set_id(None);
+        }
+        built
+    }
+}
+
+/// Takes a `generated` id back when the insert surely wrote nothing, so
+/// that a retry inserts; keeps it when it may have been written, so that a
+/// retry updates that record instead of inserting a second one.
+fn settle_id<M: Model>(generated: bool, record: &mut M, result: Result<()>) -> Result<()> {
+    if generated && matches!(&result, Err(err) if !may_have_written(err)) {
+        record.set_id(None);
     }
     result
 }
 
-/// Inserts or replaces `record`. The scope it touches is armed in `guard`
-/// before the write is sent.
-async fn save_core<M: Model>(
-    record: &mut M,
-    env: &Environment,
-    session: Option<&mut ClientSession>,
-    guard: &mut Invalidation,
-) -> Result<()> {
-    record.validate()?;
-    let coll = M::collection_in(env);
-    if let Some(id) = record.id() {
-        let filter = doc! { "_id": to_bson(id)? };
-        guard.add(record_scope::<M>(id));
-        let mut replace = coll.replace_one(filter, &*record).upsert(true);
-        if let Some(session) = session {
-            replace = replace.session(session);
-        }
-        let result = replace
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::from_mongo(M::COLLECTION, e));
-        settled(guard, result)
-    } else {
-        let id = <M::Id as ModelId>::generate().ok_or_else(|| {
-            Error::Id(format!(
-                "{}: this id type is not generated; set the id before saving",
-                M::COLLECTION
-            ))
-        })?;
-        guard.add(record_scope::<M>(&id));
-        record.set_id(Some(id));
-        let mut insert = coll.insert_one(&*record);
-        if let Some(session) = session {
-            insert = insert.session(session);
-        }
-        let result = insert
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::from_mongo(M::COLLECTION, e));
-        // Keep the id when the insert may have happened, so a retry updates
-        // that record instead of inserting a second one.
-        if matches!(&result, Err(err) if !may_have_written(err)) {
-            record.set_id(None);
-        }
-        settled(guard, result)
+impl SaveOp {
+    /// Sends the write (owning all it needs, unless it runs in a session).
+    async fn run<M: Model>(self, coll: Collection<Document>, session: Option<&mut ClientSession>) -> Result<()> {
+        let result = match self {
+            SaveOp::Insert(document) => {
+                let mut insert = coll.insert_one(document);
+                if let Some(session) = session {
+                    insert = insert.session(session);
+                }
+                insert.await.map(|_| ())
+            }
+            SaveOp::Replace(filter, document) => {
+                let mut replace = coll.replace_one(filter, document).upsert(true);
+                if let Some(session) = session {
+                    replace = replace.session(session);
+                }
+                replace.await.map(|_| ())
+            }
+        };
+        result.map_err(|e| Error::from_mongo(M::COLLECTION, e))
     }
 }
 
-/// Deletes `record`; says whether it existed.
-async fn delete_core<M: Model>(
-    record: &M,
-    env: &Environment,
-    session: Option<&mut ClientSession>,
-    guard: &mut Invalidation,
-) -> Result<bool> {
+/// The filter and scope of deleting `record`.
+fn delete_target<M: Model>(record: &M) -> Result<(Document, Touched)> {
     let id = record
         .id()
         .ok_or_else(|| Error::Id(format!("{}: cannot delete a record without an id", M::COLLECTION)))?;
-    let filter = doc! { "_id": to_bson(id)? };
-    guard.add(record_scope::<M>(id));
-    let coll = M::collection_in(env);
+    Ok((doc! { "_id": to_bson(id)? }, record_scope::<M>(id)))
+}
+
+async fn delete_one<M: Model>(
+    coll: Collection<Document>,
+    filter: Document,
+    session: Option<&mut ClientSession>,
+) -> Result<bool> {
     let mut delete = coll.delete_one(filter);
     if let Some(session) = session {
         delete = delete.session(session);
     }
-    let result = delete
+    delete
         .await
         .map(|r| r.deleted_count > 0)
-        .map_err(|e| Error::from_mongo(M::COLLECTION, e));
-    settled(guard, result)
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }
 
-async fn update_many_core<M: Model>(
-    env: &Environment,
-    session: Option<&mut ClientSession>,
+async fn update_many<M: Model>(
+    coll: Collection<Document>,
     filter: Document,
     update: Document,
-    guard: &mut Invalidation,
+    session: Option<&mut ClientSession>,
 ) -> Result<u64> {
-    guard.add(Touched::Model(M::COLLECTION));
-    let coll = M::collection_in(env);
     let mut action = coll.update_many(filter, update);
     if let Some(session) = session {
         action = action.session(session);
@@ -488,14 +521,11 @@ async fn update_many_core<M: Model>(
         .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }
 
-async fn delete_many_core<M: Model>(
-    env: &Environment,
-    session: Option<&mut ClientSession>,
+async fn delete_many<M: Model>(
+    coll: Collection<Document>,
     filter: Document,
-    guard: &mut Invalidation,
+    session: Option<&mut ClientSession>,
 ) -> Result<u64> {
-    guard.add(Touched::Model(M::COLLECTION));
-    let coll = M::collection_in(env);
     let mut action = coll.delete_many(filter);
     if let Some(session) = session {
         action = action.session(session);

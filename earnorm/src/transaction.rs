@@ -2,10 +2,12 @@
 //! only once they have committed.
 
 use std::fmt;
+use std::future::Future;
 
 use earnorm_cache::Scope;
 use mongodb::ClientSession;
 
+use crate::model::may_have_written;
 use crate::{Environment, Error, Result};
 
 /// A cache scope a write touched, remembered until the transaction commits.
@@ -84,14 +86,16 @@ impl Transaction {
     ///
     /// # Errors
     /// When the commit fails.
-    pub async fn commit(mut self) -> Result<()> {
-        let mut guard = Invalidation::new(&self.env);
-        for touched in self.touched.drain(..) {
-            guard.add(touched);
-        }
-        let result = self.session.commit_transaction().await.map_err(Error::Mongo);
-        guard.run().await;
-        result
+    pub async fn commit(self) -> Result<()> {
+        let Transaction {
+            env,
+            mut session,
+            touched,
+        } = self;
+        let commit = async move { session.commit_transaction().await.map_err(Error::Mongo) };
+        // A failed commit invalidates too (an `Error::Mongo` may have
+        // written): one whose answer was lost may have been applied.
+        write_then_invalidate(&env, touched, commit).await
     }
 
     /// Aborts: no write is applied, nothing is invalidated.
@@ -103,51 +107,30 @@ impl Transaction {
     }
 }
 
-/// Scopes a write is about to change, invalidated once it is done, and also
-/// if the caller stops waiting after the write was sent (the guard is
-/// dropped): then a task is spawned to invalidate them.
-pub(crate) struct Invalidation {
-    env: Environment,
-    touched: Vec<Touched>,
-}
-
-impl Invalidation {
-    pub(crate) fn new(env: &Environment) -> Self {
-        Self {
-            env: env.clone(),
-            touched: Vec::new(),
+/// Runs `write`, then invalidates `touched` unless the write surely changed
+/// nothing, as one unit the caller cannot split: both run in a task of their
+/// own that the caller awaits. A caller that stops waiting (its future
+/// dropped, a timeout) leaves the task to finish, so the invalidation still
+/// happens, and only once the write's outcome is known: never while the
+/// server may still be applying it, when a reader could cache what it read
+/// in between under the new generation.
+pub(crate) async fn write_then_invalidate<T, W>(env: &Environment, touched: Vec<Touched>, write: W) -> Result<T>
+where
+    T: Send + 'static,
+    W: Future<Output = Result<T>> + Send + 'static,
+{
+    let env = env.clone();
+    let unit = tokio::spawn(async move {
+        let result = write.await;
+        if result.as_ref().err().is_none_or(may_have_written) {
+            invalidate(&env, &touched).await;
         }
-    }
-
-    /// Arms the guard for `touched`; call before sending the write.
-    pub(crate) fn add(&mut self, touched: Touched) {
-        self.touched.push(touched);
-    }
-
-    /// Takes the scopes back (nothing was written, or a transaction keeps them
-    /// for its commit).
-    pub(crate) fn disarm(&mut self) -> Vec<Touched> {
-        std::mem::take(&mut self.touched)
-    }
-
-    /// Invalidates now. If this future is dropped midway, `Drop` still does.
-    pub(crate) async fn run(mut self) {
-        if !self.touched.is_empty() {
-            invalidate(&self.env, &self.touched).await;
-            self.touched.clear();
-        }
-    }
-}
-
-impl Drop for Invalidation {
-    fn drop(&mut self) {
-        if self.touched.is_empty() {
-            return;
-        }
-        let (env, touched) = (self.env.clone(), std::mem::take(&mut self.touched));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { invalidate(&env, &touched).await });
-        }
+        result
+    });
+    match unit.await {
+        Ok(result) => result,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        Err(_) => Err(Error::Cancelled),
     }
 }
 

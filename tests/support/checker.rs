@@ -300,6 +300,19 @@ impl Shared {
     }
 
     /// The record in `slot` as a writer sets it.
+    /// Up to three distinct slots, locked in ascending order (so writers
+    /// never deadlock), with their guards.
+    async fn lock_some(&self, rng: &mut Rng) -> (Vec<usize>, Vec<tokio::sync::MutexGuard<'_, bool>>) {
+        let mut slots: Vec<usize> = (0..3).map(|_| rng.below(self.ids.len())).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        let mut guards = Vec::new();
+        for &slot in &slots {
+            guards.push(self.locks[slot].lock().await);
+        }
+        (slots, guards)
+    }
+
     fn item(&self, slot: usize, version: i64) -> Item {
         Item {
             id: Some(self.ids[slot]),
@@ -391,6 +404,12 @@ pub async fn run(config: &CheckerConfig) -> Report {
         let (reconnect, recovered) = recovery(&envs).await;
         reconnects.push(reconnect);
         recoveries.push(recovered);
+        tokio::time::sleep_until(at(6).into()).await;
+        out_of_memory(&redis);
+        faults.push("maxmemory reached under noeviction".to_owned());
+        tokio::time::sleep_until((at(6) + step / 2).into()).await;
+        redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+        faults.push("maxmemory lifted".to_owned());
         tokio::time::sleep_until(at(7).into()).await;
         redis.cli(&["FLUSHALL"]);
         faults.push("flushall".to_owned());
@@ -427,6 +446,19 @@ pub async fn run(config: &CheckerConfig) -> Report {
     }
     let _ = envs[0].database().drop().await;
     report
+}
+
+/// Puts Redis over its memory limit with `noeviction` (its default policy):
+/// it refuses every write that could grow memory.
+fn out_of_memory(redis: &RedisServer) {
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let info = redis.cli(&["INFO", "memory"]);
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1024 * 1024);
+    redis.cli(&["CONFIG", "SET", "maxmemory", &(used / 2).max(1).to_string()]);
 }
 
 /// Milliseconds until both environments have reconnected, and until both
@@ -467,15 +499,12 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
                     shared.failed.fetch_add(1, Ordering::SeqCst);
                 }
             }
+        } else if roll == 8 {
+            // a bulk update whose caller stops waiting part-way
+            cancelled_bulk_update(shared, env, rng).await;
         } else if roll < 9 {
             // bulk update of a few records
-            let mut slots: Vec<usize> = (0..3).map(|_| rng.below(n)).collect();
-            slots.sort_unstable();
-            slots.dedup();
-            let mut guards = Vec::new();
-            for &slot in &slots {
-                guards.push(shared.locks[slot].lock().await);
-            }
+            let (slots, guards) = shared.lock_some(rng).await;
             let seq = shared.next_seq();
             let started = Instant::now();
             let filter = doc! { "slot": { "$in": slots.iter().map(|s| *s as i64).collect::<Vec<_>>() } };
@@ -510,6 +539,47 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
             }
         }
         tokio::time::sleep(Duration::from_millis(2 + rng.below(6) as u64)).await;
+    }
+}
+
+/// A bulk update under a random short timeout, so that its caller often
+/// stops waiting after sending it. Once the records show it (or it proves
+/// not to have happened), it counts as acknowledged: from then on no read
+/// may return what it replaced.
+async fn cancelled_bulk_update(shared: &Shared, env: &Environment, rng: &mut Rng) {
+    let (slots, guards) = shared.lock_some(rng).await;
+    let seq = shared.next_seq();
+    let started = Instant::now();
+    let in_slots = slots.iter().map(|s| *s as i64).collect::<Vec<_>>();
+    let update = Item::update_many_in(
+        env,
+        doc! { "slot": { "$in": &in_slots } },
+        doc! { "$set": { "version": seq } },
+    );
+    let patience = Duration::from_micros(rng.below(3000) as u64);
+    if let Ok(result) = tokio::time::timeout(patience, update).await {
+        if result.is_err() {
+            shared.failed.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+    }
+    let existing = guards.iter().filter(|exists| ***exists).count() as u64;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let applied = loop {
+        let filter = doc! { "slot": { "$in": &in_slots }, "version": seq };
+        match Item::count_in(env, filter).await {
+            Ok(count) if count >= existing => break true,
+            _ if Instant::now() > deadline => break false,
+            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    };
+    if applied {
+        let acked = Instant::now();
+        for (slot, exists) in slots.iter().zip(&guards) {
+            if **exists {
+                shared.record_write(*slot, seq, State::Present(seq), started, acked);
+            }
+        }
     }
 }
 
