@@ -120,14 +120,19 @@ where
     W: Future<Output = Result<T>> + Send + 'static,
 {
     let env = env.clone();
-    let unit = tokio::spawn(async move {
+    let unit = async move {
         let result = write.await;
         if result.as_ref().err().is_none_or(may_have_written) {
             invalidate(&env, &touched).await;
         }
         result
-    });
-    match unit.await {
+    };
+    // Polled outside a Tokio runtime (another executor), there is nothing
+    // to spawn on: run the unit in place.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return unit.await;
+    };
+    match runtime.spawn(unit).await {
         Ok(result) => result,
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
         Err(_) => Err(Error::Cancelled),
