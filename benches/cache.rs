@@ -191,8 +191,20 @@ async fn main() {
         let start = Instant::now();
         for _ in 0..n {
             std::hint::black_box(
-                env.scope(async { earnorm::__private::record_key::<User, _>(&user, "profile", 0, &[], &()) })
-                    .await,
+                env.scope(async {
+                    earnorm::__private::record_key::<User, _>(
+                        &user,
+                        "profile",
+                        0,
+                        &[
+                            std::any::type_name::<User>(),
+                            std::any::type_name::<earnorm::Result<Profile>>(),
+                        ],
+                        &[],
+                        &(),
+                    )
+                })
+                .await,
             );
         }
         println!("record_key: {:?}/op", start.elapsed() / n);

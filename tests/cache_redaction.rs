@@ -64,12 +64,31 @@ async fn the_password_never_appears_in_logs_debug_or_errors() {
     let wrong = format!("redis://:{SECRET}@127.0.0.1:1/0");
     let down = CacheManager::connect(Some(&wrong), config()).await.expect("connect");
     let bad = CacheManager::connect(Some(&format!("redis://:{SECRET}@[nonsense")), CacheConfig::default()).await;
+    // Percent-encoded option names, and URLs that do not parse at all.
+    let encoded = CacheManager::connect(
+        Some(&format!("redis+unix:///nonexistent-earnorm.sock?pa%73s={SECRET}")),
+        config(),
+    )
+    .await;
+    let unparsable = [
+        CacheManager::connect(Some(&format!("redis:/:{SECRET}@h")), config()).await,
+        CacheManager::connect(Some(&format!("redis://:{SECRET}")), config()).await,
+    ];
 
     let mut seen = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
     seen.push_str(&format!("{cache:?} {down:?} {:?} {}", cache.config(), cache.url()));
-    match bad {
-        Ok(m) => seen.push_str(&format!("{m:?}")),
-        Err(e) => seen.push_str(&format!("{e} {e:?}")),
+    for result in [bad, encoded].into_iter().chain(unparsable) {
+        match result {
+            Ok(m) => seen.push_str(&format!("{m:?} {}", m.url())),
+            Err(e) => {
+                seen.push_str(&format!("{e} {e:?}"));
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    seen.push_str(&format!(" {cause} {cause:?}"));
+                    source = cause.source();
+                }
+            }
+        }
     }
     assert!(seen.contains("Redis connection lost"), "the capture works: {seen}");
     assert!(seen.contains("***"), "the URL is shown redacted");

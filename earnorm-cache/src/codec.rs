@@ -13,7 +13,7 @@
 //! decode into the requested type, is reported as [`CacheError::Decode`] and
 //! the caller treats it as a miss.
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{token::TOKEN_LEN, CacheError};
 
@@ -52,16 +52,15 @@ pub(crate) struct Envelope<'a> {
 impl<'a> Envelope<'a> {
     /// Splits stored bytes, checking the magic, the version and the length.
     pub(crate) fn open(bytes: &'a [u8]) -> Result<Self, CacheError> {
-        let bad = |why: &str| CacheError::Decode(why.to_owned());
         if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
-            return Err(bad("not an earnorm cache value"));
+            return Err(CacheError::Envelope("not an earnorm cache value"));
         }
         if bytes[2] != FORMAT_VERSION {
-            return Err(CacheError::Decode(format!("unsupported envelope version {}", bytes[2])));
+            return Err(CacheError::Envelope("unsupported envelope version"));
         }
         let tokens_len = usize::from(bytes[3]) * TOKEN_LEN;
         if bytes.len() < HEADER_LEN + tokens_len {
-            return Err(bad("truncated value"));
+            return Err(CacheError::Envelope("truncated value"));
         }
         Ok(Self {
             tokens: &bytes[HEADER_LEN..HEADER_LEN + tokens_len],
@@ -81,20 +80,36 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// Deepest nesting of arrays and maps a payload may have. Decoding is
+/// recursive, so a deeper value could overflow the stack of the thread that
+/// reads it; it is neither stored nor decoded (a miss).
+pub const MAX_DEPTH: usize = 128;
+
 /// Encodes a value as the envelope payload.
 ///
 /// # Errors
-/// [`CacheError::Encode`] when serde refuses the value.
+/// [`CacheError::Encode`] when serde refuses the value, or when it is nested
+/// deeper than [`MAX_DEPTH`] (it could not be decoded again).
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CacheError> {
-    rmp_serde::to_vec_named(value).map_err(CacheError::Encode)
+    let payload = rmp_serde::to_vec_named(value).map_err(CacheError::Encode)?;
+    let mut check = decoder(&payload);
+    serde::de::IgnoredAny::deserialize(&mut check).map_err(|_| CacheError::TooDeep(MAX_DEPTH))?;
+    Ok(payload)
 }
 
-/// Decodes an envelope payload.
+/// Decodes an envelope payload, with the depth limit.
 ///
 /// # Errors
-/// [`CacheError::Decode`] for bytes that are not a `T`.
+/// [`CacheError::Decode`] for bytes that are not a `T`, or nested deeper
+/// than [`MAX_DEPTH`].
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CacheError> {
-    rmp_serde::from_slice(payload).map_err(|err| CacheError::Decode(err.to_string()))
+    T::deserialize(&mut decoder(payload)).map_err(CacheError::Decode)
+}
+
+fn decoder(payload: &[u8]) -> rmp_serde::Deserializer<rmp_serde::decode::ReadRefReader<'_, [u8]>> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(payload);
+    de.set_max_depth(MAX_DEPTH);
+    de
 }
 
 /// How a function's return value is cached: which results are stored, and how
@@ -186,6 +201,28 @@ mod tests {
         }
         assert!(decode::<String>(b"\xc1\xff").is_err());
         assert!(decode::<u32>(&encode("text").expect("encodes")).is_err());
+    }
+
+    /// A value nested `depth` levels deep (one-element arrays).
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Nest(Vec<Nest>);
+
+    fn nest(depth: usize) -> Nest {
+        (0..depth).fold(Nest(Vec::new()), |inner, _| Nest(vec![inner]))
+    }
+
+    #[test]
+    fn values_nested_too_deep_are_neither_stored_nor_decoded() {
+        assert!(encode(&nest(MAX_DEPTH - 2)).is_ok());
+        assert!(matches!(encode(&nest(MAX_DEPTH + 10)), Err(CacheError::TooDeep(_))));
+        // 100,000 one-element arrays inside each other, as another writer
+        // could store them.
+        let mut deep = vec![0x91u8; 100_000];
+        deep.push(0x90);
+        assert!(
+            matches!(decode::<Nest>(&deep), Err(CacheError::Decode(_))),
+            "a miss, not a stack overflow"
+        );
     }
 
     #[test]

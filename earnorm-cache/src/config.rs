@@ -175,8 +175,55 @@ mod seconds {
         serializer.serialize_f64(value.as_secs_f64())
     }
 
+    /// Negative or not-a-number values are refused; values too large for a
+    /// `Duration` (as `Duration::MAX` becomes once written as a float) are
+    /// `Duration::MAX`.
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let secs = f64::deserialize(deserializer)?;
+        if secs.is_finite() && secs >= Duration::MAX.as_secs_f64() {
+            return Ok(Duration::MAX);
+        }
         Duration::try_from_secs_f64(secs).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_durations_survive_a_serde_round_trip() {
+        let config = CacheConfig {
+            ttl: Duration::MAX,
+            max_retry_delay: Duration::MAX,
+            ..CacheConfig::default()
+        };
+        let value = serde_json_like(&config);
+        let back: CacheConfig = rmp_serde::from_slice(&value).expect("decodes");
+        assert_eq!(back.ttl, Duration::MAX);
+        assert_eq!(back, config);
+    }
+
+    fn serde_json_like(config: &CacheConfig) -> Vec<u8> {
+        rmp_serde::to_vec_named(config).expect("encodes")
+    }
+
+    #[test]
+    fn unworkable_settings_are_refused() {
+        assert!(CacheConfig::default().validate().is_ok());
+        let bad = CacheConfig {
+            prefix: String::new(),
+            ..CacheConfig::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(CacheError::InvalidConfig { field: "prefix", .. })
+        ));
+        let app = CacheConfig {
+            prefix: "app".into(),
+            ..CacheConfig::default()
+        };
+        assert_eq!(app.namespace(), "app:");
+        assert_eq!(CacheConfig::default().namespace(), "earnorm:");
     }
 }

@@ -164,9 +164,9 @@ impl Connection {
             Some(url) if config.enabled => {
                 config.validate()?;
                 let redacted = redact_url(url);
-                let client = redis::Client::open(url).map_err(|err| CacheError::InvalidUrl {
+                let client = redis::Client::open(url).map_err(|source| CacheError::InvalidUrl {
                     url: redacted.clone(),
-                    reason: format!("{:?} (expected redis://[user:password@]host[:port][/db])", err.kind()),
+                    source,
                 })?;
                 Ok(Self::with_client(Some(client), redacted, config))
             }

@@ -12,12 +12,14 @@ use thiserror::Error;
 #[non_exhaustive]
 pub enum CacheError {
     /// The Redis URL could not be parsed or names an unsupported scheme.
-    #[error("invalid Redis URL `{url}`: {reason}")]
+    #[error("invalid Redis URL `{url}`")]
     InvalidUrl {
-        /// The URL with any password replaced by `***`.
+        /// The URL with anything that could be a credential replaced by
+        /// `***` (only the scheme is kept of a URL that does not parse).
         url: String,
-        /// Why it was refused.
-        reason: String,
+        /// Why the client refused it.
+        #[source]
+        source: redis::RedisError,
     },
     /// A [`CacheConfig`](crate::CacheConfig) setting cannot work.
     #[error("invalid cache setting `{field}`: {reason}")]
@@ -41,17 +43,28 @@ pub enum CacheError {
     #[error("Redis did not answer within {0:?}")]
     Timeout(std::time::Duration),
     /// Redis answered with an error or the connection failed.
-    #[error("Redis error: {0}")]
+    #[error("Redis command failed")]
     Redis(#[source] redis::RedisError),
     /// A value could not be encoded.
-    #[error("could not encode value: {0}")]
+    #[error("could not encode the value")]
     Encode(#[source] rmp_serde::encode::Error),
+    /// A value is nested deeper than the codec decodes (arrays and maps
+    /// inside each other); it is not stored.
+    #[error("the value is nested deeper than {0} levels")]
+    TooDeep(usize),
+    /// A key argument could not be encoded.
+    #[error("could not encode a key argument")]
+    KeyArgument(#[source] crate::KeyArgumentError),
     /// A key could not be built.
     #[error("invalid cache key: {0}")]
     InvalidKey(String),
-    /// A stored value could not be decoded (it is treated as a miss).
-    #[error("could not decode cached value: {0}")]
-    Decode(String),
+    /// A stored value is not an envelope this version reads (it is treated
+    /// as a miss).
+    #[error("stored value: {0}")]
+    Envelope(&'static str),
+    /// A stored payload could not be decoded (it is treated as a miss).
+    #[error("could not decode the cached value")]
+    Decode(#[source] rmp_serde::decode::Error),
 }
 
 impl From<redis::RedisError> for CacheError {

@@ -14,9 +14,10 @@
 //! | `P meta:members`        | heartbeats of the managers using the prefix        |
 //! | `P meta:probe:N`        | a short-lived key written by the checks at connect |
 //!
-//! `HASH` is a 128-bit XXH3 of the MessagePack encoding of the arguments
-//! (and, for record methods, of the record itself), with fixed seeds: the same
-//! values give the same key in every process and on every run. One caveat:
+//! `HASH` is a 128-bit XXH3 of the canonical encoding of the arguments (and,
+//! for record methods, of the record itself, and of the type names that
+//! identify the function; see `KeyEncoder`), with fixed seeds: the same values
+//! give the same key in every process and on every run. One caveat:
 //! serde encodes a `HashMap` or `HashSet` in its (randomly seeded) iteration
 //! order, so such arguments can give different keys in different processes;
 //! that costs misses, never wrong values. Prefer `BTreeMap`/`BTreeSet` in
@@ -30,6 +31,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::key_encoding::KeyEncoder;
 use crate::CacheError;
 
 /// What a cached value depends on, and what a write invalidates.
@@ -153,19 +155,6 @@ impl std::fmt::Debug for KeyBuilder {
     }
 }
 
-/// Feeds serializer output straight into the hash, with no buffer.
-struct HashWriter<'a>(&'a mut Xxh3);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 impl KeyBuilder {
     pub(crate) fn new(prefix: &str, namespace: &str, name: &str) -> Self {
         let mut value = String::with_capacity(prefix.len() + namespace.len() + name.len() + 64);
@@ -196,14 +185,16 @@ impl KeyBuilder {
     }
 
     /// Mixes one argument into the key hash, by its canonical encoding
-    /// (MessagePack with named fields, streamed into the hash; MessagePack
-    /// values are self-delimiting, so consecutive arguments cannot run into
-    /// each other).
+    /// (streamed into the hash; every value is self-delimiting and no two
+    /// different values of a type encode alike: `None`, `Some(None)` and
+    /// `Some(())` differ, and so do unit structs of different names).
     ///
     /// # Errors
-    /// [`CacheError::Encode`] when the argument cannot be serialized.
+    /// [`CacheError::KeyArgument`] when the argument cannot be serialized.
     pub fn arg<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, CacheError> {
-        rmp_serde::encode::write_named(&mut HashWriter(&mut self.hasher), value).map_err(CacheError::Encode)?;
+        value
+            .serialize(&mut KeyEncoder(&mut self.hasher))
+            .map_err(CacheError::KeyArgument)?;
         Ok(self)
     }
 

@@ -20,19 +20,24 @@ struct Options {
     scope: Option<LitStr>,
     depends_on: Vec<syn::Path>,
     tags: Vec<LitStr>,
+    /// `store = "all" | "ok" | "some"`: which results are cached, overriding
+    /// what the return type suggests.
+    store: Option<(OutputKind, LitStr)>,
 }
 
 /// Where the function sits.
 enum Receiver {
-    /// `&self` of a model.
+    /// `&self` (or `self: &Self`) of a model.
     Record,
     /// An associated function of a model.
     Model,
-    /// A free function with an explicit scope.
-    Free(LitStr),
+    /// A function with an explicit scope: free, or associated (its key does
+    /// not depend on a model).
+    Scoped(LitStr),
 }
 
 /// How the result is cached (see `earnorm_cache::Output`).
+#[derive(Clone, Copy)]
 enum OutputKind {
     Result,
     Option,
@@ -105,6 +110,26 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                     *slot = Some(lit);
                 }
             }
+            "store" => {
+                let lit: LitStr = meta.value()?.parse()?;
+                let kind = match lit.value().as_str() {
+                    "all" => Some(OutputKind::Plain),
+                    "ok" => Some(OutputKind::Result),
+                    "some" => Some(OutputKind::Option),
+                    _ => {
+                        cx.error_spanned_by(
+                            &lit,
+                            "`store` is \"all\" (every value), \"ok\" (only `Ok` of a Result) or \"some\" (only `Some` of an Option)",
+                        );
+                        None
+                    }
+                };
+                match kind {
+                    Some(_) if options.store.is_some() => duplicate(),
+                    Some(kind) => options.store = Some((kind, lit)),
+                    None => {}
+                }
+            }
             "version" => {
                 let lit: LitInt = meta.value()?.parse()?;
                 match lit.base10_parse::<u32>() {
@@ -126,7 +151,7 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
             other => {
                 cx.error_spanned_by(
                     &key,
-                    format!("unknown #[cached] option `{other}` (expected ttl, key, version, scope, depends_on, tags)"),
+                    format!("unknown #[cached] option `{other}` (expected ttl, key, version, scope, store, depends_on, tags)"),
                 );
                 // Skip its value so that the rest of the options still parse.
                 if meta.input.peek(syn::Token![=]) {
@@ -148,26 +173,35 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
 fn receiver(cx: &Ctxt, item: &ItemFn, options: &Options) -> Option<Receiver> {
     match item.sig.inputs.first() {
         Some(FnArg::Receiver(r)) => {
-            if r.reference.is_none() {
-                cx.error_spanned_by(r, "#[cached] methods take `&self`, not `self`");
-                None
-            } else if r.mutability.is_some() {
-                cx.error_spanned_by(
-                    r,
-                    "#[cached] methods take `&self`, not `&mut self`: a cached method must not change the record",
-                );
+            let shared = if r.colon_token.is_some() {
+                // `self: &Self` is `&self`; any other typed receiver is not.
+                matches!(&*r.ty, Type::Reference(reference)
+                    if reference.mutability.is_none()
+                    && matches!(&*reference.elem, Type::Path(p) if p.qself.is_none() && p.path.is_ident("Self")))
+            } else {
+                r.reference.is_some() && r.mutability.is_none()
+            };
+            if !shared {
+                let message = if r.mutability.is_some()
+                    || matches!(&*r.ty, Type::Reference(reference) if reference.mutability.is_some())
+                {
+                    "#[cached] methods take `&self`, not `&mut self`: a cached method must not change the record"
+                } else {
+                    "#[cached] methods take `&self` (or `self: &Self`), not `self` or another receiver type"
+                };
+                cx.error_spanned_by(r, message);
                 None
             } else if let Some(scope) = &options.scope {
                 cx.error_spanned_by(
                     scope,
-                    "`scope` is for free functions; a `&self` method is cached per record",
+                    "`scope` is for functions without `self`; a `&self` method is cached per record",
                 );
                 None
             } else {
                 Some(Receiver::Record)
             }
         }
-        _ => Some(options.scope.clone().map_or(Receiver::Model, Receiver::Free)),
+        _ => Some(options.scope.clone().map_or(Receiver::Model, Receiver::Scoped)),
     }
 }
 
@@ -198,11 +232,28 @@ fn arguments<'a>(cx: &Ctxt, item: &'a ItemFn) -> Option<Vec<(&'a Ident, &'a Type
     ok.then_some(out)
 }
 
-/// The cached value's type and how it is cached.
-fn output(sig: &syn::Signature) -> (OutputKind, Type) {
+/// The cached value's type and how it is cached: as `store` says, or as the
+/// return type suggests (`Result` or a name ending in `Result`: only `Ok`;
+/// `Option`: only `Some`; anything else: every value).
+fn output(sig: &syn::Signature, store: Option<OutputKind>) -> (OutputKind, Type) {
     let ReturnType::Type(_, ty) = &sig.output else {
         return (OutputKind::Plain, syn::parse_quote!(()));
     };
+    let first_arg = |ty: &Type| match ty {
+        Type::Path(path) => path.path.segments.last().and_then(|segment| match &segment.arguments {
+            syn::PathArguments::AngleBracketed(args) => args.args.iter().find_map(|a| match a {
+                syn::GenericArgument::Type(t) => Some(t.clone()),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    };
+    match store {
+        Some(OutputKind::Plain) => return (OutputKind::Plain, (**ty).clone()),
+        Some(kind) => return (kind, first_arg(ty).unwrap_or_else(|| (**ty).clone())),
+        None => {}
+    }
     if let Type::Path(path) = &**ty {
         if let Some(segment) = path.path.segments.last() {
             let first_arg = match &segment.arguments {
@@ -235,7 +286,7 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
     let ttl = options.ttl.unwrap_or(1);
     let private = quote!(::earnorm::__private);
 
-    let (kind, value_ty) = output(sig);
+    let (kind, value_ty) = output(sig, options.store.as_ref().map(|(kind, _)| *kind));
     let mode = match kind {
         OutputKind::Result => quote!(#private::ResultOutput),
         OutputKind::Option => quote!(#private::OptionOutput),
@@ -250,7 +301,6 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
         .iter()
         .map(|(_, ty)| quote_spanned!(ty.span()=> #private::assert_serialize::<#ty>();));
     let arg_names: Vec<&Ident> = args.iter().map(|(ident, _)| *ident).collect();
-    let key_args = quote!(&(#(&#arg_names,)*));
 
     let mut deps: Vec<TokenStream> = options
         .depends_on
@@ -258,63 +308,104 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
         .map(|p| quote_spanned!(p.span()=> #private::Dep::Model(<#p as ::earnorm::Model>::COLLECTION)))
         .collect();
     deps.extend(options.tags.iter().map(|t| quote!(#private::Dep::Tag(#t))));
-    if let Receiver::Free(scope) = receiver {
+    if let Receiver::Scoped(scope) = receiver {
         deps.push(quote!(#private::Dep::Tag(#scope)));
     }
 
-    let turbofish = {
-        let types: Vec<TokenStream> = sig
-            .generics
-            .params
-            .iter()
-            .filter_map(|p| match p {
-                GenericParam::Type(t) => Some(t.ident.to_token_stream()),
-                GenericParam::Const(c) => Some(c.ident.to_token_stream()),
-                GenericParam::Lifetime(_) => None,
-            })
-            .collect();
-        if types.is_empty() {
-            quote!()
-        } else {
-            quote!(::<#(#types),*>)
-        }
+    let type_params: Vec<TokenStream> = sig
+        .generics
+        .params
+        .iter()
+        .filter_map(|p| match p {
+            GenericParam::Type(t) => Some(t.ident.to_token_stream()),
+            GenericParam::Const(c) => Some(c.ident.to_token_stream()),
+            GenericParam::Lifetime(_) => None,
+        })
+        .collect();
+    let turbofish = if type_params.is_empty() {
+        quote!()
+    } else {
+        quote!(::<#(#type_params),*>)
     };
+    // Every `Self` the wrapper names carries one span (the method's `self`,
+    // or the function's name), so that using #[cached] without `scope`
+    // outside an impl is one error there, not one per use.
+    let self_span = match sig.inputs.first() {
+        Some(FnArg::Receiver(r)) => r.self_token.span,
+        _ => sig.ident.span(),
+    };
+    let self_ty = quote_spanned!(self_span=> Self);
+    // What identifies the function beyond its name: the model type, the
+    // type parameters (generic parameters that are not types, such as const
+    // generics, enter as their values through `type_name` of nothing: they
+    // are listed in the key's arguments instead) and the return type.
+    let return_ty: Type = match &sig.output {
+        ReturnType::Type(_, ty) => (**ty).clone(),
+        ReturnType::Default => syn::parse_quote!(()),
+    };
+    let type_names = sig.generics.params.iter().filter_map(|p| match p {
+        GenericParam::Type(t) => {
+            let ident = &t.ident;
+            Some(quote!(::core::any::type_name::<#ident>()))
+        }
+        _ => None,
+    });
+    let const_values = sig.generics.params.iter().filter_map(|p| match p {
+        GenericParam::Const(c) => Some(&c.ident),
+        _ => None,
+    });
+    let self_name = match receiver {
+        Receiver::Scoped(_) => quote!(),
+        Receiver::Record | Receiver::Model => quote!(::core::any::type_name::<#self_ty>(),),
+    };
+    let identity = quote!(&[#self_name #(#type_names,)* ::core::any::type_name::<#return_ty>()]);
+    let key_args = quote!(&(#(&#arg_names,)* #(&#const_values,)*));
+
     let (model_check, key_call, body_call) = match receiver {
-        Receiver::Record => {
-            let self_token = match sig.inputs.first() {
-                Some(FnArg::Receiver(r)) => r.self_token.span,
-                _ => sig.ident.span(),
-            };
-            let model_check = quote_spanned!(self_token=> #private::assert_model::<Self>(););
-            (
-                model_check,
-                quote!(#private::record_key::<Self, _>(self, #key_name, #version, &[#(#deps),*], #key_args)),
-                quote!(self.#uncached #turbofish(#(#arg_names),*)),
-            )
-        }
-        Receiver::Model => {
-            let model_check = quote_spanned!(sig.ident.span()=> #private::assert_model::<Self>(););
-            (
-                model_check,
-                quote!(#private::model_key::<Self, _>(#key_name, #version, &[#(#deps),*], #key_args)),
-                quote!(Self::#uncached #turbofish(#(#arg_names),*)),
-            )
-        }
-        Receiver::Free(_) => (
-            quote!(),
-            quote!(#private::free_key(::core::module_path!(), #key_name, #version, &[#(#deps),*], #key_args)),
-            quote!(#uncached #turbofish(#(#arg_names),*)),
+        Receiver::Record => (
+            quote_spanned!(self_span=> #private::assert_model::<Self>();),
+            quote!(#private::record_key::<#self_ty, _>(self, #key_name, #version, #identity, &[#(#deps),*], #key_args)),
+            quote!(self.#uncached #turbofish(#(#arg_names),*)),
         ),
+        Receiver::Model => (
+            quote_spanned!(self_span=> #private::assert_model::<Self>();),
+            quote!(#private::model_key::<#self_ty, _>(#key_name, #version, #identity, &[#(#deps),*], #key_args)),
+            quote!(<#self_ty>::#uncached #turbofish(#(#arg_names),*)),
+        ),
+        // Free or associated: the body is written out in place, since
+        // nothing here says whether it needs `Self::` to be called.
+        Receiver::Scoped(_) => {
+            let rebind = sig.inputs.iter().filter_map(|input| match input {
+                FnArg::Typed(pat_type) => match &*pat_type.pat {
+                    Pat::Ident(pat) if pat.mutability.is_some() => {
+                        let ident = &pat.ident;
+                        Some(quote!(#[allow(unused_mut)] let mut #ident = #ident;))
+                    }
+                    _ => None,
+                },
+                FnArg::Receiver(_) => None,
+            });
+            (
+                quote!(),
+                quote!(#private::free_key(::core::module_path!(), #key_name, #version, #identity, &[#(#deps),*], #key_args)),
+                quote!(async move { #(#rebind)* #block }),
+            )
+        }
     };
 
     let mut uncached_sig = sig.clone();
     uncached_sig.ident = uncached.clone();
-    let uncached_doc = format!("[`{name}`](Self::{name}) without the cache: always runs the body.");
-    let uncached_doc = if matches!(receiver, Receiver::Free(_)) {
-        format!("`{name}` without the cache: always runs the body.")
-    } else {
-        uncached_doc
+    let uncached_doc = match receiver {
+        Receiver::Scoped(_) => format!("`{name}` without the cache: always runs the body."),
+        Receiver::Record | Receiver::Model => {
+            format!("[`{name}`](Self::{name}) without the cache: always runs the body.")
+        }
     };
+
+    // Two cached functions of one impl (or module) with the same key would
+    // share entries: this item makes that a compile error at the key.
+    let key_span = options.key.as_ref().map_or_else(|| sig.ident.span(), LitStr::span);
+    let marker = format_ident!("__earnorm_cached_key_{}", identifier_part(&key_name), span = key_span);
 
     // The wrapper only passes arguments on: `mut` bindings belong to the body.
     let mut sig = sig.clone();
@@ -341,7 +432,25 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
         }
 
         #[doc = #uncached_doc]
-        #[allow(clippy::unused_async, clippy::missing_errors_doc, clippy::missing_panics_doc)]
+        #[allow(dead_code, clippy::unused_async, clippy::missing_errors_doc, clippy::missing_panics_doc)]
         #vis #uncached_sig #block
+
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals, dead_code)]
+        const #marker: () = ();
     }
+}
+
+/// `text` as part of an identifier: ASCII letters, digits and `_` kept,
+/// anything else written as `_xHHHH_`.
+fn identifier_part(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            out.push(c);
+        } else {
+            out.push_str(&format!("_x{:04x}_", u32::from(c)));
+        }
+    }
+    out
 }

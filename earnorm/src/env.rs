@@ -48,6 +48,24 @@ pub(crate) fn model_scope(database: &str, collection: &str) -> String {
     name
 }
 
+/// Refuses database names MongoDB does not accept: empty, 64 bytes or
+/// longer, or holding `/ \ . " $`, a space or a NUL.
+fn check_database_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "is empty"
+    } else if name.len() >= 64 {
+        "is 64 bytes or longer"
+    } else if name.contains(['/', '\\', '.', '"', '$', ' ', '\0']) {
+        "contains one of / \\ . \" $, a space or a NUL"
+    } else {
+        return Ok(());
+    };
+    Err(Error::Config(format!(
+        "the database name `{}` {reason}",
+        name.escape_debug()
+    )))
+}
+
 static DEFAULT: RwLock<Option<Environment>> = RwLock::new(None);
 
 tokio::task_local! {
@@ -60,9 +78,12 @@ impl Environment {
     /// an error: the cache runs degraded and attaches when Redis comes up.
     ///
     /// # Errors
+    /// [`Error::Config`] for a database name MongoDB does not accept;
     /// [`Error::Connection`] when MongoDB cannot be reached or the URI is
-    /// invalid; [`Error::Cache`] for an invalid Redis URL.
+    /// invalid; [`Error::Cache`] for an invalid Redis URL or cache settings
+    /// that cannot work.
     pub async fn connect(config: Config) -> Result<Self> {
+        check_database_name(&config.database)?;
         let uri = redact_url(&config.mongo_uri);
         let connection = |source| Error::Connection {
             uri: uri.clone(),

@@ -14,12 +14,6 @@ pub enum Error {
     /// One or more fields failed validation; nothing was written.
     #[error("{0}")]
     Validation(#[from] ValidationErrors),
-    /// A record that had to exist does not.
-    #[error("{model} not found")]
-    NotFound {
-        /// The model's collection.
-        model: &'static str,
-    },
     /// A unique index refused the write.
     #[error("duplicate key in `{model}`: {message}")]
     DuplicateKey {
@@ -29,7 +23,7 @@ pub enum Error {
         message: String,
     },
     /// MongoDB could not be reached at `init`/`connect`.
-    #[error("cannot connect to MongoDB at {uri}: {source}")]
+    #[error("cannot connect to MongoDB at {uri}")]
     Connection {
         /// The URI with its password redacted.
         uri: String,
@@ -38,11 +32,12 @@ pub enum Error {
         source: mongodb::error::Error,
     },
     /// Any other error from MongoDB.
-    #[error("MongoDB error: {0}")]
+    #[error("MongoDB operation failed")]
     Mongo(#[source] mongodb::error::Error),
-    /// A value could not be turned into BSON or back.
-    #[error("serialization error: {0}")]
-    Serialization(String),
+    /// A value could not be turned into BSON, or a stored document back into
+    /// its model (a field missing or of another type).
+    #[error("could not convert between a value and BSON")]
+    Serialization(#[source] mongodb::bson::error::Error),
     /// A record has no id where one is needed, or an id of the wrong kind.
     #[error("{0}")]
     Id(String),
@@ -54,7 +49,7 @@ pub enum Error {
     /// been applied.
     #[error("the write was cancelled by the runtime shutting down; it may or may not have been applied")]
     Cancelled,
-    /// The configuration is unusable.
+    /// The configuration is unusable (an invalid database name, for example).
     #[error("invalid configuration: {0}")]
     Config(String),
     /// The cache could not be set up (only an invalid Redis URL does this).
@@ -76,16 +71,21 @@ impl Error {
             ErrorKind::Command(c) if c.code == 11000 => Some(c.message.clone()),
             _ => None,
         };
-        match duplicate {
-            Some(message) => Error::DuplicateKey { model, message },
-            None => Error::Mongo(err),
+        if let Some(message) = duplicate {
+            return Error::DuplicateKey { model, message };
+        }
+        match err.kind.as_ref() {
+            ErrorKind::BsonDeserialization(e) | ErrorKind::BsonSerialization(e) | ErrorKind::Bson(e) => {
+                Error::Serialization(e.clone())
+            }
+            _ => Error::Mongo(err),
         }
     }
 }
 
 impl From<mongodb::bson::error::Error> for Error {
     fn from(err: mongodb::bson::error::Error) -> Self {
-        Error::Serialization(err.to_string())
+        Error::Serialization(err)
     }
 }
 

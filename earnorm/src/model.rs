@@ -10,7 +10,7 @@ use mongodb::options::{FindOptions, IndexOptions};
 use mongodb::{ClientSession, Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::transaction::{write_then_invalidate, Touched, Transaction};
+use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
 use crate::{Environment, Error, Result, ValidationErrors};
 
 /// An id type a model can use.
@@ -111,7 +111,8 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         async move {
             let Save { op, touched, generated } = Save::prepare(self)?;
             let coll = raw_collection::<Self>(env);
-            let result = write_then_invalidate(env, vec![touched], op.run::<Self>(coll, None)).await;
+            let result =
+                write_then_invalidate(env, vec![touched], Invalidate::IfWritten, op.run::<Self>(coll, None)).await;
             settle_id(generated, self, result)
         }
     }
@@ -144,7 +145,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             let (filter, touched) = delete_target(self)?;
             let coll = raw_collection::<Self>(env);
             let delete = async move { delete_one::<Self>(coll, filter, None).await };
-            write_then_invalidate(env, vec![touched], delete).await
+            write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await
         }
     }
 
@@ -201,7 +202,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             };
             // Part of a failed batch may have been written: a failure
             // invalidates too (see `may_have_written`).
-            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], insert).await
+            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], Invalidate::Always, insert).await
         }
     }
 
@@ -290,7 +291,13 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let update = update_many::<Self>(raw_collection::<Self>(env), filter, update, None);
-            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], update).await
+            write_then_invalidate(
+                env,
+                vec![Touched::Model(Self::COLLECTION)],
+                Invalidate::IfWritten,
+                update,
+            )
+            .await
         }
     }
 
@@ -317,7 +324,13 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let delete = delete_many::<Self>(raw_collection::<Self>(env), filter, None);
-            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], delete).await
+            write_then_invalidate(
+                env,
+                vec![Touched::Model(Self::COLLECTION)],
+                Invalidate::IfWritten,
+                delete,
+            )
+            .await
         }
     }
 
@@ -376,10 +389,12 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 /// serialization errors and duplicate keys are raised before anything is
 /// written.
 pub(crate) fn may_have_written(err: &Error) -> bool {
-    !matches!(
-        err,
-        Error::Validation(_) | Error::DuplicateKey { .. } | Error::Id(_) | Error::Serialization(_)
-    )
+    match err {
+        Error::Validation(_) | Error::DuplicateKey { .. } | Error::Id(_) | Error::Serialization(_) => false,
+        // Refused by the driver before sending (a document over 16 MiB).
+        Error::Mongo(e) => !matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InvalidArgument { .. }),
+        _ => true,
+    }
 }
 
 /// The scope a write to the record with this id touches: the record's, or

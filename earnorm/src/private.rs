@@ -44,12 +44,17 @@ fn add_deps(mut builder: KeyBuilder, database: &str, deps: &[Dep]) -> KeyBuilder
     builder
 }
 
-fn finish<A: Serialize + ?Sized>(builder: KeyBuilder, version: u32, args: &A) -> Option<CacheKey> {
-    match builder
-        .raw(&version.to_le_bytes())
-        .arg(args)
-        .and_then(KeyBuilder::build)
-    {
+fn finish<A: Serialize + ?Sized>(
+    mut builder: KeyBuilder,
+    version: u32,
+    identity: &[&str],
+    args: &A,
+) -> Option<CacheKey> {
+    builder = builder.raw(&version.to_le_bytes());
+    for name in identity {
+        builder = builder.raw(name.as_bytes());
+    }
+    match builder.arg(args).and_then(KeyBuilder::build) {
         Ok(key) => Some(key),
         Err(err) => {
             debug!(error = %err, "arguments do not encode: calling without the cache");
@@ -59,12 +64,15 @@ fn finish<A: Serialize + ?Sized>(builder: KeyBuilder, version: u32, args: &A) ->
 }
 
 /// Key of a record-scope method: the model, the record id, the method, the
-/// record's own content (so an outdated copy uses another entry) and the
-/// arguments. `None` (call uncached) without an environment or an id.
+/// record's own content (so an outdated copy uses another entry), what
+/// identifies the function (`identity`: the type names of `Self`, of its type
+/// parameters and of its return type) and the arguments. `None` (call
+/// uncached) without an environment or an id.
 pub fn record_key<M: Model, A: Serialize + ?Sized>(
     record: &M,
     name: &str,
     version: u32,
+    identity: &[&str],
     deps: &[Dep],
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
@@ -73,6 +81,7 @@ pub fn record_key<M: Model, A: Serialize + ?Sized>(
         Namespace::Model(M::COLLECTION),
         name,
         version,
+        identity,
         deps,
         args,
         |builder, model| builder.scope(Scope::Record(model, &id)).arg(record).ok(),
@@ -83,6 +92,7 @@ pub fn record_key<M: Model, A: Serialize + ?Sized>(
 pub fn model_key<M: Model, A: Serialize + ?Sized>(
     name: &str,
     version: u32,
+    identity: &[&str],
     deps: &[Dep],
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
@@ -90,23 +100,31 @@ pub fn model_key<M: Model, A: Serialize + ?Sized>(
         Namespace::Model(M::COLLECTION),
         name,
         version,
+        identity,
         deps,
         args,
         |builder, model| Some(builder.scope(Scope::Model(model))),
     )
 }
 
-/// Key of a free function (`namespace` is its module path).
+/// Key of a function with an explicit scope (`namespace` is its module path).
 pub fn free_key<A: Serialize + ?Sized>(
     namespace: &str,
     name: &str,
     version: u32,
+    identity: &[&str],
     deps: &[Dep],
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
-    key(Namespace::Free(namespace), name, version, deps, args, |builder, _| {
-        Some(builder)
-    })
+    key(
+        Namespace::Free(namespace),
+        name,
+        version,
+        identity,
+        deps,
+        args,
+        |builder, _| Some(builder),
+    )
 }
 
 /// Where a cached function lives.
@@ -124,6 +142,7 @@ fn key<A: Serialize + ?Sized>(
     namespace: Namespace<'_>,
     name: &str,
     version: u32,
+    identity: &[&str],
     deps: &[Dep],
     args: &A,
     scope: impl FnOnce(KeyBuilder, &str) -> Option<KeyBuilder>,
@@ -135,7 +154,7 @@ fn key<A: Serialize + ?Sized>(
         };
         let builder = scope(cache.key(&namespace, name), &namespace)?;
         let builder = add_deps(builder, database, deps);
-        Some((cache.clone(), finish(builder, version, args)?))
+        Some((cache.clone(), finish(builder, version, identity, args)?))
     })?
 }
 

@@ -95,7 +95,7 @@ impl Transaction {
         let commit = async move { session.commit_transaction().await.map_err(Error::Mongo) };
         // A failed commit invalidates too (an `Error::Mongo` may have
         // written): one whose answer was lost may have been applied.
-        write_then_invalidate(&env, touched, commit).await
+        write_then_invalidate(&env, touched, Invalidate::IfWritten, commit).await
     }
 
     /// Aborts: no write is applied, nothing is invalidated.
@@ -107,14 +107,28 @@ impl Transaction {
     }
 }
 
-/// Runs `write`, then invalidates `touched` unless the write surely changed
-/// nothing, as one unit the caller cannot split: both run in a task of their
+/// When a write unit invalidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Invalidate {
+    /// Unless the write surely changed nothing (see `may_have_written`).
+    IfWritten,
+    /// Whatever the outcome: a batch refused part-way may have written its
+    /// first part.
+    Always,
+}
+
+/// Runs `write`, then invalidates `touched` as `when` says, as one unit the caller cannot split: both run in a task of their
 /// own that the caller awaits. A caller that stops waiting (its future
 /// dropped, a timeout) leaves the task to finish, so the invalidation still
 /// happens, and only once the write's outcome is known: never while the
 /// server may still be applying it, when a reader could cache what it read
 /// in between under the new generation.
-pub(crate) async fn write_then_invalidate<T, W>(env: &Environment, touched: Vec<Touched>, write: W) -> Result<T>
+pub(crate) async fn write_then_invalidate<T, W>(
+    env: &Environment,
+    touched: Vec<Touched>,
+    when: Invalidate,
+    write: W,
+) -> Result<T>
 where
     T: Send + 'static,
     W: Future<Output = Result<T>> + Send + 'static,
@@ -122,7 +136,7 @@ where
     let env = env.clone();
     let unit = async move {
         let result = write.await;
-        if result.as_ref().err().is_none_or(may_have_written) {
+        if when == Invalidate::Always || result.as_ref().err().is_none_or(may_have_written) {
             invalidate(&env, &touched).await;
         }
         result
