@@ -91,6 +91,49 @@ impl Person {
     }
 }
 
+/// A struct named like a `Result`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchResult {
+    pub hits: Vec<String>,
+}
+
+static SEARCH_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[cached(ttl = 60, scope = "search", store = "all")]
+async fn search(query: String) -> SearchResult {
+    SEARCH_RUNS.fetch_add(1, Ordering::SeqCst);
+    SearchResult { hits: vec![query] }
+}
+
+/// Names as stored, whatever serde form gives them; bounds compared
+/// exactly; `NaN` refused.
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "readings")]
+pub struct Reading {
+    #[serde(
+        rename(serialize = "_id", deserialize = "_id"),
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub id: Option<ObjectId>,
+    #[serde(rename(serialize = "v", deserialize = "value"))]
+    #[earnorm(min = 0, max = 9007199254740992)]
+    pub value: i64,
+    #[earnorm(min = -1.5, max = 1.5)]
+    pub ratio: f64,
+    #[serde(skip)]
+    pub scratch: u8,
+}
+
+impl Person {
+    /// A typed receiver: the same as `&self`.
+    #[allow(clippy::needless_arbitrary_self_type)]
+    #[cached(ttl = 60)]
+    pub async fn shout(self: &Self) -> String {
+        self.name.to_uppercase()
+    }
+}
+
 impl PersonView {
     #[cached(ttl = 60)]
     pub async fn summary() -> String {
@@ -233,4 +276,61 @@ async fn mongodb_secrets_never_show_in_debug_or_errors() {
         source = cause.source();
     }
     assert!(!shown.contains(SECRET), "{shown}");
+}
+
+/// Bug: `rename(serialize = .., deserialize = ..)` was ignored (a false
+/// "missing id field" on `_id`), and `skip` fields were listed as stored.
+#[test]
+fn fields_are_the_stored_names() {
+    assert_eq!(Reading::FIELDS.id, "_id");
+    assert_eq!(Reading::FIELDS.value, "v");
+    assert_eq!(Reading::FIELDS.ratio, "ratio");
+    // `scratch` is not stored: `Reading::FIELDS.scratch` does not exist
+    // (tests/ui would show the error); the struct has exactly these fields.
+    let ReadingFields {
+        id: _,
+        value: _,
+        ratio: _,
+    } = Reading::FIELDS;
+}
+
+/// Bug: `NaN` passed `min`/`max`, and integers were compared as `f64`, so
+/// 2^53 + 1 passed `max = 2^53`.
+#[test]
+fn bounds_refuse_nan_and_compare_integers_exactly() {
+    let ok = Reading {
+        id: None,
+        value: 1 << 53,
+        ratio: 1.5,
+        scratch: 0,
+    };
+    assert!(ok.validate().is_ok());
+    let above = Reading {
+        value: (1 << 53) + 1,
+        ..ok.clone()
+    };
+    assert!(above.validate().expect_err("above max").has("value", "max"));
+    let nan = Reading { ratio: f64::NAN, ..ok };
+    let errors = nan.validate().expect_err("NaN");
+    assert!(errors.has("ratio", "min") && errors.has("ratio", "max"), "{errors}");
+}
+
+/// `store = "all"` caches a struct whose name ends in `Result`; `self: &Self`
+/// is a record method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_overrides_the_return_type_and_typed_receivers_work() {
+    let env = test_env("store").await;
+    env.scope(async {
+        let first = search("rust".into()).await;
+        assert_eq!(search("rust".into()).await, first);
+        assert_eq!(SEARCH_RUNS.load(Ordering::SeqCst), 1, "cached");
+        let mut ada = Person {
+            id: None,
+            name: "Ada".into(),
+            bio: String::new(),
+        };
+        ada.save().await.expect("save");
+        assert_eq!(ada.shout().await, "ADA");
+    })
+    .await;
 }

@@ -119,6 +119,12 @@ fn decoder(payload: &[u8]) -> rmp_serde::Deserializer<rmp_serde::decode::ReadRef
 /// for `Result<T, E>` (only `Ok` is stored), [`OptionOutput`] for `Option<T>`
 /// (only `Some` is stored: a `None` is recomputed next time), [`PlainOutput`]
 /// otherwise (always stored).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot cache a `{R}`",
+    label = "the return type decides what is cached",
+    note = "#[cached] caches only `Ok` of a return type named `Result` (or ending in `Result`) and only `Some` of an \
+            `Option`; write #[cached(store = \"all\")] to cache every value of another type"
+)]
 pub trait Output<R> {
     /// The encoded payload to store, or `None` when this result is not cached.
     ///

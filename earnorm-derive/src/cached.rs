@@ -73,7 +73,7 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
             return Err(meta.error("unknown #[cached] option"));
         };
         let name = key.to_string();
-        let duplicate = || cx.error_spanned_by(&key, format!("duplicate #[cached] option `{name}`"));
+        let option = "#[cached] option";
         match name.as_str() {
             "ttl" => {
                 options.ttl_given = true;
@@ -84,8 +84,7 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                         ..
                     }) => match lit.base10_parse::<u64>() {
                         Ok(0) => cx.error_spanned_by(lit, "`ttl` must be at least 1 second"),
-                        Ok(n) if options.ttl.is_none() => options.ttl = Some(n),
-                        Ok(_) => duplicate(),
+                        Ok(n) => cx.set_once(&mut options.ttl, &key, option, n),
                         Err(_) => cx.error_spanned_by(lit, "`ttl` must be a whole number of seconds"),
                     },
                     _ => cx.error_spanned_by(
@@ -104,11 +103,7 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                 } else {
                     &mut options.scope
                 };
-                if slot.is_some() {
-                    duplicate();
-                } else {
-                    *slot = Some(lit);
-                }
+                cx.set_once(slot, &key, option, lit);
             }
             "store" => {
                 let lit: LitStr = meta.value()?.parse()?;
@@ -124,17 +119,14 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                         None
                     }
                 };
-                match kind {
-                    Some(_) if options.store.is_some() => duplicate(),
-                    Some(kind) => options.store = Some((kind, lit)),
-                    None => {}
+                if let Some(kind) = kind {
+                    cx.set_once(&mut options.store, &key, option, (kind, lit));
                 }
             }
             "version" => {
                 let lit: LitInt = meta.value()?.parse()?;
                 match lit.base10_parse::<u32>() {
-                    Ok(n) if options.version.is_none() => options.version = Some(n),
-                    Ok(_) => duplicate(),
+                    Ok(n) => cx.set_once(&mut options.version, &key, option, n),
                     Err(_) => cx.error_spanned_by(&lit, "`version` must be a non-negative integer"),
                 }
             }
@@ -287,14 +279,14 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
     let private = quote!(::earnorm::__private);
 
     let (kind, value_ty) = output(sig, options.store.as_ref().map(|(kind, _)| *kind));
-    let mode = match kind {
-        OutputKind::Result => quote!(#private::ResultOutput),
-        OutputKind::Option => quote!(#private::OptionOutput),
-        OutputKind::Plain => quote!(#private::PlainOutput),
-    };
     let value_span = match &sig.output {
         ReturnType::Type(_, ty) => ty.span(),
         ReturnType::Default => sig.ident.span(),
+    };
+    let mode = match kind {
+        OutputKind::Result => quote_spanned!(value_span=> #private::ResultOutput),
+        OutputKind::Option => quote_spanned!(value_span=> #private::OptionOutput),
+        OutputKind::Plain => quote_spanned!(value_span=> #private::PlainOutput),
     };
     let value_check = quote_spanned!(value_span=> #private::assert_cacheable::<#value_ty>(););
     let arg_checks = args
@@ -406,6 +398,17 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
     // share entries: this item makes that a compile error at the key.
     let key_span = options.key.as_ref().map_or_else(|| sig.ident.span(), LitStr::span);
     let marker = format_ident!("__earnorm_cached_key_{}", identifier_part(&key_name), span = key_span);
+    // The user's lint levels apply to the body, wherever it is generated.
+    let lint_attrs = attrs.iter().filter(|attr| {
+        ["allow", "expect", "warn", "deny", "forbid"]
+            .iter()
+            .any(|level| attr.path().is_ident(level))
+    });
+    let marker_item = quote_spanned! {key_span=>
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals, dead_code)]
+        const #marker: () = ();
+    };
 
     // The wrapper only passes arguments on: `mut` bindings belong to the body.
     let mut sig = sig.clone();
@@ -425,19 +428,18 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
             #model_check
             match #key_call {
                 #private::Option::Some((__earnorm_cache, __earnorm_key)) => {
-                    __earnorm_cache.get_or_compute::<_, #mode, _>(&__earnorm_key, #private::ttl(#ttl), #body_call).await
+                    __earnorm_cache.get_or_compute::<#return_ty, #mode, _>(&__earnorm_key, #private::ttl(#ttl), #body_call).await
                 }
                 #private::Option::None => #body_call.await,
             }
         }
 
         #[doc = #uncached_doc]
+        #(#lint_attrs)*
         #[allow(dead_code, clippy::unused_async, clippy::missing_errors_doc, clippy::missing_panics_doc)]
         #vis #uncached_sig #block
 
-        #[doc(hidden)]
-        #[allow(non_upper_case_globals, dead_code)]
-        const #marker: () = ();
+        #marker_item
     }
 }
 

@@ -31,6 +31,16 @@ impl Ctxt {
         }
     }
 
+    /// Stores `value` in `slot`, or reports `key` as a duplicate of `what`
+    /// when the slot is already taken.
+    pub(crate) fn set_once<T>(&self, slot: &mut Option<T>, key: &syn::Ident, what: &str, value: T) {
+        if slot.is_some() {
+            self.error_spanned_by(key, format!("duplicate {what} `{key}`"));
+        } else {
+            *slot = Some(value);
+        }
+    }
+
     /// All collected errors, or `Ok` when there were none.
     pub(crate) fn check(self) -> Result<(), Vec<syn::Error>> {
         let errors = self.errors.borrow_mut().take().unwrap_or_default();

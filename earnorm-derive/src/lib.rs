@@ -9,6 +9,7 @@
 mod cached;
 mod ctxt;
 mod model;
+mod pattern;
 
 use proc_macro::TokenStream;
 
@@ -24,7 +25,14 @@ use proc_macro::TokenStream;
 #[proc_macro_derive(Model, attributes(earnorm))]
 pub fn derive_model(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
-    model::expand(&input).unwrap_or_else(ctxt::to_compile_errors).into()
+    match model::expand(&input) {
+        Ok(tokens) => tokens.into(),
+        Err(errors) => {
+            let mut tokens = ctxt::to_compile_errors(errors);
+            tokens.extend(model::fallback(&input));
+            tokens.into()
+        }
+    }
 }
 
 /// Caches an async function's result in the current EarnORM environment.

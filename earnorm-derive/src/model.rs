@@ -24,8 +24,12 @@ struct Container<'a> {
 struct Field<'a> {
     ident: &'a Ident,
     ty: &'a Type,
-    /// Name in MongoDB (`#[serde(rename = "..")]` or the Rust name).
+    /// Name in MongoDB (`#[serde(rename = "..")]`, the `serialize` name of
+    /// `#[serde(rename(serialize = .., deserialize = ..))]`, or the Rust name).
     bson_name: String,
+    /// Whether the field is stored at all (not `#[serde(skip)]` or
+    /// `#[serde(skip_serializing)]`).
+    stored: bool,
     id: Option<Ident>,
     required: Option<Ident>,
     email: Option<Ident>,
@@ -33,8 +37,8 @@ struct Field<'a> {
     index: Option<Ident>,
     min_length: Option<(Ident, usize)>,
     max_length: Option<(Ident, usize)>,
-    min: Option<(Ident, f64)>,
-    max: Option<(Ident, f64)>,
+    min: Option<(Ident, Bound)>,
+    max: Option<(Ident, Bound)>,
     pattern: Option<(Ident, LitStr)>,
 }
 
@@ -47,6 +51,38 @@ pub(crate) fn expand(input: &DeriveInput) -> Result<TokenStream, Vec<syn::Error>
         (Some(container), Some(id)) => Ok(generate(container, id)),
         // `check` reported why.
         _ => Err(vec![syn::Error::new(Span::call_site(), "earnorm: invalid model")]),
+    }
+}
+
+/// What is generated next to the errors when the derive fails: an `impl
+/// Model` whose bodies are never reached (the build fails anyway), so that one
+/// mistake in the struct does not also raise an error at every use of the
+/// model. Only for structs with named fields (anything else is not a model).
+pub(crate) fn fallback(input: &DeriveInput) -> TokenStream {
+    let Data::Struct(syn::DataStruct {
+        fields: Fields::Named(_),
+        ..
+    }) = &input.data
+    else {
+        return TokenStream::new();
+    };
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    quote! {
+        #[automatically_derived]
+        impl #impl_generics ::earnorm::Model for #ident #ty_generics #where_clause {
+            const COLLECTION: &'static str = "";
+            type Id = ::earnorm::__private::bson::oid::ObjectId;
+            fn id(&self) -> ::earnorm::__private::Option<&Self::Id> {
+                ::core::unreachable!()
+            }
+            fn set_id(&mut self, _: ::earnorm::__private::Option<Self::Id>) {
+                ::core::unreachable!()
+            }
+            fn validate(&self) -> ::earnorm::__private::Result<(), ::earnorm::__private::ValidationErrors> {
+                ::core::unreachable!()
+            }
+        }
     }
 }
 
@@ -98,10 +134,8 @@ fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> Option<LitStr> {
                     Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => {
                         if lit.value().is_empty() {
                             cx.error_spanned_by(&lit, "the collection name must not be empty");
-                        } else if collection.is_some() {
-                            cx.error_spanned_by(&key, "duplicate earnorm attribute `collection`");
                         } else {
-                            collection = Some(lit);
+                            cx.set_once(&mut collection, &key, "earnorm attribute", lit);
                         }
                     }
                     other => cx.error_spanned_by(
@@ -159,6 +193,7 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
         ident,
         ty: &field.ty,
         bson_name: ident.to_string().trim_start_matches("r#").to_owned(),
+        stored: true,
         id: None,
         required: None,
         email: None,
@@ -171,23 +206,36 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
         pattern: None,
     };
     for meta in serde_items(&field.attrs) {
-        if let Meta::NameValue(nv) = meta {
-            if nv.path.is_ident("rename") {
+        match &meta {
+            Meta::NameValue(nv) if nv.path.is_ident("rename") => {
                 if let Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) = &nv.value {
                     out.bson_name = s.value();
                 }
             }
+            // `rename(serialize = "..", deserialize = "..")`: stored under
+            // the serialized name.
+            Meta::List(list) if list.path.is_ident("rename") => {
+                let _ = list.parse_nested_meta(|inner| {
+                    let value: LitStr = inner.value()?.parse()?;
+                    if inner.path.is_ident("serialize") {
+                        out.bson_name = value.value();
+                    }
+                    Ok(())
+                });
+            }
+            Meta::Path(path) if path.is_ident("skip") || path.is_ident("skip_serializing") => out.stored = false,
+            Meta::Path(path) if path.is_ident("flatten") => cx.error_spanned_by(
+                path,
+                "earnorm does not support `#[serde(flatten)]` on model fields: `FIELDS`, indexes and the id need \
+                 each stored name; write the fields out, or nest them as a sub-document",
+            ),
+            _ => {}
         }
     }
     for_each_earnorm_item(cx, &field.attrs, |key, meta| {
         let name = key.to_string();
-        let flag = |slot: &mut Option<Ident>| {
-            if slot.is_some() {
-                cx.error_spanned_by(&key, format!("duplicate earnorm attribute `{name}`"));
-            } else {
-                *slot = Some(key.clone());
-            }
-        };
+        let attribute = "earnorm attribute";
+        let flag = |slot: &mut Option<Ident>| cx.set_once(slot, &key, attribute, key.clone());
         match name.as_str() {
                 "id" => flag(&mut out.id),
                 "required" => flag(&mut out.required),
@@ -205,34 +253,25 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
                         return Ok(());
                     };
                     let slot = if name == "min_length" { &mut out.min_length } else { &mut out.max_length };
-                    if slot.is_some() {
-                        cx.error_spanned_by(&key, format!("duplicate earnorm attribute `{name}`"));
-                    } else {
-                        *slot = Some((key.clone(), n));
-                    }
+                    cx.set_once(slot, &key, attribute, (key.clone(), n));
                 }
                 "min" | "max" => {
                     let value: Expr = meta.value()?.parse()?;
-                    let Some(n) = number(&value).filter(|n| n.is_finite()) else {
+                    let Some(n) = bound(&value) else {
                         cx.error_spanned_by(&value, format!("`{name}` must be a number literal"));
                         return Ok(());
                     };
                     let slot = if name == "min" { &mut out.min } else { &mut out.max };
-                    if slot.is_some() {
-                        cx.error_spanned_by(&key, format!("duplicate earnorm attribute `{name}`"));
-                    } else {
-                        *slot = Some((key.clone(), n));
-                    }
+                    cx.set_once(slot, &key, attribute, (key.clone(), n));
                 }
                 "pattern" => {
                     let value: Expr = meta.value()?.parse()?;
                     match value {
                         Expr::Lit(ExprLit { lit: Lit::Str(lit), .. }) => {
-                            if out.pattern.is_some() {
-                                cx.error_spanned_by(&key, "duplicate earnorm attribute `pattern`");
-                            } else {
-                                out.pattern = Some((key.clone(), lit));
+                            if let Err(why) = crate::pattern::check(&lit.value()) {
+                                cx.error_spanned_by(&lit, format!("invalid `pattern`: {why}"));
                             }
+                            cx.set_once(&mut out.pattern, &key, attribute, (key.clone(), lit));
                         }
                         other => cx.error_spanned_by(other, "`pattern` must be a string literal"),
                     }
@@ -249,14 +288,44 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
     Some(out)
 }
 
+/// A bound as written: an integer literal stays an integer (compared
+/// exactly), anything else is a finite float.
+#[derive(Clone, Copy)]
+enum Bound {
+    Int(i128),
+    Float(f64),
+}
+
+impl Bound {
+    #[allow(clippy::cast_precision_loss)]
+    fn as_f64(self) -> f64 {
+        match self {
+            Bound::Int(n) => n as f64,
+            Bound::Float(x) => x,
+        }
+    }
+
+    fn to_tokens(self) -> TokenStream {
+        match self {
+            Bound::Int(n) => quote!(::earnorm::__private::validate::Bound::Int(#n)),
+            Bound::Float(x) => quote!(::earnorm::__private::validate::Bound::Float(#x)),
+        }
+    }
+}
+
 /// A number literal, possibly negated.
-fn number(expr: &Expr) -> Option<f64> {
+fn bound(expr: &Expr) -> Option<Bound> {
     match expr {
-        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<f64>().ok(),
-        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>().ok(),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<i128>().ok().map(Bound::Int),
+        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => {
+            f.base10_parse::<f64>().ok().filter(|x| x.is_finite()).map(Bound::Float)
+        }
         Expr::Unary(ExprUnary {
             op: UnOp::Neg(_), expr, ..
-        }) => number(expr).map(|n| -n),
+        }) => match bound(expr)? {
+            Bound::Int(n) => n.checked_neg().map(Bound::Int),
+            Bound::Float(x) => Some(Bound::Float(-x)),
+        },
         _ => None,
     }
 }
@@ -287,7 +356,7 @@ fn check<'c, 'a>(cx: &Ctxt, container: &'c Container<'a>) -> Option<&'c Field<'a
             }
         }
         if let (Some((_, lo)), Some((key, hi))) = (&field.min, &field.max) {
-            if lo > hi {
+            if lo.as_f64() > hi.as_f64() {
                 cx.error_spanned_by(key, "`max` is smaller than `min`");
             }
         }
@@ -295,7 +364,7 @@ fn check<'c, 'a>(cx: &Ctxt, container: &'c Container<'a>) -> Option<&'c Field<'a
     let marked: Vec<&Field<'a>> = container.fields.iter().filter(|f| f.id.is_some()).collect();
     let id = match marked.as_slice() {
         [one] => Some(*one),
-        [] => container.fields.iter().find(|f| f.bson_name == "_id"),
+        [] => container.fields.iter().find(|f| f.stored && f.bson_name == "_id"),
         [_, second, ..] => {
             cx.error_spanned_by(second.id.as_ref(), "only one field can be the id");
             None
@@ -394,11 +463,12 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
         });
 
     let fields_ident = format_ident!("{}Fields", ident);
-    let field_decls = container.fields.iter().map(|f| {
+    let stored: Vec<&Field<'_>> = container.fields.iter().filter(|f| f.stored).collect();
+    let field_decls = stored.iter().map(|f| {
         let (name, doc) = (f.ident, format!("`{}`", f.bson_name));
         quote!(#[doc = #doc] pub #name: &'static str)
     });
-    let field_values = container.fields.iter().map(|f| {
+    let field_values = stored.iter().map(|f| {
         let (name, bson) = (f.ident, &f.bson_name);
         quote!(#name: #bson)
     });
@@ -454,10 +524,12 @@ fn validations(field: &Field<'_>) -> TokenStream {
     if let Some((_, n)) = field.max_length {
         out.extend(quote_spanned!(span=> #v::max_length(&mut errors, #name, &self.#ident, #n);));
     }
-    if let Some((_, n)) = field.min {
+    if let Some((_, n)) = &field.min {
+        let n = n.to_tokens();
         out.extend(quote_spanned!(span=> #v::min(&mut errors, #name, &self.#ident, #n);));
     }
-    if let Some((_, n)) = field.max {
+    if let Some((_, n)) = &field.max {
+        let n = n.to_tokens();
         out.extend(quote_spanned!(span=> #v::max(&mut errors, #name, &self.#ident, #n);));
     }
     if let Some((_, pattern)) = &field.pattern {

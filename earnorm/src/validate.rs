@@ -4,6 +4,7 @@
 //! field's own type and on `Option` of it (an absent optional value passes
 //! every rule but `required`).
 
+use std::cmp::Ordering;
 use std::sync::OnceLock;
 
 use regex::Regex;
@@ -67,23 +68,100 @@ impl Text for Option<String> {
     }
 }
 
+/// A bound of `#[earnorm(min = .., max = ..)]`, as written: an integer
+/// literal is compared exactly with integer fields (no rounding through
+/// `f64`, so `2^53 + 1` is above `max = 9007199254740992`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Bound {
+    /// An integer literal.
+    Int(i128),
+    /// A literal with a fraction or exponent (always finite).
+    Float(f64),
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bound::Int(n) => write!(f, "{n}"),
+            Bound::Float(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// How a field's value compares with a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    /// No value (an empty `Option`): every bound passes.
+    Absent,
+    /// The value is below, equal to or above the bound.
+    Ordered(Ordering),
+    /// The value is not a number (`NaN`): no bound passes.
+    NotANumber,
+}
+
 /// A numeric field (any primitive number, or `Option` of one).
 pub trait Number {
-    /// The value as `f64`, when present.
-    fn number(&self) -> Option<f64>;
+    /// How the value compares with `bound`.
+    fn compare(&self, bound: Bound) -> Comparison;
 }
-macro_rules! number {
+
+/// An integer against a bound, exactly.
+fn compare_int(value: i128, bound: Bound) -> Ordering {
+    match bound {
+        Bound::Int(bound) => value.cmp(&bound),
+        Bound::Float(bound) => {
+            let floor = bound.floor();
+            #[allow(clippy::cast_precision_loss)]
+            if floor < i128::MIN as f64 {
+                return Ordering::Greater;
+            }
+            #[allow(clippy::cast_precision_loss)]
+            if floor >= i128::MAX as f64 {
+                return Ordering::Less;
+            }
+            #[allow(clippy::cast_possible_truncation)]
+            let whole = floor as i128;
+            match value.cmp(&whole) {
+                // Equal to the floor of a bound with a fraction: below it.
+                Ordering::Equal if bound > floor => Ordering::Less,
+                other => other,
+            }
+        }
+    }
+}
+
+macro_rules! integer {
     ($($t:ty),*) => { $(
         impl Number for $t {
-            #[allow(clippy::cast_precision_loss, clippy::cast_lossless)]
-            fn number(&self) -> Option<f64> { Some(*self as f64) }
+            fn compare(&self, bound: Bound) -> Comparison {
+                Comparison::Ordered(compare_int(i128::from(*self), bound))
+            }
         }
     )* };
 }
-number!(i8, i16, i32, i64, u8, u16, u32, u64, f32, f64);
+integer!(i8, i16, i32, i64, u8, u16, u32, u64);
+
+macro_rules! float {
+    ($($t:ty),*) => { $(
+        impl Number for $t {
+            fn compare(&self, bound: Bound) -> Comparison {
+                #[allow(clippy::cast_precision_loss)]
+                let bound = match bound {
+                    Bound::Int(n) => n as f64,
+                    Bound::Float(x) => x,
+                };
+                f64::from(*self)
+                    .partial_cmp(&bound)
+                    .map_or(Comparison::NotANumber, Comparison::Ordered)
+            }
+        }
+    )* };
+}
+float!(f32, f64);
+
 impl<T: Number> Number for Option<T> {
-    fn number(&self) -> Option<f64> {
-        self.as_ref().and_then(Number::number)
+    fn compare(&self, bound: Bound) -> Comparison {
+        self.as_ref().map_or(Comparison::Absent, |value| value.compare(bound))
     }
 }
 
@@ -133,21 +211,21 @@ pub fn max_length<T: Text>(errors: &mut ValidationErrors, field: &'static str, v
     }
 }
 
-/// `min`: at least `min`.
-pub fn min<T: Number>(errors: &mut ValidationErrors, field: &'static str, value: &T, min: f64) {
-    if let Some(n) = value.number() {
-        if n < min {
-            errors.add(field, "min", format!("must be at least {min}"));
-        }
+/// `min`: at least `min`. `NaN` fails.
+pub fn min<T: Number>(errors: &mut ValidationErrors, field: &'static str, value: &T, min: Bound) {
+    match value.compare(min) {
+        Comparison::Ordered(Ordering::Less) => errors.add(field, "min", format!("must be at least {min}")),
+        Comparison::NotANumber => errors.add(field, "min", "is not a number"),
+        Comparison::Absent | Comparison::Ordered(_) => {}
     }
 }
 
-/// `max`: at most `max`.
-pub fn max<T: Number>(errors: &mut ValidationErrors, field: &'static str, value: &T, max: f64) {
-    if let Some(n) = value.number() {
-        if n > max {
-            errors.add(field, "max", format!("must be at most {max}"));
-        }
+/// `max`: at most `max`. `NaN` fails.
+pub fn max<T: Number>(errors: &mut ValidationErrors, field: &'static str, value: &T, max: Bound) {
+    match value.compare(max) {
+        Comparison::Ordered(Ordering::Greater) => errors.add(field, "max", format!("must be at most {max}")),
+        Comparison::NotANumber => errors.add(field, "max", "is not a number"),
+        Comparison::Absent | Comparison::Ordered(_) => {}
     }
 }
 
@@ -188,12 +266,27 @@ mod tests {
         email(&mut e, "f", &None::<String>);
         min_length(&mut e, "g", &"héé".to_owned(), 3);
         max_length(&mut e, "h", &"héé".to_owned(), 2);
-        min(&mut e, "i", &5u8, 6.0);
-        max(&mut e, "j", &Some(7i64), 7.0);
+        min(&mut e, "i", &5u8, Bound::Int(6));
+        max(&mut e, "j", &Some(7i64), Bound::Int(7));
         let cell = OnceLock::new();
         pattern(&mut e, "k", &"abc1".to_owned(), "[a-z]+", &cell);
         assert_eq!(e.fields(), ["a", "b", "d", "h", "i", "k"]);
         assert!(is_email("ünï@exämple.org"));
+    }
+
+    #[test]
+    fn bounds_compare_exactly_and_nan_fails() {
+        let limit = Bound::Int(1 << 53);
+        let mut e = ValidationErrors::new();
+        max(&mut e, "above", &((1i64 << 53) + 1), limit);
+        max(&mut e, "at", &(1i64 << 53), limit);
+        max(&mut e, "nan", &f64::NAN, Bound::Float(1.5));
+        min(&mut e, "nan_min", &Some(f32::NAN), Bound::Int(0));
+        min(&mut e, "none", &None::<f64>, Bound::Int(0));
+        min(&mut e, "below_fraction", &1i32, Bound::Float(1.5));
+        min(&mut e, "above_fraction", &2i32, Bound::Float(1.5));
+        max(&mut e, "huge", &u64::MAX, Bound::Float(1e300));
+        assert_eq!(e.fields(), ["above", "nan", "nan_min", "below_fraction"]);
         assert!(!is_email("a@b"));
         assert!(!is_email("a b@c.d"));
     }
