@@ -6,19 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use earnorm_cache::{CacheConfig, CacheKey, CacheManager, ConnectionStatus, PlainOutput, Scope};
-use support::{free_port, unique_name, RedisServer};
+use support::{fast_cache_config, free_port, unique_name, RedisServer};
 
-/// Fast reconnection settings for tests.
+/// Fast reconnection settings for tests, with a fresh prefix.
 fn config(operation_timeout: Duration) -> CacheConfig {
     CacheConfig {
-        prefix: format!("{}:", unique_name("faults")),
         operation_timeout,
-        connect_timeout: Duration::from_millis(300),
-        retry_delay: Duration::from_millis(50),
-        max_retry_delay: Duration::from_millis(200),
-        health_check_interval: Duration::from_millis(300),
-        heartbeat_interval: Duration::from_millis(100),
-        ..Default::default()
+        ..fast_cache_config(&unique_name("faults"))
     }
 }
 

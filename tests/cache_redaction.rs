@@ -6,17 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use earnorm_cache::{CacheConfig, CacheManager, ConnectionStatus, PlainOutput};
-use support::{unique_name, RedisServer};
+use support::{fast_cache_config, unique_name, RedisServer};
 
 fn config() -> CacheConfig {
-    CacheConfig {
-        prefix: format!("{}:", unique_name("redact")),
-        operation_timeout: Duration::from_millis(300),
-        connect_timeout: Duration::from_millis(300),
-        retry_delay: Duration::from_millis(50),
-        health_check_interval: Duration::from_millis(300),
-        ..Default::default()
-    }
+    fast_cache_config(&unique_name("redact"))
 }
 
 async fn call(cache: &CacheManager) -> u64 {

@@ -42,9 +42,9 @@ pub trait Unit: Serialize + Send + Sync {
     /// Degrees at the boiling point of water.
     const BOILING: f64;
 }
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Celsius;
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Fahrenheit;
 impl Unit for Celsius {
     const BOILING: f64 = 100.0;

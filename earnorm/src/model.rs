@@ -13,6 +13,18 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
 use crate::{Environment, Error, Result, ValidationErrors};
 
+/// Awaits a driver action, inside `session` when there is one (the driver's
+/// actions share no trait for it).
+macro_rules! in_session {
+    ($action:expr, $session:expr) => {{
+        let action = $action;
+        match $session {
+            Some(session) => action.session(session).await,
+            None => action.await,
+        }
+    }};
+}
+
 /// An id type a model can use.
 pub trait ModelId: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
     /// A new id for a record inserted without one (`ObjectId`: a fresh one);
@@ -478,19 +490,9 @@ impl SaveOp {
     /// Sends the write (owning all it needs, unless it runs in a session).
     async fn run<M: Model>(self, coll: Collection<Document>, session: Option<&mut ClientSession>) -> Result<()> {
         let result = match self {
-            SaveOp::Insert(document) => {
-                let mut insert = coll.insert_one(document);
-                if let Some(session) = session {
-                    insert = insert.session(session);
-                }
-                insert.await.map(|_| ())
-            }
+            SaveOp::Insert(document) => in_session!(coll.insert_one(document), session).map(|_| ()),
             SaveOp::Replace(filter, document) => {
-                let mut replace = coll.replace_one(filter, document).upsert(true);
-                if let Some(session) = session {
-                    replace = replace.session(session);
-                }
-                replace.await.map(|_| ())
+                in_session!(coll.replace_one(filter, document).upsert(true), session).map(|_| ())
             }
         };
         result.map_err(|e| Error::from_mongo(M::COLLECTION, e))
@@ -510,12 +512,7 @@ async fn delete_one<M: Model>(
     filter: Document,
     session: Option<&mut ClientSession>,
 ) -> Result<bool> {
-    let mut delete = coll.delete_one(filter);
-    if let Some(session) = session {
-        delete = delete.session(session);
-    }
-    delete
-        .await
+    in_session!(coll.delete_one(filter), session)
         .map(|r| r.deleted_count > 0)
         .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }
@@ -526,12 +523,7 @@ async fn update_many<M: Model>(
     update: Document,
     session: Option<&mut ClientSession>,
 ) -> Result<u64> {
-    let mut action = coll.update_many(filter, update);
-    if let Some(session) = session {
-        action = action.session(session);
-    }
-    action
-        .await
+    in_session!(coll.update_many(filter, update), session)
         .map(|r| r.modified_count)
         .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }
@@ -541,12 +533,7 @@ async fn delete_many<M: Model>(
     filter: Document,
     session: Option<&mut ClientSession>,
 ) -> Result<u64> {
-    let mut action = coll.delete_many(filter);
-    if let Some(session) = session {
-        action = action.session(session);
-    }
-    action
-        .await
+    in_session!(coll.delete_many(filter), session)
         .map(|r| r.deleted_count)
         .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }
