@@ -13,6 +13,8 @@
 //! | `P meta:run_id`         | the Redis server the generations were made on      |
 //! | `P meta:members`        | heartbeats of the managers using the prefix        |
 //! | `P meta:probe:N`        | a short-lived key written by the checks at connect |
+//! | `P meta:NAME`           | bookkeeping values (`CacheManager::set_meta`), such as the feed's resume token |
+//! | `P lease:NAME`          | leases (`CacheManager::lease`), such as the feed leader's |
 //!
 //! `HASH` is a 128-bit XXH3 of the canonical encoding of the arguments (and,
 //! for record methods, of the record itself, and of the type names that

@@ -52,6 +52,27 @@ redis.call('SET', KEYS[1], ARGV[4] .. table.concat(tokens) .. ARGV[5], 'PX', ARG
 return 1
 ";
 
+/// Takes or renews a lease: KEYS[1] the lease key; ARGV[1] the holder;
+/// ARGV[2] its time to live (ms). Returns 1 when `holder` holds it now.
+/// Allowed under OOM (a lease is tiny, and losing one over memory would stop
+/// the work it guards).
+const LEASE_SCRIPT: &str = r"#!lua flags=allow-oom
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Gives a lease up if `holder` (ARGV[1]) holds it.
+const RELEASE_SCRIPT: &str = r"#!lua flags=allow-oom
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 /// Most rounds a caller spends looking up and waiting for other callers'
 /// computations before computing on its own.
 const MAX_ROUNDS: usize = 4;
@@ -99,6 +120,8 @@ struct Inner {
     connection: Arc<Connection>,
     flights: Flights,
     store: Script,
+    lease: Script,
+    release: Script,
 }
 
 impl std::fmt::Debug for Inner {
@@ -189,6 +212,8 @@ impl CacheManager {
                 connection,
                 flights: Flights::default(),
                 store: Script::new(STORE_SCRIPT),
+                lease: Script::new(LEASE_SCRIPT),
+                release: Script::new(RELEASE_SCRIPT),
             }),
         }
     }
@@ -675,6 +700,67 @@ impl CacheManager {
         let deleted = self.unlink_matching(&full).await?;
         debug!(pattern = %full, deleted, "pattern deletion");
         Ok(deleted)
+    }
+
+    /// Takes the lease `name` for `holder`, or renews it if `holder` holds
+    /// it, for `ttl`; returns whether `holder` holds it now. Leases elect one
+    /// worker among processes sharing this prefix (the database feed's
+    /// leader, for one); they live at `PREFIX lease:NAME`.
+    ///
+    /// # Errors
+    /// When the cache is disabled, unavailable or fails.
+    pub async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, CacheError> {
+        let mut invocation = self
+            .inner
+            .lease
+            .key(format!("{}lease:{name}", self.connection().namespace));
+        invocation.arg(holder).arg(expiry_ms(ttl));
+        let held: i64 = self
+            .connection()
+            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        Ok(held == 1)
+    }
+
+    /// Gives the lease `name` up if `holder` holds it.
+    ///
+    /// # Errors
+    /// When the cache is disabled, unavailable or fails.
+    pub async fn release(&self, name: &str, holder: &str) -> Result<(), CacheError> {
+        let mut invocation = self
+            .inner
+            .release
+            .key(format!("{}lease:{name}", self.connection().namespace));
+        invocation.arg(holder);
+        self.connection()
+            .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Reads the bookkeeping value `name` (at `PREFIX meta:NAME`), such as a
+    /// resume token.
+    ///
+    /// # Errors
+    /// When the cache is disabled, unavailable or fails.
+    pub async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let key = format!("{}meta:{name}", self.connection().namespace);
+        self.connection()
+            .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
+            .await
+    }
+
+    /// Writes the bookkeeping value `name` (no expiry).
+    ///
+    /// # Errors
+    /// When the cache is disabled, unavailable or fails (Redis out of memory
+    /// under `noeviction` refuses it).
+    pub async fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), CacheError> {
+        let key = format!("{}meta:{name}", self.connection().namespace);
+        let value = value.to_vec();
+        self.connection()
+            .call(|mut conn| async move { redis::cmd("SET").arg(key).arg(value).query_async(&mut conn).await })
+            .await
     }
 
     fn unavailable(&self) -> CacheError {

@@ -31,6 +31,11 @@ pub struct Config {
     pub cache_config: CacheConfig,
     /// How long `init`/`connect` waits for MongoDB before failing.
     pub connect_timeout: Duration,
+    /// Whether to invalidate from MongoDB's change streams (the database
+    /// feed, see the crate docs), so that writes made outside EarnORM are
+    /// invalidated too. On by default; it stays off by itself without Redis
+    /// or on a server without change streams (a standalone `mongod`).
+    pub feed: bool,
 }
 
 impl Default for Config {
@@ -41,6 +46,7 @@ impl Default for Config {
             redis_uri: Some("redis://localhost:6379/0".to_owned()),
             cache_config: CacheConfig::default(),
             connect_timeout: Duration::from_secs(10),
+            feed: true,
         }
     }
 }
@@ -54,6 +60,7 @@ impl fmt::Debug for Config {
             .field("redis_uri", &self.redis_uri.as_deref().map(redact_url))
             .field("cache_config", &self.cache_config)
             .field("connect_timeout", &self.connect_timeout)
+            .field("feed", &self.feed)
             .finish()
     }
 }

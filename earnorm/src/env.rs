@@ -16,11 +16,14 @@
 use std::future::Future;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use earnorm_cache::{redact_url, CacheManager};
+use earnorm_cache::{redact_url, CacheManager, ConnectionStatus};
 use mongodb::bson::doc;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
+use tokio::sync::watch;
 use tracing::info;
+
+use crate::feed::{self, FeedStats};
 
 use crate::{Config, Error, Result};
 
@@ -35,6 +38,9 @@ struct Inner {
     client: Client,
     database: Database,
     cache: CacheManager,
+    feed: Arc<feed::Counters>,
+    /// Dropped with the environment, which ends its feed task.
+    _feed_stop: watch::Sender<()>,
 }
 
 /// The cache name of a model in an environment: `DATABASE.COLLECTION`, so
@@ -98,11 +104,19 @@ impl Environment {
         database.run_command(doc! { "ping": 1 }).await.map_err(connection)?;
         info!(uri = %uri, database = %config.database, "connected to MongoDB");
         let cache = CacheManager::connect(config.redis_uri.as_deref(), config.cache_config).await?;
+        let counters = Arc::new(feed::Counters::default());
+        let (stop, stopped) = watch::channel(());
+        if config.feed && cache.status() != ConnectionStatus::Disabled {
+            let feed = feed::Feed::new(database.clone(), cache.clone(), Arc::clone(&counters), stopped);
+            tokio::spawn(feed.run());
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
                 database,
                 cache,
+                feed: counters,
+                _feed_stop: stop,
             }),
         })
     }
@@ -146,6 +160,11 @@ impl Environment {
     /// The cache.
     pub fn cache(&self) -> &CacheManager {
         &self.inner.cache
+    }
+
+    /// What the database feed is doing (see the crate docs on the feed).
+    pub fn feed_stats(&self) -> FeedStats {
+        self.inner.feed.snapshot()
     }
 
     /// The name a collection of this environment has in cache keys and scopes.

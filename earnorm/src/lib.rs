@@ -5,6 +5,7 @@
 mod config;
 mod env;
 mod error;
+pub mod feed;
 mod model;
 mod transaction;
 pub mod validate;
@@ -20,6 +21,7 @@ pub use earnorm_cache::{
 pub use earnorm_derive::{cached, Model};
 pub use env::{cache, init, Environment};
 pub use error::{Error, FieldError, Result, ValidationErrors};
+pub use feed::FeedStats;
 pub use model::{id_key, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;

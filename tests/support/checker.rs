@@ -95,6 +95,8 @@ pub struct CheckerConfig {
     pub seed: u64,
     /// The cache's health-check interval (recovery is measured against it).
     pub health_check_interval: Duration,
+    /// Run the database feed.
+    pub feed: bool,
 }
 
 impl Default for CheckerConfig {
@@ -108,6 +110,7 @@ impl Default for CheckerConfig {
             naive: false,
             seed: 0x5EED,
             health_check_interval: Duration::from_millis(500),
+            feed: true,
         }
     }
 }
@@ -338,6 +341,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
         redis_uri: Some(redis.url()),
         cache_config,
         connect_timeout: Duration::from_secs(5),
+        feed: config.feed,
     };
     let envs = [connect(env_config.clone()).await, connect(env_config).await];
 

@@ -1,0 +1,405 @@
+//! The database feed: invalidation from MongoDB's change streams.
+//!
+//! ORM writes invalidate what they made stale themselves, at once. The feed
+//! is the backstop for every other write: another service, a migration, the
+//! raw driver, `Transaction::session()`, a writer that crashed between its
+//! write and its invalidation. It watches the environment's database and
+//! turns each committed change into the scopes the ORM would have
+//! invalidated:
+//!
+//! * insert, update, replace, delete of a document: the record scope of its
+//!   `_id` (formatted as the ORM formats ids) in `DATABASE.COLLECTION`, which
+//!   also covers the collection's queries;
+//! * drop or rename of a collection: the whole collection (both names);
+//! * drop of the database, or the end of the stream (`invalidate`):
+//!   everything under the prefix.
+//!
+//! Events of collections no model maps invalidate by collection name all the
+//! same, so a model added later is covered. An event for a write the ORM
+//! already invalidated costs one redundant invalidation.
+//!
+//! **One leader.** Of all environments sharing a prefix and a database, one
+//! holds a lease in Redis (`PREFIX lease:feed:DATABASE`, renewed every
+//! [`RENEW`], lost after [`LEASE`]) and runs the change stream; the others
+//! wait to take over. So one database write costs one feed invalidation in
+//! Redis, whatever the number of processes, and a leader that dies or is cut
+//! off is replaced within [`LEASE`] plus one [`RENEW`].
+//!
+//! **Resumption.** After invalidating, the leader records the stream's resume
+//! token in Redis (`PREFIX meta:feed:DATABASE:token`, at most every
+//! [`PERSIST`]), so the next leader resumes where it stopped and replays what
+//! the last one may not have invalidated (events are invalidated at least
+//! once). A token the server can no longer resume from (history lost, or not
+//! a valid token), or no token at all, makes the new leader open the stream
+//! first and then invalidate everything under the prefix, so nothing between
+//! the old stream and the new one is skipped.
+//!
+//! Without change streams (a standalone server) the feed says so once at
+//! `warn` and stays off; the cache then behaves as without it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use earnorm_cache::{CacheManager, Scope};
+use futures_util::StreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
+use mongodb::change_stream::ChangeStream;
+use mongodb::Database;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::env::model_scope;
+use crate::model::id_key;
+
+/// How long a leader's lease lasts without renewal.
+pub const LEASE: Duration = Duration::from_secs(3);
+/// How often the leader renews its lease, and followers try to take it.
+pub const RENEW: Duration = Duration::from_millis(500);
+/// How often, at most, the leader records its resume token.
+pub const PERSIST: Duration = Duration::from_millis(100);
+
+/// Server error codes meaning a token cannot be resumed from: history lost
+/// (286, and 40576 on older servers), an invalid token (260, and 40647 on
+/// older servers and wire-compatible ones), a fatal change-stream error (280).
+const UNRESUMABLE: [i32; 5] = [286, 40576, 260, 40647, 280];
+/// Server error codes meaning change streams are not available here (a
+/// standalone server).
+const UNSUPPORTED: [i32; 2] = [40573, 40324];
+
+/// The feed's counters, shared with [`FeedStats`] snapshots.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    enabled: AtomicBool,
+    leader: AtomicBool,
+    events: AtomicU64,
+    resumes: AtomicU64,
+    resets: AtomicU64,
+    handovers: AtomicU64,
+    last_event_ms: AtomicU64,
+    last_lag_ms: AtomicU64,
+    max_lag_ms: AtomicU64,
+}
+
+/// What the database feed of an environment is doing, from
+/// [`Environment::feed_stats`](crate::Environment::feed_stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedStats {
+    /// Whether this environment runs a feed at all (on by default; off when
+    /// `Config::feed` is false, without Redis, or without change streams).
+    pub enabled: bool,
+    /// Whether this environment is the leader of its prefix and database
+    /// (the one that reads the change stream).
+    pub leader: bool,
+    /// Change events this environment turned into invalidations.
+    pub events: u64,
+    /// Streams this environment resumed from a recorded token.
+    pub resumes: u64,
+    /// Times it could not resume (history lost, invalid token, no token) and
+    /// invalidated everything instead.
+    pub resets: u64,
+    /// Times it became the leader.
+    pub handovers: u64,
+    /// When it last processed an event, in milliseconds since the Unix epoch
+    /// (0: never).
+    pub last_event_ms: u64,
+    /// Milliseconds from the last event's commit (its wall time on the
+    /// server) to its invalidation.
+    pub last_lag_ms: u64,
+    /// The largest such lag seen.
+    pub max_lag_ms: u64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> FeedStats {
+        FeedStats {
+            enabled: self.enabled.load(Relaxed),
+            leader: self.leader.load(Relaxed),
+            events: self.events.load(Relaxed),
+            resumes: self.resumes.load(Relaxed),
+            resets: self.resets.load(Relaxed),
+            handovers: self.handovers.load(Relaxed),
+            last_event_ms: self.last_event_ms.load(Relaxed),
+            last_lag_ms: self.last_lag_ms.load(Relaxed),
+            max_lag_ms: self.max_lag_ms.load(Relaxed),
+        }
+    }
+}
+
+/// Everything a feed task needs.
+pub(crate) struct Feed {
+    pub(crate) database: Database,
+    pub(crate) cache: CacheManager,
+    pub(crate) counters: Arc<Counters>,
+    /// Closed when the environment is dropped: the task ends.
+    pub(crate) stop: watch::Receiver<()>,
+    holder: String,
+}
+
+impl Feed {
+    pub(crate) fn new(
+        database: Database,
+        cache: CacheManager,
+        counters: Arc<Counters>,
+        stop: watch::Receiver<()>,
+    ) -> Self {
+        counters.enabled.store(true, Relaxed);
+        let holder = format!(
+            "{}-{}",
+            std::process::id(),
+            mongodb::bson::oid::ObjectId::new().to_hex()
+        );
+        Self {
+            database,
+            cache,
+            counters,
+            stop,
+            holder,
+        }
+    }
+
+    fn lease_name(&self) -> String {
+        format!("feed:{}", self.database.name())
+    }
+
+    fn token_name(&self) -> String {
+        format!("feed:{}:token", self.database.name())
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.has_changed().is_err()
+    }
+
+    /// Follows, leads when it holds the lease, until the environment goes.
+    pub(crate) async fn run(mut self) {
+        while !self.stopped() {
+            match self.cache.lease(&self.lease_name(), &self.holder, LEASE).await {
+                Ok(true) => {
+                    self.counters.leader.store(true, Relaxed);
+                    self.counters.handovers.fetch_add(1, Relaxed);
+                    info!(database = self.database.name(), "database feed: leading");
+                    let outcome = self.lead().await;
+                    self.counters.leader.store(false, Relaxed);
+                    let _ = self.cache.release(&self.lease_name(), &self.holder).await;
+                    match outcome {
+                        Lead::Unsupported => {
+                            self.counters.enabled.store(false, Relaxed);
+                            return;
+                        }
+                        Lead::Stopped => return,
+                        Lead::Lost => {}
+                    }
+                }
+                Ok(false) => {}
+                Err(err) => debug!(error = %err, "database feed: lease unavailable"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(RENEW) => {}
+                _ = self.stop.changed() => return,
+            }
+        }
+    }
+
+    /// Reads the change stream while this environment holds the lease.
+    async fn lead(&self) -> Lead {
+        let mut stream = match self.open().await {
+            Ok(stream) => stream,
+            Err(lead) => return lead,
+        };
+        let mut stop = self.stop.clone();
+        let mut renew = tokio::time::interval(RENEW);
+        let mut persist = tokio::time::interval(PERSIST);
+        let mut unrecorded: Option<ResumeToken> = None;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => {
+                    self.record(&mut unrecorded).await;
+                    return Lead::Stopped;
+                }
+                _ = renew.tick() => {
+                    if !matches!(self.cache.lease(&self.lease_name(), &self.holder, LEASE).await, Ok(true)) {
+                        warn!(database = self.database.name(), "database feed: lease lost; following");
+                        return Lead::Lost;
+                    }
+                }
+                _ = persist.tick() => self.record(&mut unrecorded).await,
+                event = stream.next() => match event {
+                    Some(Ok(event)) => {
+                        let reopen = self.apply(&event).await;
+                        unrecorded = stream.resume_token();
+                        if reopen {
+                            // The stream ended (`invalidate`): start anew.
+                            let _ = self.cache.set_meta(&self.token_name(), b"").await;
+                            return Lead::Lost;
+                        }
+                    }
+                    Some(Err(err)) => {
+                        warn!(database = self.database.name(), error = %err, "database feed: the change stream failed; resuming");
+                        self.record(&mut unrecorded).await;
+                        return Lead::Lost;
+                    }
+                    None => return Lead::Lost,
+                },
+            }
+        }
+    }
+
+    /// Opens the stream where the recorded token says, or anew after
+    /// invalidating everything when it cannot resume.
+    async fn open(&self) -> Result<ChangeStream<ChangeStreamEvent<Document>>, Lead> {
+        let recorded = match self.cache.get_meta(&self.token_name()).await {
+            Ok(bytes) => bytes.and_then(|bytes| decode_token(&bytes)),
+            Err(err) => {
+                debug!(error = %err, "database feed: cannot read the resume token");
+                return Err(Lead::Lost);
+            }
+        };
+        if let Some(token) = recorded {
+            match self.database.watch().resume_after(token).await {
+                Ok(stream) => {
+                    self.counters.resumes.fetch_add(1, Relaxed);
+                    return Ok(stream);
+                }
+                Err(err) if error_code(&err).is_some_and(|code| UNRESUMABLE.contains(&code)) => {
+                    warn!(database = self.database.name(), error = %err, "database feed: cannot resume (history lost or invalid token); invalidating everything");
+                }
+                Err(err) => return Err(self.open_failed(&err)),
+            }
+        }
+        let stream = match self.database.watch().await {
+            Ok(stream) => stream,
+            Err(err) => return Err(self.open_failed(&err)),
+        };
+        // Opened first, then everything invalidated: no write falls between.
+        if let Err(err) = self.cache.invalidate_all().await {
+            debug!(error = %err, "database feed: could not invalidate everything; retrying");
+            return Err(Lead::Lost);
+        }
+        self.counters.resets.fetch_add(1, Relaxed);
+        if let Some(token) = stream.resume_token() {
+            let _ = self.cache.set_meta(&self.token_name(), &encode_token(&token)).await;
+        }
+        Ok(stream)
+    }
+
+    fn open_failed(&self, err: &mongodb::error::Error) -> Lead {
+        if error_code(err).is_some_and(|code| UNSUPPORTED.contains(&code)) {
+            warn!(database = self.database.name(), "this MongoDB has no change streams (a standalone server): the database feed is off; writes outside EarnORM are not invalidated");
+            Lead::Unsupported
+        } else {
+            warn!(database = self.database.name(), error = %err, "database feed: cannot open the change stream; retrying");
+            Lead::Lost
+        }
+    }
+
+    /// Invalidates what `event` made stale; returns whether the stream ended.
+    async fn apply(&self, event: &ChangeStreamEvent<Document>) -> bool {
+        let database = self.database.name();
+        let collection = event.ns.as_ref().and_then(|ns| ns.coll.clone());
+        let ended = match &event.operation_type {
+            OperationType::Insert | OperationType::Update | OperationType::Replace | OperationType::Delete => {
+                if let Some(collection) = collection {
+                    let model = model_scope(database, &collection);
+                    let id = event
+                        .document_key
+                        .as_ref()
+                        .and_then(|key| key.get("_id"))
+                        .and_then(|id| id_key(id).ok());
+                    match id {
+                        Some(id) => self.cache.invalidate(&[Scope::Record(&model, &id)]).await,
+                        None => self.cache.invalidate(&[Scope::Model(&model)]).await,
+                    }
+                }
+                false
+            }
+            OperationType::Drop | OperationType::Rename => {
+                let renamed = event.to.as_ref().and_then(|to| to.coll.clone());
+                let models: Vec<String> = collection
+                    .iter()
+                    .chain(renamed.iter())
+                    .map(|coll| model_scope(database, coll))
+                    .collect();
+                let scopes: Vec<Scope<'_>> = models.iter().map(|m| Scope::Model(m)).collect();
+                self.cache.invalidate(&scopes).await;
+                false
+            }
+            OperationType::DropDatabase | OperationType::Invalidate => {
+                if let Err(err) = self.cache.invalidate_all().await {
+                    debug!(error = %err, "database feed: could not invalidate everything");
+                }
+                matches!(event.operation_type, OperationType::Invalidate)
+            }
+            _ => false,
+        };
+        self.counters.events.fetch_add(1, Relaxed);
+        let now = now_ms();
+        self.counters.last_event_ms.store(now, Relaxed);
+        if let Some(wall) = event.wall_time {
+            let lag = now.saturating_sub(u64::try_from(wall.timestamp_millis()).unwrap_or(0));
+            self.counters.last_lag_ms.store(lag, Relaxed);
+            self.counters.max_lag_ms.fetch_max(lag, Relaxed);
+        }
+        ended
+    }
+
+    /// Records the token of the last invalidated event, if not yet done.
+    async fn record(&self, unrecorded: &mut Option<ResumeToken>) {
+        if let Some(token) = unrecorded.take() {
+            if let Err(err) = self.cache.set_meta(&self.token_name(), &encode_token(&token)).await {
+                debug!(error = %err, "database feed: could not record the resume token");
+                *unrecorded = Some(token);
+            }
+        }
+    }
+}
+
+/// How a leadership ended.
+enum Lead {
+    /// The lease was lost, or the stream failed: follow, then try again.
+    Lost,
+    /// The environment is gone.
+    Stopped,
+    /// The server has no change streams.
+    Unsupported,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The server's error code, if the error carries one.
+fn error_code(err: &mongodb::error::Error) -> Option<i32> {
+    match err.kind.as_ref() {
+        mongodb::error::ErrorKind::Command(command) => Some(command.code),
+        _ => None,
+    }
+}
+
+/// A resume token as stored in Redis: the BSON document `{ t: token }`.
+fn encode_token(token: &ResumeToken) -> Vec<u8> {
+    mongodb::bson::serialize_to_bson(token)
+        .ok()
+        .and_then(|t| mongodb::bson::serialize_to_vec(&doc! { "t": t }).ok())
+        .unwrap_or_default()
+}
+
+fn decode_token(bytes: &[u8]) -> Option<ResumeToken> {
+    let document: Document = mongodb::bson::deserialize_from_slice(bytes).ok()?;
+    let token: &Bson = document.get("t")?;
+    mongodb::bson::deserialize_from_bson(token.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_garbage_is_no_token() {
+        assert!(decode_token(b"").is_none());
+        assert!(decode_token(b"not bson").is_none());
+    }
+}
