@@ -8,7 +8,8 @@ use earnorm::bson::{doc, oid::ObjectId, Document};
 use earnorm::prelude::*;
 use earnorm::Environment;
 use serde::{Deserialize, Serialize};
-use support::{connect, test_config};
+use support::test_config;
+use support::{connect, require_mongo, unique_name, RedisServer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
 #[earnorm(collection = "feed_items")]
@@ -243,4 +244,80 @@ async fn an_unresumable_token_invalidates_everything() {
     assert!(seen.is_some(), "everything was invalidated");
     assert!(feed.feed_stats().resets >= 1, "{:?}", feed.feed_stats());
     let _ = plain.database().drop().await;
+}
+
+/// An environment with the default cache settings (30 s health checks, the
+/// 32 s quarantine) and the feed, on a private Redis.
+async fn default_settings_env(redis: &RedisServer) -> Environment {
+    let name = unique_name("feed_recover");
+    connect(earnorm::Config {
+        mongo_uri: require_mongo(),
+        database: name.clone(),
+        redis_uri: Some(redis.url()),
+        cache_config: earnorm::CacheConfig {
+            prefix: format!("{name}:"),
+            ..Default::default()
+        },
+        connect_timeout: Duration::from_secs(5),
+        feed: true,
+    })
+    .await
+}
+
+/// Until a record-scope cached read of a fresh record is a hit.
+async fn until_record_hits(env: &Environment, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let mut n = 0i64;
+    while start.elapsed() < limit {
+        n += 1;
+        let item = Item {
+            id: Some(ObjectId::new()),
+            name: format!("probe{n}"),
+            qty: n,
+        };
+        let before = env.cache().stats().hits;
+        let _ = env.scope(item.stored_qty()).await;
+        let _ = env.scope(item.stored_qty()).await;
+        if env.cache().stats().hits > before {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Bar: hits back within about a second of Redis's return with the default
+/// settings, once the feed has caught up (no fixed quarantine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_come_back_about_a_second_after_redis_returns_with_default_settings() {
+    let mut redis = RedisServer::start();
+    let env = default_settings_env(&redis).await;
+    assert!(wait_for_leader(&[&env], Duration::from_secs(5)).await.is_some());
+    assert!(
+        until_record_hits(&env, Duration::from_secs(5)).await.is_some(),
+        "hits at first"
+    );
+
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.restart();
+    let after_restart = until_record_hits(&env, Duration::from_secs(20)).await;
+    println!("hits back {after_restart:?} after a restart (the quarantine alone is 32.25 s)");
+    assert!(
+        after_restart.is_some_and(|t| t < Duration::from_secs(3)),
+        "{after_restart:?}"
+    );
+
+    redis.freeze();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.thaw();
+    let after_thaw = until_record_hits(&env, Duration::from_secs(20)).await;
+    println!("hits back {after_thaw:?} after a freeze");
+    assert!(after_thaw.is_some_and(|t| t < Duration::from_secs(3)), "{after_thaw:?}");
+    assert_eq!(
+        env.cache().status(),
+        earnorm::ConnectionStatus::Recovering,
+        "the quarantine still holds for tagged values"
+    );
+    let _ = env.database().drop().await;
 }

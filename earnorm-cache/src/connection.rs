@@ -81,15 +81,21 @@ use crate::{CacheConfig, CacheError};
 /// long the set outlives the last beat (ms); ARGV[4]: the latest server time
 /// at which this beat still counts (0: any), so that a beat held up in a
 /// frozen server and run after the thaw does not pass for a live manager.
-/// Returns `{missing, now}` (`missing` is -1 for a beat that came too late).
+/// KEYS[2], when given: a database feed's caught-up marker, returned as is.
+/// Returns `{missing, now, marker}` (`missing` is -1 for a beat that came
+/// too late; `marker` is -1 when absent).
 /// Allowed under OOM: the entry is tiny, and a manager that cannot beat
 /// would stop every other one from serving.
 const HEARTBEAT_SCRIPT: &str = r"#!lua flags=allow-oom
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local deadline = tonumber(ARGV[4])
+local marker = -1
+if #KEYS > 1 then
+  marker = tonumber(redis.call('GET', KEYS[2]) or '-1') or -1
+end
 if deadline > 0 and now > deadline then
-  return {-1, now}
+  return {-1, now, marker}
 end
 local silent = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'WITHSCORES')
 local missing = 0
@@ -105,8 +111,19 @@ for i = 1, #silent, 2 do
 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {missing, now}
+return {missing, now, marker}
 ";
+
+/// How often, at most, a manager that waits for its next reconnection round
+/// checks with a TCP probe whether Redis accepts connections again.
+const PROBE: Duration = Duration::from_millis(250);
+
+/// The pause between heartbeats while a manager does not serve every value.
+const RECOVERY_BEAT: Duration = Duration::from_millis(100);
+
+/// How recent a feed's caught-up marker must be for values to be served on
+/// its word.
+const FEED_FRESH_MS: i64 = 1000;
 
 /// The live connection and the number that identifies it, so that a failure
 /// seen on an old connection never drops a newer one.
@@ -140,6 +157,13 @@ pub(crate) struct Connection {
     /// The server's clock (ms) as last seen, and when: to tell the server
     /// until when a heartbeat counts.
     server_clock: Mutex<Option<(Instant, i64)>>,
+    /// The key of the database feed's caught-up marker, when one is followed.
+    feed_marker: Mutex<Option<String>>,
+    /// The server's time (ms) at this manager's latest return after an
+    /// outage, once known; `Some(None)`: reconnected, not yet known.
+    back_at: Mutex<Option<Option<i64>>>,
+    /// Whether values without tags may be served on the feed's word.
+    feed_serving: AtomicBool,
     /// Whether the checks at connect found that values can be stored.
     can_store: AtomicBool,
     /// Whether a refused store was already reported for this connection.
@@ -195,6 +219,9 @@ impl Connection {
             serving: AtomicBool::new(false),
             reconnected_at: Mutex::new(None),
             server_clock: Mutex::new(None),
+            feed_marker: Mutex::new(None),
+            back_at: Mutex::new(None),
+            feed_serving: AtomicBool::new(false),
             can_store: AtomicBool::new(true),
             store_error_reported: AtomicBool::new(false),
             counters: Counters::default(),
@@ -224,6 +251,20 @@ impl Connection {
     /// Whether lookups may serve stored values now.
     pub(crate) fn is_serving(&self) -> bool {
         self.serving.load(Ordering::Acquire)
+    }
+
+    /// Whether a lookup of `key` may serve its stored value now: when every
+    /// value may be, or when the database feed vouches for values without
+    /// tags.
+    pub(crate) fn serves(&self, key: &crate::CacheKey) -> bool {
+        self.is_serving() || (key.feed_covered && self.feed_serving.load(Ordering::Acquire))
+    }
+
+    /// Follows a database feed's caught-up marker (see `CacheManager::follow_feed`).
+    pub(crate) fn follow_feed(&self, marker: &str) {
+        *self.feed_marker.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(format!("{}meta:{marker}", self.namespace));
+        self.wake.notify_one();
     }
 
     /// Whether the checks at connect found that this Redis takes stores.
@@ -329,6 +370,7 @@ impl Connection {
             }
             *live = None;
             self.serving.store(false, Ordering::Release);
+            self.feed_serving.store(false, Ordering::Release);
         }
         self.status.send_replace(ConnectionStatus::Down);
         warn!(url = %self.url, reason = %reason, "Redis connection lost; caching paused, reconnecting in the background");
@@ -415,6 +457,7 @@ impl Connection {
         Counters::bump(&self.counters.reconnects);
         if after_outage {
             *self.reconnected_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            *self.back_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(None);
             info!(url = %self.url, quarantine = ?self.forget_after(), "reconnected to Redis");
         } else {
             info!(url = %self.url, "connected to Redis");
@@ -429,6 +472,10 @@ impl Connection {
     pub(crate) async fn beat(&self) {
         let missing_after = self.missing_after();
         let mut invocation = self.heartbeat.key(format!("{}meta:members", self.namespace));
+        let marker_key = self.feed_marker.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(marker_key) = &marker_key {
+            invocation.key(marker_key);
+        }
         let outlives = self.forget_after().saturating_mul(10).max(Duration::from_secs(3600));
         let sent = Instant::now();
         let deadline =
@@ -446,12 +493,23 @@ impl Connection {
             .arg(millis(outlives))
             .arg(deadline);
         let answer = self
-            .call(|mut conn| async move { invocation.invoke_async::<(i64, i64)>(&mut conn).await })
+            .call(|mut conn| async move { invocation.invoke_async::<(i64, i64, i64)>(&mut conn).await })
             .await;
-        if let Ok((_, server_ms)) = &answer {
+        if let Ok((_, server_ms, _)) = &answer {
             *self.server_clock.lock().unwrap_or_else(PoisonError::into_inner) = Some((sent, *server_ms));
         }
-        let missing = answer.map(|(missing, _)| missing);
+        let feed_current = match &answer {
+            Ok((missing, server_ms, marker)) if *missing >= 0 && marker_key.is_some() => {
+                let mut back_at = self.back_at.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(pending @ None) = back_at.as_mut() {
+                    *pending = Some(*server_ms);
+                }
+                let since = back_at.flatten().unwrap_or(0);
+                *marker >= since && server_ms.saturating_sub(*marker) <= FEED_FRESH_MS
+            }
+            _ => false,
+        };
+        let missing = answer.map(|(missing, _, _)| missing);
         let reconnected_at = *self.reconnected_at.lock().unwrap_or_else(PoisonError::into_inner);
         let own_outage_settled = reconnected_at.is_none_or(|at| at.elapsed() >= self.forget_after());
         let serve = matches!(missing, Ok(0)) && own_outage_settled && self.is_connected();
@@ -460,6 +518,10 @@ impl Connection {
             Ok(n) if *n > 0 => debug!(missing = n, "managers sharing the prefix missed their heartbeats"),
             Err(err) => debug!(error = %err, "heartbeat failed"),
             Ok(_) => {}
+        }
+        let feed_serving = feed_current && self.is_connected();
+        if self.feed_serving.swap(feed_serving, Ordering::AcqRel) != feed_serving {
+            info!(url = %self.url, serving = feed_serving, "values without tags served on the database feed's word");
         }
         self.set_serving(serve);
     }
@@ -563,6 +625,44 @@ impl Connection {
         }
     }
 
+    /// Waits `interval` before the next reconnection round, or less: a TCP
+    /// probe every [`PROBE`] (at most) notices a Redis that answers again and
+    /// starts the round at once, so its return costs about a second, not a
+    /// health-check interval. (A probe is one TCP connection, closed at once.)
+    async fn wait_for_next_round(&self, interval: Duration) {
+        let address = self
+            .client
+            .as_ref()
+            .and_then(|client| match &client.get_connection_info().addr() {
+                redis::ConnectionAddr::Tcp(host, port) | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                    Some((host.clone(), *port))
+                }
+                _ => None,
+            });
+        let until = tokio::time::Instant::now() + interval;
+        let step = PROBE.min(interval);
+        loop {
+            let pause = step.min(until.saturating_duration_since(tokio::time::Instant::now()));
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.wake.notified() => return,
+            }
+            if tokio::time::Instant::now() >= until || self.is_closed() {
+                return;
+            }
+            if let Some((host, port)) = &address {
+                let probe = tokio::net::TcpStream::connect((host.as_str(), *port));
+                if matches!(
+                    tokio::time::timeout(self.config.connect_timeout, probe).await,
+                    Ok(Ok(_))
+                ) {
+                    debug!(url = %self.url, "Redis accepts connections again: reconnecting now");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Removes this manager's heartbeat (it is leaving, not missing).
     async fn leave(&self) {
         let key = format!("{}meta:members", self.namespace);
@@ -659,8 +759,14 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
     let interval = conn.config.health_check_interval;
     while !conn.is_closed() {
         if conn.is_connected() {
+            // While not serving everything, beat often enough to resume soon.
+            let pause = if conn.is_serving() {
+                conn.config.heartbeat_interval
+            } else {
+                conn.config.heartbeat_interval.min(RECOVERY_BEAT)
+            };
             tokio::select! {
-                () = tokio::time::sleep(conn.config.heartbeat_interval) => conn.beat().await,
+                () = tokio::time::sleep(pause) => conn.beat().await,
                 () = conn.wake.notified() => {}
             }
             continue;
@@ -686,10 +792,7 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
                 conn.status.send_replace(ConnectionStatus::Down);
             }
             warn!(url = %conn.url, "Redis unavailable; caching paused, retrying in {interval:?}");
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = conn.wake.notified() => {}
-            }
+            conn.wait_for_next_round(interval).await;
         }
     }
     conn.leave().await;

@@ -123,6 +123,9 @@ pub const MAX_DEPENDENCIES: usize = 32;
 pub struct CacheKey {
     pub(crate) value: String,
     pub(crate) generations: Vec<String>,
+    /// Whether the value depends on record and model scopes only (no tag):
+    /// a database feed, when there is one, invalidates all it depends on.
+    pub(crate) feed_covered: bool,
 }
 
 impl CacheKey {
@@ -144,6 +147,7 @@ pub struct KeyBuilder {
     prefix_len: usize,
     id: Option<String>,
     generations: Vec<String>,
+    tagged: bool,
     hasher: Xxh3,
 }
 
@@ -171,6 +175,7 @@ impl KeyBuilder {
             prefix_len: prefix.len(),
             id: None,
             generations: Vec::with_capacity(3),
+            tagged: false,
             hasher: Xxh3::new(),
         }
     }
@@ -179,8 +184,12 @@ impl KeyBuilder {
     /// record id into the key, so that it can be found by pattern.
     #[must_use]
     pub fn scope(mut self, scope: Scope<'_>) -> Self {
-        if let Scope::Record(_, id) = scope {
-            self.id.get_or_insert_with(|| id.to_owned());
+        match scope {
+            Scope::Record(_, id) => {
+                self.id.get_or_insert_with(|| id.to_owned());
+            }
+            Scope::Tag(_) => self.tagged = true,
+            Scope::Model(_) => {}
         }
         scope.read_generations(&self.value[..self.prefix_len], &mut self.generations);
         self
@@ -223,6 +232,7 @@ impl KeyBuilder {
         Ok(CacheKey {
             value: self.value,
             generations: self.generations,
+            feed_covered: !self.tagged,
         })
     }
 }

@@ -73,6 +73,17 @@ end
 return 0
 ";
 
+/// Records the server time minus ARGV[1] ms at KEYS[1], never moving it back.
+const MARK_SCRIPT: &str = r"#!lua flags=allow-oom
+local t = redis.call('TIME')
+local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+local previous = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if at > previous then
+  redis.call('SET', KEYS[1], at)
+end
+return at
+";
+
 /// Most rounds a caller spends looking up and waiting for other callers'
 /// computations before computing on its own.
 const MAX_ROUNDS: usize = 4;
@@ -122,6 +133,7 @@ struct Inner {
     store: Script,
     lease: Script,
     release: Script,
+    mark: Script,
 }
 
 impl std::fmt::Debug for Inner {
@@ -214,6 +226,7 @@ impl CacheManager {
                 store: Script::new(STORE_SCRIPT),
                 lease: Script::new(LEASE_SCRIPT),
                 release: Script::new(RELEASE_SCRIPT),
+                mark: Script::new(MARK_SCRIPT),
             }),
         }
     }
@@ -386,7 +399,7 @@ impl CacheManager {
         // during the computation; it proves nothing about invalidations still
         // queued in other managers, which is why a value stored while this
         // manager serves no hits is not handed to followers as checked.
-        let serving_before = conn.is_serving();
+        let serving_before = conn.serves(key);
         // A computation never starts under an absent generation: create the
         // missing ones first, so that any later invalidation removes a token
         // this computation knows.
@@ -423,7 +436,7 @@ impl CacheManager {
             .store(key, Expected::Seen(&generations), &payload, ttl, &mut call.budget)
             .await
         {
-            Ok(true) if serving_before && conn.is_serving() => Outcome::Stored(payload.into(), store_sent),
+            Ok(true) if serving_before && conn.serves(key) => Outcome::Stored(payload.into(), store_sent),
             Ok(true) => Outcome::Computed(payload.into()),
             // An invalidation happened during the computation: the value
             // may be older than a write some follower already saw.
@@ -451,7 +464,7 @@ impl CacheManager {
                 match value {
                     Some(bytes) => match Envelope::open(&bytes) {
                         // During a quarantine, current values are not served.
-                        Ok(env) if env.is_current(&values) && self.connection().is_serving() => {
+                        Ok(env) if env.is_current(&values) && self.connection().serves(key) => {
                             Lookup::Hit(bytes, values)
                         }
                         // Superseded by a write: ignored, it expires by its TTL.
@@ -732,6 +745,38 @@ impl CacheManager {
             .release
             .key(format!("{}lease:{name}", self.connection().namespace));
         invocation.arg(holder);
+        self.connection()
+            .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Declares that a database feed invalidates every write to record and
+    /// model scopes, and records at `PREFIX meta:MARKER` the Redis server
+    /// time (milliseconds) up to which it has (see [`mark_caught_up`]).
+    /// While that record is fresh (written within the last second) and
+    /// covers this manager's latest return of Redis, values that depend on
+    /// no tag are served even when the heartbeats alone would not allow it
+    /// (another manager missing, or this one just reconnected): the feed
+    /// has invalidated whatever those managers could not.
+    ///
+    /// [`mark_caught_up`]: Self::mark_caught_up
+    pub fn follow_feed(&self, marker: &str) {
+        self.connection().follow_feed(marker);
+    }
+
+    /// Records at `PREFIX meta:MARKER` that every write committed up to
+    /// `ago` before now (Redis's clock) is invalidated: what a feed does
+    /// each time it has read its stream to the end.
+    ///
+    /// # Errors
+    /// When the cache is disabled, unavailable or fails.
+    pub async fn mark_caught_up(&self, marker: &str, ago: Duration) -> Result<(), CacheError> {
+        let mut invocation = self
+            .inner
+            .mark
+            .key(format!("{}meta:{marker}", self.connection().namespace));
+        invocation.arg(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX));
         self.connection()
             .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
             .await

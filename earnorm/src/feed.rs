@@ -34,15 +34,25 @@
 //! first and then invalidate everything under the prefix, so nothing between
 //! the old stream and the new one is skipped.
 //!
+//! **Recovery.** Each time the leader has read the stream to the end, it
+//! records the Redis server time before that read (`PREFIX
+//! meta:feed:DATABASE:caught_up`): every write committed before it is
+//! invalidated. The environment's cache follows that marker
+//! (`CacheManager::follow_feed`): while it is fresh and later than the
+//! cache's latest return of Redis, values without tags are served even
+//! during the quarantine after an outage or while another manager has
+//! missed its heartbeats, since whatever those managers could not
+//! invalidate, the feed has. So hits come back as soon as the feed has
+//! caught up after Redis returns, instead of after the quarantine.
+//!
 //! Without change streams (a standalone server) the feed says so once at
 //! `warn` and stays off; the cache then behaves as without it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use earnorm_cache::{CacheManager, Scope};
-use futures_util::StreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
 use mongodb::change_stream::ChangeStream;
@@ -59,6 +69,9 @@ pub const LEASE: Duration = Duration::from_secs(3);
 pub const RENEW: Duration = Duration::from_millis(500);
 /// How often, at most, the leader records its resume token.
 pub const PERSIST: Duration = Duration::from_millis(100);
+/// How long the server holds an idle poll of the stream open: the leader
+/// records its caught-up time at least this often.
+pub const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// Server error codes meaning a token cannot be resumed from: history lost
 /// (286, and 40576 on older servers), an invalid token (260, and 40647 on
@@ -168,6 +181,10 @@ impl Feed {
         format!("feed:{}:token", self.database.name())
     }
 
+    fn marker_name(&self) -> String {
+        marker_name(self.database.name())
+    }
+
     fn stopped(&self) -> bool {
         self.stop.has_changed().is_err()
     }
@@ -195,53 +212,78 @@ impl Feed {
                 Ok(false) => {}
                 Err(err) => debug!(error = %err, "database feed: lease unavailable"),
             }
+            // Try again after a while, or as soon as Redis is back.
+            let mut status = self.cache.subscribe();
+            status.mark_unchanged();
             tokio::select! {
                 () = tokio::time::sleep(RENEW) => {}
+                _ = status.changed() => {}
                 _ = self.stop.changed() => return,
             }
         }
     }
 
     /// Reads the change stream while this environment holds the lease.
+    /// Each time it has read to the end, it records in Redis the server
+    /// time up to which every write is invalidated (the caught-up marker,
+    /// see `CacheManager::follow_feed`).
     async fn lead(&self) -> Lead {
         let mut stream = match self.open().await {
             Ok(stream) => stream,
             Err(lead) => return lead,
         };
         let mut stop = self.stop.clone();
-        let mut renew = tokio::time::interval(RENEW);
-        let mut persist = tokio::time::interval(PERSIST);
+        let mut renewed = Instant::now();
+        let mut persisted = Instant::now();
         let mut unrecorded: Option<ResumeToken> = None;
         loop {
-            tokio::select! {
+            if renewed.elapsed() >= RENEW {
+                if !matches!(
+                    self.cache.lease(&self.lease_name(), &self.holder, LEASE).await,
+                    Ok(true)
+                ) {
+                    warn!(database = self.database.name(), "database feed: lease lost; following");
+                    return Lead::Lost;
+                }
+                renewed = Instant::now();
+            }
+            let polled = Instant::now();
+            let next = tokio::select! {
                 _ = stop.changed() => {
                     self.record(&mut unrecorded).await;
                     return Lead::Stopped;
                 }
-                _ = renew.tick() => {
-                    if !matches!(self.cache.lease(&self.lease_name(), &self.holder, LEASE).await, Ok(true)) {
-                        warn!(database = self.database.name(), "database feed: lease lost; following");
+                next = stream.next_if_any() => next,
+            };
+            match next {
+                Ok(Some(event)) => {
+                    let ended = self.apply(&event).await;
+                    unrecorded = stream.resume_token();
+                    if ended {
+                        // The stream ended (`invalidate`): start anew.
+                        let _ = self.cache.set_meta(&self.token_name(), b"").await;
                         return Lead::Lost;
                     }
                 }
-                _ = persist.tick() => self.record(&mut unrecorded).await,
-                event = stream.next() => match event {
-                    Some(Ok(event)) => {
-                        let reopen = self.apply(&event).await;
-                        unrecorded = stream.resume_token();
-                        if reopen {
-                            // The stream ended (`invalidate`): start anew.
-                            let _ = self.cache.set_meta(&self.token_name(), b"").await;
-                            return Lead::Lost;
-                        }
+                Ok(None) => {
+                    // Read to the end: every write committed before the poll
+                    // began is invalidated.
+                    unrecorded = stream.resume_token().or(unrecorded);
+                    self.record(&mut unrecorded).await;
+                    persisted = Instant::now();
+                    if let Err(err) = self.cache.mark_caught_up(&self.marker_name(), polled.elapsed()).await {
+                        debug!(error = %err, "database feed: could not record the caught-up time");
                     }
-                    Some(Err(err)) => {
-                        warn!(database = self.database.name(), error = %err, "database feed: the change stream failed; resuming");
-                        self.record(&mut unrecorded).await;
-                        return Lead::Lost;
-                    }
-                    None => return Lead::Lost,
-                },
+                }
+                Err(err) => {
+                    warn!(database = self.database.name(), error = %err, "database feed: the change stream failed; resuming");
+                    self.record(&mut unrecorded).await;
+                    return Lead::Lost;
+                }
+            }
+            if persisted.elapsed() >= PERSIST {
+                self.record(&mut unrecorded).await;
+                persisted = Instant::now();
             }
         }
     }
@@ -257,7 +299,13 @@ impl Feed {
             }
         };
         if let Some(token) = recorded {
-            match self.database.watch().resume_after(token).await {
+            match self
+                .database
+                .watch()
+                .resume_after(token)
+                .max_await_time(IDLE_POLL)
+                .await
+            {
                 Ok(stream) => {
                     self.counters.resumes.fetch_add(1, Relaxed);
                     return Ok(stream);
@@ -268,7 +316,7 @@ impl Feed {
                 Err(err) => return Err(self.open_failed(&err)),
             }
         }
-        let stream = match self.database.watch().await {
+        let stream = match self.database.watch().max_await_time(IDLE_POLL).await {
             Ok(stream) => stream,
             Err(err) => return Err(self.open_failed(&err)),
         };
@@ -363,6 +411,11 @@ enum Lead {
     Stopped,
     /// The server has no change streams.
     Unsupported,
+}
+
+/// The name of the caught-up marker of `database`'s feed.
+pub(crate) fn marker_name(database: &str) -> String {
+    format!("feed:{database}:caught_up")
 }
 
 fn now_ms() -> u64 {
