@@ -297,16 +297,21 @@ impl Connection {
             .saturating_add(self.config.operation_timeout)
     }
 
-    /// A manager silent for longer than this is forgotten: no live manager
-    /// takes longer to retry once Redis answers.
-    pub(crate) fn forget_after(&self) -> Duration {
+    /// How long a live manager can take to reconnect (and replay) once
+    /// Redis answers again: the quarantine after an outage.
+    pub(crate) fn quarantine(&self) -> Duration {
         let attempts = self.config.max_retries.max(1);
         self.config
             .health_check_interval
             .max(self.config.backoff().longest_step(attempts))
             .saturating_add(self.config.connect_timeout)
             .saturating_add(self.config.operation_timeout)
-            .max(self.missing_after())
+    }
+
+    /// A manager silent for longer than this is forgotten: it was missing
+    /// for longer than any live manager takes to come back.
+    pub(crate) fn forget_after(&self) -> Duration {
+        self.missing_after().saturating_add(self.quarantine())
     }
 
     /// Runs one Redis operation on the published connection, bounded by the
@@ -458,7 +463,7 @@ impl Connection {
         if after_outage {
             *self.reconnected_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
             *self.back_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(None);
-            info!(url = %self.url, quarantine = ?self.forget_after(), "reconnected to Redis");
+            info!(url = %self.url, quarantine = ?self.quarantine(), "reconnected to Redis");
         } else {
             info!(url = %self.url, "connected to Redis");
         }
@@ -511,7 +516,7 @@ impl Connection {
         };
         let missing = answer.map(|(missing, _, _)| missing);
         let reconnected_at = *self.reconnected_at.lock().unwrap_or_else(PoisonError::into_inner);
-        let own_outage_settled = reconnected_at.is_none_or(|at| at.elapsed() >= self.forget_after());
+        let own_outage_settled = reconnected_at.is_none_or(|at| at.elapsed() >= self.quarantine());
         let serve = matches!(missing, Ok(0)) && own_outage_settled && self.is_connected();
         match &missing {
             Ok(-1) => debug!("a heartbeat reached Redis too late to count"),
@@ -829,6 +834,11 @@ mod tests {
             heartbeat_interval: Duration::from_millis(100),
             ..CacheConfig::default()
         });
-        assert_eq!(conn.forget_after(), Duration::from_millis(850));
+        assert_eq!(conn.quarantine(), Duration::from_millis(850));
+        assert_eq!(
+            conn.forget_after(),
+            Duration::from_millis(850 + 450),
+            "missing first, then forgotten"
+        );
     }
 }

@@ -80,10 +80,11 @@
 //! `connection` module). The exception: in the first
 //! `2 * heartbeat_interval + operation_timeout` after a manager is cut off,
 //! before its silence shows, the others can serve entries its writes made
-//! stale; and a manager cut off for longer than it takes to be forgotten
+//! stale; and a manager missing for longer than its quarantine
 //! (`max(health_check_interval, longest back-off step) + connect_timeout +
 //! operation_timeout`: 32.25 s with the defaults) is treated as gone. Only
-//! invalidation from the database itself (change streams) closes those.
+//! invalidation from the database itself (change streams, see
+//! [`CacheManager::follow_feed`]) closes those.
 //!
 //! **Outdated in-memory copies.** Callers that put the record's own content
 //! into the key (as `#[cached]` does for record methods, with

@@ -289,3 +289,65 @@ pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local address").port()
 }
+
+/// A TCP proxy in front of a server, for one process's view of it: cutting
+/// it drops the connections through it and refuses new ones, as a network
+/// partition between that process and the server would, while other
+/// processes reach the server directly.
+#[derive(Debug)]
+pub struct TcpProxy {
+    port: u16,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Listens on a free port and forwards to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let cut = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let state = std::sync::Arc::clone(&cut);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if *state.borrow() {
+                    continue; // dropped: refused
+                }
+                let mut cut = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut, task }
+    }
+
+    /// `redis://127.0.0.1:PORT/0` through the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Cuts: open connections are dropped, new ones refused.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Heals the cut.
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
