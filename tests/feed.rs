@@ -4,36 +4,15 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "feed_model.rs"]
+mod feed_model;
+
 use earnorm::bson::{doc, oid::ObjectId, Document};
 use earnorm::prelude::*;
 use earnorm::Environment;
-use serde::{Deserialize, Serialize};
+use feed_model::Item;
 use support::test_config;
 use support::{connect, require_mongo, unique_name, RedisServer};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
-#[earnorm(collection = "feed_items")]
-pub struct Item {
-    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<ObjectId>,
-    pub name: String,
-    pub qty: i64,
-}
-
-impl Item {
-    /// Record scope, reading MongoDB.
-    #[cached(ttl = 300)]
-    pub async fn stored_qty(&self) -> earnorm::Result<Option<i64>> {
-        let id = self.id.ok_or_else(|| earnorm::Error::Id("no id".into()))?;
-        Ok(Item::find_by_id(id).await?.map(|item| item.qty))
-    }
-
-    /// Model scope, reading MongoDB.
-    #[cached(ttl = 300)]
-    pub async fn total() -> earnorm::Result<u64> {
-        Item::count(doc! {}).await
-    }
-}
 
 /// A config with the feed on, sharing `base`'s database and prefix when given.
 fn feed_config(tag: &str, base: Option<&earnorm::Config>) -> earnorm::Config {

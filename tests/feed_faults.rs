@@ -8,28 +8,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "feed_model.rs"]
+mod feed_model;
+
 use earnorm::bson::oid::ObjectId;
 use earnorm::prelude::*;
 use earnorm::Environment;
-use serde::{Deserialize, Serialize};
+use feed_model::Item;
 use support::{connect, fast_cache_config, require_mongo, unique_name, RedisServer, TcpProxy};
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
-#[earnorm(collection = "crash_items")]
-pub struct Item {
-    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<ObjectId>,
-    pub qty: i64,
-}
-
-impl Item {
-    /// Record scope, reading MongoDB.
-    #[cached(ttl = 300)]
-    pub async fn stored_qty(&self) -> earnorm::Result<Option<i64>> {
-        let id = self.id.ok_or_else(|| earnorm::Error::Id("no id".into()))?;
-        Ok(Item::find_by_id(id).await?.map(|item| item.qty))
-    }
-}
 
 /// Fast reconnection, but heartbeats a second apart: a manager cut off is
 /// noticed as missing only after 2.3 s, so what the feed does within its
@@ -109,7 +95,11 @@ async fn child_writer() {
             writeln!(out, "pinged {:?}", env.cache().status()).expect("stdout");
         } else if let Some(qty) = line.strip_prefix("write ") {
             let qty: i64 = qty.parse().expect("a number");
-            let mut item = Item { id: Some(id), qty };
+            let mut item = Item {
+                id: Some(id),
+                name: "w".into(),
+                qty,
+            };
             item.save_in(&env).await.expect("save");
             writeln!(out, "acked {qty}").expect("stdout");
         }
@@ -124,13 +114,14 @@ async fn a_writer_killed_before_invalidating_leaves_nothing_stale() {
     let reader = connect(config(&database, &prefix, redis.url(), true)).await;
     wait_for_leader(&reader).await;
     let id = ObjectId::new();
-    let item = Item { id: Some(id), qty: 0 };
+    let item = Item {
+        id: Some(id),
+        name: "w".into(),
+        qty: 0,
+    };
     let mut seed = item.clone();
     seed.save_in(&reader).await.expect("seed");
-    let probe = Item {
-        id: Some(ObjectId::new()),
-        qty: 9,
-    };
+    let probe = Item::new("w", 9);
     probe.clone().save_in(&reader).await.expect("seed");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(reader.scope(item.stored_qty()).await.expect("read"), Some(0));
@@ -203,17 +194,11 @@ async fn a_writer_cut_off_from_redis_alone_does_not_leave_others_stale_beyond_th
     let reader = connect(config(&database, &prefix, redis.url(), true)).await;
     let writer = connect(config(&database, &prefix, proxy.url(), false)).await;
     wait_for_leader(&reader).await;
-    let mut written = Item {
-        id: Some(ObjectId::new()),
-        qty: 1,
-    };
+    let mut written = Item::new("w", 1);
     written.save_in(&writer).await.expect("seed");
     // A copy as it was: record methods key on the record's content too.
     let old = written.clone();
-    let other = Item {
-        id: Some(ObjectId::new()),
-        qty: 5,
-    };
+    let other = Item::new("w", 5);
     other.clone().save_in(&writer).await.expect("seed");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(reader.scope(old.stored_qty()).await.expect("read"), Some(1));

@@ -1,0 +1,39 @@
+//! The model of the database feed's tests (included with `#[path]`).
+
+use earnorm::bson::{doc, oid::ObjectId};
+use earnorm::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "feed_items")]
+pub struct Item {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub name: String,
+    pub qty: i64,
+}
+
+impl Item {
+    /// A record with a fresh id.
+    #[allow(dead_code)] // used by one of the two test files that include this one
+    pub fn new(name: &str, qty: i64) -> Self {
+        Self {
+            id: Some(ObjectId::new()),
+            name: name.to_owned(),
+            qty,
+        }
+    }
+
+    /// Record scope, reading MongoDB.
+    #[cached(ttl = 300)]
+    pub async fn stored_qty(&self) -> earnorm::Result<Option<i64>> {
+        let id = self.id.ok_or_else(|| earnorm::Error::Id("no id".into()))?;
+        Ok(Item::find_by_id(id).await?.map(|item| item.qty))
+    }
+
+    /// Model scope, reading MongoDB.
+    #[cached(ttl = 300)]
+    pub async fn total() -> earnorm::Result<u64> {
+        Item::count(doc! {}).await
+    }
+}
