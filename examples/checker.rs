@@ -7,10 +7,12 @@
 //! ```
 //!
 //! Options: `--seconds N` (default 10), `--records N` (8), `--readers N` (8),
-//! `--writers N` (2), `--no-faults`, `--naive`, `--seed N`,
+//! `--writers N` (2, through EarnORM), `--outside-writers N` (1, raw driver),
+//! `--no-feed` (no database feed), `--no-faults`, `--naive`, `--seed N`,
 //! `--health-check-ms N` (500), `--json PATH` (also write the report there).
 //! Prints a one-line summary and the JSON report; exits 1 when it finds a
-//! stale read or a failed call.
+//! stale read of an EarnORM write or a failed call (reads stale against
+//! writes only the feed invalidates are reported as a window, not failed).
 
 use std::time::Duration;
 
@@ -31,6 +33,10 @@ fn main() {
             "--records" => config.records = usize::try_from(number("--records")).unwrap_or(8).max(1),
             "--readers" => config.readers = usize::try_from(number("--readers")).unwrap_or(8),
             "--writers" => config.writers = usize::try_from(number("--writers")).unwrap_or(2),
+            "--outside-writers" => {
+                config.outside_writers = usize::try_from(number("--outside-writers")).unwrap_or(1);
+            }
+            "--no-feed" => config.feed = false,
             "--seed" => config.seed = number("--seed"),
             "--health-check-ms" => config.health_check_interval = Duration::from_millis(number("--health-check-ms")),
             "--no-faults" => config.faults = false,

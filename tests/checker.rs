@@ -1,7 +1,10 @@
-//! The consistency and fault checker (tests/support/checker.rs), about ten
-//! seconds of it: EarnORM's `#[cached]` must show no stale read and no failed
-//! call while Redis is killed, restarted, frozen, thawed and flushed under two
-//! environments; the naive cache-aside on the same workload must be caught.
+//! The consistency and fault checker (tests/support/checker.rs), about
+//! twenty seconds of it: EarnORM's `#[cached]` must show no stale read of an
+//! EarnORM write and no failed call while Redis is killed, restarted, frozen,
+//! thawed, put over its memory limit and flushed under two environments, and
+//! writes made with the raw driver must be invalidated by the database feed
+//! (a run without the feed shows them staying stale); the naive cache-aside
+//! on the same workload must be caught.
 
 use std::time::Duration;
 
@@ -46,6 +49,32 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
     );
     // No call waits much longer than the operation timeout (300 ms).
     assert!(report.max_us < 1_500_000, "a call took {} us", report.max_us);
+
+    // Writes made outside EarnORM: invalidated by the database feed.
+    assert!(report.outside_writes > 50, "outside writes ran: {}", report.summary());
+    assert!(
+        report.outside_window_max_ms <= 2_000,
+        "an outside write stayed stale for {} ms: {}",
+        report.outside_window_max_ms,
+        report.to_json()
+    );
+
+    // Without the feed, and with no EarnORM writes to invalidate the same
+    // records by chance, outside writes stay stale (until the TTL).
+    let no_feed = run_checker(&CheckerConfig {
+        feed: false,
+        writers: 0,
+        duration: Duration::from_secs(4),
+        faults: false,
+        ..config.clone()
+    })
+    .await;
+    println!("{}", no_feed.summary());
+    assert!(
+        no_feed.outside_stale_reads > 0 && no_feed.outside_window_max_ms >= 1_000,
+        "without the feed, outside writes stay stale: {}",
+        no_feed.to_json()
+    );
 
     let naive = run_checker(&CheckerConfig {
         naive: true,

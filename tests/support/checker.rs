@@ -85,8 +85,11 @@ pub struct CheckerConfig {
     pub records: usize,
     /// Concurrent reader tasks.
     pub readers: usize,
-    /// Concurrent writer tasks.
+    /// Concurrent writer tasks (through EarnORM).
     pub writers: usize,
+    /// Concurrent writer tasks using the raw driver (writes EarnORM does not
+    /// see: only the database feed can invalidate them).
+    pub outside_writers: usize,
     /// Inject faults on the private Redis.
     pub faults: bool,
     /// Read through a naive cache-aside instead of `#[cached]`.
@@ -106,6 +109,7 @@ impl Default for CheckerConfig {
             records: 8,
             readers: 8,
             writers: 2,
+            outside_writers: 1,
             faults: true,
             naive: false,
             seed: 0x5EED,
@@ -134,8 +138,24 @@ pub struct Report {
     pub misses: u64,
     /// Calls that computed because the cache was unavailable.
     pub fallbacks: u64,
-    /// Reads older than a write acknowledged before they began.
+    /// Reads older than a write made through EarnORM, whose invalidation
+    /// went out with it, and acknowledged before they began: never allowed.
     pub stale_reads: u64,
+    /// Reads older than a write only the database feed invalidates (made
+    /// with the raw driver, or through EarnORM by a process that could not
+    /// reach Redis) acknowledged before they began: allowed within the
+    /// feed's lag.
+    pub outside_stale_reads: u64,
+    /// Writes only the feed invalidates (raw driver, or deferred invalidation).
+    pub outside_writes: u64,
+    /// For those writes: milliseconds from the acknowledgement to the
+    /// end of the last read that was stale against it (0 when none was),
+    /// median, 99th percentile and maximum.
+    pub outside_window_p50_ms: u64,
+    /// 99th percentile.
+    pub outside_window_p99_ms: u64,
+    /// Maximum.
+    pub outside_window_max_ms: u64,
     /// Reads or writes that returned an error.
     pub failed_calls: u64,
     /// Read latency percentiles and maximum, microseconds.
@@ -178,8 +198,13 @@ impl Report {
     }
 
     /// The figures, named, in report order (shared by the JSON and the summary).
-    fn figures(&self) -> [(&'static str, u64); 15] {
+    fn figures(&self) -> [(&'static str, u64); 20] {
         [
+            ("outside_writes", self.outside_writes),
+            ("outside_stale_reads", self.outside_stale_reads),
+            ("outside_window_p50_ms", self.outside_window_p50_ms),
+            ("outside_window_p99_ms", self.outside_window_p99_ms),
+            ("outside_window_max_ms", self.outside_window_max_ms),
             ("operations", self.operations),
             ("reads", self.reads),
             ("writes", self.writes),
@@ -255,6 +280,10 @@ struct Write {
     state: State,
     started: Instant,
     acked: Instant,
+    /// Invalidated only by the database feed: made with the raw driver, or
+    /// through EarnORM by a process that could not reach Redis (its
+    /// invalidation was deferred).
+    outside: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +320,10 @@ impl Shared {
         i64::try_from(self.seq.fetch_add(1, Ordering::SeqCst) + 1).unwrap_or(i64::MAX)
     }
     fn record_write(&self, slot: usize, seq: i64, state: State, started: Instant, acked: Instant) {
+        self.record(slot, seq, state, started, acked, false);
+    }
+
+    fn record(&self, slot: usize, seq: i64, state: State, started: Instant, acked: Instant, outside: bool) {
         let env = ENV_INDEX.try_with(|e| *e).unwrap_or(0);
         let write = Write {
             env,
@@ -298,6 +331,7 @@ impl Shared {
             state,
             started,
             acked,
+            outside,
         };
         self.writes.lock().unwrap_or_else(PoisonError::into_inner)[slot].push(write);
     }
@@ -343,6 +377,17 @@ pub async fn run(config: &CheckerConfig) -> Report {
         connect_timeout: Duration::from_secs(5),
         feed: config.feed,
     };
+    // With the feed and faults, a third environment leads the feed first and
+    // is dropped during the run: another takes over from its token.
+    let mut first_leader = None;
+    if config.feed && config.faults {
+        let leader = connect(env_config.clone()).await;
+        let start = Instant::now();
+        while !leader.feed_stats().leader && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first_leader = Some(leader);
+    }
     let envs = [connect(env_config.clone()).await, connect(env_config).await];
 
     // Seed the records.
@@ -374,6 +419,13 @@ pub async fn run(config: &CheckerConfig) -> Report {
             ENV_INDEX.scope(w % 2, async move { writer(&shared, &env, &mut rng).await }),
         ));
     }
+    for o in 0..config.outside_writers {
+        let (shared, env) = (Arc::clone(&shared), envs[0].clone());
+        let mut rng = Rng(config.seed ^ (0x3000 + o as u64));
+        tasks.push(tokio::spawn(ENV_INDEX.scope(2, async move {
+            outside_writer(&shared, &env, &mut rng).await;
+        })));
+    }
     for r in 0..config.readers {
         let (shared, env) = (Arc::clone(&shared), envs[r % 2].clone());
         let mut rng = Rng(config.seed ^ (0x2000 + r as u64));
@@ -390,6 +442,11 @@ pub async fn run(config: &CheckerConfig) -> Report {
     if config.faults {
         let step = config.duration / 10;
         let at = |n: u32| begin + step * n;
+        if let Some(leader) = first_leader.take() {
+            tokio::time::sleep_until(at(1).into()).await;
+            drop(leader);
+            faults.push("feed leader dropped".to_owned());
+        }
         tokio::time::sleep_until(at(2).into()).await;
         redis.kill();
         faults.push("kill".to_owned());
@@ -487,6 +544,11 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
     let n = shared.ids.len();
     while !shared.stop.load(Ordering::SeqCst) {
         let roll = rng.below(10);
+        // A write whose invalidation this process had to defer (it could
+        // not reach Redis) is, for the cache, like a write made outside
+        // EarnORM: only the database feed invalidates it in time.
+        let deferred = env.cache().stats().invalidations_deferred;
+        let lagged = || env.cache().stats().invalidations_deferred > deferred;
         if roll < 6 {
             // save one record (re-creates it if deleted)
             let slot = rng.below(n);
@@ -497,7 +559,7 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
             match item.save_in(env).await {
                 Ok(()) => {
                     *exists = true;
-                    shared.record_write(slot, seq, State::Present(seq), started, Instant::now());
+                    shared.record(slot, seq, State::Present(seq), started, Instant::now(), lagged());
                 }
                 Err(_) => {
                     shared.failed.fetch_add(1, Ordering::SeqCst);
@@ -515,9 +577,10 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
             match Item::update_many_in(env, filter, doc! { "$set": { "version": seq } }).await {
                 Ok(_) => {
                     let acked = Instant::now();
+                    let lagged = lagged();
                     for (slot, exists) in slots.iter().zip(&guards) {
                         if **exists {
-                            shared.record_write(*slot, seq, State::Present(seq), started, acked);
+                            shared.record(*slot, seq, State::Present(seq), started, acked, lagged);
                         }
                     }
                 }
@@ -535,7 +598,7 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
             match item.delete_in(env).await {
                 Ok(_) => {
                     *exists = false;
-                    shared.record_write(slot, seq, State::Deleted, started, Instant::now());
+                    shared.record(slot, seq, State::Deleted, started, Instant::now(), lagged());
                 }
                 Err(_) => {
                     shared.failed.fetch_add(1, Ordering::SeqCst);
@@ -543,6 +606,31 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
             }
         }
         tokio::time::sleep(Duration::from_millis(2 + rng.below(6) as u64)).await;
+    }
+}
+
+/// Updates records with the raw driver, as another service would.
+async fn outside_writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
+    let raw = env.database().collection::<earnorm::bson::Document>(Item::COLLECTION);
+    while !shared.stop.load(Ordering::SeqCst) {
+        let slot = rng.below(shared.ids.len());
+        let exists = shared.locks[slot].lock().await;
+        if *exists {
+            let seq = shared.next_seq();
+            let started = Instant::now();
+            let filter = doc! { "_id": shared.ids[slot] };
+            match raw.update_one(filter, doc! { "$set": { "version": seq } }).await {
+                Ok(result) if result.matched_count == 1 => {
+                    shared.record(slot, seq, State::Present(seq), started, Instant::now(), true);
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    shared.failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        drop(exists);
+        tokio::time::sleep(Duration::from_millis(5 + rng.below(10) as u64)).await;
     }
 }
 
@@ -554,6 +642,7 @@ async fn cancelled_bulk_update(shared: &Shared, env: &Environment, rng: &mut Rng
     let (slots, guards) = shared.lock_some(rng).await;
     let seq = shared.next_seq();
     let started = Instant::now();
+    let deferred = env.cache().stats().invalidations_deferred;
     let in_slots = slots.iter().map(|s| *s as i64).collect::<Vec<_>>();
     let update = Item::update_many_in(
         env,
@@ -579,9 +668,10 @@ async fn cancelled_bulk_update(shared: &Shared, env: &Environment, rng: &mut Rng
     };
     if applied {
         let acked = Instant::now();
+        let lagged = env.cache().stats().invalidations_deferred > deferred;
         for (slot, exists) in slots.iter().zip(&guards) {
             if **exists {
-                shared.record_write(*slot, seq, State::Present(seq), started, acked);
+                shared.record(*slot, seq, State::Present(seq), started, acked, lagged);
             }
         }
     }
@@ -684,29 +774,66 @@ fn check(shared: &Shared) -> Report {
         ..Report::default()
     };
     report.operations = report.reads + report.writes;
+    report.outside_writes = writes.iter().flatten().filter(|w| w.outside).count() as u64;
+    // Whether `read` returned a state older than `write`'s.
+    let stale_against = |read: &Read, write: &Write, history: &[Write]| match read.result {
+        Some(version) => version < write.seq,
+        None => {
+            write.state != State::Deleted
+                && !history
+                    .iter()
+                    .any(|w| w.state == State::Deleted && w.seq > write.seq && w.started < read.ended)
+        }
+    };
+    // Per outside write (slot, seq): when its last stale read ended.
+    let mut windows: std::collections::HashMap<(usize, i64), Duration> = std::collections::HashMap::new();
     for read in &reads {
         let history = &writes[read.slot];
-        let Some(last) = history.iter().filter(|w| w.acked < read.started).max_by_key(|w| w.seq) else {
+        let acked_before = || history.iter().filter(|w| w.acked < read.started);
+        let Some(last) = acked_before().max_by_key(|w| w.seq) else {
             continue;
         };
-        let stale = match read.result {
-            Some(version) => version < last.seq,
-            None => {
-                last.state != State::Deleted
-                    && !history
-                        .iter()
-                        .any(|w| w.state == State::Deleted && w.seq > last.seq && w.started < read.ended)
-            }
-        };
-        if stale {
+        let last_orm = acked_before().filter(|w| !w.outside).max_by_key(|w| w.seq);
+        if let Some(orm) = last_orm.filter(|orm| stale_against(read, orm, history)) {
             report.stale_reads += 1;
             if report.examples.len() < 5 {
                 report.examples.push(format!(
                     "{} read of slot {} in env {} at {:?} returned {:?}, but write {} ({:?}) by env {} was acknowledged at {:?}",
-                    read.how, read.slot, read.env, read.started.duration_since(shared.begin), read.result, last.seq, last.state, last.env, last.acked.duration_since(shared.begin)
+                    read.how, read.slot, read.env, read.started.duration_since(shared.begin), read.result, orm.seq, orm.state, orm.env, orm.acked.duration_since(shared.begin)
                 ));
+            }
+        } else if last.outside && stale_against(read, last, history) {
+            report.outside_stale_reads += 1;
+            // Every outside write this read was stale against.
+            for write in acked_before().filter(|w| w.outside && stale_against(read, w, history)) {
+                let window = read.ended.saturating_duration_since(write.acked);
+                let entry = windows.entry((read.slot, write.seq)).or_default();
+                *entry = (*entry).max(window);
             }
         }
     }
+    let mut all: Vec<u64> = writes
+        .iter()
+        .enumerate()
+        .flat_map(|(slot, history)| history.iter().filter(|w| w.outside).map(move |w| (slot, w.seq)))
+        .map(|key| {
+            windows
+                .get(&key)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        })
+        .collect();
+    all.sort_unstable();
+    let at = |p: f64| {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let i = ((all.len().max(1) - 1) as f64 * p).round() as usize;
+        all.get(i).copied().unwrap_or(0)
+    };
+    report.outside_window_p50_ms = at(0.50);
+    report.outside_window_p99_ms = at(0.99);
+    report.outside_window_max_ms = all.last().copied().unwrap_or(0);
     report
 }
