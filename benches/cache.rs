@@ -462,6 +462,9 @@ async fn main() {
         &us(finds.median(1)),
         &format!("{} of uncached", finds.ratio(1, 0)),
     );
+    // 7. The database feed: lag under sustained writes, and its cost on writes.
+    feed_group(&redis, rounds, per_round, quick).await;
+
     let stats = cache.stats();
     println!(
         "\ncache stats: hits {} misses {} sets {} errors {} fallbacks {}",
@@ -469,6 +472,137 @@ async fn main() {
     );
     let _ = env.database().drop().await;
     let _ = <ObjectId as ModelId>::generate();
+}
+
+/// An environment on `redis` with its own database and prefix, the feed on or off.
+async fn env_on(redis: &RedisServer, tag: &str, feed: bool) -> Environment {
+    let mut config = test_config(tag);
+    config.redis_uri = Some(redis.url());
+    config.cache_config = earnorm::CacheConfig {
+        operation_timeout: Duration::from_secs(2),
+        ..fast_cache_config(&config.database)
+    };
+    config.feed = feed;
+    connect(config).await
+}
+
+/// 7a/b: the feed's lag (acknowledgement of a raw-driver update to the
+/// deletion of the record's generation in Redis) while another task saves
+/// through EarnORM without pause; 7c/d: the time of an EarnORM save with and
+/// without a feed reading the same database.
+async fn feed_group(redis: &RedisServer, rounds: usize, per_round: usize, quick: bool) {
+    let fed = env_on(redis, "bench_feed", true).await;
+    let start = Instant::now();
+    while !fed.feed_stats().leader && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let plain = env_on(redis, "bench_nofeed", false).await;
+
+    // Sustained load: saves of other records, back to back.
+    let load = {
+        let env = fed.clone();
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            loop {
+                n += 1;
+                let mut user = User { id: None, n };
+                let _ = user.save_in(&env).await;
+            }
+        })
+    };
+    let mut probe = User { id: None, n: 0 };
+    probe.save_in(&fed).await.expect("save");
+    let id = probe.id.expect("id");
+    let generation = format!(
+        "{}g:r:{}:{}",
+        fed.cache().config().prefix,
+        fed.model_scope(User::COLLECTION),
+        id.to_hex()
+    );
+    let raw_coll = fed.database().collection::<earnorm::bson::Document>(User::COLLECTION);
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let samples = if quick { 50 } else { 500 };
+    let mut lags = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let _: () = redis::cmd("SET")
+            .arg(&generation)
+            .arg("x")
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+        raw_coll
+            .update_one(
+                earnorm::bson::doc! { "_id": id },
+                earnorm::bson::doc! { "$set": { "n": i as i64 + 1 } },
+            )
+            .await
+            .expect("update");
+        let acked = Instant::now();
+        loop {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&generation)
+                .query_async(&mut conn)
+                .await
+                .expect("exists");
+            if !exists || acked.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+        }
+        lags.push(acked.elapsed());
+    }
+    load.abort();
+    lags.sort_unstable();
+    let pct = |p: f64| {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let i = ((lags.len() - 1) as f64 * p).round() as usize;
+        lags[i]
+    };
+    row(
+        "7a. feed lag, p50 (sustained EarnORM saves meanwhile)",
+        &us(pct(0.5)),
+        &format!("{samples} raw-driver updates; acknowledgement to invalidation in Redis"),
+    );
+    row(
+        "7b. feed lag, p99",
+        &us(pct(0.99)),
+        &format!("max {} (bar: p99 <= 50 ms)", us(lags[lags.len() - 1])),
+    );
+
+    let saves = {
+        let e = fed.clone();
+        let mut with = Closure(move || {
+            let e = e.clone();
+            async move {
+                let mut user = User { id: None, n: 1 };
+                user.save_in(&e).await.expect("save");
+            }
+        });
+        let e = plain.clone();
+        let mut without = Closure(move || {
+            let e = e.clone();
+            async move {
+                let mut user = User { id: None, n: 1 };
+                user.save_in(&e).await.expect("save");
+            }
+        });
+        compare(rounds, (per_round / 10).max(20), [&mut with, &mut without]).await
+    };
+    row("7c. EarnORM save, feed on", &us(saves.median(0)), "");
+    row(
+        "7d. EarnORM save, feed off",
+        &us(saves.median(1)),
+        &format!(
+            "feed on is {} of off (bar: <= 1.053x, i.e. >= 0.95x the writes/s)",
+            saves.ratio(0, 1)
+        ),
+    );
+    let _ = fed.database().drop().await;
+    let _ = plain.database().drop().await;
 }
 
 /// Calls per second of `tasks` tasks hitting `#[cached]` for `length`.
