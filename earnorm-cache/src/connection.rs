@@ -154,11 +154,13 @@ pub(crate) struct Connection {
     /// When a connection was last published after an outage (for the
     /// quarantine that follows).
     reconnected_at: Mutex<Option<Instant>>,
-    /// The server's clock (ms) as last seen, and when: to tell the server
-    /// until when a heartbeat counts.
-    server_clock: Mutex<Option<(Instant, i64)>>,
+    /// The server's clock (ms) as last read by a heartbeat, with when that
+    /// heartbeat was sent and when its answer came back.
+    server_clock: Mutex<Option<ServerClock>>,
     /// The key of the database feed's caught-up marker, when one is followed.
     feed_marker: Mutex<Option<String>>,
+    /// The start of the scope names the followed feed covers.
+    feed_scopes: RwLock<Option<Arc<str>>>,
     /// The server's time (ms) at this manager's latest return after an
     /// outage, once known; `Some(None)`: reconnected, not yet known.
     back_at: Mutex<Option<Option<i64>>>,
@@ -220,6 +222,7 @@ impl Connection {
             reconnected_at: Mutex::new(None),
             server_clock: Mutex::new(None),
             feed_marker: Mutex::new(None),
+            feed_scopes: RwLock::new(None),
             back_at: Mutex::new(None),
             feed_serving: AtomicBool::new(false),
             can_store: AtomicBool::new(true),
@@ -261,10 +264,16 @@ impl Connection {
     }
 
     /// Follows a database feed's caught-up marker (see `CacheManager::follow_feed`).
-    pub(crate) fn follow_feed(&self, marker: &str) {
+    pub(crate) fn follow_feed(&self, marker: &str, scopes: &str) {
+        *self.feed_scopes.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::from(scopes));
         *self.feed_marker.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(format!("{}meta:{marker}", self.namespace));
         self.wake.notify_one();
+    }
+
+    /// The start of the scope names the followed feed covers, if any.
+    pub(crate) fn feed_scopes(&self) -> Option<Arc<str>> {
+        self.feed_scopes.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Whether the checks at connect found that this Redis takes stores.
@@ -453,16 +462,22 @@ impl Connection {
         self.check_capabilities(&mut conn, &server).await;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let after_outage = self.status() != ConnectionStatus::Connecting;
+        if after_outage {
+            *self.reconnected_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            *self.back_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(None);
+        }
         self.outbox
             .replay_then_publish(&mut conn.clone(), &self.namespace, step, || {
-                *self.live.write().unwrap_or_else(PoisonError::into_inner) = Some(Live { id, conn });
+                let mut live = self.live.write().unwrap_or_else(PoisonError::into_inner);
+                // Nothing decided for an earlier connection carries over.
+                self.serving.store(false, Ordering::Release);
+                self.feed_serving.store(false, Ordering::Release);
+                *live = Some(Live { id, conn });
             })
             .await?;
         self.store_error_reported.store(false, Ordering::Release);
         Counters::bump(&self.counters.reconnects);
         if after_outage {
-            *self.reconnected_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-            *self.back_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(None);
             info!(url = %self.url, quarantine = ?self.quarantine(), "reconnected to Redis");
         } else {
             info!(url = %self.url, "connected to Redis");
@@ -483,25 +498,33 @@ impl Connection {
         }
         let outlives = self.forget_after().saturating_mul(10).max(Duration::from_secs(3600));
         let sent = Instant::now();
-        let deadline =
-            self.server_clock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .map_or(0, |(seen, server_ms)| {
-                    let since = i64::try_from(seen.elapsed().as_millis()).unwrap_or(i64::MAX);
-                    let allowance = i64::try_from(self.config.operation_timeout.as_millis()).unwrap_or(i64::MAX);
-                    server_ms.saturating_add(since).saturating_add(allowance).max(1)
-                });
+        let deadline = self
+            .server_clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map_or(0, |clock| {
+                clock
+                    .at_most(sent)
+                    .saturating_add(millis_i64(self.config.operation_timeout))
+                    .max(1)
+            });
         invocation
             .arg(&self.member)
             .arg(millis(missing_after))
             .arg(millis(outlives))
             .arg(deadline);
+        let Ok(beat_on) = self.live().map(|live| live.id) else {
+            return;
+        };
         let answer = self
             .call(|mut conn| async move { invocation.invoke_async::<(i64, i64, i64)>(&mut conn).await })
             .await;
         if let Ok((_, server_ms, _)) = &answer {
-            *self.server_clock.lock().unwrap_or_else(PoisonError::into_inner) = Some((sent, *server_ms));
+            *self.server_clock.lock().unwrap_or_else(PoisonError::into_inner) = Some(ServerClock {
+                sent,
+                received: Instant::now(),
+                server_ms: *server_ms,
+            });
         }
         let feed_current = match &answer {
             Ok((missing, server_ms, marker)) if *missing >= 0 && marker_key.is_some() => {
@@ -510,31 +533,35 @@ impl Connection {
                     *pending = Some(*server_ms);
                 }
                 let since = back_at.flatten().unwrap_or(0);
-                *marker >= since && server_ms.saturating_sub(*marker) <= FEED_FRESH_MS
+                // A marker from the future (a clock stepped back) is no proof.
+                *marker >= since && (0..=FEED_FRESH_MS).contains(&server_ms.saturating_sub(*marker))
             }
             _ => false,
         };
         let missing = answer.map(|(missing, _, _)| missing);
         let reconnected_at = *self.reconnected_at.lock().unwrap_or_else(PoisonError::into_inner);
         let own_outage_settled = reconnected_at.is_none_or(|at| at.elapsed() >= self.quarantine());
-        let serve = matches!(missing, Ok(0)) && own_outage_settled && self.is_connected();
         match &missing {
             Ok(-1) => debug!("a heartbeat reached Redis too late to count"),
             Ok(n) if *n > 0 => debug!(missing = n, "managers sharing the prefix missed their heartbeats"),
             Err(err) => debug!(error = %err, "heartbeat failed"),
             Ok(_) => {}
         }
-        let feed_serving = feed_current && self.is_connected();
-        if self.feed_serving.swap(feed_serving, Ordering::AcqRel) != feed_serving {
-            info!(url = %self.url, serving = feed_serving, "values without tags served on the database feed's word");
-        }
-        self.set_serving(serve);
-    }
-
-    fn set_serving(&self, serve: bool) {
-        let was = self.serving.swap(serve, Ordering::AcqRel);
-        if !self.is_connected() {
-            return;
+        let serve = matches!(missing, Ok(0)) && own_outage_settled;
+        // Decided for the connection the beat ran on: stored only while it
+        // is still the published one (under the lock that unpublishes it).
+        let (was, was_feed) = {
+            let live = self.live.read().unwrap_or_else(PoisonError::into_inner);
+            if live.as_ref().map(|live| live.id) != Some(beat_on) {
+                return;
+            }
+            (
+                self.serving.swap(serve, Ordering::AcqRel),
+                self.feed_serving.swap(feed_current, Ordering::AcqRel),
+            )
+        };
+        if was_feed != feed_current {
+            info!(url = %self.url, serving = feed_current, "values without tags served on the database feed's word");
         }
         let status = if serve {
             ConnectionStatus::Connected
@@ -547,6 +574,15 @@ impl Connection {
         } else if !serve && previous != ConnectionStatus::Recovering {
             info!(url = %self.url, "serving no cached values until every manager sharing the prefix is back (or forgotten)");
         }
+    }
+
+    /// The earliest the Redis server's clock (ms) can read now, from the
+    /// last heartbeat; `None` before the first.
+    pub(crate) fn server_time_at_least(&self) -> Option<i64> {
+        self.server_clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|clock| clock.at_least(Instant::now()))
     }
 
     /// When the Redis server is not the one the data under this prefix was
@@ -634,7 +670,7 @@ impl Connection {
     /// probe every [`PROBE`] (at most) notices a Redis that answers again and
     /// starts the round at once, so its return costs about a second, not a
     /// health-check interval. (A probe is one TCP connection, closed at once.)
-    async fn wait_for_next_round(&self, interval: Duration) {
+    async fn wait_for_next_round(&self, interval: Duration, probe: Duration) {
         let address = self
             .client
             .as_ref()
@@ -645,7 +681,7 @@ impl Connection {
                 _ => None,
             });
         let until = tokio::time::Instant::now() + interval;
-        let step = PROBE.min(interval);
+        let step = probe.min(interval);
         loop {
             let pause = step.min(until.saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
@@ -723,6 +759,34 @@ impl Connection {
     }
 }
 
+/// A reading of the server's clock.
+#[derive(Debug, Clone, Copy)]
+struct ServerClock {
+    sent: Instant,
+    received: Instant,
+    server_ms: i64,
+}
+
+impl ServerClock {
+    /// The latest the server's time can be at `at` (the reading was taken
+    /// no earlier than `sent`).
+    fn at_most(&self, at: Instant) -> i64 {
+        self.server_ms
+            .saturating_add(millis_i64(at.saturating_duration_since(self.sent)))
+    }
+
+    /// The earliest the server's time can be at `at` (the reading was taken
+    /// no later than `received`).
+    fn at_least(&self, at: Instant) -> i64 {
+        self.server_ms
+            .saturating_add(millis_i64(at.saturating_duration_since(self.received)))
+    }
+}
+
+fn millis_i64(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// What `INFO server` says that the cache uses.
 #[derive(Debug, Default, PartialEq)]
 struct ServerInfo {
@@ -778,6 +842,7 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
         }
         // One reconnection round.
         let attempts = conn.config.max_retries.max(1);
+        let mut unreachable = true;
         for attempt in 0..attempts {
             if conn.is_closed() {
                 return;
@@ -786,6 +851,11 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
                 Ok(()) => break,
                 Err(err) => {
                     debug!(url = %conn.url, attempt = attempt + 1, error = %err, "Redis reconnection attempt failed");
+                    unreachable = match &err {
+                        CacheError::Timeout(_) | CacheError::Unavailable => true,
+                        CacheError::Redis(err) => is_connection_error(err),
+                        _ => false,
+                    };
                     if attempt + 1 < attempts {
                         tokio::time::sleep(backoff.delay(attempt, random_unit())).await;
                     }
@@ -797,7 +867,10 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
                 conn.status.send_replace(ConnectionStatus::Down);
             }
             warn!(url = %conn.url, "Redis unavailable; caching paused, retrying in {interval:?}");
-            conn.wait_for_next_round(interval).await;
+            // Probing helps only when Redis could not be reached at all; one
+            // that answers and refuses (a password, a permission) waits.
+            let probe = if unreachable { PROBE } else { interval };
+            conn.wait_for_next_round(interval, probe).await;
         }
     }
     conn.leave().await;
@@ -815,7 +888,7 @@ mod tests {
             ServerInfo::parse(info),
             ServerInfo {
                 run_id: Some("abc".into()),
-                version: Some((7, 0))
+                version: Some((7, 0)),
             }
         );
         assert_eq!(ServerInfo::parse("redis_version:6.2.1").version, Some((6, 2)));

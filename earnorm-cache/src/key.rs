@@ -123,8 +123,8 @@ pub const MAX_DEPENDENCIES: usize = 32;
 pub struct CacheKey {
     pub(crate) value: String,
     pub(crate) generations: Vec<String>,
-    /// Whether the value depends on record and model scopes only (no tag):
-    /// a database feed, when there is one, invalidates all it depends on.
+    /// Whether a followed database feed invalidates every scope the value
+    /// depends on (record and model scopes of its database; no tag).
     pub(crate) feed_covered: bool,
 }
 
@@ -147,7 +147,10 @@ pub struct KeyBuilder {
     prefix_len: usize,
     id: Option<String>,
     generations: Vec<String>,
-    tagged: bool,
+    /// The start of the scope names a followed database feed covers.
+    feed_scopes: Option<std::sync::Arc<str>>,
+    /// Whether every scope so far is one the feed covers.
+    feed_covered: bool,
     hasher: Xxh3,
 }
 
@@ -162,7 +165,7 @@ impl std::fmt::Debug for KeyBuilder {
 }
 
 impl KeyBuilder {
-    pub(crate) fn new(prefix: &str, namespace: &str, name: &str) -> Self {
+    pub(crate) fn new(prefix: &str, namespace: &str, name: &str, feed_scopes: Option<std::sync::Arc<str>>) -> Self {
         let mut value = String::with_capacity(prefix.len() + namespace.len() + name.len() + 64);
         value.push_str(prefix);
         value.push_str("v:");
@@ -175,7 +178,8 @@ impl KeyBuilder {
             prefix_len: prefix.len(),
             id: None,
             generations: Vec::with_capacity(3),
-            tagged: false,
+            feed_covered: feed_scopes.is_some(),
+            feed_scopes,
             hasher: Xxh3::new(),
         }
     }
@@ -184,13 +188,17 @@ impl KeyBuilder {
     /// record id into the key, so that it can be found by pattern.
     #[must_use]
     pub fn scope(mut self, scope: Scope<'_>) -> Self {
-        match scope {
-            Scope::Record(_, id) => {
-                self.id.get_or_insert_with(|| id.to_owned());
-            }
-            Scope::Tag(_) => self.tagged = true,
-            Scope::Model(_) => {}
+        if let Scope::Record(_, id) = scope {
+            self.id.get_or_insert_with(|| id.to_owned());
         }
+        let covered = match scope {
+            Scope::Record(model, _) | Scope::Model(model) => self
+                .feed_scopes
+                .as_deref()
+                .is_some_and(|start| model.starts_with(start)),
+            Scope::Tag(_) => false,
+        };
+        self.feed_covered &= covered;
         scope.read_generations(&self.value[..self.prefix_len], &mut self.generations);
         self
     }
@@ -232,7 +240,7 @@ impl KeyBuilder {
         Ok(CacheKey {
             value: self.value,
             generations: self.generations,
-            feed_covered: !self.tagged,
+            feed_covered: self.feed_covered,
         })
     }
 }
@@ -257,27 +265,27 @@ mod tests {
 
     #[test]
     fn keys_are_canonical_and_separate_arguments() {
-        let a = KeyBuilder::new("p:", "users", "profile")
+        let a = KeyBuilder::new("p:", "users", "profile", None)
             .scope(Scope::Record("users", "1"))
             .arg(&(1u8, "x"))
             .and_then(KeyBuilder::build)
             .expect("key");
-        let b = KeyBuilder::new("p:", "users", "profile")
+        let b = KeyBuilder::new("p:", "users", "profile", None)
             .scope(Scope::Record("users", "1"))
             .arg(&(1u8, "x"))
             .and_then(KeyBuilder::build)
             .expect("key");
-        let c = KeyBuilder::new("p:", "users", "profile")
+        let c = KeyBuilder::new("p:", "users", "profile", None)
             .scope(Scope::Record("users", "2"))
             .arg(&(1u8, "x"))
             .and_then(KeyBuilder::build)
             .expect("key");
-        let d = KeyBuilder::new("p:", "users", "profile")
+        let d = KeyBuilder::new("p:", "users", "profile", None)
             .arg("ab")
             .and_then(|k| k.arg("c"))
             .and_then(KeyBuilder::build)
             .expect("key");
-        let e = KeyBuilder::new("p:", "users", "profile")
+        let e = KeyBuilder::new("p:", "users", "profile", None)
             .arg("a")
             .and_then(|k| k.arg("bc"))
             .and_then(KeyBuilder::build)
@@ -287,6 +295,28 @@ mod tests {
         assert_ne!(d.value, e.value);
         assert!(a.value.starts_with("p:v:users:profile:1:"));
         assert_eq!(a.generations, ["p:g:m:users", "p:g:r:users:1"]);
+    }
+
+    #[test]
+    fn a_feed_covers_only_the_scopes_of_its_database() {
+        let feed = Some(std::sync::Arc::from("db."));
+        let key = |scope: Scope<'_>| {
+            KeyBuilder::new("p:", "n", "f", feed.clone())
+                .scope(scope)
+                .build()
+                .expect("key")
+                .feed_covered
+        };
+        assert!(key(Scope::Record("db.users", "1")));
+        assert!(key(Scope::Model("db.users")));
+        assert!(!key(Scope::Record("users", "1")), "a name of no database");
+        assert!(!key(Scope::Model("other.users")), "another database");
+        assert!(!key(Scope::Tag("db.rates")), "tags are not database writes");
+        let none = KeyBuilder::new("p:", "n", "f", None)
+            .scope(Scope::Record("db.users", "1"))
+            .build()
+            .expect("key");
+        assert!(!none.feed_covered, "no feed followed");
     }
 
     #[test]

@@ -73,12 +73,21 @@ end
 return 0
 ";
 
-/// Records the server time minus ARGV[1] ms at KEYS[1], never moving it back.
+/// Records a caught-up time: KEYS[1] the marker; ARGV[1] the server time
+/// (ms) to record; ARGV[2] the latest server time at which this call still
+/// counts (a call held up, in a frozen server for one, proves nothing about
+/// the time it finally runs at). Never records a time later than now; moves
+/// the marker forward only, unless the one stored is later than now (a
+/// clock stepped back).
 const MARK_SCRIPT: &str = r"#!lua flags=allow-oom
 local t = redis.call('TIME')
-local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > tonumber(ARGV[2]) then
+  return -1
+end
+local at = math.min(tonumber(ARGV[1]), now)
 local previous = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if at > previous then
+if at > previous or previous > now then
   redis.call('SET', KEYS[1], at)
 end
 return at
@@ -271,7 +280,8 @@ impl CacheManager {
     /// Starts a key for a value named `name` in `namespace` (a model's
     /// collection, or any label).
     pub fn key(&self, namespace: &str, name: &str) -> KeyBuilder {
-        KeyBuilder::new(&self.connection().namespace, namespace, name)
+        let conn = self.connection();
+        KeyBuilder::new(&conn.namespace, namespace, name, conn.feed_scopes())
     }
 
     /// Pings Redis and returns the round-trip time.
@@ -751,34 +761,48 @@ impl CacheManager {
             .map(|_| ())
     }
 
-    /// Declares that a database feed invalidates every write to record and
-    /// model scopes, and records at `PREFIX meta:MARKER` the Redis server
-    /// time (milliseconds) up to which it has (see [`mark_caught_up`]).
-    /// While that record is fresh (written within the last second) and
-    /// covers this manager's latest return of Redis, values that depend on
-    /// no tag are served even when the heartbeats alone would not allow it
-    /// (another manager missing, or this one just reconnected): the feed
-    /// has invalidated whatever those managers could not.
+    /// Declares that a database feed invalidates every write to the record
+    /// and model scopes whose names start with `scopes` (EarnORM names them
+    /// `DATABASE.COLLECTION`, so `"DATABASE."`), and records at
+    /// `PREFIX meta:MARKER` the Redis server time (milliseconds) up to which
+    /// it has (see [`mark_caught_up`]). While that record is fresh (under a
+    /// second old) and covers this manager's latest return to Redis, values
+    /// that depend on such scopes only (no tag, no other name) are served
+    /// even when the heartbeats alone would not allow it (another manager
+    /// missing, or this one just reconnected): the feed has invalidated
+    /// whatever those managers could not.
     ///
     /// [`mark_caught_up`]: Self::mark_caught_up
-    pub fn follow_feed(&self, marker: &str) {
-        self.connection().follow_feed(marker);
+    pub fn follow_feed(&self, marker: &str, scopes: &str) {
+        self.connection().follow_feed(marker, scopes);
     }
 
-    /// Records at `PREFIX meta:MARKER` that every write committed up to
-    /// `ago` before now (Redis's clock) is invalidated: what a feed does
-    /// each time it has read its stream to the end.
+    /// The earliest the Redis server's clock (milliseconds) can read now,
+    /// from the last heartbeat's reading; `None` before the first. What a
+    /// feed passes to [`mark_caught_up`](Self::mark_caught_up) for the moment
+    /// it starts reading its stream.
+    pub fn server_time_at_least(&self) -> Option<i64> {
+        self.connection().server_time_at_least()
+    }
+
+    /// Records at `PREFIX meta:MARKER` that every write committed up to the
+    /// server time `at` (milliseconds) is invalidated: what a feed does each
+    /// time it has read its stream to the end, with `at` the
+    /// [`server_time_at_least`](Self::server_time_at_least) of when it began
+    /// that read. A call that reaches Redis more than `operation_timeout`
+    /// late records nothing.
     ///
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
-    pub async fn mark_caught_up(&self, marker: &str, ago: Duration) -> Result<(), CacheError> {
-        let mut invocation = self
-            .inner
-            .mark
-            .key(format!("{}meta:{marker}", self.connection().namespace));
-        invocation.arg(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX));
-        self.connection()
-            .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+    pub async fn mark_caught_up(&self, marker: &str, at: i64) -> Result<(), CacheError> {
+        let conn = self.connection();
+        let deadline = conn
+            .server_time_at_least()
+            .unwrap_or(at)
+            .saturating_add(i64::try_from(conn.config.operation_timeout.as_millis()).unwrap_or(i64::MAX));
+        let mut invocation = self.inner.mark.key(format!("{}meta:{marker}", conn.namespace));
+        invocation.arg(at).arg(deadline);
+        conn.call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await })
             .await
             .map(|_| ())
     }

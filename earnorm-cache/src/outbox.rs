@@ -37,6 +37,9 @@ use crate::CacheError;
 /// everything under the prefix.
 pub(crate) const MAX_QUEUED: usize = 10_000;
 
+/// Scopes replayed per pipeline.
+const REPLAY_CHUNK: usize = 500;
+
 /// What is waiting to be sent.
 #[derive(Debug, Default)]
 struct Queue {
@@ -128,8 +131,18 @@ impl Outbox {
                     .await
                     .map(|_| ())
             } else {
-                let pipe = invalidation(namespace, batch.scopes.iter().map(OwnedScope::as_scope));
-                bounded(limit, pipe.query_async::<()>(conn)).await
+                // In chunks, each within the limit: a long queue on a slow
+                // link must not time out as one pipeline every time.
+                let scopes: Vec<Scope<'_>> = batch.scopes.iter().map(OwnedScope::as_scope).collect();
+                let mut sent = Ok(());
+                for chunk in scopes.chunks(REPLAY_CHUNK) {
+                    let pipe = invalidation(namespace, chunk.iter().copied());
+                    sent = bounded(limit, pipe.query_async::<()>(conn)).await;
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                sent
             };
             if let Err(err) = sent {
                 let mut queue = self.lock();

@@ -108,7 +108,7 @@ impl Environment {
         let (stop, stopped) = watch::channel(());
         if config.feed && cache.status() != ConnectionStatus::Disabled {
             let feed = feed::Feed::new(database.clone(), cache.clone(), Arc::clone(&counters), stopped);
-            cache.follow_feed(&feed::marker_name(database.name()));
+            cache.follow_feed(&feed::marker_name(database.name()), &model_scope(database.name(), ""));
             tokio::spawn(feed.run());
         }
         Ok(Self {

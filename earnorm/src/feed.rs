@@ -36,8 +36,14 @@
 //!
 //! **Recovery.** Each time the leader has read the stream to the end, it
 //! records the Redis server time before that read (`PREFIX
-//! meta:feed:DATABASE:caught_up`): every write committed before it is
-//! invalidated. The environment's cache follows that marker
+//! meta:feed:DATABASE:caught_up`; the earliest that clock can have read,
+//! from the cache's last heartbeat): every write committed before it is
+//! invalidated. This assumes a write acknowledged to its writer is already in
+//! the stream, which holds for writes acknowledged by a majority (a one-node
+//! replica set, or `w: majority`); a write acknowledged by the primary alone
+//! (`w: 1` on several nodes) joins the stream only once a majority has it,
+//! and the marker may run ahead of it by that replication lag. The stream
+//! is read from the primary. The environment's cache follows that marker
 //! (`CacheManager::follow_feed`): while it is fresh and later than the
 //! cache's latest return of Redis, values without tags are served even
 //! during the quarantine after an outage or while another manager has
@@ -185,6 +191,14 @@ impl Feed {
         marker_name(self.database.name())
     }
 
+    /// A watch of the database, read from the primary (a secondary could lag
+    /// behind writes already acknowledged), polling at most [`IDLE_POLL`].
+    fn watch(&self) -> mongodb::action::Watch<'_> {
+        self.database.watch().max_await_time(IDLE_POLL).selection_criteria(
+            mongodb::options::SelectionCriteria::ReadPreference(mongodb::options::ReadPreference::Primary),
+        )
+    }
+
     fn stopped(&self) -> bool {
         self.stop.has_changed().is_err()
     }
@@ -247,7 +261,10 @@ impl Feed {
                 }
                 renewed = Instant::now();
             }
-            let polled = Instant::now();
+            // The earliest the server's clock can read as this poll begins:
+            // if it finds the stream empty, every write committed before
+            // that is invalidated.
+            let polled = self.cache.server_time_at_least();
             let next = tokio::select! {
                 _ = stop.changed() => {
                     self.record(&mut unrecorded).await;
@@ -271,9 +288,18 @@ impl Feed {
                     unrecorded = stream.resume_token().or(unrecorded);
                     self.record(&mut unrecorded).await;
                     persisted = Instant::now();
-                    if let Err(err) = self.cache.mark_caught_up(&self.marker_name(), polled.elapsed()).await {
-                        debug!(error = %err, "database feed: could not record the caught-up time");
+                    if let Some(at) = polled {
+                        if let Err(err) = self.cache.mark_caught_up(&self.marker_name(), at).await {
+                            debug!(error = %err, "database feed: could not record the caught-up time");
+                        }
                     }
+                }
+                Err(err) if error_code(&err).is_some_and(|code| UNRESUMABLE.contains(&code)) => {
+                    // Its history is gone: the next leader must start anew
+                    // and invalidate everything, not resume into this error.
+                    warn!(database = self.database.name(), error = %err, "database feed: the change stream cannot go on; starting anew");
+                    let _ = self.cache.set_meta(&self.token_name(), b"").await;
+                    return Lead::Lost;
                 }
                 Err(err) => {
                     warn!(database = self.database.name(), error = %err, "database feed: the change stream failed; resuming");
@@ -316,7 +342,7 @@ impl Feed {
                 Err(err) => return Err(self.open_failed(&err)),
             }
         }
-        let stream = match self.database.watch().max_await_time(IDLE_POLL).await {
+        let stream = match self.watch().await {
             Ok(stream) => stream,
             Err(err) => return Err(self.open_failed(&err)),
         };

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::time::Duration;
 
 use earnorm_cache::Scope;
 use mongodb::ClientSession;
@@ -107,6 +108,10 @@ impl Transaction {
     }
 }
 
+/// How long after an ambiguous write failure its scopes are invalidated a
+/// second time.
+const LATE_APPLY: Duration = Duration::from_secs(1);
+
 /// When a write unit invalidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Invalidate {
@@ -120,9 +125,11 @@ pub(crate) enum Invalidate {
 /// Runs `write`, then invalidates `touched` as `when` says, as one unit the caller cannot split: both run in a task of their
 /// own that the caller awaits. A caller that stops waiting (its future
 /// dropped, a timeout) leaves the task to finish, so the invalidation still
-/// happens, and only once the write's outcome is known: never while the
-/// server may still be applying it, when a reader could cache what it read
-/// in between under the new generation.
+/// happens, once the driver has the write's outcome. When that outcome is an
+/// error that leaves it open whether the server applied the write (a lost
+/// connection, a timeout), the server may still apply it later: the scopes
+/// are invalidated again [`LATE_APPLY`] later (with the database feed, its
+/// event invalidates them too).
 pub(crate) async fn write_then_invalidate<T, W>(
     env: &Environment,
     touched: Vec<Touched>,
@@ -138,6 +145,17 @@ where
         let result = write.await;
         if when == Invalidate::Always || result.as_ref().err().is_none_or(may_have_written) {
             invalidate(&env, &touched).await;
+        }
+        if result.as_ref().is_err_and(may_have_written) {
+            // The write failed in a way that says nothing of whether the
+            // server applied it (a lost connection, a timeout): it may still
+            // do so after the invalidation above, when a reader could cache
+            // what it read in between. Invalidate again a little later.
+            let (env, touched) = (env.clone(), touched.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(LATE_APPLY).await;
+                invalidate(&env, &touched).await;
+            });
         }
         result
     };
