@@ -666,10 +666,11 @@ impl Connection {
         }
     }
 
-    /// Waits `interval` before the next reconnection round, or less: a TCP
-    /// probe every [`PROBE`] (at most) notices a Redis that answers again and
-    /// starts the round at once, so its return costs about a second, not a
-    /// health-check interval. (A probe is one TCP connection, closed at once.)
+    /// Waits `interval` before the next reconnection attempt, or less: a TCP
+    /// probe every `probe` notices a Redis that accepts connections again and
+    /// ends the wait at once, so its return costs a fraction of a second,
+    /// not a back-off step or a health-check interval. (A probe is one TCP
+    /// connection, closed at once.)
     async fn wait_for_next_round(&self, interval: Duration, probe: Duration) {
         let address = self
             .client
@@ -857,7 +858,11 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
                         _ => false,
                     };
                     if attempt + 1 < attempts {
-                        tokio::time::sleep(backoff.delay(attempt, random_unit())).await;
+                        // The back-off step, cut short by the probe when
+                        // Redis could not be reached and answers again.
+                        let step = backoff.delay(attempt, random_unit());
+                        conn.wait_for_next_round(step, if unreachable { PROBE } else { step })
+                            .await;
                     }
                 }
             }
