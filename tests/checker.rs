@@ -1,7 +1,8 @@
 //! The consistency and fault checker (tests/support/checker.rs), about
 //! twenty seconds of it: EarnORM's `#[cached]` must show no stale read of an
 //! EarnORM write and no failed call while Redis is killed, restarted, frozen,
-//! thawed, put over its memory limit and flushed under two environments, and
+//! thawed, put over its memory limit and flushed under two environments (one
+//! of them also cut off alone by a proxy), and
 //! writes made with the raw driver must be invalidated by the database feed
 //! (a run without the feed shows them staying stale); the naive cache-aside
 //! on the same workload must be caught.

@@ -69,10 +69,11 @@ use tracing::{debug, info, warn};
 use crate::env::model_scope;
 use crate::model::id_key;
 
-/// How long a leader's lease lasts without renewal.
-pub const LEASE: Duration = Duration::from_secs(3);
+/// How long a leader's lease lasts without renewal: a leader that dies or
+/// is cut off from Redis is replaced within this, plus one [`RENEW`].
+pub const LEASE: Duration = Duration::from_millis(1500);
 /// How often the leader renews its lease, and followers try to take it.
-pub const RENEW: Duration = Duration::from_millis(500);
+pub const RENEW: Duration = Duration::from_millis(250);
 /// How often, at most, the leader records its resume token.
 pub const PERSIST: Duration = Duration::from_millis(100);
 /// How long the server holds an idle poll of the stream open: the leader

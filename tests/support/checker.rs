@@ -388,7 +388,14 @@ pub async fn run(config: &CheckerConfig) -> Report {
         }
         first_leader = Some(leader);
     }
-    let envs = [connect(env_config.clone()).await, connect(env_config).await];
+    // The second environment reaches Redis through a proxy that the faults
+    // cut for it alone (a one-sided partition).
+    let proxy = crate::TcpProxy::start(redis.port()).await;
+    let proxied = earnorm::Config {
+        redis_uri: Some(proxy.url()),
+        ..env_config.clone()
+    };
+    let envs = [connect(env_config).await, connect(proxied).await];
 
     // Seed the records.
     let shared = Arc::new(Shared {
@@ -484,6 +491,12 @@ pub async fn run(config: &CheckerConfig) -> Report {
         let (reconnect, recovered) = recovery(&envs).await;
         reconnects.push(reconnect);
         recoveries.push(recovered);
+        tokio::time::sleep_until((at(9) + step / 4).into()).await;
+        proxy.cut();
+        faults.push("one-sided partition of the second environment".to_owned());
+        tokio::time::sleep_until((at(9) + step * 3 / 4).into()).await;
+        proxy.heal();
+        faults.push("partition healed".to_owned());
     }
     tokio::time::sleep_until((begin + config.duration).into()).await;
     shared.stop.store(true, Ordering::SeqCst);
