@@ -76,6 +76,12 @@ pub const LEASE: Duration = Duration::from_millis(1500);
 pub const RENEW: Duration = Duration::from_millis(250);
 /// How often, at most, the leader records its resume token.
 pub const PERSIST: Duration = Duration::from_millis(100);
+/// The pause after an event fetched from the server, before the next fetch:
+/// it adds at most this to the feed's lag, and divides the number of
+/// `getMore`s under sustained writes.
+pub const PACE: Duration = Duration::from_millis(2);
+/// A poll that took at least this long went to the server.
+const FETCHED: Duration = Duration::from_micros(100);
 /// How long the server holds an idle poll of the stream open: the leader
 /// records its caught-up time at least this often.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
@@ -266,6 +272,7 @@ impl Feed {
             // if it finds the stream empty, every write committed before
             // that is invalidated.
             let polled = self.cache.server_time_at_least();
+            let asked = Instant::now();
             let next = tokio::select! {
                 _ = stop.changed() => {
                     self.record(&mut unrecorded).await;
@@ -273,6 +280,11 @@ impl Feed {
                 }
                 next = stream.next_if_any() => next,
             };
+            // An event that took a round trip to the server (not one the
+            // driver had buffered): before the next round trip, let a few
+            // milliseconds of writes gather, so that under sustained writes
+            // one `getMore` brings many events instead of one each.
+            let fetched = asked.elapsed() >= FETCHED;
             match next {
                 Ok(Some(event)) => {
                     let ended = self.apply(&event).await;
@@ -281,6 +293,9 @@ impl Feed {
                         // The stream ended (`invalidate`): start anew.
                         let _ = self.cache.set_meta(&self.token_name(), b"").await;
                         return Lead::Lost;
+                    }
+                    if fetched {
+                        tokio::time::sleep(PACE).await;
                     }
                 }
                 Ok(None) => {
