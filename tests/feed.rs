@@ -300,3 +300,43 @@ async fn hits_come_back_about_a_second_after_redis_returns_with_default_settings
     );
     let _ = env.database().drop().await;
 }
+
+/// An EarnORM write leaves a note that it invalidated itself: the feed skips
+/// its change event, so a value computed right after the write (across the
+/// moment the event arrives) is stored, and the next call is a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_does_not_invalidate_an_orm_write_a_second_time() {
+    let env = connect(feed_config("feed_echo", None)).await;
+    assert!(wait_for_leader(&[&env], Duration::from_secs(5)).await.is_some());
+    env.scope(async {
+        let mut item = Item::new("echo", 1);
+        item.save().await.expect("save");
+        assert_eq!(
+            item.slow_qty().await.expect("read"),
+            Some(1),
+            "a miss spanning the event"
+        );
+        let hits = env.cache().stats().hits;
+        assert_eq!(item.slow_qty().await.expect("read"), Some(1));
+        assert_eq!(
+            env.cache().stats().hits,
+            hits + 1,
+            "stored, then a hit: {:?}",
+            env.feed_stats()
+        );
+        assert!(env.feed_stats().skipped >= 1, "{:?}", env.feed_stats());
+
+        // A raw write after it is still invalidated.
+        raw(&env)
+            .update_one(doc! { "_id": item.id }, doc! { "$set": { "qty": 2 } })
+            .await
+            .expect("raw update");
+        let took = until(Duration::from_secs(2), Some(2), || async {
+            item.slow_qty().await.expect("read")
+        })
+        .await;
+        assert!(took.is_some(), "a later outside write is not skipped");
+    })
+    .await;
+    let _ = env.database().drop().await;
+}

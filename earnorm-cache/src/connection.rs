@@ -405,8 +405,11 @@ impl Connection {
     }
 
     /// Invalidates `scopes` (deletes their generations), or queues them in
-    /// the outbox when no connection can take them. Never fails.
-    pub(crate) async fn invalidate(&self, scopes: &[Scope<'_>]) {
+    /// the outbox when no connection can take them. Never fails. `notes`
+    /// (name, value, time to live) are written after the deletions, at
+    /// `PREFIX meta:NAME`, when they go out at once; they are dropped with a
+    /// queued invalidation.
+    pub(crate) async fn invalidate(&self, scopes: &[Scope<'_>], notes: &[(String, String, Duration)]) {
         Counters::bump(&self.counters.invalidations);
         if !self.is_enabled() || scopes.is_empty() {
             return;
@@ -415,7 +418,15 @@ impl Connection {
             Counters::bump(&self.counters.invalidations_deferred);
             return;
         }
-        let pipe = invalidation(&self.namespace, scopes.iter().copied());
+        let mut pipe = invalidation(&self.namespace, scopes.iter().copied());
+        for (name, value, ttl) in notes {
+            pipe.cmd("SET")
+                .arg(format!("{}meta:{name}", self.namespace))
+                .arg(value)
+                .arg("PX")
+                .arg(millis(*ttl))
+                .ignore();
+        }
         let sent = self
             .call(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await;

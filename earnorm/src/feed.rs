@@ -15,8 +15,14 @@
 //!   everything under the prefix.
 //!
 //! Events of collections no model maps invalidate by collection name all the
-//! same, so a model added later is covered. An event for a write the ORM
-//! already invalidated costs one redundant invalidation.
+//! same, so a model added later is covered. An EarnORM write runs in a
+//! session of its own, so it knows its cluster time; when its invalidation
+//! reaches Redis, it leaves a note there (`PREFIX
+//! meta:feed:DATABASE:done:COLLECTION[:ID]`, for a minute) that everything
+//! up to that time is invalidated, and the feed skips the write's event
+//! instead of invalidating again (which would also refuse to store a value
+//! computed just after the write). Events of writes up to that time are
+//! covered by the writer's invalidation, which came after them.
 //!
 //! **One leader.** Of all environments sharing a prefix and a database, one
 //! holds a lease in Redis (`PREFIX lease:feed:DATABASE`, renewed every
@@ -103,6 +109,7 @@ pub(crate) struct Counters {
     resumes: AtomicU64,
     resets: AtomicU64,
     handovers: AtomicU64,
+    skipped: AtomicU64,
     last_event_ms: AtomicU64,
     last_lag_ms: AtomicU64,
     max_lag_ms: AtomicU64,
@@ -128,6 +135,9 @@ pub struct FeedStats {
     pub resets: u64,
     /// Times it became the leader.
     pub handovers: u64,
+    /// Events it did not invalidate again because their writer (EarnORM)
+    /// had invalidated them itself and left a note saying so.
+    pub skipped: u64,
     /// When it last processed an event, in milliseconds since the Unix epoch
     /// (0: never).
     pub last_event_ms: u64,
@@ -147,6 +157,7 @@ impl Counters {
             resumes: self.resumes.load(Relaxed),
             resets: self.resets.load(Relaxed),
             handovers: self.handovers.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
             last_event_ms: self.last_event_ms.load(Relaxed),
             last_lag_ms: self.last_lag_ms.load(Relaxed),
             max_lag_ms: self.max_lag_ms.load(Relaxed),
@@ -397,9 +408,29 @@ impl Feed {
                         .as_ref()
                         .and_then(|key| key.get("_id"))
                         .and_then(|id| id_key(id).ok());
-                    match id {
-                        Some(id) => self.cache.invalidate(&[Scope::Record(&model, &id)]).await,
-                        None => self.cache.invalidate(&[Scope::Model(&model)]).await,
+                    match (id, event.cluster_time) {
+                        (Some(id), Some(at)) => {
+                            // Skipped when its writer left a note that it
+                            // invalidated this write (or a later one) itself.
+                            let notes = [
+                                done_note(database, &collection, Some(&id)),
+                                done_note(database, &collection, None),
+                            ];
+                            let scopes = [Scope::Record(&model, &id)];
+                            match self
+                                .cache
+                                .invalidate_unless_noted(&scopes, &notes, &cluster_time(at))
+                                .await
+                            {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    self.counters.skipped.fetch_add(1, Relaxed);
+                                }
+                                Err(_) => self.cache.invalidate(&scopes).await,
+                            }
+                        }
+                        (Some(id), None) => self.cache.invalidate(&[Scope::Record(&model, &id)]).await,
+                        (None, _) => self.cache.invalidate(&[Scope::Model(&model)]).await,
                     }
                 }
                 false
@@ -453,6 +484,22 @@ enum Lead {
     Stopped,
     /// The server has no change streams.
     Unsupported,
+}
+
+/// The note a writer leaves for the feed once it has invalidated its own
+/// write to `collection` (one record, or the whole collection for a bulk
+/// write): the write's cluster time (see [`cluster_time`]). The feed skips
+/// events of that record (or collection) up to that time.
+pub(crate) fn done_note(database: &str, collection: &str, id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("feed:{database}:done:{collection}:{id}"),
+        None => format!("feed:{database}:done:{collection}"),
+    }
+}
+
+/// A cluster time as a string that sorts as the time does.
+pub(crate) fn cluster_time(at: mongodb::bson::Timestamp) -> String {
+    format!("{:010}{:010}", at.time, at.increment)
 }
 
 /// The name of the caught-up marker of `database`'s feed.

@@ -123,8 +123,12 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         async move {
             let Save { op, touched, generated } = Save::prepare(self)?;
             let coll = raw_collection::<Self>(env);
-            let result =
-                write_then_invalidate(env, vec![touched], Invalidate::IfWritten, op.run::<Self>(coll, None)).await;
+            let save = async move {
+                let mut session = own_session(&coll).await;
+                let result = op.run::<Self>(coll, session.as_mut()).await;
+                result.map(|()| ((), written_at(session.as_ref())))
+            };
+            let result = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, save).await;
             settle_id(generated, self, result)
         }
     }
@@ -156,7 +160,11 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         async move {
             let (filter, touched) = delete_target(self)?;
             let coll = raw_collection::<Self>(env);
-            let delete = async move { delete_one::<Self>(coll, filter, None).await };
+            let delete = async move {
+                let mut session = own_session(&coll).await;
+                let result = delete_one::<Self>(coll, filter, session.as_mut()).await;
+                result.map(|existed| (existed, written_at(session.as_ref())))
+            };
             write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await
         }
     }
@@ -207,10 +215,11 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             let documents = records.iter().map(to_document).collect::<Result<Vec<_>>>()?;
             let coll = raw_collection::<Self>(env);
             let insert = async move {
-                coll.insert_many(documents)
-                    .await
+                let mut session = own_session(&coll).await;
+                let result = in_session!(coll.insert_many(documents), session.as_mut())
                     .map(|_| ())
-                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
+                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e));
+                result.map(|()| ((), written_at(session.as_ref())))
             };
             // Part of a failed batch may have been written: a failure
             // invalidates too (see `may_have_written`).
@@ -302,7 +311,12 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         update: Document,
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
-            let update = update_many::<Self>(raw_collection::<Self>(env), filter, update, None);
+            let coll = raw_collection::<Self>(env);
+            let update = async move {
+                let mut session = own_session(&coll).await;
+                let result = update_many::<Self>(coll, filter, update, session.as_mut()).await;
+                result.map(|n| (n, written_at(session.as_ref())))
+            };
             write_then_invalidate(
                 env,
                 vec![Touched::Model(Self::COLLECTION)],
@@ -335,7 +349,12 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`delete_many`](Self::delete_many) in `env`.
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
-            let delete = delete_many::<Self>(raw_collection::<Self>(env), filter, None);
+            let coll = raw_collection::<Self>(env);
+            let delete = async move {
+                let mut session = own_session(&coll).await;
+                let result = delete_many::<Self>(coll, filter, session.as_mut()).await;
+                result.map(|n| (n, written_at(session.as_ref())))
+            };
             write_then_invalidate(
                 env,
                 vec![Touched::Model(Self::COLLECTION)],
@@ -416,6 +435,17 @@ fn record_scope<M: Model>(id: &M::Id) -> Touched {
         Ok(key) => Touched::Record(M::COLLECTION, key),
         Err(_) => Touched::Model(M::COLLECTION),
     }
+}
+
+/// A session for one write, so that its cluster time is known afterwards
+/// (`None` when the server gives none: the write then runs without).
+async fn own_session(coll: &Collection<Document>) -> Option<ClientSession> {
+    coll.client().start_session().await.ok()
+}
+
+/// The cluster time of the last write in `session`.
+fn written_at(session: Option<&ClientSession>) -> Option<mongodb::bson::Timestamp> {
+    session.and_then(ClientSession::operation_time)
 }
 
 /// The collection of `M` as untyped documents: writes send owned documents,
