@@ -213,3 +213,48 @@ async fn bypass_and_disabled_managers_always_compute() {
     assert_eq!(runs.load(Ordering::SeqCst), 4, "a disabled manager computes every time");
     assert_eq!(off.status(), earnorm_cache::ConnectionStatus::Disabled);
 }
+
+/// A note left with an invalidation makes a later conditional invalidation
+/// of a write at or before the noted time a no-op, and leaves a later one
+/// alone (what the database feed does with EarnORM's own writes).
+#[tokio::test]
+async fn a_noted_invalidation_covers_earlier_writes_only() {
+    let cache = cache("noted").await;
+    let key = profile_key(&cache, "7");
+    let scope = [Scope::Record("users", "7")];
+    let note = ["done:users:7".to_owned()];
+    let get = |v: u64| {
+        let (cache, key) = (cache.clone(), key.clone());
+        async move {
+            cache
+                .get_or_compute::<_, PlainOutput, _>(&key, None, async move { v })
+                .await
+        }
+    };
+    cache
+        .invalidate_noting(
+            &scope,
+            &note,
+            "00000000050000000000",
+            std::time::Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(get(1).await, 1);
+    let skipped = !cache
+        .invalidate_unless_noted(&scope, &note, "00000000040000000000")
+        .await
+        .expect("redis");
+    assert!(skipped, "a write before the note is covered");
+    assert_eq!(get(2).await, 1, "still a hit");
+    let skipped = !cache
+        .invalidate_unless_noted(&scope, &note, "00000000050000000000")
+        .await
+        .expect("redis");
+    assert!(skipped, "the noted write itself is covered");
+    let invalidated = cache
+        .invalidate_unless_noted(&scope, &note, "00000000060000000000")
+        .await
+        .expect("redis");
+    assert!(invalidated, "a later write is not");
+    assert_eq!(get(3).await, 3, "and its value is recomputed");
+}

@@ -124,7 +124,8 @@ pub struct FeedStats {
     /// `Config::feed` is false, without Redis, or without change streams).
     pub enabled: bool,
     /// Whether this environment is the leader of its prefix and database
-    /// (the one that reads the change stream).
+    /// and reads the change stream (set once the stream is open, and a reset
+    /// that opening needed is done).
     pub leader: bool,
     /// Change events this environment turned into invalidations.
     pub events: u64,
@@ -226,7 +227,6 @@ impl Feed {
         while !self.stopped() {
             match self.cache.lease(&self.lease_name(), &self.holder, LEASE).await {
                 Ok(true) => {
-                    self.counters.leader.store(true, Relaxed);
                     self.counters.handovers.fetch_add(1, Relaxed);
                     info!(database = self.database.name(), "database feed: leading");
                     let outcome = self.lead().await;
@@ -264,6 +264,8 @@ impl Feed {
             Ok(stream) => stream,
             Err(lead) => return lead,
         };
+        // Leading from here: the stream is open, and a reset is done.
+        self.counters.leader.store(true, Relaxed);
         let mut stop = self.stop.clone();
         let mut renewed = Instant::now();
         let mut persisted = Instant::now();
@@ -417,11 +419,12 @@ impl Feed {
                                 done_note(database, &collection, None),
                             ];
                             let scopes = [Scope::Record(&model, &id)];
-                            match self
+                            let outcome = self
                                 .cache
                                 .invalidate_unless_noted(&scopes, &notes, &cluster_time(at))
-                                .await
-                            {
+                                .await;
+                            debug!(collection = %collection, id = %id, at = %cluster_time(at), ?outcome, "database feed: an event");
+                            match outcome {
                                 Ok(true) => {}
                                 Ok(false) => {
                                     self.counters.skipped.fetch_add(1, Relaxed);

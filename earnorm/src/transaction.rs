@@ -156,6 +156,7 @@ where
     let unit = async move {
         let result = write.await;
         if let Ok((_, Some(at))) = &result {
+            tracing::debug!(at = %crate::feed::cluster_time(*at), "write invalidated with a note");
             invalidate_noting(&env, &touched, *at).await;
         } else if when == Invalidate::Always || result.as_ref().err().is_none_or(may_have_written) {
             invalidate(&env, &touched).await;
