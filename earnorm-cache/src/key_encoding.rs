@@ -98,6 +98,15 @@ impl KeyEncoder<'_> {
 
 type Result<T = ()> = std::result::Result<T, KeyArgumentError>;
 
+/// Integer methods that write their value at full width through `$wide`.
+macro_rules! widen {
+    ($wide:ident: $($method:ident $t:ty),*) => {$(
+        fn $method(self, v: $t) -> Result {
+            self.$wide(v.into())
+        }
+    )*};
+}
+
 impl<'a, 'b> ser::Serializer for &'a mut KeyEncoder<'b> {
     type Ok = ();
     type Error = KeyArgumentError;
@@ -114,35 +123,13 @@ impl<'a, 'b> ser::Serializer for &'a mut KeyEncoder<'b> {
         self.0.update(&[u8::from(v)]);
         Ok(())
     }
-    fn serialize_i8(self, v: i8) -> Result {
-        self.serialize_i128(i128::from(v))
-    }
-    fn serialize_i16(self, v: i16) -> Result {
-        self.serialize_i128(i128::from(v))
-    }
-    fn serialize_i32(self, v: i32) -> Result {
-        self.serialize_i128(i128::from(v))
-    }
-    fn serialize_i64(self, v: i64) -> Result {
-        self.serialize_i128(i128::from(v))
-    }
+    widen!(serialize_i128: serialize_i8 i8, serialize_i16 i16, serialize_i32 i32, serialize_i64 i64);
     fn serialize_i128(self, v: i128) -> Result {
         self.tag(tag::INT);
         self.0.update(&v.to_le_bytes());
         Ok(())
     }
-    fn serialize_u8(self, v: u8) -> Result {
-        self.serialize_u128(u128::from(v))
-    }
-    fn serialize_u16(self, v: u16) -> Result {
-        self.serialize_u128(u128::from(v))
-    }
-    fn serialize_u32(self, v: u32) -> Result {
-        self.serialize_u128(u128::from(v))
-    }
-    fn serialize_u64(self, v: u64) -> Result {
-        self.serialize_u128(u128::from(v))
-    }
+    widen!(serialize_u128: serialize_u8 u8, serialize_u16 u16, serialize_u32 u32, serialize_u64 u64);
     fn serialize_u128(self, v: u128) -> Result {
         self.tag(tag::UINT);
         self.0.update(&v.to_le_bytes());

@@ -269,7 +269,7 @@ impl Feed {
         let mut stop = self.stop.clone();
         let mut renewed = Instant::now();
         let mut persisted = Instant::now();
-        let mut unrecorded: Option<ResumeToken> = None;
+        let mut tokens = Tokens::default();
         loop {
             if renewed.elapsed() >= RENEW {
                 if !matches!(
@@ -288,7 +288,7 @@ impl Feed {
             let asked = Instant::now();
             let next = tokio::select! {
                 _ = stop.changed() => {
-                    self.record(&mut unrecorded).await;
+                    self.record(&mut tokens).await;
                     return Lead::Stopped;
                 }
                 next = stream.next_if_any() => next,
@@ -301,7 +301,7 @@ impl Feed {
             match next {
                 Ok(Some(event)) => {
                     let ended = self.apply(&event).await;
-                    unrecorded = stream.resume_token();
+                    tokens.unrecorded = stream.resume_token();
                     if ended {
                         // The stream ended (`invalidate`): start anew.
                         let _ = self.cache.set_meta(&self.token_name(), b"").await;
@@ -314,8 +314,8 @@ impl Feed {
                 Ok(None) => {
                     // Read to the end: every write committed before the poll
                     // began is invalidated.
-                    unrecorded = stream.resume_token().or(unrecorded);
-                    self.record(&mut unrecorded).await;
+                    tokens.unrecorded = stream.resume_token().or(tokens.unrecorded.take());
+                    self.record(&mut tokens).await;
                     persisted = Instant::now();
                     if let Some(at) = polled {
                         if let Err(err) = self.cache.mark_caught_up(&self.marker_name(), at).await {
@@ -332,12 +332,12 @@ impl Feed {
                 }
                 Err(err) => {
                     warn!(database = self.database.name(), error = %err, "database feed: the change stream failed; resuming");
-                    self.record(&mut unrecorded).await;
+                    self.record(&mut tokens).await;
                     return Lead::Lost;
                 }
             }
             if persisted.elapsed() >= PERSIST {
-                self.record(&mut unrecorded).await;
+                self.record(&mut tokens).await;
                 persisted = Instant::now();
             }
         }
@@ -469,14 +469,35 @@ impl Feed {
     }
 
     /// Records the token of the last invalidated event, if not yet done.
-    async fn record(&self, unrecorded: &mut Option<ResumeToken>) {
-        if let Some(token) = unrecorded.take() {
-            if let Err(err) = self.cache.set_meta(&self.token_name(), &encode_token(&token)).await {
-                debug!(error = %err, "database feed: could not record the resume token");
-                *unrecorded = Some(token);
+    async fn record(&self, tokens: &mut Tokens) {
+        if let Some(token) = tokens.unrecorded.take() {
+            // The same token again: written at most once a second (Redis
+            // may have lost it meanwhile, restarted empty).
+            if tokens
+                .recorded
+                .as_ref()
+                .is_some_and(|(recorded, at)| *recorded == token && at.elapsed() < Duration::from_secs(1))
+            {
+                return;
+            }
+            match self.cache.set_meta(&self.token_name(), &encode_token(&token)).await {
+                Ok(()) => tokens.recorded = Some((token, Instant::now())),
+                Err(err) => {
+                    debug!(error = %err, "database feed: could not record the resume token");
+                    tokens.unrecorded = Some(token);
+                }
             }
         }
     }
+}
+
+/// The leader's resume tokens: the latest not yet recorded in Redis, and
+/// the one last recorded, with when (an idle stream's token does not
+/// change, and is not written again at every poll).
+#[derive(Default)]
+struct Tokens {
+    unrecorded: Option<ResumeToken>,
+    recorded: Option<(ResumeToken, Instant)>,
 }
 
 /// How a leadership ended.

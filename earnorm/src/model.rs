@@ -25,6 +25,20 @@ macro_rules! in_session {
     }};
 }
 
+/// Runs a write (an expression that uses `$session`, an
+/// `Option<&mut ClientSession>`) in a session of its own, so that its
+/// result comes with the write's cluster time (see `write_then_invalidate`).
+macro_rules! timed {
+    ($coll:expr, $session:ident => $write:expr) => {{
+        let mut own = own_session($coll).await;
+        let result = {
+            let $session = own.as_mut();
+            $write
+        };
+        result.map(|value| (value, written_at(own.as_ref())))
+    }};
+}
+
 /// An id type a model can use.
 pub trait ModelId: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
     /// A new id for a record inserted without one (`ObjectId`: a fresh one);
@@ -123,11 +137,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         async move {
             let Save { op, touched, generated } = Save::prepare(self)?;
             let coll = raw_collection::<Self>(env);
-            let save = async move {
-                let mut session = own_session(&coll).await;
-                let result = op.run::<Self>(coll, session.as_mut()).await;
-                result.map(|()| ((), written_at(session.as_ref())))
-            };
+            let save = async move { timed!(&coll, session => op.run::<Self>(coll, session).await) };
             let result = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, save).await;
             settle_id(generated, self, result)
         }
@@ -160,11 +170,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         async move {
             let (filter, touched) = delete_target(self)?;
             let coll = raw_collection::<Self>(env);
-            let delete = async move {
-                let mut session = own_session(&coll).await;
-                let result = delete_one::<Self>(coll, filter, session.as_mut()).await;
-                result.map(|existed| (existed, written_at(session.as_ref())))
-            };
+            let delete = async move { timed!(&coll, session => delete_one::<Self>(coll, filter, session).await) };
             write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await
         }
     }
@@ -215,11 +221,9 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             let documents = records.iter().map(to_document).collect::<Result<Vec<_>>>()?;
             let coll = raw_collection::<Self>(env);
             let insert = async move {
-                let mut session = own_session(&coll).await;
-                let result = in_session!(coll.insert_many(documents), session.as_mut())
+                timed!(&coll, session => in_session!(coll.insert_many(documents), session)
                     .map(|_| ())
-                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e));
-                result.map(|()| ((), written_at(session.as_ref())))
+                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e)))
             };
             // Part of a failed batch may have been written: a failure
             // invalidates too (see `may_have_written`).
@@ -312,11 +316,8 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let coll = raw_collection::<Self>(env);
-            let update = async move {
-                let mut session = own_session(&coll).await;
-                let result = update_many::<Self>(coll, filter, update, session.as_mut()).await;
-                result.map(|n| (n, written_at(session.as_ref())))
-            };
+            let update =
+                async move { timed!(&coll, session => update_many::<Self>(coll, filter, update, session).await) };
             write_then_invalidate(
                 env,
                 vec![Touched::Model(Self::COLLECTION)],
@@ -350,11 +351,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let coll = raw_collection::<Self>(env);
-            let delete = async move {
-                let mut session = own_session(&coll).await;
-                let result = delete_many::<Self>(coll, filter, session.as_mut()).await;
-                result.map(|n| (n, written_at(session.as_ref())))
-            };
+            let delete = async move { timed!(&coll, session => delete_many::<Self>(coll, filter, session).await) };
             write_then_invalidate(
                 env,
                 vec![Touched::Model(Self::COLLECTION)],
