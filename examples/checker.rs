@@ -8,7 +8,7 @@
 //!
 //! Options: `--seconds N` (default 10), `--records N` (8), `--readers N` (8),
 //! `--writers N` (2, through EarnORM), `--outside-writers N` (1, raw driver),
-//! `--no-feed` (no database feed), `--no-faults`, `--naive`, `--seed N`,
+//! `--no-feed` (no database feed, and no crash writer process), `--no-faults`, `--naive`, `--seed N`,
 //! `--health-check-ms N` (500), `--json PATH` (also write the report there).
 //! Prints a one-line summary and the JSON report; exits 1 when it finds a
 //! stale read of an EarnORM write or a failed call (reads stale against
@@ -16,10 +16,24 @@
 
 use std::time::Duration;
 
-use support::{run_checker, CheckerConfig};
+use support::{crash_writer_child, run_checker, CheckerConfig, ChildCommand};
 
 fn main() {
-    let mut config = CheckerConfig::default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    // Started again by itself as the crash writer process.
+    if runtime.block_on(crash_writer_child()) {
+        return;
+    }
+    let mut config = CheckerConfig {
+        crash_writer: std::env::current_exe().ok().map(|program| ChildCommand {
+            program,
+            args: Vec::new(),
+        }),
+        ..CheckerConfig::default()
+    };
     let mut json_path = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -45,10 +59,6 @@ fn main() {
             other => fail(&format!("unknown option {other}")),
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| fail(&e.to_string()));
     let report = runtime.block_on(run_checker(&config));
     println!("{}", report.summary());
     println!("{}", report.to_json());

@@ -9,12 +9,28 @@
 
 use std::time::Duration;
 
-use support::{run_checker, CheckerConfig};
+use support::{crash_writer_child, run_checker, CheckerConfig, ChildCommand};
+
+/// The checker's crash writer, a process of its own that leads the
+/// database feed and saves through EarnORM until the checker SIGKILLs it
+/// (see `support::crash_writer_child`). Run only as that child process: on
+/// its own it returns at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the crash writer child process of the checker"]
+async fn checker_crash_writer() {
+    crash_writer_child().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caught() {
     let config = CheckerConfig {
         duration: Duration::from_secs(8),
+        crash_writer: Some(ChildCommand {
+            program: std::env::current_exe().expect("the test binary"),
+            args: ["--ignored", "--exact", "checker_crash_writer", "--nocapture"]
+                .map(String::from)
+                .to_vec(),
+        }),
         ..CheckerConfig::default()
     };
     let report = run_checker(&config).await;
@@ -33,6 +49,18 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
     assert_eq!(report.failed_calls, 0, "{}", report.to_json());
     assert_eq!(report.stale_reads, 0, "{}", report.to_json());
     assert_eq!(report.recoveries_ms.len(), 3, "every return of Redis was observed");
+    assert!(
+        report.faults.iter().any(|f| f.contains("SIGKILLed")),
+        "the crash writer ran and was killed: {:?}",
+        report.faults
+    );
+    // Killed while Redis was frozen: its last save reached MongoDB, and its
+    // invalidation died with it (the feed alone covers it).
+    assert!(
+        report.crash_writer_writes > 10 && report.crash_writer_unacknowledged >= 1,
+        "the crash writer wrote, and was killed before invalidating: {}",
+        report.to_json()
+    );
     // Reconnection within one interval (two with slack for a loaded machine);
     // hits again after the quarantine (one more interval plus the connect
     // timeout of 100 ms and the operation timeout of 300 ms).

@@ -25,7 +25,13 @@ use earnorm::prelude::*;
 use earnorm::{ConnectionStatus, Environment};
 use serde::{Deserialize, Serialize};
 
+use crate::crash_writer::{ChildCommand, CrashWriter, Line, CHILD_SEQ};
 use crate::{connect, fast_cache_config, require_mongo, unique_name, RedisServer};
+
+/// Records the crash writer process saves (slots after the checker's own).
+const CHILD_RECORDS: usize = 2;
+/// The `env` of the crash writer's writes in the history.
+const CRASH_WRITER: usize = 3;
 
 /// One record of the workload. `version` is the sequence number of the last
 /// write that set it.
@@ -100,6 +106,11 @@ pub struct CheckerConfig {
     pub health_check_interval: Duration,
     /// Run the database feed.
     pub feed: bool,
+    /// With the feed and faults: how to start the crash writer, a separate
+    /// process that leads the feed and saves records through EarnORM until
+    /// it is SIGKILLed while Redis is frozen (see `crash_writer_child`).
+    /// `None`: no such process, and no leader is killed.
+    pub crash_writer: Option<ChildCommand>,
 }
 
 impl Default for CheckerConfig {
@@ -115,6 +126,7 @@ impl Default for CheckerConfig {
             seed: 0x5EED,
             health_check_interval: Duration::from_millis(500),
             feed: true,
+            crash_writer: None,
         }
     }
 }
@@ -148,6 +160,11 @@ pub struct Report {
     pub outside_stale_reads: u64,
     /// Writes only the feed invalidates (raw driver, or deferred invalidation).
     pub outside_writes: u64,
+    /// Writes of the crash writer process in the history.
+    pub crash_writer_writes: u64,
+    /// Of those, writes MongoDB applied but the process never saw
+    /// acknowledged: it was killed waiting to invalidate them.
+    pub crash_writer_unacknowledged: u64,
     /// For those writes: milliseconds from the acknowledgement to the
     /// end of the last read that was stale against it (0 when none was),
     /// median, 99th percentile and maximum.
@@ -198,9 +215,11 @@ impl Report {
     }
 
     /// The figures, named, in report order (shared by the JSON and the summary).
-    fn figures(&self) -> [(&'static str, u64); 20] {
+    fn figures(&self) -> [(&'static str, u64); 22] {
         [
             ("outside_writes", self.outside_writes),
+            ("crash_writer_writes", self.crash_writer_writes),
+            ("crash_writer_unacknowledged", self.crash_writer_unacknowledged),
             ("outside_stale_reads", self.outside_stale_reads),
             ("outside_window_p50_ms", self.outside_window_p50_ms),
             ("outside_window_p99_ms", self.outside_window_p99_ms),
@@ -305,6 +324,8 @@ tokio::task_local! {
 /// Shared state of the workload.
 struct Shared {
     ids: Vec<ObjectId>,
+    /// Slots the checker's own writers write (the rest are the crash writer's).
+    writable: usize,
     locks: Vec<tokio::sync::Mutex<bool>>, // true: the record exists
     seq: AtomicU64,
     writes: Mutex<Vec<Vec<Write>>>,
@@ -314,9 +335,15 @@ struct Shared {
     stop: AtomicBool,
     /// When the workload (after seeding) started.
     begin: Instant,
+    /// When the crash writer was killed.
+    killed: Mutex<Option<Instant>>,
 }
 
 impl Shared {
+    fn killed_at(&self) -> Option<Instant> {
+        *self.killed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn next_seq(&self) -> i64 {
         i64::try_from(self.seq.fetch_add(1, Ordering::SeqCst) + 1).unwrap_or(i64::MAX)
     }
@@ -326,6 +353,21 @@ impl Shared {
 
     fn record(&self, slot: usize, seq: i64, state: State, started: Instant, acked: Instant, outside: bool) {
         let env = ENV_INDEX.try_with(|e| *e).unwrap_or(0);
+        self.record_as(env, slot, seq, state, started, acked, outside);
+    }
+
+    /// Records a write made by environment (or process) `env`.
+    #[allow(clippy::too_many_arguments)]
+    fn record_as(
+        &self,
+        env: usize,
+        slot: usize,
+        seq: i64,
+        state: State,
+        started: Instant,
+        acked: Instant,
+        outside: bool,
+    ) {
         let write = Write {
             env,
             seq,
@@ -341,7 +383,7 @@ impl Shared {
     /// Up to three distinct slots, locked in ascending order (so writers
     /// never deadlock), with their guards.
     async fn lock_some(&self, rng: &mut Rng) -> (Vec<usize>, Vec<tokio::sync::MutexGuard<'_, bool>>) {
-        let mut slots: Vec<usize> = (0..3).map(|_| rng.below(self.ids.len())).collect();
+        let mut slots: Vec<usize> = (0..3).map(|_| rng.below(self.writable)).collect();
         slots.sort_unstable();
         slots.dedup();
         let mut guards = Vec::new();
@@ -378,17 +420,25 @@ pub async fn run(config: &CheckerConfig) -> Report {
         connect_timeout: Duration::from_secs(5),
         feed: config.feed,
     };
-    // With the feed and faults, a third environment leads the feed first and
-    // is dropped during the run: another takes over from its token.
-    let mut first_leader = None;
-    if config.feed && config.faults {
-        let leader = connect(env_config.clone()).await;
-        let start = Instant::now();
-        while !leader.feed_stats().leader && start.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        first_leader = Some(leader);
-    }
+    let child_records = if config.feed && config.faults && config.crash_writer.is_some() {
+        CHILD_RECORDS
+    } else {
+        0
+    };
+    let ids: Vec<ObjectId> = (0..config.records + child_records).map(|_| ObjectId::new()).collect();
+    // With the feed and faults, a separate process leads the feed first and
+    // writes records of its own, until it is killed during the run: another
+    // environment takes over from its token, and its last writes are
+    // invalidated by the feed alone.
+    let mut crash_writer = match (&config.crash_writer, child_records) {
+        (Some(command), 1..) => Some(CrashWriter::spawn(
+            command,
+            &env_config,
+            &ids[config.records..],
+            config.records,
+        )),
+        _ => None,
+    };
     // The second environment reaches Redis through a proxy that the faults
     // cut for it alone (a one-sided partition).
     let proxy = crate::TcpProxy::start(redis.port()).await;
@@ -400,17 +450,19 @@ pub async fn run(config: &CheckerConfig) -> Report {
 
     // Seed the records.
     let shared = Arc::new(Shared {
-        ids: (0..config.records).map(|_| ObjectId::new()).collect(),
-        locks: (0..config.records).map(|_| tokio::sync::Mutex::new(true)).collect(),
+        locks: ids.iter().map(|_| tokio::sync::Mutex::new(true)).collect(),
         seq: AtomicU64::new(0),
-        writes: Mutex::new(vec![Vec::new(); config.records]),
+        writes: Mutex::new(vec![Vec::new(); ids.len()]),
+        writable: config.records,
+        ids,
         reads: Mutex::new(Vec::new()),
         latencies: Mutex::new(Vec::new()),
         failed: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         begin: Instant::now(),
+        killed: Mutex::new(None),
     });
-    for slot in 0..config.records {
+    for slot in 0..shared.ids.len() {
         let seq = shared.next_seq();
         let started = Instant::now();
         let mut item = shared.item(slot, seq);
@@ -419,6 +471,9 @@ pub async fn run(config: &CheckerConfig) -> Report {
     }
 
     let begin = shared.begin;
+    if let Some(child) = &mut crash_writer {
+        child.go();
+    }
     let mut tasks = Vec::new();
     for w in 0..config.writers {
         let (shared, env) = (Arc::clone(&shared), envs[w % 2].clone());
@@ -450,11 +505,6 @@ pub async fn run(config: &CheckerConfig) -> Report {
     if config.faults {
         let step = config.duration / 10;
         let at = |n: u32| begin + step * n;
-        if let Some(leader) = first_leader.take() {
-            tokio::time::sleep_until(at(1).into()).await;
-            drop(leader);
-            faults.push("feed leader dropped".to_owned());
-        }
         tokio::time::sleep_until(at(2).into()).await;
         redis.kill();
         faults.push("kill".to_owned());
@@ -467,6 +517,16 @@ pub async fn run(config: &CheckerConfig) -> Report {
         tokio::time::sleep_until(at(4).into()).await;
         redis.freeze();
         faults.push("freeze".to_owned());
+        if let Some(child) = crash_writer.take() {
+            // Soon enough after the freeze that the child still holds the
+            // feed's lease, late enough that a save of its has reached
+            // MongoDB and is waiting on Redis.
+            tokio::time::sleep(step / 5).await;
+            let killed = Instant::now();
+            let lines = child.kill();
+            faults.push("feed leader and writer process SIGKILLed".to_owned());
+            record_child_writes(&shared, &envs[0], &lines, killed).await;
+        }
         tokio::time::sleep_until(at(5).into()).await;
         redis.thaw();
         faults.push("thaw".to_owned());
@@ -554,8 +614,37 @@ async fn recovery(envs: &[Environment; 2]) -> (u64, u64) {
     (reconnected, ms(start))
 }
 
+/// Adds the crash writer's writes to the history: each save it saw return,
+/// and, for a save it sent but did not see return (it was killed waiting
+/// on Redis), whatever MongoDB holds, as a write only the feed
+/// invalidates, acknowledged at the latest when the process died.
+async fn record_child_writes(shared: &Shared, env: &Environment, lines: &[Line], killed: Instant) {
+    *shared.killed.lock().unwrap_or_else(PoisonError::into_inner) = Some(killed);
+    let mut sent = std::collections::HashMap::new();
+    for line in lines {
+        match *line {
+            Line::Sending { slot, seq, at } => {
+                sent.insert(seq, (slot, at));
+            }
+            Line::Acked { slot, seq, at, lagged } => {
+                if let Some((_, started)) = sent.remove(&seq) {
+                    shared.record_as(CRASH_WRITER, slot, seq, State::Present(seq), started, at, lagged);
+                }
+            }
+        }
+    }
+    for (seq, (slot, started)) in sent {
+        let Some(&id) = shared.ids.get(slot) else { continue };
+        let stored = Item::find_by_id_in(env, id).await.ok().flatten();
+        if stored.is_some_and(|item| item.version == seq) {
+            shared.record_as(CRASH_WRITER, slot, seq, State::Present(seq), started, killed, true);
+        }
+    }
+    debug_assert!(shared.seq.load(Ordering::SeqCst) < CHILD_SEQ.unsigned_abs());
+}
+
 async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
-    let n = shared.ids.len();
+    let n = shared.writable;
     while !shared.stop.load(Ordering::SeqCst) {
         let roll = rng.below(10);
         // A write whose invalidation this process had to defer (it could
@@ -627,7 +716,7 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
 async fn outside_writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
     let raw = env.database().collection::<earnorm::bson::Document>(Item::COLLECTION);
     while !shared.stop.load(Ordering::SeqCst) {
-        let slot = rng.below(shared.ids.len());
+        let slot = rng.below(shared.writable);
         let exists = shared.locks[slot].lock().await;
         if *exists {
             let seq = shared.next_seq();
@@ -794,6 +883,9 @@ fn check(shared: &Shared) -> Report {
     };
     report.operations = report.reads + report.writes;
     report.outside_writes = writes.iter().flatten().filter(|w| w.outside).count() as u64;
+    let crashed = || writes.iter().flatten().filter(|w| w.env == CRASH_WRITER);
+    report.crash_writer_writes = crashed().count() as u64;
+    report.crash_writer_unacknowledged = crashed().filter(|w| Some(w.acked) == shared.killed_at()).count() as u64;
     // Whether `read` returned a state older than `write`'s.
     let stale_against = |read: &Read, write: &Write, history: &[Write]| match read.result {
         Some(version) => version < write.seq,

@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod checker;
+mod crash_writer;
 mod env;
 pub use checker::{run as run_checker, CheckerConfig, Report};
+pub use crash_writer::{crash_writer_child, ChildCommand};
 pub use env::*;
 
 /// How to start the services, printed when a test cannot reach one.
