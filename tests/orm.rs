@@ -6,7 +6,7 @@
 mod models;
 
 use earnorm::bson::{doc, oid::ObjectId};
-use earnorm::{Environment, Error, FindOptions, Model};
+use earnorm::{Environment, Error, Model};
 use models::{Address, Counter, Profile, Sku, User};
 use support::test_env;
 
@@ -46,12 +46,12 @@ async fn save_inserts_then_updates_and_every_read_verb_sees_it() {
         assert!(more.iter().all(|u| u.id.is_some()), "insert_many sets ids");
         assert_eq!(User::count(doc! {}).await.expect("count"), 4);
 
-        let page = User::find_with(
-            doc! {},
-            FindOptions::builder().sort(doc! { "age": -1 }).skip(1).limit(2).build(),
-        )
-        .await
-        .expect("find");
+        let page = User::find(doc! {})
+            .sort(doc! { "age": -1 })
+            .skip(1)
+            .limit(2)
+            .await
+            .expect("find");
         let names: Vec<&str> = page.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(
             names,

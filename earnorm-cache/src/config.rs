@@ -60,7 +60,11 @@ pub struct CacheConfig {
     #[serde(with = "seconds")]
     pub heartbeat_interval: Duration,
     /// Longest time a call waits for another caller's computation of the same
-    /// key before computing its own value.
+    /// key before computing its own value: another caller in this process
+    /// (single flight), or another process holding the key's lease (a
+    /// cold key is computed by one process at a time; the others poll for
+    /// its value). Zero: no leases across processes, and callers in this
+    /// process do not wait for each other either.
     #[serde(with = "seconds")]
     pub lease_wait: Duration,
     /// Longest time a call may wait on Redis in all (its lookup, store and

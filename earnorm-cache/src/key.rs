@@ -34,6 +34,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::key_encoding::KeyEncoder;
+use crate::stats::NamedCounters;
 use crate::CacheError;
 
 /// What a cached value depends on, and what a write invalidates.
@@ -126,6 +127,25 @@ pub struct CacheKey {
     /// Whether a followed database feed invalidates every scope the value
     /// depends on (record and model scopes of its database; no tag).
     pub(crate) feed_covered: bool,
+    /// The counters of the key's namespace and name.
+    pub(crate) named: Named,
+}
+
+/// The counters of a key's name; keys compare equal whatever they hold.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Named(pub(crate) Option<std::sync::Arc<NamedCounters>>);
+
+impl PartialEq for Named {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Named {}
+
+impl Named {
+    pub(crate) fn get(&self) -> Option<&NamedCounters> {
+        self.0.as_deref()
+    }
 }
 
 impl CacheKey {
@@ -151,6 +171,7 @@ pub struct KeyBuilder {
     feed_scopes: Option<std::sync::Arc<str>>,
     /// Whether every scope so far is one the feed covers.
     feed_covered: bool,
+    named: Named,
     hasher: Xxh3,
 }
 
@@ -165,7 +186,13 @@ impl std::fmt::Debug for KeyBuilder {
 }
 
 impl KeyBuilder {
-    pub(crate) fn new(prefix: &str, namespace: &str, name: &str, feed_scopes: Option<std::sync::Arc<str>>) -> Self {
+    pub(crate) fn new(
+        prefix: &str,
+        namespace: &str,
+        name: &str,
+        feed_scopes: Option<std::sync::Arc<str>>,
+        named: Option<std::sync::Arc<NamedCounters>>,
+    ) -> Self {
         let mut value = String::with_capacity(prefix.len() + namespace.len() + name.len() + 64);
         value.push_str(prefix);
         value.push_str("v:");
@@ -180,6 +207,7 @@ impl KeyBuilder {
             generations: Vec::with_capacity(3),
             feed_covered: feed_scopes.is_some(),
             feed_scopes,
+            named: Named(named),
             hasher: Xxh3::new(),
         }
     }
@@ -241,6 +269,7 @@ impl KeyBuilder {
             value: self.value,
             generations: self.generations,
             feed_covered: self.feed_covered,
+            named: self.named,
         })
     }
 }
@@ -265,27 +294,27 @@ mod tests {
 
     #[test]
     fn keys_are_canonical_and_separate_arguments() {
-        let a = KeyBuilder::new("p:", "users", "profile", None)
+        let a = KeyBuilder::new("p:", "users", "profile", None, None)
             .scope(Scope::Record("users", "1"))
             .arg(&(1u8, "x"))
             .and_then(KeyBuilder::build)
             .expect("key");
-        let b = KeyBuilder::new("p:", "users", "profile", None)
+        let b = KeyBuilder::new("p:", "users", "profile", None, None)
             .scope(Scope::Record("users", "1"))
             .arg(&(1u8, "x"))
             .and_then(KeyBuilder::build)
             .expect("key");
-        let c = KeyBuilder::new("p:", "users", "profile", None)
+        let c = KeyBuilder::new("p:", "users", "profile", None, None)
             .scope(Scope::Record("users", "2"))
             .arg(&(1u8, "x"))
             .and_then(KeyBuilder::build)
             .expect("key");
-        let d = KeyBuilder::new("p:", "users", "profile", None)
+        let d = KeyBuilder::new("p:", "users", "profile", None, None)
             .arg("ab")
             .and_then(|k| k.arg("c"))
             .and_then(KeyBuilder::build)
             .expect("key");
-        let e = KeyBuilder::new("p:", "users", "profile", None)
+        let e = KeyBuilder::new("p:", "users", "profile", None, None)
             .arg("a")
             .and_then(|k| k.arg("bc"))
             .and_then(KeyBuilder::build)
@@ -301,7 +330,7 @@ mod tests {
     fn a_feed_covers_only_the_scopes_of_its_database() {
         let feed = Some(std::sync::Arc::from("db."));
         let key = |scope: Scope<'_>| {
-            KeyBuilder::new("p:", "n", "f", feed.clone())
+            KeyBuilder::new("p:", "n", "f", feed.clone(), None)
                 .scope(scope)
                 .build()
                 .expect("key")
@@ -312,7 +341,7 @@ mod tests {
         assert!(!key(Scope::Record("users", "1")), "a name of no database");
         assert!(!key(Scope::Model("other.users")), "another database");
         assert!(!key(Scope::Tag("db.rates")), "tags are not database writes");
-        let none = KeyBuilder::new("p:", "n", "f", None)
+        let none = KeyBuilder::new("p:", "n", "f", None, None)
             .scope(Scope::Record("db.users", "1"))
             .build()
             .expect("key");

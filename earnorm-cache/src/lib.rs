@@ -121,6 +121,7 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod batch;
 pub mod codec;
 mod config;
 mod connection;
@@ -142,4 +143,4 @@ pub use key::{escape_glob, CacheKey, KeyBuilder, Scope, MAX_DEPENDENCIES};
 pub use key_encoding::KeyArgumentError;
 pub use manager::{bypass, CacheManager};
 pub use redact::redact_url;
-pub use stats::{CacheStats, ConnectionStatus};
+pub use stats::{CacheStats, ConnectionStatus, NamedStats};

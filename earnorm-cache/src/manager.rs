@@ -14,7 +14,7 @@ use crate::connection::{supervise, Connection};
 use crate::flight::{self, Flights, Follower, Leader, Outcome, Role};
 use crate::key::{escape_glob, CacheKey, KeyBuilder, Scope};
 use crate::scan::{generations_pattern, unlink_matching};
-use crate::stats::{CacheStats, ConnectionStatus, Counters};
+use crate::stats::{CacheStats, ConnectionStatus, Counters, Event, NamedStats, Names};
 use crate::token::new_token;
 use crate::{CacheConfig, CacheError};
 
@@ -24,17 +24,26 @@ use crate::{CacheConfig, CacheError};
 /// Declared with a shebang (no flags), so that Redis refuses it up front when
 /// it is out of memory, instead of letting its writes through.
 ///
-/// KEYS[1]: value key; KEYS[2..]: generation keys.
+/// KEYS[1]: value key; KEYS[2..n+1]: generation keys; KEYS[n+2]: the key's
+/// lease, when ARGV[6] is not empty.
 /// ARGV[1]: value TTL ms; ARGV[2]: generation TTL ms; ARGV[3]: fresh token;
-/// ARGV[4]: envelope header; ARGV[5]: payload; ARGV[5 + i]: expected token
-/// of KEYS[1 + i], or '*' to accept the current one (creating it if absent).
-/// An absent generation never matches an expected token.
+/// ARGV[4]: envelope header; ARGV[5]: payload; ARGV[6]: the lease's holder,
+/// or '' (the lease is given up whether the value is stored or not);
+/// ARGV[6 + i]: expected token of KEYS[1 + i], or '*' to accept the current
+/// one (creating it if absent). An absent generation never matches an
+/// expected token.
 const STORE_SCRIPT: &str = r"#!lua
 local n = #KEYS - 1
+if ARGV[6] ~= '' then
+  n = n - 1
+  if redis.call('GET', KEYS[#KEYS]) == ARGV[6] then
+    redis.call('DEL', KEYS[#KEYS])
+  end
+end
 local tokens = {}
 for i = 1, n do
   local current = redis.call('GET', KEYS[i + 1])
-  local expected = ARGV[5 + i]
+  local expected = ARGV[6 + i]
   if expected ~= '*' and current ~= expected then
     return 0
   end
@@ -114,6 +123,10 @@ return 1
 /// computations before computing on its own.
 const MAX_ROUNDS: usize = 4;
 
+/// Longest pause between two looks for the value of a key whose lease
+/// another process holds (the pauses start at 1 ms and double).
+const LEASE_POLL: Duration = Duration::from_millis(16);
+
 tokio::task_local! {
     static BYPASS: ();
 }
@@ -125,7 +138,7 @@ pub async fn bypass<F: Future>(future: F) -> F::Output {
     BYPASS.scope((), future).await
 }
 
-fn bypassed() -> bool {
+pub(crate) fn bypassed() -> bool {
     BYPASS.try_with(|()| ()).is_ok()
 }
 
@@ -156,6 +169,7 @@ pub struct CacheManager {
 struct Inner {
     connection: Arc<Connection>,
     flights: Flights,
+    names: Names,
     store: Script,
     lease: Script,
     release: Script,
@@ -250,6 +264,7 @@ impl CacheManager {
             inner: Arc::new(Inner {
                 connection,
                 flights: Flights::default(),
+                names: Names::default(),
                 store: Script::new(STORE_SCRIPT),
                 lease: Script::new(LEASE_SCRIPT),
                 release: Script::new(RELEASE_SCRIPT),
@@ -259,7 +274,7 @@ impl CacheManager {
         }
     }
 
-    fn connection(&self) -> &Connection {
+    pub(crate) fn connection(&self) -> &Connection {
         &self.inner.connection
     }
 
@@ -288,6 +303,12 @@ impl CacheManager {
         self.connection().counters.snapshot(self.status())
     }
 
+    /// The counters of each kind of cached value (each namespace and name
+    /// given to [`key`](Self::key)), sorted: which reads are worth caching.
+    pub fn stats_by_name(&self) -> Vec<NamedStats> {
+        self.inner.names.snapshot()
+    }
+
     /// Whether the checks made when connecting found that this Redis lets
     /// the cache store values (Redis 7.0 or later, and the permissions the
     /// cache needs). When it does not, every call computes its value; a
@@ -300,7 +321,13 @@ impl CacheManager {
     /// collection, or any label).
     pub fn key(&self, namespace: &str, name: &str) -> KeyBuilder {
         let conn = self.connection();
-        KeyBuilder::new(&conn.namespace, namespace, name, conn.feed_scopes())
+        KeyBuilder::new(
+            &conn.namespace,
+            namespace,
+            name,
+            conn.feed_scopes(),
+            Some(self.inner.names.get(namespace, name)),
+        )
     }
 
     /// Pings Redis and returns the round-trip time.
@@ -326,10 +353,27 @@ impl CacheManager {
     /// configured default for `None`).
     ///
     /// Never fails because of the cache: every cache problem makes the call
-    /// compute. Concurrent calls for one key in this process compute once.
+    /// compute. Concurrent calls for one key in this process compute once;
+    /// across processes, one computes while the others wait for its value
+    /// (at most `lease_wait`, see [`CacheConfig::lease_wait`]).
     pub async fn get_or_compute<R, O, Fut>(&self, key: &CacheKey, ttl: Option<Duration>, compute: Fut) -> R
     where
         O: Output<R>,
+        Fut: Future<Output = R>,
+    {
+        let ttl = ttl.unwrap_or(self.config().ttl);
+        self.get_or_compute_by::<R, O, _, Fut>(key, |_| Some(ttl), compute)
+            .await
+    }
+
+    /// [`get_or_compute`](Self::get_or_compute) with a time to live that
+    /// depends on the result: `ttl_of` gives it, or `None` for a result
+    /// not to store (as when `O` declines it). How a record cache keeps
+    /// "no such record" for less time than a record, for one.
+    pub async fn get_or_compute_by<R, O, T, Fut>(&self, key: &CacheKey, ttl_of: T, compute: Fut) -> R
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
         Fut: Future<Output = R>,
     {
         let conn = self.connection();
@@ -348,10 +392,10 @@ impl CacheManager {
             match self.inner.flights.join(key.as_str()) {
                 Role::Leader(leader) => {
                     return self
-                        .lead::<R, O, Fut>(key, ttl, compute, leader, generations, &mut call)
+                        .lead::<R, O, T, Fut>(key, &ttl_of, compute, leader, generations, &mut call)
                         .await
                 }
-                Role::Follower(follower) => match self.follow::<R, O>(follower, &mut call).await {
+                Role::Follower(follower) => match self.follow::<R, O>(key, follower, &mut call).await {
                     Next::Use(value) => return value,
                     Next::Retry => {}
                     Next::Compute => break,
@@ -368,30 +412,45 @@ impl CacheManager {
     /// generations seen (for the store after computing), or `None` when the
     /// cache could not be read.
     async fn try_hit<R, O: Output<R>>(&self, key: &CacheKey, call: &mut Call) -> Result<R, Option<Generations>> {
-        match self.lookup(key, &mut call.budget).await {
-            Lookup::Hit(bytes, generations) => match Envelope::open(&bytes).and_then(|env| O::decode(env.payload)) {
-                Ok(value) => {
-                    Counters::bump(&self.connection().counters.hits);
-                    trace!(key = key.as_str(), "cache hit");
-                    Ok(value)
-                }
-                Err(err) => {
-                    self.discard(key, &err, &mut call.budget).await;
-                    Err(Some(generations))
-                }
+        match self.lookup(key, None, &mut call.budget).await.0 {
+            Lookup::Hit(bytes, generations) => match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
+                Some((value, _)) => Ok(value),
+                None => Err(Some(generations)),
             },
             Lookup::Miss(generations) => Err(Some(generations)),
             Lookup::Unavailable => Err(None),
         }
     }
 
+    /// Decodes a hit, counting it; a value that does not decode is removed.
+    async fn open_hit<R>(
+        &self,
+        key: &CacheKey,
+        bytes: &[u8],
+        decode: fn(&[u8]) -> Result<R, CacheError>,
+        budget: &mut Duration,
+    ) -> Option<(R, Arc<[u8]>)> {
+        let envelope = Envelope::open(bytes);
+        match envelope.and_then(|env| decode(env.payload).map(|value| (value, env.payload))) {
+            Ok((value, payload)) => {
+                self.connection().counters.count(key.named.get(), Event::Hit);
+                trace!(key = key.as_str(), "cache hit");
+                Some((value, payload.into()))
+            }
+            Err(err) => {
+                self.discard(key, &err, budget).await;
+                None
+            }
+        }
+    }
+
     /// Waits for the leader of this key's flight (see [`crate::flight`]).
-    async fn follow<R, O: Output<R>>(&self, follower: Follower, call: &mut Call) -> Next<R> {
+    async fn follow<R, O: Output<R>>(&self, key: &CacheKey, follower: Follower, call: &mut Call) -> Next<R> {
         let deadline = call.began + self.config().lease_wait;
         match follower.wait(call.began, deadline, &mut call.budget).await {
             flight::Next::Use(payload) => match O::decode(&payload) {
                 Ok(value) => {
-                    Counters::bump(&self.connection().counters.coalesced);
+                    self.connection().counters.count(key.named.get(), Event::Coalesced);
                     Next::Use(value)
                 }
                 Err(_) => Next::Retry,
@@ -403,12 +462,14 @@ impl CacheManager {
         }
     }
 
-    /// Computes as the leader of this key's flight, stores the value under
-    /// the compare-and-set, and hands the outcome to the followers.
-    async fn lead<R, O, Fut>(
+    /// Computes as the leader of this key's flight (unless another process
+    /// holds the key's lease and stores its value in time), stores the
+    /// value under the compare-and-set, and hands the outcome to the
+    /// followers.
+    async fn lead<R, O, T, Fut>(
         &self,
         key: &CacheKey,
-        ttl: Option<Duration>,
+        ttl_of: &T,
         compute: Fut,
         leader: Leader<'_>,
         generations: Option<Generations>,
@@ -416,13 +477,14 @@ impl CacheManager {
     ) -> R
     where
         O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
         Fut: Future<Output = R>,
     {
         let conn = self.connection();
-        let ttl = ttl.unwrap_or(conn.config.ttl);
+        let named = key.named.get();
         match &generations {
-            Some(_) => Counters::bump(&conn.counters.misses),
-            None => Counters::bump(&conn.counters.fallbacks),
+            Some(_) => conn.counters.count(named, Event::Miss),
+            None => conn.counters.count(named, Event::Fallback),
         }
         // A successful compare-and-set proves no invalidation reached Redis
         // during the computation; it proves nothing about invalidations still
@@ -431,20 +493,28 @@ impl CacheManager {
         let serving_before = conn.serves(key);
         // A computation never starts under an absent generation: create the
         // missing ones first, so that any later invalidation removes a token
-        // this computation knows.
-        let generations = match generations {
-            Some(mut generations) if generations.iter().any(Option::is_none) => {
-                match self.create_generations(key, &mut generations, &mut call.budget).await {
-                    Ok(()) => Some(generations),
-                    Err(_) => None,
+        // this computation knows. The key's lease is asked for in the same
+        // round trip.
+        let wants_lease = generations.is_some() && !conn.config.lease_wait.is_zero();
+        let (generations, lease) = self.prepare(key, generations, wants_lease, &mut call.budget).await;
+        let mut lease = match lease {
+            Lease::Busy => {
+                conn.counters.count(named, Event::LeaseWait);
+                if let Some((value, payload, looked)) = self.await_holder::<R, O>(key, call).await {
+                    // Current when it was looked up: as good as a store
+                    // sent then (see `crate::flight`).
+                    leader.complete(Outcome::Stored(payload, looked));
+                    return value;
                 }
+                None
             }
-            other => other,
+            Lease::Held(guard) => Some(guard),
+            Lease::None => None,
         };
         let value = compute.await;
-        let payload = match O::encode(&value) {
-            Some(Ok(payload)) => payload,
-            Some(Err(err)) => {
+        let payload = match ttl_of(&value).and_then(|ttl| O::encode(&value).map(|payload| (ttl, payload))) {
+            Some((ttl, Ok(payload))) => (ttl, payload),
+            Some((_, Err(err))) => {
                 debug!(key = key.as_str(), error = %err, "value not cached: it does not encode");
                 leader.complete(Outcome::Uncacheable);
                 return value;
@@ -455,6 +525,7 @@ impl CacheManager {
                 return value;
             }
         };
+        let (ttl, payload) = payload;
         let Some(generations) = generations else {
             leader.complete(Outcome::Computed(payload.into()));
             return value;
@@ -462,7 +533,14 @@ impl CacheManager {
         leader.storing();
         let store_sent = Instant::now();
         let outcome = match self
-            .store(key, Expected::Seen(&generations), &payload, ttl, &mut call.budget)
+            .store(
+                key,
+                Expected::Seen(&generations),
+                &payload,
+                ttl,
+                lease.as_mut(),
+                &mut call.budget,
+            )
             .await
         {
             Ok(true) if serving_before && conn.serves(key) => Outcome::Stored(payload.into(), store_sent),
@@ -476,50 +554,63 @@ impl CacheManager {
         value
     }
 
-    /// Reads the value and its generations in one `MGET`.
-    async fn lookup(&self, key: &CacheKey, budget: &mut Duration) -> Lookup {
-        let mut cmd = redis::cmd("MGET");
-        cmd.arg(&key.value).arg(&key.generations);
-        let expected = 1 + key.generations.len();
-        match self
-            .connection()
-            .call_within(budget, |mut conn| async move {
-                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
-            })
-            .await
-        {
-            Ok(mut values) if values.len() == expected => {
-                let value = values.remove(0);
-                match value {
-                    Some(bytes) => match Envelope::open(&bytes) {
-                        // During a quarantine, current values are not served.
-                        Ok(env) if env.is_current(&values) && self.connection().serves(key) => {
-                            Lookup::Hit(bytes, values)
-                        }
-                        // Superseded by a write: ignored, it expires by its TTL.
-                        Ok(_) => Lookup::Miss(values),
-                        Err(err) => {
-                            self.discard(key, &err, budget).await;
-                            Lookup::Miss(values)
-                        }
-                    },
-                    None => Lookup::Miss(values),
-                }
+    /// Polls for the value of a key whose lease another process holds,
+    /// until `lease_wait` after the call began. `None` when the holder gave
+    /// the lease up without storing a current value (its result was not
+    /// cacheable, or a write invalidated it), or time ran out: the caller
+    /// then computes. Otherwise the value, its payload and when the lookup
+    /// that found it was sent.
+    async fn await_holder<R, O: Output<R>>(&self, key: &CacheKey, call: &mut Call) -> Option<(R, Arc<[u8]>, Instant)> {
+        let deadline = call.began + self.config().lease_wait;
+        let lease = self.lease_key(key);
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
             }
-            Ok(_) | Err(_) => Lookup::Unavailable,
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(LEASE_POLL);
+            let looked = Instant::now();
+            match self.lookup(key, Some(&lease), &mut call.budget).await {
+                (Lookup::Hit(bytes, _), _) => {
+                    let (value, payload) = self.open_hit(key, &bytes, O::decode, &mut call.budget).await?;
+                    return Some((value, payload, looked));
+                }
+                (Lookup::Miss(_), true) => {}
+                (Lookup::Miss(_), false) | (Lookup::Unavailable, _) => return None,
+            }
         }
     }
 
-    /// Creates the absent generations among `generations` (`SET NX GET`, one
-    /// round trip) and fills in their tokens: ours, or the one another caller
-    /// created first.
-    async fn create_generations(
+    /// The Redis key of `key`'s lease: `PREFIX lease:v:...`.
+    fn lease_key(&self, key: &CacheKey) -> String {
+        let prefix = &self.connection().namespace;
+        let rest = key.value.strip_prefix(prefix.as_str()).unwrap_or(&key.value);
+        format!("{prefix}lease:{rest}")
+    }
+
+    /// Before computing: creates the absent generations among
+    /// `generations` (`SET NX GET`) and, when `wants_lease`, asks for the
+    /// key's lease, in one round trip (none when there is nothing to do).
+    /// Returns the generations to store under (`None`: the cache could not
+    /// be prepared, compute without storing) and the lease.
+    async fn prepare(
         &self,
         key: &CacheKey,
-        generations: &mut [Option<Vec<u8>>],
+        generations: Option<Generations>,
+        wants_lease: bool,
         budget: &mut Duration,
-    ) -> Result<(), CacheError> {
-        let ttl_ms = expiry_ms(generation_ttl(self.config()));
+    ) -> (Option<Generations>, Lease) {
+        let Some(mut generations) = generations else {
+            return (None, Lease::None);
+        };
+        let absent = generations.iter().any(Option::is_none);
+        if !absent && !wants_lease {
+            return (Some(generations), Lease::None);
+        }
+        let conn = self.connection();
+        let ttl_ms = expiry_ms(generation_ttl(&conn.config));
         let mut pipe = redis::pipe();
         let mut fresh = Vec::new();
         for (name, token) in key.generations.iter().zip(generations.iter()) {
@@ -535,23 +626,104 @@ impl CacheManager {
                 fresh.push(new);
             }
         }
-        let previous: Vec<Option<Vec<u8>>> = self
-            .connection()
-            .call_within(budget, |mut conn| async move { pipe.query_async(&mut conn).await })
-            .await?;
-        let mut answers = fresh.into_iter().zip(previous);
+        let holder = wants_lease.then(new_token);
+        let lease_key = holder.as_ref().map(|_| self.lease_key(key));
+        if let (Some(holder), Some(lease_key)) = (&holder, &lease_key) {
+            pipe.cmd("SET")
+                .arg(lease_key)
+                .arg(holder)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(expiry_ms(conn.config.lease_wait));
+        }
+        let answers: Vec<Option<Vec<u8>>> = match conn
+            .call_within(budget, |mut c| async move {
+                pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
+            })
+            .await
+        {
+            Ok(answers) if answers.len() == fresh.len() + usize::from(holder.is_some()) => answers,
+            Ok(_) => return (None, Lease::None),
+            // Out of memory under `noeviction`, for one: nothing could
+            // be stored either.
+            Err(err) => {
+                self.refused(&err);
+                return (None, Lease::None);
+            }
+        };
+        let mut answers = answers.into_iter();
+        let mut fresh = fresh.into_iter();
         for token in generations.iter_mut().filter(|t| t.is_none()) {
-            let (new, previous) = answers.next().ok_or(CacheError::Unavailable)?;
+            let (Some(new), Some(previous)) = (fresh.next(), answers.next()) else {
+                return (None, Lease::None);
+            };
             *token = Some(previous.unwrap_or_else(|| new.into_bytes()));
         }
-        Ok(())
+        let lease = match (holder, lease_key, answers.next()) {
+            // Nobody held it: it is ours now.
+            (Some(holder), Some(lease_key), Some(None)) => Lease::Held(LeaseGuard {
+                manager: self.clone(),
+                key: lease_key,
+                holder,
+                armed: true,
+            }),
+            (Some(_), Some(_), Some(Some(_))) => Lease::Busy,
+            _ => Lease::None,
+        };
+        (Some(generations), lease)
+    }
+
+    /// Reads the value and its generations in one `MGET`, with `extra`
+    /// (a lease) when given; the second part says whether `extra` exists.
+    async fn lookup(&self, key: &CacheKey, extra: Option<&str>, budget: &mut Duration) -> (Lookup, bool) {
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(&key.value).arg(&key.generations);
+        if let Some(extra) = extra {
+            cmd.arg(extra);
+        }
+        let expected = 1 + key.generations.len() + usize::from(extra.is_some());
+        match self
+            .connection()
+            .call_within(budget, |mut conn| async move {
+                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
+            })
+            .await
+        {
+            Ok(mut values) if values.len() == expected => {
+                let extra = if extra.is_some() {
+                    values.pop().flatten().is_some()
+                } else {
+                    false
+                };
+                let value = values.remove(0);
+                let lookup = match value {
+                    Some(bytes) => match Envelope::open(&bytes) {
+                        // During a quarantine, current values are not served.
+                        Ok(env) if env.is_current(&values) && self.connection().serves(key) => {
+                            Lookup::Hit(bytes, values)
+                        }
+                        // Superseded by a write: ignored, it expires by its TTL.
+                        Ok(_) => Lookup::Miss(values),
+                        Err(err) => {
+                            self.discard(key, &err, budget).await;
+                            Lookup::Miss(values)
+                        }
+                    },
+                    None => Lookup::Miss(values),
+                };
+                (lookup, extra)
+            }
+            Ok(_) | Err(_) => (Lookup::Unavailable, false),
+        }
     }
 
     /// Reports a store that Redis refused with an error (out of memory, no
     /// permission, an unsupported command); timeouts and lost connections
-    /// are not refusals.
-    fn refused(&self, err: &CacheError) {
-        if matches!(err, CacheError::Redis(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) || e.code().is_some())
+    /// are not refusals. Errors with codes the client does not know, such
+    /// as `OOM`, come as `Extension` (inside a pipeline, always).
+    pub(crate) fn refused(&self, err: &CacheError) {
+        if matches!(err, CacheError::Redis(e) if matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) | redis::ErrorKind::Extension) || e.code().is_some())
         {
             self.connection().store_refused(err);
         }
@@ -564,30 +736,60 @@ impl CacheManager {
         let _ = self.delete_within(key, budget).await;
     }
 
-    /// Stores through the compare-and-set script.
+    /// Stores through the compare-and-set script, giving `lease` up in the
+    /// same call.
     async fn store(
         &self,
         key: &CacheKey,
         expected: Expected<'_>,
         payload: &[u8],
         ttl: Duration,
+        lease: Option<&mut LeaseGuard>,
         budget: &mut Duration,
     ) -> Result<bool, CacheError> {
+        let invocation = self.store_invocation(key, expected, payload, ttl, lease.as_deref());
+        let stored: i64 = self
+            .connection()
+            .call_within(
+                budget,
+                |mut conn| async move { invocation.invoke_async(&mut conn).await },
+            )
+            .await
+            .inspect_err(|err| self.refused(err))?;
+        if let Some(lease) = lease {
+            lease.armed = false;
+        }
+        self.count_store(key, stored == 1);
+        Ok(stored == 1)
+    }
+
+    /// The compare-and-set script's call for one value (see `STORE_SCRIPT`).
+    pub(crate) fn store_invocation(
+        &self,
+        key: &CacheKey,
+        expected: Expected<'_>,
+        payload: &[u8],
+        ttl: Duration,
+        lease: Option<&LeaseGuard>,
+    ) -> redis::ScriptInvocation<'_> {
         let conn = self.connection();
-        let ttl_ms = expiry_ms(ttl);
         let generation_ms = expiry_ms(
             generation_ttl(&conn.config)
                 .max(ttl)
                 .saturating_add(Duration::from_secs(60)),
         );
         let mut invocation = self.inner.store.key(&key.value);
+        invocation.key(&key.generations);
+        if let Some(lease) = lease {
+            invocation.key(&lease.key);
+        }
         invocation
-            .key(&key.generations)
-            .arg(ttl_ms)
+            .arg(expiry_ms(ttl))
             .arg(generation_ms)
             .arg(new_token())
             .arg(&codec::header(key.generations.len())[..])
-            .arg(payload);
+            .arg(payload)
+            .arg(lease.map_or("", |lease| lease.holder.as_str()));
         match expected {
             Expected::Seen(tokens) => {
                 for token in tokens {
@@ -600,23 +802,26 @@ impl CacheManager {
                 }
             }
         }
-        let stored: i64 = conn
-            .call_within(
-                budget,
-                |mut conn| async move { invocation.invoke_async(&mut conn).await },
-            )
-            .await
-            .inspect_err(|err| self.refused(err))?;
-        if stored == 1 {
-            Counters::bump(&conn.counters.sets);
+        invocation
+    }
+
+    /// The compare-and-set script itself (to load it before pipelining calls).
+    pub(crate) fn store_script(&self) -> &Script {
+        &self.inner.store
+    }
+
+    /// Counts the answer of the compare-and-set for `key`.
+    pub(crate) fn count_store(&self, key: &CacheKey, stored: bool) {
+        let counters = &self.connection().counters;
+        if stored {
+            counters.count(key.named.get(), Event::Set);
         } else {
-            Counters::bump(&conn.counters.stale_sets_refused);
+            counters.count(key.named.get(), Event::StaleSetRefused);
             debug!(
                 key = key.as_str(),
                 "refused to store a value computed before an invalidation"
             );
         }
-        Ok(stored == 1)
     }
 
     /// Reads a current value.
@@ -626,19 +831,13 @@ impl CacheManager {
     /// not decode is removed and reported as `Ok(None)`.
     pub async fn get<T: DeserializeOwned>(&self, key: &CacheKey) -> Result<Option<T>, CacheError> {
         let mut budget = self.config().operation_timeout;
-        match self.lookup(key, &mut budget).await {
-            Lookup::Hit(bytes, _) => match Envelope::open(&bytes).and_then(|env| codec::decode(env.payload)) {
-                Ok(value) => {
-                    Counters::bump(&self.connection().counters.hits);
-                    Ok(Some(value))
-                }
-                Err(err) => {
-                    self.discard(key, &err, &mut budget).await;
-                    Ok(None)
-                }
-            },
+        match self.lookup(key, None, &mut budget).await.0 {
+            Lookup::Hit(bytes, _) => Ok(self
+                .open_hit(key, &bytes, codec::decode::<T>, &mut budget)
+                .await
+                .map(|(value, _)| value)),
             Lookup::Miss(_) => {
-                Counters::bump(&self.connection().counters.misses);
+                self.connection().counters.count(key.named.get(), Event::Miss);
                 Ok(None)
             }
             Lookup::Unavailable => Err(self.unavailable()),
@@ -661,7 +860,7 @@ impl CacheManager {
         let payload = codec::encode(value)?;
         let ttl = ttl.unwrap_or(self.config().ttl);
         let mut budget = self.config().operation_timeout;
-        self.store(key, Expected::Any, &payload, ttl, &mut budget)
+        self.store(key, Expected::Any, &payload, ttl, None, &mut budget)
             .await
             .map(|_| ())
     }
@@ -908,7 +1107,7 @@ impl CacheManager {
 
 /// How long a generation created for a computation lives. Values stored
 /// later extend it to outlive them (see the store script).
-fn generation_ttl(config: &CacheConfig) -> Duration {
+pub(crate) fn generation_ttl(config: &CacheConfig) -> Duration {
     config
         .ttl
         .max(Duration::from_secs(60))
@@ -920,14 +1119,59 @@ const MAX_EXPIRY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
 /// A duration as the milliseconds of a `PX` argument: at least 1, at most
 /// [`MAX_EXPIRY_MS`], whatever the configuration says.
-fn expiry_ms(duration: Duration) -> u64 {
+pub(crate) fn expiry_ms(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, MAX_EXPIRY_MS)
 }
 
+/// What asking for a key's lease gave.
+enum Lease {
+    /// Not asked for, or the cache could not answer.
+    None,
+    /// Ours: we compute and store (or give it up).
+    Held(LeaseGuard),
+    /// Another caller (in another process, or an earlier flight in this
+    /// one) computes the key.
+    Busy,
+}
+
+/// A lease held on a key while its value is computed. Given up by the
+/// store (in the same script); dropped without storing (the result was not
+/// cacheable, the caller was cancelled), it is given up in the background.
+pub(crate) struct LeaseGuard {
+    manager: CacheManager,
+    key: String,
+    holder: String,
+    armed: bool,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (manager, key, holder) = (
+            self.manager.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.holder),
+        );
+        runtime.spawn(async move {
+            let mut invocation = manager.inner.release.key(key);
+            invocation.arg(holder);
+            let _ = manager
+                .connection()
+                .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+                .await;
+        });
+    }
+}
+
 /// The generations a store expects to find.
-enum Expected<'a> {
+pub(crate) enum Expected<'a> {
     /// Exactly these (`None`: absent), as seen before the computation.
     Seen(&'a [Option<Vec<u8>>]),
     /// Whatever is there now.

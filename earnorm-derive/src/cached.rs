@@ -78,19 +78,8 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
             "ttl" => {
                 options.ttl_given = true;
                 let value: syn::Expr = meta.value()?.parse()?;
-                match &value {
-                    syn::Expr::Lit(syn::ExprLit {
-                        lit: syn::Lit::Int(lit),
-                        ..
-                    }) => match lit.base10_parse::<u64>() {
-                        Ok(0) => cx.error_spanned_by(lit, "`ttl` must be at least 1 second"),
-                        Ok(n) => cx.set_once(&mut options.ttl, &key, option, n),
-                        Err(_) => cx.error_spanned_by(lit, "`ttl` must be a whole number of seconds"),
-                    },
-                    _ => cx.error_spanned_by(
-                        &value,
-                        "`ttl` must be a positive integer literal (seconds), like ttl = 300",
-                    ),
+                if let Some(n) = cx.seconds("ttl", &value) {
+                    cx.set_once(&mut options.ttl, &key, option, n);
                 }
             }
             "key" | "scope" => {

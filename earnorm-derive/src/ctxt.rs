@@ -41,6 +41,26 @@ impl Ctxt {
         }
     }
 
+    /// A whole number of seconds, at least 1, written as an integer
+    /// literal for the option `name`; reports anything else.
+    pub(crate) fn seconds(&self, name: &str, value: &syn::Expr) -> Option<u64> {
+        match value {
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Int(lit),
+                ..
+            }) => match lit.base10_parse::<u64>() {
+                Ok(0) => self.error_spanned_by(lit, format!("`{name}` must be at least 1 second")),
+                Ok(n) => return Some(n),
+                Err(_) => self.error_spanned_by(lit, format!("`{name}` must be a whole number of seconds")),
+            },
+            _ => self.error_spanned_by(
+                value,
+                format!("`{name}` must be a positive integer literal (seconds), like {name} = 300"),
+            ),
+        }
+        None
+    }
+
     /// All collected errors, or `Ok` when there were none.
     pub(crate) fn check(self) -> Result<(), Vec<syn::Error>> {
         let errors = self.errors.borrow_mut().take().unwrap_or_default();

@@ -17,6 +17,8 @@ use crate::ctxt::Ctxt;
 struct Container<'a> {
     input: &'a DeriveInput,
     collection: Option<LitStr>,
+    /// `cache(ttl = N, missing = M)`: the record cache, in seconds.
+    cache: Option<(u64, Option<u64>)>,
     fields: Vec<Field<'a>>,
 }
 
@@ -107,17 +109,19 @@ fn parse<'a>(cx: &Ctxt, input: &'a DeriveInput) -> Option<Container<'a>> {
             return None;
         }
     };
-    let collection = parse_container_attrs(cx, input);
+    let (collection, cache) = parse_container_attrs(cx, input);
     let fields = fields.iter().filter_map(|f| parse_field(cx, f)).collect();
     Some(Container {
         input,
         collection,
+        cache,
         fields,
     })
 }
 
-fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> Option<LitStr> {
+fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> (Option<LitStr>, Option<(u64, Option<u64>)>) {
     let mut collection: Option<LitStr> = None;
+    let mut cache = None;
     for meta in serde_items(&input.attrs) {
         if meta.path().is_ident("rename_all") {
             cx.error_spanned_by(
@@ -144,14 +148,58 @@ fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> Option<LitStr> {
                     ),
                 }
             }
+            "cache" => {
+                let parsed = parse_record_cache(cx, &key, &meta)?;
+                if let Some(parsed) = parsed {
+                    cx.set_once(&mut cache, &key, "earnorm attribute", parsed);
+                }
+            }
             other => cx.error_spanned_by(
                 &key,
-                format!("unknown earnorm attribute `{other}` on a struct (expected `collection`)"),
+                format!("unknown earnorm attribute `{other}` on a struct (expected `collection` or `cache`)"),
             ),
         }
         Ok(())
     });
-    collection
+    (collection, cache)
+}
+
+/// `cache(ttl = N)` or `cache(ttl = N, missing = M)`, in seconds.
+fn parse_record_cache(
+    cx: &Ctxt,
+    key: &Ident,
+    meta: &syn::meta::ParseNestedMeta<'_>,
+) -> syn::Result<Option<(u64, Option<u64>)>> {
+    let (mut ttl, mut missing) = (None, None);
+    let mut ttl_given = false;
+    meta.parse_nested_meta(|inner| {
+        let Some(name) = inner.path.get_ident().cloned() else {
+            return Err(inner.error("unknown record cache option (expected `ttl` or `missing`)"));
+        };
+        let value: Expr = inner.value()?.parse()?;
+        match name.to_string().as_str() {
+            "ttl" => {
+                ttl_given = true;
+                if let Some(n) = cx.seconds("ttl", &value) {
+                    cx.set_once(&mut ttl, &name, "record cache option", n);
+                }
+            }
+            "missing" => {
+                if let Some(n) = cx.seconds("missing", &value) {
+                    cx.set_once(&mut missing, &name, "record cache option", n);
+                }
+            }
+            other => cx.error_spanned_by(
+                &name,
+                format!("unknown record cache option `{other}` (expected `ttl` or `missing`)"),
+            ),
+        }
+        Ok(())
+    })?;
+    if !ttl_given {
+        cx.error_spanned_by(key, "missing `ttl`: write cache(ttl = SECONDS)");
+    }
+    Ok(ttl.map(|ttl| (ttl, missing)))
 }
 
 /// The `key`, `key = value` and `key(..)` items of every `#[serde(..)]`
@@ -431,6 +479,16 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
         .as_ref()
         .map_or_else(|| default_collection(&ident.to_string()), LitStr::value);
 
+    let record_cache = container.cache.map(|(ttl, missing)| {
+        let missing = match missing {
+            Some(seconds) => quote!(::earnorm::__private::ttl(#seconds)),
+            None => quote!(::earnorm::__private::Option::None),
+        };
+        quote! {
+            const CACHE: ::earnorm::__private::Option<::earnorm::RecordCache> =
+                ::earnorm::__private::Option::Some(::earnorm::RecordCache::new(#ttl, #missing));
+        }
+    });
     let id_ident = id.ident;
     let (id_ty, id_accessors) = match last_segment(id.ty) {
         Some((name, Some(inner))) if name == "Option" => (
@@ -479,6 +537,7 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
         #[automatically_derived]
         impl #impl_generics ::earnorm::Model for #ident #ty_generics #where_clause {
             const COLLECTION: &'static str = #collection;
+            #record_cache
             type Id = #id_ty;
             #id_accessors
             fn validate(&self) -> ::earnorm::__private::Result<(), ::earnorm::__private::ValidationErrors> {

@@ -7,6 +7,7 @@ mod env;
 mod error;
 pub mod feed;
 mod model;
+mod query;
 mod transaction;
 pub mod validate;
 
@@ -16,7 +17,7 @@ pub mod __private;
 
 pub use config::Config;
 pub use earnorm_cache::{
-    self as cache_layer, bypass as bypass_cache, CacheConfig, CacheManager, CacheStats, ConnectionStatus,
+    self as cache_layer, bypass as bypass_cache, CacheConfig, CacheManager, CacheStats, ConnectionStatus, NamedStats,
 };
 pub use earnorm_derive::{cached, Model};
 pub use env::{cache, init, Environment};
@@ -25,7 +26,7 @@ pub use feed::FeedStats;
 pub use model::{id_key, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;
-pub use mongodb::options::FindOptions;
+pub use query::{ActionFuture, Count, Find, FindOne, RecordCache};
 pub use transaction::Transaction;
 
 /// Invalidates every value cached with `#[cached(tags("..."))]` or

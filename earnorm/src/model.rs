@@ -4,12 +4,12 @@
 use std::fmt::Debug;
 use std::future::Future;
 
-use futures_util::TryStreamExt;
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
-use mongodb::options::{FindOptions, IndexOptions};
+use mongodb::options::IndexOptions;
 use mongodb::{ClientSession, Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::query::{self, Count, Find, FindOne, RecordCache};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
 use crate::{Environment, Error, Result, ValidationErrors};
 
@@ -99,6 +99,10 @@ pub struct IndexSpec {
 pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 'static {
     /// The collection name.
     const COLLECTION: &'static str;
+    /// The record cache, when declared (`#[earnorm(cache(ttl = 300))]`):
+    /// [`find_by_id`](Self::find_by_id) and
+    /// [`find_many_by_ids`](Self::find_many_by_ids) read through it.
+    const CACHE: Option<RecordCache> = None;
     /// The type of the `_id` field.
     type Id: ModelId;
 
@@ -231,7 +235,9 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         }
     }
 
-    /// The record with this id.
+    /// The record with this id. With a record cache
+    /// (`#[earnorm(cache(ttl = ..))]`), a hit is served from Redis, with
+    /// every guarantee of `#[cached]`.
     fn find_by_id(id: impl Into<Self::Id> + Send) -> impl Future<Output = Result<Option<Self>>> + Send {
         let id = id.into();
         async move { Self::find_by_id_in(&Environment::current()?, id).await }
@@ -239,67 +245,58 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 
     /// [`find_by_id`](Self::find_by_id) in `env`.
     fn find_by_id_in(env: &Environment, id: Self::Id) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
-        async move { Self::find_one_in(env, doc! { "_id": to_bson(&id)? }).await }
+        query::find_by_id::<Self>(env, id)
     }
 
-    /// The first record matching `filter`.
-    fn find_one(filter: Document) -> impl Future<Output = Result<Option<Self>>> + Send {
-        async move { Self::find_one_in(&Environment::current()?, filter).await }
+    /// The records with these ids, each once, in the order its id first
+    /// appears in `ids`; ids with no record are left out. With a record
+    /// cache, one round trip to Redis looks them all up, one `$in` query
+    /// reads the misses, and one more round trip stores them; without,
+    /// one `$in` query.
+    fn find_many_by_ids(ids: &[Self::Id]) -> impl Future<Output = Result<Vec<Self>>> + Send + '_ {
+        async move { Self::find_many_by_ids_in(&Environment::current()?, ids).await }
+    }
+
+    /// [`find_many_by_ids`](Self::find_many_by_ids) in `env`.
+    fn find_many_by_ids_in<'a>(
+        env: &'a Environment,
+        ids: &'a [Self::Id],
+    ) -> impl Future<Output = Result<Vec<Self>>> + Send + 'a {
+        query::find_many_by_ids::<Self>(env, ids)
+    }
+
+    /// The first record matching `filter`: await it, or configure it first
+    /// (see [`FindOne`]): `User::find_one(filter).cached(ttl).await`.
+    fn find_one(filter: Document) -> FindOne<Self> {
+        FindOne::new(None, filter)
     }
 
     /// [`find_one`](Self::find_one) in `env`.
-    fn find_one_in(env: &Environment, filter: Document) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
-        async move {
-            Self::collection_in(env)
-                .find_one(filter)
-                .await
-                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
-        }
+    fn find_one_in(env: &Environment, filter: Document) -> FindOne<Self> {
+        FindOne::new(Some(env.clone()), filter)
     }
 
-    /// Every record matching `filter`.
-    fn find(filter: Document) -> impl Future<Output = Result<Vec<Self>>> + Send {
-        async move { Self::find_in(&Environment::current()?, filter, FindOptions::default()).await }
+    /// Every record matching `filter`: await it, or configure it first
+    /// (see [`Find`]):
+    /// `User::find(filter).sort(doc! {"age": -1}).limit(10).skip(20).cached(ttl).await`.
+    fn find(filter: Document) -> Find<Self> {
+        Find::new(None, filter)
     }
 
-    /// Records matching `filter`, with sort, limit and skip:
-    /// `FindOptions::builder().sort(doc! {"age": -1}).limit(10).skip(20).build()`.
-    fn find_with(filter: Document, options: FindOptions) -> impl Future<Output = Result<Vec<Self>>> + Send {
-        async move { Self::find_in(&Environment::current()?, filter, options).await }
+    /// [`find`](Self::find) in `env`.
+    fn find_in(env: &Environment, filter: Document) -> Find<Self> {
+        Find::new(Some(env.clone()), filter)
     }
 
-    /// [`find_with`](Self::find_with) in `env`.
-    fn find_in(
-        env: &Environment,
-        filter: Document,
-        options: FindOptions,
-    ) -> impl Future<Output = Result<Vec<Self>>> + Send + '_ {
-        async move {
-            let cursor = Self::collection_in(env)
-                .find(filter)
-                .with_options(options)
-                .await
-                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))?;
-            cursor
-                .try_collect()
-                .await
-                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
-        }
-    }
-
-    /// The number of records matching `filter`.
-    fn count(filter: Document) -> impl Future<Output = Result<u64>> + Send {
-        async move { Self::count_in(&Environment::current()?, filter).await }
+    /// The number of records matching `filter`: await it, or cache it
+    /// first (see [`Count`]): `User::count(filter).cached(ttl).await`.
+    fn count(filter: Document) -> Count<Self> {
+        Count::new(None, filter)
     }
 
     /// [`count`](Self::count) in `env`.
-    fn count_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move {
-            Self::collection_in(env)
-                .count_documents(filter)
-                .await
-                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
-        }
+    fn count_in(env: &Environment, filter: Document) -> Count<Self> {
+        Count::new(Some(env.clone()), filter)
     }
 
     /// Applies `update` to every record matching `filter`; returns how many
@@ -572,7 +569,7 @@ fn record_key<M: Model>(id: &M::Id) -> Result<String> {
 }
 
 /// BSON of a value, for filters.
-fn to_bson<T: Serialize + ?Sized>(value: &T) -> Result<Bson> {
+pub(crate) fn to_bson<T: Serialize + ?Sized>(value: &T) -> Result<Bson> {
     Ok(mongodb::bson::serialize_to_bson(value)?)
 }
 

@@ -36,7 +36,7 @@ const CRASH_WRITER: usize = 3;
 /// One record of the workload. `version` is the sequence number of the last
 /// write that set it.
 #[derive(Debug, Clone, Serialize, Deserialize, Model)]
-#[earnorm(collection = "checker_items")]
+#[earnorm(collection = "checker_items", cache(ttl = 60))]
 pub struct Item {
     /// Id.
     #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
@@ -792,18 +792,29 @@ async fn reader(shared: &Shared, env: &Environment, rng: &mut Rng, naive: bool) 
     while !shared.stop.load(Ordering::SeqCst) {
         let slot = rng.below(n);
         let jitter = Jitter(rng.next());
-        let record_scope = rng.below(2) == 0;
+        // A record method, a model method, the record cache (`find_by_id`)
+        // or the query cache (`find_one(..).cached(..)`).
+        let kind = rng.below(4);
+        let record_scope = kind.is_multiple_of(2);
         let started = Instant::now();
-        let result = match (naive, record_scope) {
-            (false, true) => copies[slot].stored_version(jitter).await,
-            (false, false) => Item::version_of(slot as i64, jitter).await,
-            (true, true) => naive_read(env, &copies[slot], true, jitter).await,
-            (true, false) => naive_read(env, &copies[slot], false, jitter).await,
+        let result = match (naive, kind) {
+            (false, 0) => copies[slot].stored_version(jitter).await,
+            (false, 1) => Item::version_of(slot as i64, jitter).await,
+            (false, 2) => Item::find_by_id_in(env, shared.ids[slot])
+                .await
+                .map(|found| found.map(|item| item.version))
+                .map_err(|e| e.to_string()),
+            (false, _) => Item::find_one_in(env, doc! { "slot": slot as i64 })
+                .cached(Duration::from_secs(60))
+                .await
+                .map(|found| found.map(|item| item.version))
+                .map_err(|e| e.to_string()),
+            (true, _) => naive_read(env, &copies[slot], record_scope, jitter).await,
         };
         let ended = Instant::now();
         match result {
             Ok(result) => {
-                let how = if record_scope { "record" } else { "model" };
+                let how = ["record method", "model method", "record cache", "query cache"][kind];
                 shared.reads.lock().unwrap_or_else(PoisonError::into_inner).push(Read {
                     env: ENV_INDEX.try_with(|e| *e).unwrap_or(9),
                     slot,
@@ -844,11 +855,15 @@ async fn naive_read(env: &Environment, item: &Item, record_scope: bool, jitter: 
     if let Ok(Some(value)) = cache.get::<Option<i64>>(&key).await {
         return Ok(value);
     }
-    let value = if record_scope {
-        item.stored_version_uncached(jitter).await?
-    } else {
-        Item::version_of_uncached(item.slot, jitter).await?
-    };
+    // Straight from MongoDB (the record cache inside is bypassed too).
+    let value = earnorm::bypass_cache(async {
+        if record_scope {
+            item.stored_version_uncached(jitter).await
+        } else {
+            Item::version_of_uncached(item.slot, jitter).await
+        }
+    })
+    .await?;
     let _ = cache.set(&key, &value, Some(Duration::from_secs(60))).await;
     Ok(value)
 }

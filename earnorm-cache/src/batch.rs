@@ -1,0 +1,227 @@
+//! Cache-aside for many keys at once: one round trip to look them all up,
+//! one computation for all the misses, one round trip to store them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::debug;
+
+use crate::codec::{self, Envelope};
+use crate::key::CacheKey;
+use crate::manager::{bypassed, generation_ttl, Expected};
+use crate::stats::Event;
+use crate::token::new_token;
+use crate::{CacheError, CacheManager};
+
+impl CacheManager {
+    /// The cache-aside call for many keys at once, with every guarantee of
+    /// [`get_or_compute`](Self::get_or_compute) but single flight and
+    /// leases: the current values of all `keys` are read in one round trip;
+    /// `compute` gets the positions (in `keys`) of those that missed and
+    /// returns their values in that order (a value it leaves out is
+    /// `T::default()`); each value for which `ttl_of` gives a time to live
+    /// is stored under the compare-and-set, all in one more round trip.
+    /// Returns one value per key, in the order of `keys`.
+    ///
+    /// Never fails because of the cache (a lookup that fails computes every
+    /// key); an error of `compute` is returned as it is, and nothing is
+    /// stored.
+    ///
+    /// # Errors
+    /// Those of `compute`.
+    pub async fn get_many_or_compute<T, E, F, Fut>(
+        &self,
+        keys: &[CacheKey],
+        ttl_of: impl Fn(&T) -> Option<Duration>,
+        compute: F,
+    ) -> Result<Vec<T>, E>
+    where
+        T: Serialize + DeserializeOwned + Default,
+        F: FnOnce(Vec<usize>) -> Fut,
+        Fut: Future<Output = Result<Vec<T>, E>>,
+    {
+        let conn = self.connection();
+        let everything = || (0..keys.len()).collect::<Vec<_>>();
+        if !conn.is_enabled() || bypassed() || keys.is_empty() {
+            return fill(compute(everything()).await?, keys.len());
+        }
+        let mut budget = conn.config.operation_timeout;
+        // The generation keys, each once, and where each key's are.
+        let mut names: Vec<&str> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let positions: Vec<Vec<usize>> = keys
+            .iter()
+            .map(|key| {
+                key.generations
+                    .iter()
+                    .map(|name| {
+                        *index.entry(name.as_str()).or_insert_with(|| {
+                            names.push(name.as_str());
+                            names.len() - 1
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut cmd = redis::cmd("MGET");
+        for key in keys {
+            cmd.arg(&key.value);
+        }
+        cmd.arg(&names);
+        let read = conn
+            .call_within(&mut budget, |mut c| async move {
+                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
+            })
+            .await;
+        let mut replies = match read {
+            Ok(replies) if replies.len() == keys.len() + names.len() => replies,
+            _ => {
+                for key in keys {
+                    conn.counters.count(key.named.get(), Event::Fallback);
+                }
+                return fill(compute(everything()).await?, keys.len());
+            }
+        };
+        let mut generations: Vec<Option<Vec<u8>>> = replies.split_off(keys.len());
+        let mut values: Vec<Option<T>> = Vec::with_capacity(keys.len());
+        let mut missed = Vec::new();
+        for (i, (key, stored)) in keys.iter().zip(replies).enumerate() {
+            let seen: Vec<Option<Vec<u8>>> = positions[i].iter().map(|&g| generations[g].clone()).collect();
+            let hit = stored.and_then(|bytes| {
+                let envelope = Envelope::open(&bytes).ok()?;
+                if !(envelope.is_current(&seen) && conn.serves(key)) {
+                    return None;
+                }
+                codec::decode::<T>(envelope.payload).ok()
+            });
+            if hit.is_some() {
+                conn.counters.count(key.named.get(), Event::Hit);
+            } else {
+                conn.counters.count(key.named.get(), Event::Miss);
+                missed.push(i);
+            }
+            values.push(hit);
+        }
+        if missed.is_empty() {
+            return Ok(values.into_iter().map(Option::unwrap_or_default).collect());
+        }
+        // As for one key: no computation starts under an absent generation.
+        let prepared = self
+            .create_absent(&names, &positions, &missed, &mut generations, &mut budget)
+            .await
+            .is_ok();
+        let computed = fill(compute(missed.clone()).await?, missed.len())?;
+        if prepared {
+            self.store_many(keys, &positions, &generations, &missed, &computed, &ttl_of, &mut budget)
+                .await;
+        }
+        for (i, value) in missed.into_iter().zip(computed) {
+            values[i] = Some(value);
+        }
+        Ok(values.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// Creates the absent generations the missed keys depend on (`SET NX
+    /// GET`, one round trip) and fills in their tokens.
+    async fn create_absent(
+        &self,
+        names: &[&str],
+        positions: &[Vec<usize>],
+        missed: &[usize],
+        generations: &mut [Option<Vec<u8>>],
+        budget: &mut Duration,
+    ) -> Result<(), CacheError> {
+        let mut absent: Vec<usize> = missed
+            .iter()
+            .flat_map(|&i| positions[i].iter().copied())
+            .filter(|&g| generations[g].is_none())
+            .collect();
+        absent.sort_unstable();
+        absent.dedup();
+        if absent.is_empty() {
+            return Ok(());
+        }
+        let ttl_ms = crate::manager::expiry_ms(generation_ttl(self.config()));
+        let mut pipe = redis::pipe();
+        let fresh: Vec<String> = absent.iter().map(|_| new_token()).collect();
+        for (&g, token) in absent.iter().zip(&fresh) {
+            pipe.cmd("SET")
+                .arg(names[g])
+                .arg(token)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(ttl_ms);
+        }
+        let previous: Vec<Option<Vec<u8>>> = self
+            .connection()
+            .call_within(budget, |mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        if previous.len() != absent.len() {
+            return Err(CacheError::Unavailable);
+        }
+        for ((g, token), previous) in absent.into_iter().zip(fresh).zip(previous) {
+            generations[g] = Some(previous.unwrap_or_else(|| token.into_bytes()));
+        }
+        Ok(())
+    }
+
+    /// Stores the computed values under the compare-and-set, in one round
+    /// trip (the script is loaded first in the same pipeline).
+    #[allow(clippy::too_many_arguments)]
+    async fn store_many<T: Serialize>(
+        &self,
+        keys: &[CacheKey],
+        positions: &[Vec<usize>],
+        generations: &[Option<Vec<u8>>],
+        missed: &[usize],
+        computed: &[T],
+        ttl_of: &impl Fn(&T) -> Option<Duration>,
+        budget: &mut Duration,
+    ) {
+        let mut stores = Vec::new();
+        for (&i, value) in missed.iter().zip(computed) {
+            let Some(ttl) = ttl_of(value) else { continue };
+            match codec::encode(value) {
+                Ok(payload) => {
+                    let seen: Vec<Option<Vec<u8>>> = positions[i].iter().map(|&g| generations[g].clone()).collect();
+                    stores.push((i, seen, payload, ttl));
+                }
+                Err(err) => debug!(key = keys[i].as_str(), error = %err, "value not cached: it does not encode"),
+            }
+        }
+        if stores.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(self.store_script()).ignore();
+        for (i, seen, payload, ttl) in &stores {
+            let invocation = self.store_invocation(&keys[*i], Expected::Seen(seen), payload, *ttl, None);
+            pipe.invoke_script(&invocation);
+        }
+        match self
+            .connection()
+            .call_within(
+                budget,
+                |mut c| async move { pipe.query_async::<Vec<i64>>(&mut c).await },
+            )
+            .await
+        {
+            Ok(answers) => {
+                for ((i, ..), stored) in stores.iter().zip(answers) {
+                    self.count_store(&keys[*i], stored == 1);
+                }
+            }
+            Err(err) => self.refused(&err),
+        }
+    }
+}
+
+/// `values`, as exactly `n` of them (the missing ones by default).
+fn fill<T: Default, E>(mut values: Vec<T>, n: usize) -> Result<Vec<T>, E> {
+    values.truncate(n);
+    values.resize_with(n, T::default);
+    Ok(values)
+}

@@ -1,0 +1,417 @@
+//! Reads: the record cache behind `find_by_id` and `find_many_by_ids`, and
+//! the read actions (`find`, `find_one`, `count`) that can be awaited as
+//! they are or configured first, the query cache included.
+
+use std::collections::HashSet;
+use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::time::Duration;
+
+use earnorm_cache::{CacheKey, ResultOutput, Scope};
+use futures_util::TryStreamExt;
+use mongodb::bson::{doc, Document};
+use serde::Serialize;
+use tracing::debug;
+
+use crate::model::{to_bson, ModelId};
+use crate::{Environment, Error, Model, Result};
+
+/// The record cache of a model, declared with
+/// `#[earnorm(collection = "..", cache(ttl = 300))]`: `find_by_id` and
+/// `find_many_by_ids` read through the cache, under the record's scope
+/// (so a write to that record, through EarnORM or seen by the database
+/// feed, invalidates it, and a write to another record does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordCache {
+    /// How long a record stays cached.
+    pub ttl: Duration,
+    /// How long "no such record" stays cached (`cache(missing = 30)`);
+    /// `None`: it is not cached, every lookup of a missing id reads
+    /// MongoDB. Inserting the record invalidates it (it is the record's
+    /// scope).
+    pub missing: Option<Duration>,
+}
+
+impl RecordCache {
+    /// A record cache keeping records `ttl_seconds`, and missing records
+    /// `missing` (not at all for `None`).
+    pub const fn new(ttl_seconds: u64, missing: Option<Duration>) -> Self {
+        Self {
+            ttl: Duration::from_secs(ttl_seconds),
+            missing,
+        }
+    }
+
+    /// How long a lookup's result is kept: `None` for one not to keep.
+    fn ttl_of<M>(&self, found: &Option<M>) -> Option<Duration> {
+        match found {
+            Some(_) => Some(self.ttl),
+            None => self.missing,
+        }
+    }
+}
+
+/// The key of `id`'s record in the record cache of `M`, when `M` has one,
+/// the cache is on and the id has a key form.
+fn record_key<M: Model>(env: &Environment, id: &M::Id) -> Option<CacheKey> {
+    M::CACHE?;
+    let cache = env.cache();
+    if !cache.config().enabled {
+        return None;
+    }
+    let id = id.to_key()?;
+    let namespace = env.model_scope(M::COLLECTION);
+    cache
+        .key(&namespace, "record")
+        .scope(Scope::Record(&namespace, &id))
+        // Two types stored in one collection never read each other's entries.
+        .raw(std::any::type_name::<M>().as_bytes())
+        .build()
+        .ok()
+}
+
+/// `find_by_id`: through the record cache when the model has one.
+pub(crate) async fn find_by_id<M: Model>(env: &Environment, id: M::Id) -> Result<Option<M>> {
+    let filter = doc! { "_id": to_bson(&id)? };
+    let read = find_one_in_db::<M>(env, filter, None);
+    match (M::CACHE, record_key::<M>(env, &id)) {
+        (Some(cache), Some(key)) => {
+            env.cache()
+                .get_or_compute_by::<_, ResultOutput, _, _>(
+                    &key,
+                    |found: &Result<Option<M>>| found.as_ref().ok().and_then(|found| cache.ttl_of(found)),
+                    read,
+                )
+                .await
+        }
+        _ => read.await,
+    }
+}
+
+/// `find_many_by_ids`: each distinct id once, in the order it first
+/// appears; ids with no record are left out. One cache round trip for all
+/// of them, one `$in` query for the misses.
+pub(crate) async fn find_many_by_ids<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<Vec<M>> {
+    let mut seen = HashSet::new();
+    let mut unique: Vec<(&M::Id, Option<String>)> = Vec::with_capacity(ids.len());
+    for id in ids {
+        let key = id.to_key();
+        let first = match &key {
+            Some(key) => seen.insert(key.clone()),
+            None => true,
+        };
+        if first {
+            unique.push((id, key));
+        }
+    }
+    let fetch = |positions: Vec<usize>| {
+        let wanted: Vec<&(&M::Id, Option<String>)> = positions.iter().map(|&p| &unique[p]).collect();
+        async move { fetch_by_ids::<M>(env, &wanted).await }
+    };
+    let keys: Option<Vec<CacheKey>> = match M::CACHE {
+        Some(_) => unique.iter().map(|(id, _)| record_key::<M>(env, id)).collect(),
+        None => None,
+    };
+    let found = match (M::CACHE, keys) {
+        (Some(cache), Some(keys)) => {
+            env.cache()
+                .get_many_or_compute(&keys, |found: &Option<M>| cache.ttl_of(found), fetch)
+                .await?
+        }
+        _ => fetch((0..unique.len()).collect()).await?,
+    };
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// One `$in` query for `wanted`; the records in the same order (`None`
+/// where there is none).
+async fn fetch_by_ids<M: Model>(env: &Environment, wanted: &[&(&M::Id, Option<String>)]) -> Result<Vec<Option<M>>> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = wanted.iter().map(|(id, _)| to_bson(*id)).collect::<Result<Vec<_>>>()?;
+    let found: Vec<M> = M::collection_in(env)
+        .find(doc! { "_id": { "$in": ids } })
+        .await
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))?
+        .try_collect()
+        .await
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
+    let mut by_key: std::collections::HashMap<String, M> = std::collections::HashMap::with_capacity(found.len());
+    for record in found {
+        if let Some(key) = record.id_key() {
+            by_key.insert(key, record);
+        }
+    }
+    Ok(wanted
+        .iter()
+        .map(|(_, key)| key.as_ref().and_then(|key| by_key.remove(key)))
+        .collect())
+}
+
+/// One record read from MongoDB, with an optional sort.
+async fn find_one_in_db<M: Model>(env: &Environment, filter: Document, sort: Option<Document>) -> Result<Option<M>> {
+    M::collection_in(env)
+        .find_one(filter)
+        .with_options(mongodb::options::FindOneOptions::builder().sort(sort).build())
+        .await
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))
+}
+
+/// The future an action becomes when awaited.
+pub type ActionFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send>>;
+
+/// What every read action shares: where it runs, its filter, and whether
+/// (and for how long) its result is cached.
+#[derive(Debug, Clone)]
+struct Read {
+    env: Option<Environment>,
+    filter: Document,
+    cached: Option<Duration>,
+}
+
+impl Read {
+    fn new(env: Option<Environment>, filter: Document) -> Self {
+        Self {
+            env,
+            filter,
+            cached: None,
+        }
+    }
+
+    fn env(&self) -> Result<Environment> {
+        match &self.env {
+            Some(env) => Ok(env.clone()),
+            None => Environment::current(),
+        }
+    }
+
+    /// Runs `read` (given the environment and the filter) through the
+    /// query cache of `M` when `.cached(..)` was asked for: the entry is
+    /// named `name`, keyed by the canonical encoding of the filter and
+    /// `options` (key order included: MongoDB
+    /// itself treats `{a: 1, b: 2}` and `{b: 2, a: 1}` as different
+    /// documents, and a sort in another order is another query), and
+    /// invalidated by any write to the collection.
+    async fn run<M: Model, T, Q, F>(
+        self,
+        name: &str,
+        options: &Q,
+        read: impl FnOnce(Environment, Document) -> F,
+    ) -> Result<T>
+    where
+        T: Serialize + serde::de::DeserializeOwned,
+        Q: Serialize,
+        F: Future<Output = Result<T>>,
+    {
+        let env = self.env()?;
+        let Some(ttl) = self.cached else {
+            return read(env, self.filter).await;
+        };
+        let namespace = env.model_scope(M::COLLECTION);
+        let key = env
+            .cache()
+            .key(&namespace, name)
+            .scope(Scope::Model(&namespace))
+            .raw(std::any::type_name::<M>().as_bytes())
+            .arg(&(&self.filter, options))
+            .and_then(earnorm_cache::KeyBuilder::build);
+        match key {
+            Ok(key) => {
+                let cache = env.cache().clone();
+                cache
+                    .get_or_compute::<Result<T>, ResultOutput, _>(&key, Some(ttl), read(env, self.filter))
+                    .await
+            }
+            Err(err) => {
+                debug!(error = %err, "the query does not encode: reading without the cache");
+                read(env, self.filter).await
+            }
+        }
+    }
+}
+
+macro_rules! read_action_common {
+    () => {
+        /// Runs in `env` instead of [`Environment::current`].
+        pub fn in_env(mut self, env: &Environment) -> Self {
+            self.read.env = Some(env.clone());
+            self
+        }
+
+        /// Caches the result for `ttl` in the query cache of the model:
+        /// the same query (same filter and options, keys in the same order)
+        /// in any process is then answered from Redis until any write to the
+        /// collection (through EarnORM, or seen by the database feed)
+        /// invalidates it. With every guarantee of `#[cached]`: no stale
+        /// sets, fail open, one computation per query.
+        pub fn cached(mut self, ttl: Duration) -> Self {
+            self.read.cached = Some(ttl);
+            self
+        }
+    };
+}
+
+/// The records matching a filter: `User::find(filter)`, awaited as it is
+/// or configured first with [`sort`](Self::sort), [`limit`](Self::limit),
+/// [`skip`](Self::skip) and [`cached`](Self::cached).
+#[must_use = "an action does nothing until it is awaited"]
+#[derive(Debug, Clone)]
+pub struct Find<M> {
+    read: Read,
+    sort: Option<Document>,
+    limit: Option<i64>,
+    skip: Option<u64>,
+    model: PhantomData<fn() -> M>,
+}
+
+impl<M: Model> Find<M> {
+    pub(crate) fn new(env: Option<Environment>, filter: Document) -> Self {
+        Self {
+            read: Read::new(env, filter),
+            sort: None,
+            limit: None,
+            skip: None,
+            model: PhantomData,
+        }
+    }
+
+    read_action_common!();
+
+    /// Orders the records: `doc! {"age": -1, "name": 1}`.
+    pub fn sort(mut self, sort: Document) -> Self {
+        self.sort = Some(sort);
+        self
+    }
+
+    /// Returns at most `n` records (MongoDB's meaning: a negative `n`
+    /// returns at most `-n` in a single batch).
+    pub fn limit(mut self, n: i64) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Skips the first `n` matching records.
+    pub fn skip(mut self, n: u64) -> Self {
+        self.skip = Some(n);
+        self
+    }
+}
+
+impl<M: Model> IntoFuture for Find<M> {
+    type Output = Result<Vec<M>>;
+    type IntoFuture = ActionFuture<Vec<M>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let Find {
+                read,
+                sort,
+                limit,
+                skip,
+                ..
+            } = self;
+            let options = mongodb::options::FindOptions::builder()
+                .sort(sort.clone())
+                .limit(limit)
+                .skip(skip)
+                .build();
+            read.run::<M, _, _, _>("find", &(&sort, limit, skip), |env, filter| async move {
+                M::collection_in(&env)
+                    .find(filter)
+                    .with_options(options)
+                    .await
+                    .map_err(|e| Error::from_mongo(M::COLLECTION, e))?
+                    .try_collect()
+                    .await
+                    .map_err(|e| Error::from_mongo(M::COLLECTION, e))
+            })
+            .await
+        })
+    }
+}
+
+/// The first record matching a filter: `User::find_one(filter)`, awaited
+/// as it is or configured first with [`sort`](Self::sort) and
+/// [`cached`](Self::cached) (a cached "none matched" is kept too, until a
+/// write to the collection).
+#[must_use = "an action does nothing until it is awaited"]
+#[derive(Debug, Clone)]
+pub struct FindOne<M> {
+    read: Read,
+    sort: Option<Document>,
+    model: PhantomData<fn() -> M>,
+}
+
+impl<M: Model> FindOne<M> {
+    pub(crate) fn new(env: Option<Environment>, filter: Document) -> Self {
+        Self {
+            read: Read::new(env, filter),
+            sort: None,
+            model: PhantomData,
+        }
+    }
+
+    read_action_common!();
+
+    /// Which record comes first: `doc! {"created": -1}`.
+    pub fn sort(mut self, sort: Document) -> Self {
+        self.sort = Some(sort);
+        self
+    }
+}
+
+impl<M: Model> IntoFuture for FindOne<M> {
+    type Output = Result<Option<M>>;
+    type IntoFuture = ActionFuture<Option<M>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let FindOne { read, sort, .. } = self;
+            let sort_for_read = sort.clone();
+            read.run::<M, _, _, _>("find_one", &sort, |env, filter| async move {
+                find_one_in_db::<M>(&env, filter, sort_for_read).await
+            })
+            .await
+        })
+    }
+}
+
+/// The number of records matching a filter: `User::count(filter)`, awaited
+/// as it is or with [`cached`](Self::cached).
+#[must_use = "an action does nothing until it is awaited"]
+#[derive(Debug, Clone)]
+pub struct Count<M> {
+    read: Read,
+    model: PhantomData<fn() -> M>,
+}
+
+impl<M: Model> Count<M> {
+    pub(crate) fn new(env: Option<Environment>, filter: Document) -> Self {
+        Self {
+            read: Read::new(env, filter),
+            model: PhantomData,
+        }
+    }
+
+    read_action_common!();
+}
+
+impl<M: Model> IntoFuture for Count<M> {
+    type Output = Result<u64>;
+    type IntoFuture = ActionFuture<u64>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let Count { read, .. } = self;
+            read.run::<M, _, _, _>("count", &(), |env, filter| async move {
+                M::collection_in(&env)
+                    .count_documents(filter)
+                    .await
+                    .map_err(|e| Error::from_mongo(M::COLLECTION, e))
+            })
+            .await
+        })
+    }
+}

@@ -1,0 +1,340 @@
+//! Cached ORM reads: the record cache (`#[earnorm(cache(ttl = ..))]`) behind
+//! `find_by_id` and `find_many_by_ids`, negative caching, the query cache
+//! (`.cached(ttl)` on `find`, `find_one` and `count`), and the statistics
+//! per model and per cached method.
+
+use std::time::{Duration, Instant};
+
+use earnorm::bson::{doc, oid::ObjectId, Document};
+use earnorm::prelude::*;
+use earnorm::{Environment, NamedStats};
+use serde::{Deserialize, Serialize};
+use support::{connect, test_config, test_env};
+
+/// A model with a record cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "books", cache(ttl = 300))]
+struct Book {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    title: String,
+    copies: i64,
+}
+
+/// The same collection, with "no such record" cached too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "books", cache(ttl = 300, missing = 30))]
+struct KnownBook {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    title: String,
+    copies: i64,
+}
+
+impl Book {
+    fn new(title: &str, copies: i64) -> Self {
+        Self {
+            id: None,
+            title: title.into(),
+            copies,
+        }
+    }
+
+    /// A cached method, to see its statistics next to the record cache's.
+    #[cached(ttl = 60)]
+    async fn shelf_total() -> earnorm::Result<u64> {
+        Book::count(doc! {}).await
+    }
+}
+
+/// The statistics of `name` in `model`'s namespace (zeros when unused).
+fn stats(env: &Environment, model: &str, name: &str) -> (u64, u64) {
+    let namespace = env.model_scope(model);
+    env.cache()
+        .stats_by_name()
+        .into_iter()
+        .find(|s: &NamedStats| s.namespace == namespace && s.name == name)
+        .map_or((0, 0), |s| (s.hits, s.misses))
+}
+
+fn raw(env: &Environment) -> earnorm::mongodb::Collection<Document> {
+    env.database().collection("books")
+}
+
+async fn seeded(env: &Environment, books: &mut [Book]) {
+    for book in books.iter_mut() {
+        book.save_in(env).await.expect("save");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_by_id_reads_through_the_record_cache_and_writes_invalidate_only_their_record() {
+    let env = test_env("record_cache").await;
+    let mut books = [Book::new("Dune", 3), Book::new("Emma", 5)];
+    seeded(&env, &mut books).await;
+    let (a, b) = (books[0].id.expect("id"), books[1].id.expect("id"));
+
+    assert_eq!(
+        Book::find_by_id_in(&env, a).await.expect("find"),
+        Some(books[0].clone())
+    );
+    assert_eq!(stats(&env, "books", "record"), (0, 1), "a miss first");
+    assert_eq!(
+        Book::find_by_id_in(&env, a).await.expect("find"),
+        Some(books[0].clone())
+    );
+    assert_eq!(stats(&env, "books", "record"), (1, 1), "then a hit");
+    assert_eq!(
+        Book::find_by_id_in(&env, b).await.expect("find"),
+        Some(books[1].clone())
+    );
+
+    // A save of one record: that record is read again, the other is still a hit.
+    books[0].copies = 2;
+    books[0].save_in(&env).await.expect("save");
+    assert_eq!(Book::find_by_id_in(&env, a).await.expect("find").expect("a").copies, 2);
+    assert_eq!(stats(&env, "books", "record"), (1, 3), "the saved record missed");
+    assert_eq!(Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies, 5);
+    assert_eq!(stats(&env, "books", "record"), (2, 3), "the other one is still cached");
+
+    // A bulk write invalidates every record of the model.
+    Book::update_many_in(&env, doc! {}, doc! { "$inc": { "copies": 10 } })
+        .await
+        .expect("update_many");
+    assert_eq!(Book::find_by_id_in(&env, a).await.expect("find").expect("a").copies, 12);
+    assert_eq!(Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies, 15);
+    assert_eq!(stats(&env, "books", "record"), (2, 5));
+
+    // A transaction invalidates at commit.
+    let mut tx = env.start_transaction().await.expect("transaction");
+    let mut changed = books[1].clone();
+    changed.copies = 1;
+    changed.save_tx(&mut tx).await.expect("save in the transaction");
+    assert_eq!(
+        Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies,
+        15,
+        "not committed yet"
+    );
+    tx.commit().await.expect("commit");
+    assert_eq!(Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies, 1);
+
+    // A delete: the record is gone from the cache too.
+    books[0].delete_in(&env).await.expect("delete");
+    assert_eq!(Book::find_by_id_in(&env, a).await.expect("find"), None);
+    assert_eq!(Book::find_by_id_in(&env, a).await.expect("find"), None);
+    assert_eq!(
+        stats(&env, "books", "record"),
+        (3, 8),
+        "the uncommitted read was a hit; the one after the commit and both \
+         reads after the delete were misses: without `missing`, an absent \
+         record is read every time"
+    );
+    let _ = env.database().drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_driver_write_invalidates_the_record_cache_through_the_feed() {
+    let mut config = test_config("record_feed");
+    config.feed = true;
+    let env = connect(config).await;
+    let start = Instant::now();
+    while !env.feed_stats().leader {
+        assert!(start.elapsed() < Duration::from_secs(5), "the feed leads");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut books = [Book::new("Dune", 3), Book::new("Emma", 5)];
+    seeded(&env, &mut books).await;
+    let (a, b) = (books[0].id.expect("id"), books[1].id.expect("id"));
+    // Let the feed's echo of the seeding pass, then fill the cache.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for id in [a, b, a, b] {
+        Book::find_by_id_in(&env, id).await.expect("find");
+    }
+    let (hits, _) = stats(&env, "books", "record");
+    assert_eq!(hits, 2, "both records cached");
+
+    raw(&env)
+        .update_one(doc! { "_id": a }, doc! { "$set": { "copies": 99 } })
+        .await
+        .expect("raw update");
+    let written = Instant::now();
+    loop {
+        let copies = Book::find_by_id_in(&env, a).await.expect("find").expect("a").copies;
+        if copies == 99 {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(2),
+            "the raw write was not invalidated: {:?}",
+            env.feed_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    println!(
+        "a raw update was read through the record cache {:?} after it",
+        written.elapsed()
+    );
+    let (hits_before, _) = stats(&env, "books", "record");
+    assert_eq!(Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies, 5);
+    assert_eq!(
+        stats(&env, "books", "record").0,
+        hits_before + 1,
+        "the other record stayed cached"
+    );
+    let _ = env.database().drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_records_are_cached_only_when_asked_and_an_insert_invalidates_them() {
+    let env = test_env("record_missing").await;
+    let id = ObjectId::new();
+    assert_eq!(KnownBook::find_by_id_in(&env, id).await.expect("find"), None);
+    assert_eq!(KnownBook::find_by_id_in(&env, id).await.expect("find"), None);
+    assert_eq!(stats(&env, "books", "record"), (1, 1), "\"no such record\" was cached");
+
+    let mut book = KnownBook {
+        id: Some(id),
+        title: "Ulysses".into(),
+        copies: 1,
+    };
+    book.save_in(&env).await.expect("insert with that id");
+    assert_eq!(
+        KnownBook::find_by_id_in(&env, id).await.expect("find"),
+        Some(book),
+        "the insert invalidated the cached absence"
+    );
+    // The two types keep separate entries for the same record.
+    let plain = Book::find_by_id_in(&env, id).await.expect("find").expect("found");
+    assert_eq!(plain.title, "Ulysses");
+    let _ = env.database().drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_many_by_ids_keeps_order_drops_duplicates_and_missing_and_mixes_hits_and_misses() {
+    let env = test_env("record_many").await;
+    let mut books = [Book::new("A", 1), Book::new("B", 2), Book::new("C", 3)];
+    seeded(&env, &mut books).await;
+    let [a, b, c] = [0, 1, 2].map(|i| books[i].id.expect("id"));
+    let nobody = ObjectId::new();
+
+    assert!(Book::find_many_by_ids_in(&env, &[]).await.expect("none").is_empty());
+    // Cache two of the three.
+    Book::find_by_id_in(&env, a).await.expect("find");
+    Book::find_by_id_in(&env, b).await.expect("find");
+    let before = stats(&env, "books", "record");
+
+    let found = Book::find_many_by_ids_in(&env, &[c, nobody, a, b, c, a])
+        .await
+        .expect("find many");
+    let titles: Vec<&str> = found.iter().map(|b| b.title.as_str()).collect();
+    assert_eq!(
+        titles,
+        ["C", "A", "B"],
+        "order of first appearance, each once, none for the missing id"
+    );
+    let after = stats(&env, "books", "record");
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (2, 2),
+        "a and b were hits; c and the missing id were misses"
+    );
+
+    // Now c is cached too; the missing id is not (no `missing` TTL).
+    let again = Book::find_many_by_ids_in(&env, &[a, b, c, nobody])
+        .await
+        .expect("again");
+    assert_eq!(again.len(), 3);
+    let last = stats(&env, "books", "record");
+    assert_eq!((last.0 - after.0, last.1 - after.1), (3, 1));
+
+    // A write to one of them is seen.
+    books[1].title = "B2".into();
+    books[1].save_in(&env).await.expect("save");
+    let fresh = Book::find_many_by_ids_in(&env, &[a, b, c]).await.expect("fresh");
+    assert_eq!(fresh[1].title, "B2");
+
+    // Without Redis at all, the same answers.
+    let plain = Environment::connect(earnorm::Config {
+        redis_uri: None,
+        ..test_config("record_many_plain")
+    })
+    .await
+    .expect("connect");
+    let mut more = [Book::new("X", 1), Book::new("Y", 2)];
+    seeded(&plain, &mut more).await;
+    let [x, y] = [0, 1].map(|i| more[i].id.expect("id"));
+    let listed = Book::find_many_by_ids_in(&plain, &[y, nobody, x, y])
+        .await
+        .expect("plain");
+    let titles: Vec<&str> = listed.iter().map(|b| b.title.as_str()).collect();
+    assert_eq!(titles, ["Y", "X"]);
+    let _ = plain.database().drop().await;
+    let _ = env.database().drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_cache_serves_find_find_one_and_count_until_any_write_to_the_collection() {
+    let env = test_env("query_cache").await;
+    let mut books = [Book::new("A", 1), Book::new("B", 2), Book::new("C", 3)];
+    seeded(&env, &mut books).await;
+    let minute = Duration::from_secs(60);
+    let query = || {
+        Book::find_in(&env, doc! { "copies": { "$gte": 2 } })
+            .sort(doc! { "copies": -1 })
+            .limit(5)
+            .cached(minute)
+    };
+    let titles = |found: Vec<Book>| found.into_iter().map(|b| b.title).collect::<Vec<_>>();
+    assert_eq!(titles(query().await.expect("find")), ["C", "B"]);
+    assert_eq!(titles(query().await.expect("find")), ["C", "B"]);
+    assert_eq!(stats(&env, "books", "find"), (1, 1), "the second was a hit");
+
+    // Options are part of the entry: another limit is another query.
+    let one = Book::find_in(&env, doc! { "copies": { "$gte": 2 } })
+        .sort(doc! { "copies": -1 })
+        .limit(1)
+        .cached(minute)
+        .await
+        .expect("find");
+    assert_eq!(titles(one), ["C"]);
+    assert_eq!(stats(&env, "books", "find"), (1, 2));
+
+    // Key order: the same filter with its keys in another order is another
+    // entry (MongoDB compares documents with their key order too).
+    let ordered = |filter: Document| Book::count_in(&env, filter).cached(minute);
+    assert_eq!(ordered(doc! { "copies": 2, "title": "B" }).await.expect("count"), 1);
+    assert_eq!(ordered(doc! { "title": "B", "copies": 2 }).await.expect("count"), 1);
+    assert_eq!(stats(&env, "books", "count"), (0, 2), "two entries");
+    assert_eq!(ordered(doc! { "title": "B", "copies": 2 }).await.expect("count"), 1);
+    assert_eq!(stats(&env, "books", "count"), (1, 2));
+
+    let first = || Book::find_one_in(&env, doc! { "title": "Z" }).cached(minute);
+    assert_eq!(first().await.expect("find_one"), None);
+    assert_eq!(first().await.expect("find_one"), None);
+    assert_eq!(
+        stats(&env, "books", "find_one"),
+        (1, 1),
+        "\"none matched\" is cached too"
+    );
+
+    // Uncached reads never touch the cache.
+    Book::find_in(&env, doc! {}).await.expect("find");
+    assert_eq!(stats(&env, "books", "find"), (1, 2));
+
+    // Any write to the collection invalidates every cached query over it.
+    let mut z = Book::new("Z", 7);
+    z.save_in(&env).await.expect("save");
+    assert_eq!(first().await.expect("find_one").map(|b| b.title), Some("Z".into()));
+    assert_eq!(titles(query().await.expect("find")), ["Z", "C", "B"]);
+    assert_eq!(ordered(doc! { "title": "B", "copies": 2 }).await.expect("count"), 1);
+    assert_eq!(stats(&env, "books", "find"), (1, 3));
+
+    // And the cached method sits in the same table under its own name.
+    env.scope(async {
+        Book::shelf_total().await.expect("total");
+        Book::shelf_total().await.expect("total");
+    })
+    .await;
+    assert_eq!(stats(&env, "books", "shelf_total"), (1, 1));
+    let _ = env.database().drop().await;
+}
