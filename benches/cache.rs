@@ -67,6 +67,15 @@ impl User {
     }
 }
 
+/// The same collection, with a record cache.
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "bench_users", cache(ttl = 600))]
+pub struct CachedUser {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub n: i64,
+}
+
 /// The per-round mean times of each contender of one comparison.
 struct Samples<const N: usize>([Vec<Duration>; N]);
 
@@ -462,6 +471,8 @@ async fn main() {
         &us(finds.median(1)),
         &format!("{} of uncached", finds.ratio(1, 0)),
     );
+    record_cache_group(&env, id, rounds, per_round).await;
+
     // 7. The database feed: lag under sustained writes, and its cost on
     // writes, on a multi-threaded runtime (two workers, as a server runs):
     // the leader works beside the writer, as it would in a real process.
@@ -484,6 +495,147 @@ async fn main() {
     );
     let _ = env.database().drop().await;
     let _ = <ObjectId as ModelId>::generate();
+}
+
+/// Group 8, cached ORM reads: the record cache against the raw driver and
+/// `#[cached]`, and `find_many_by_ids` of 100 ids against one `$in` query.
+async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_round: usize) {
+    use earnorm::bson::doc;
+    use futures_util::TryStreamExt;
+    let typed = env.database().collection::<User>(User::COLLECTION);
+    let finds = {
+        let coll = typed.clone();
+        let mut raw = Closure(move || {
+            let coll = coll.clone();
+            async move {
+                std::hint::black_box(coll.find_one(doc! { "_id": id }).await.expect("find_one"));
+            }
+        });
+        let e = env.clone();
+        let mut orm = Closure(move || {
+            let e = e.clone();
+            async move {
+                std::hint::black_box(User::find_by_id_in(&e, id).await.expect("find"));
+            }
+        });
+        let e = env.clone();
+        let mut record = Closure(move || {
+            let e = e.clone();
+            async move {
+                std::hint::black_box(CachedUser::find_by_id_in(&e, id).await.expect("find"));
+            }
+        });
+        let e = env.clone();
+        let mut method = Closure(move || {
+            let e = e.clone();
+            async move {
+                std::hint::black_box(e.scope(User::by_id_cached(id)).await.expect("find"));
+            }
+        });
+        compare(rounds, per_round / 4, [&mut raw, &mut orm, &mut record, &mut method]).await
+    };
+    row(
+        "8a. raw driver `find_one` + deserialize",
+        &us(finds.median(0)),
+        "typed collection, one document",
+    );
+    row(
+        "8b. `find_by_id`, no record cache",
+        &us(finds.median(1)),
+        &format!("{} of raw (bar: <= 1.05x)", finds.ratio(1, 0)),
+    );
+    row(
+        "8c. `find_by_id` through the record cache (hit)",
+        &us(finds.median(2)),
+        &format!(
+            "{} of a `#[cached]` hit of the same record ({}; bar: <= 1.10x); {} of raw",
+            finds.ratio(2, 3),
+            us(finds.median(3)),
+            finds.ratio(2, 0)
+        ),
+    );
+
+    // find_many_by_ids of 100 ids with 0%, 50% and 100% hits, each call
+    // preceded by one invalidation round trip (of half the ids, all of
+    // them, or an unrelated record), against one `$in` query.
+    let mut users: Vec<User> = (0..100).map(|n| User { id: None, n }).collect();
+    User::insert_many_in(env, &mut users).await.expect("insert");
+    let ids: Arc<Vec<ObjectId>> = Arc::new(users.iter().map(|u| u.id.expect("id")).collect());
+    let namespace = env.model_scope(User::COLLECTION);
+    let keys: Arc<Vec<String>> = Arc::new(ids.iter().map(|id| id.to_hex()).collect());
+    let scopes_of = |keys: &[String], namespace: &str, invalidate: usize| -> Vec<(String, String)> {
+        if invalidate == 0 {
+            vec![(namespace.to_owned(), "unrelated".to_owned())]
+        } else {
+            keys.iter()
+                .take(invalidate)
+                .map(|k| (namespace.to_owned(), k.clone()))
+                .collect()
+        }
+    };
+    // Each call first invalidates `invalidate` of the ids (none: an
+    // unrelated record), then reads all 100 when `read`.
+    let many = |invalidate: usize, read: bool| {
+        let (e, ids) = (env.clone(), Arc::clone(&ids));
+        let scopes = Arc::new(scopes_of(&keys, &namespace, invalidate));
+        Closure(move || {
+            let (e, ids, scopes) = (e.clone(), Arc::clone(&ids), Arc::clone(&scopes));
+            async move {
+                let scopes: Vec<Scope<'_>> = scopes.iter().map(|(m, k)| Scope::Record(m, k)).collect();
+                e.cache().invalidate(&scopes).await;
+                if read {
+                    let found = CachedUser::find_many_by_ids_in(&e, &ids).await.expect("find many");
+                    assert_eq!(found.len(), 100);
+                }
+            }
+        })
+    };
+    let (mut cold, mut half, mut warm) = (many(100, true), many(50, true), many(0, true));
+    let (mut inv_all, mut inv_half, mut inv_one) = (many(100, false), many(50, false), many(0, false));
+    let coll = typed.clone();
+    let in_ids = Arc::clone(&ids);
+    let mut in_query = Closure(move || {
+        let (coll, ids) = (coll.clone(), Arc::clone(&in_ids));
+        async move {
+            let found: Vec<User> = coll
+                .find(doc! { "_id": { "$in": ids.as_slice() } })
+                .await
+                .expect("find")
+                .try_collect()
+                .await
+                .expect("collect");
+            assert_eq!(found.len(), 100);
+        }
+    });
+    let batches = compare(
+        rounds,
+        (per_round / 40).max(5),
+        [
+            &mut in_query,
+            &mut cold,
+            &mut half,
+            &mut warm,
+            &mut inv_all,
+            &mut inv_half,
+            &mut inv_one,
+        ],
+    )
+    .await;
+    let in_query = batches.median(0);
+    row("8d. one `$in` query of 100 ids", &us(in_query), "raw driver, typed");
+    for (i, label) in [(1, "0%"), (2, "50%"), (3, "100%")] {
+        // The invalidation that set the hit rate up, timed alone, taken off.
+        let net = batches.median(i).saturating_sub(batches.median(i + 3));
+        row(
+            &format!("8e. `find_many_by_ids`, 100 ids, {label} hits"),
+            &us(net),
+            &format!(
+                "{:.3}x of the `$in` query (the invalidation before each call, {}, taken off)",
+                net.as_secs_f64() / in_query.as_secs_f64(),
+                us(batches.median(i + 3))
+            ),
+        );
+    }
 }
 
 /// An environment on `redis` with its own database and prefix, the feed on or off.

@@ -4,8 +4,7 @@
 //! between it and Redis). Either way the feed invalidates its writes within
 //! its lag.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 #[path = "feed_model.rs"]
@@ -15,7 +14,7 @@ use earnorm::bson::oid::ObjectId;
 use earnorm::prelude::*;
 use earnorm::Environment;
 use feed_model::Item;
-use support::{connect, fast_cache_config, require_mongo, unique_name, RedisServer, TcpProxy};
+use support::{connect, fast_cache_config, require_mongo, unique_name, ChildTest, RedisServer, TcpProxy};
 
 /// Fast reconnection, but heartbeats a second apart: a manager cut off is
 /// noticed as missing only after 2.3 s, so what the feed does within its
@@ -127,46 +126,28 @@ async fn a_writer_killed_before_invalidating_leaves_nothing_stale() {
     assert_eq!(reader.scope(item.stored_qty()).await.expect("read"), Some(0));
     assert_eq!(reader.scope(probe.stored_qty()).await.expect("read"), Some(9));
 
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--ignored",
-            "--exact",
-            "child_writer",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("EARNORM_CHILD_DB", &database)
-        .env("EARNORM_CHILD_PREFIX", &prefix)
-        .env("EARNORM_CHILD_REDIS", redis.url())
-        .env("EARNORM_CHILD_ID", id.to_hex())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the writer");
-    let mut input = child.stdin.take().expect("stdin");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let answer = |lines: &mut std::io::Lines<_>, prefix: &str| -> String {
-        loop {
-            let line: String = lines.next().expect("the writer runs").expect("a line");
-            // The test harness may print its own words before ours on a line.
-            if let Some((_, rest)) = line.split_once(prefix) {
-                return rest.to_owned();
-            }
-        }
-    };
-    answer(&mut lines, "ready");
+    let url = redis.url();
+    let hex = id.to_hex();
+    let mut child = ChildTest::start(
+        "child_writer",
+        &[
+            ("EARNORM_CHILD_DB", database.as_str()),
+            ("EARNORM_CHILD_PREFIX", prefix.as_str()),
+            ("EARNORM_CHILD_REDIS", url.as_str()),
+            ("EARNORM_CHILD_ID", hex.as_str()),
+        ],
+    );
+    child.answer("ready");
     // Freeze Redis, let the writer find out (so its next invalidation is
     // queued in its memory, not sent), have it write, then kill it.
     redis.freeze();
-    writeln!(input, "ping").expect("stdin");
-    let status = answer(&mut lines, "pinged ");
+    child.send("ping");
+    let status = child.answer("pinged ");
     assert_ne!(status, "Connected", "the writer noticed the freeze");
     let last = 7;
-    writeln!(input, "write {last}").expect("stdin");
-    answer(&mut lines, "acked ");
-    child.kill().expect("SIGKILL the writer");
-    let _ = child.wait();
+    child.send(&format!("write {last}"));
+    child.answer("acked ");
+    child.kill();
     redis.thaw();
     let thawed = Instant::now();
     // Within the feed's lag (which here includes its own recovery from the

@@ -3,13 +3,12 @@
 //! compute themselves. Each test starts copies of this test binary as the
 //! other processes (`lease_child`, ignored on its own), on a private Redis.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use earnorm::cache_layer::{CacheKey, CacheManager, PlainOutput};
 use earnorm::CacheConfig;
-use support::{fast_cache_config, RedisServer};
+use support::{fast_cache_config, ChildTest, RedisServer};
 
 /// How long each computation takes.
 const BODY: Duration = Duration::from_millis(200);
@@ -100,53 +99,13 @@ async fn lease_child() {
     }
 }
 
-struct Process {
-    child: Child,
-    stdin: ChildStdin,
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl Process {
-    fn start(url: &str, prefix: &str) -> Self {
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--ignored", "--exact", "lease_child", "--nocapture", "--test-threads=1"])
-            .env("EARNORM_LEASE_REDIS", url)
-            .env("EARNORM_LEASE_PREFIX", prefix)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a process");
-        let stdin = child.stdin.take().expect("stdin");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut process = Self { child, stdin, lines };
-        process.answer("ready");
-        process
-    }
-
-    /// The rest of the next line saying `LEASE word`.
-    fn answer(&mut self, word: &str) -> String {
-        let marker = format!("LEASE {word}");
-        loop {
-            let line = self.lines.next().expect("the process runs").expect("a line");
-            // The test harness may print its own words before ours.
-            if let Some((_, rest)) = line.split_once(&marker) {
-                return rest.trim().to_owned();
-            }
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("stdin");
-        self.stdin.flush().expect("flush");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn process(url: &str, prefix: &str) -> ChildTest {
+    let mut child = ChildTest::start(
+        "lease_child",
+        &[("EARNORM_LEASE_REDIS", url), ("EARNORM_LEASE_PREFIX", prefix)],
+    );
+    child.answer("LEASE ready");
+    child
 }
 
 fn runs(redis: &RedisServer) -> u64 {
@@ -157,13 +116,13 @@ fn runs(redis: &RedisServer) -> u64 {
 async fn four_processes_of_a_hundred_callers_on_a_cold_key_compute_it_at_most_twice() {
     let redis = RedisServer::start();
     let prefix = support::unique_name("lease");
-    let mut processes: Vec<Process> = (0..4).map(|_| Process::start(&redis.url(), &prefix)).collect();
+    let mut processes: Vec<ChildTest> = (0..4).map(|_| process(&redis.url(), &prefix)).collect();
     for process in &mut processes {
         process.send(&format!("go 100 {}", BODY.as_millis()));
     }
     let mut longest = Duration::ZERO;
     for process in &mut processes {
-        let ms: u64 = process.answer("done").parse().expect("milliseconds");
+        let ms: u64 = process.answer("LEASE done").parse().expect("milliseconds");
         longest = longest.max(Duration::from_millis(ms));
     }
     let runs = runs(&redis);
@@ -179,7 +138,7 @@ async fn four_processes_of_a_hundred_callers_on_a_cold_key_compute_it_at_most_tw
         process.send(&format!("go 100 {}", BODY.as_millis()));
     }
     for process in &mut processes {
-        process.answer("done");
+        process.answer("LEASE done");
     }
     assert_eq!(self::runs(&redis), runs, "hits");
 }
@@ -189,9 +148,9 @@ async fn a_killed_lease_holder_holds_the_others_up_at_most_the_lease_wait() {
     let redis = RedisServer::start();
     let prefix = support::unique_name("lease_kill");
     // The holder takes the lease and computes for a minute, then is killed.
-    let mut holder = Process::start(&redis.url(), &prefix);
+    let mut holder = process(&redis.url(), &prefix);
     holder.send("go 1 60000");
-    holder.answer("started");
+    holder.answer("LEASE started");
     let start = Instant::now();
     while runs(&redis) == 0 {
         assert!(start.elapsed() < Duration::from_secs(5), "the holder started computing");

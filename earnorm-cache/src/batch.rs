@@ -3,17 +3,78 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use redis::Script;
 
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
 use crate::codec::{self, Envelope};
 use crate::key::CacheKey;
-use crate::manager::{bypassed, generation_ttl, Expected};
+use crate::manager::{bypassed, expiry_ms, generation_ttl};
 use crate::stats::Event;
 use crate::token::new_token;
 use crate::{CacheError, CacheManager};
+
+/// The compare-and-set of many values in one call: for each value, in
+/// order, KEYS has its key then its `n` generation keys, and ARGV has `n`,
+/// its TTL (ms), its generations' TTL (ms), its envelope header, its
+/// payload, then the `n` generation tokens its computation began under.
+/// Each value is stored only if its generations are still those (an
+/// absent one never matches); returns 1 or 0 per value. A generation many
+/// values share is read once and extended once. Like the one-value
+/// script, declared with a shebang so that Redis refuses it whole when out
+/// of memory.
+const STORE_MANY_SCRIPT: &str = r"#!lua
+local seen = {}
+local extend = {}
+local stored = {}
+local k, a = 1, 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local tokens = {}
+  local current = true
+  for i = 1, n do
+    local name = KEYS[k + i]
+    local token = seen[name]
+    if token == nil then
+      token = redis.call('GET', name)
+      seen[name] = token
+    end
+    if token ~= ARGV[a + 4 + i] then
+      current = false
+      break
+    end
+    tokens[i] = token
+  end
+  if current then
+    local ttl = tonumber(ARGV[a + 2])
+    for i = 1, n do
+      local name = KEYS[k + i]
+      if (extend[name] or 0) < ttl then
+        extend[name] = ttl
+      end
+    end
+    redis.call('SET', KEYS[k], ARGV[a + 3] .. table.concat(tokens) .. ARGV[a + 4], 'PX', ARGV[a + 1])
+    stored[#stored + 1] = 1
+  else
+    stored[#stored + 1] = 0
+  end
+  k = k + 1 + n
+  a = a + 5 + n
+end
+for name, ttl in pairs(extend) do
+  redis.call('PEXPIRE', name, ttl, 'GT')
+end
+return stored
+";
+
+fn store_many_script() -> &'static Script {
+    static SCRIPT: OnceLock<Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(STORE_MANY_SCRIPT))
+}
 
 impl CacheManager {
     /// The cache-aside call for many keys at once, with every guarantee of
@@ -143,7 +204,7 @@ impl CacheManager {
         if absent.is_empty() {
             return Ok(());
         }
-        let ttl_ms = crate::manager::expiry_ms(generation_ttl(self.config()));
+        let ttl_ms = expiry_ms(generation_ttl(self.config()));
         let mut pipe = redis::pipe();
         let fresh: Vec<String> = absent.iter().map(|_| new_token()).collect();
         for (&g, token) in absent.iter().zip(&fresh) {
@@ -168,8 +229,8 @@ impl CacheManager {
         Ok(())
     }
 
-    /// Stores the computed values under the compare-and-set, in one round
-    /// trip (the script is loaded first in the same pipeline).
+    /// Stores the computed values under the compare-and-set, all in one
+    /// script call.
     #[allow(clippy::too_many_arguments)]
     async fn store_many<T: Serialize>(
         &self,
@@ -181,37 +242,47 @@ impl CacheManager {
         ttl_of: &impl Fn(&T) -> Option<Duration>,
         budget: &mut Duration,
     ) {
-        let mut stores = Vec::new();
+        let generation_ttl = generation_ttl(self.config());
+        let mut invocation = store_many_script().prepare_invoke();
+        let mut stored_keys = Vec::new();
         for (&i, value) in missed.iter().zip(computed) {
             let Some(ttl) = ttl_of(value) else { continue };
-            match codec::encode(value) {
-                Ok(payload) => {
-                    let seen: Vec<Option<Vec<u8>>> = positions[i].iter().map(|&g| generations[g].clone()).collect();
-                    stores.push((i, seen, payload, ttl));
+            let payload = match codec::encode(value) {
+                Ok(payload) => payload,
+                Err(err) => {
+                    debug!(key = keys[i].as_str(), error = %err, "value not cached: it does not encode");
+                    continue;
                 }
-                Err(err) => debug!(key = keys[i].as_str(), error = %err, "value not cached: it does not encode"),
+            };
+            let key = &keys[i];
+            invocation
+                .key(&key.value)
+                .key(&key.generations)
+                .arg(key.generations.len())
+                .arg(expiry_ms(ttl))
+                .arg(expiry_ms(
+                    generation_ttl.max(ttl).saturating_add(Duration::from_secs(60)),
+                ))
+                .arg(&codec::header(key.generations.len())[..])
+                .arg(payload);
+            for &g in &positions[i] {
+                invocation.arg(generations[g].as_deref().unwrap_or(b""));
             }
+            stored_keys.push(key);
         }
-        if stores.is_empty() {
+        if stored_keys.is_empty() {
             return;
-        }
-        let mut pipe = redis::pipe();
-        pipe.load_script(self.store_script()).ignore();
-        for (i, seen, payload, ttl) in &stores {
-            let invocation = self.store_invocation(&keys[*i], Expected::Seen(seen), payload, *ttl, None);
-            pipe.invoke_script(&invocation);
         }
         match self
             .connection()
-            .call_within(
-                budget,
-                |mut c| async move { pipe.query_async::<Vec<i64>>(&mut c).await },
-            )
+            .call_within(budget, |mut c| async move {
+                invocation.invoke_async::<Vec<i64>>(&mut c).await
+            })
             .await
         {
             Ok(answers) => {
-                for ((i, ..), stored) in stores.iter().zip(answers) {
-                    self.count_store(&keys[*i], stored == 1);
+                for (key, stored) in stored_keys.into_iter().zip(answers) {
+                    self.count_store(key, stored == 1);
                 }
             }
             Err(err) => self.refused(&err),

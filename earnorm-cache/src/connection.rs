@@ -717,7 +717,7 @@ impl Connection {
     }
 
     /// Removes this manager's heartbeat (it is leaving, not missing).
-    async fn leave(&self) {
+    pub(crate) async fn leave(&self) {
         let key = format!("{}meta:members", self.namespace);
         let member = self.member.clone();
         let _ = self

@@ -330,6 +330,17 @@ impl CacheManager {
         )
     }
 
+    /// Leaves cleanly, for a process about to exit: stops reconnecting and
+    /// removes this manager's heartbeat, so that the other managers sharing
+    /// the prefix do not take it for one cut off from Redis (which would
+    /// stop their hits until it is forgotten, see
+    /// [`ConnectionStatus::Recovering`]). The manager keeps answering on its
+    /// current connection while it lasts; call this last.
+    pub async fn shutdown(&self) {
+        self.connection().close();
+        self.connection().leave().await;
+    }
+
     /// Pings Redis and returns the round-trip time.
     ///
     /// # Errors
@@ -764,7 +775,7 @@ impl CacheManager {
     }
 
     /// The compare-and-set script's call for one value (see `STORE_SCRIPT`).
-    pub(crate) fn store_invocation(
+    fn store_invocation(
         &self,
         key: &CacheKey,
         expected: Expected<'_>,
@@ -803,11 +814,6 @@ impl CacheManager {
             }
         }
         invocation
-    }
-
-    /// The compare-and-set script itself (to load it before pipelining calls).
-    pub(crate) fn store_script(&self) -> &Script {
-        &self.inner.store
     }
 
     /// Counts the answer of the compare-and-set for `key`.
@@ -1171,7 +1177,7 @@ impl Drop for LeaseGuard {
 }
 
 /// The generations a store expects to find.
-pub(crate) enum Expected<'a> {
+enum Expected<'a> {
     /// Exactly these (`None`: absent), as seen before the computation.
     Seen(&'a [Option<Vec<u8>>]),
     /// Whatever is there now.

@@ -14,7 +14,8 @@
 //! take one directly.
 
 use std::future::Future;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use earnorm_cache::{redact_url, CacheManager, ConnectionStatus};
 use mongodb::bson::doc;
@@ -39,8 +40,10 @@ struct Inner {
     database: Database,
     cache: CacheManager,
     feed: Arc<feed::Counters>,
-    /// Dropped with the environment, which ends its feed task.
-    _feed_stop: watch::Sender<()>,
+    /// Dropped with the environment (or signalled by `close`), which ends
+    /// its feed task.
+    feed_stop: watch::Sender<()>,
+    feed_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The cache name of a model in an environment: `DATABASE.COLLECTION`, so
@@ -106,10 +109,11 @@ impl Environment {
         let cache = CacheManager::connect(config.redis_uri.as_deref(), config.cache_config).await?;
         let counters = Arc::new(feed::Counters::default());
         let (stop, stopped) = watch::channel(());
+        let mut feed_task = None;
         if config.feed && cache.status() != ConnectionStatus::Disabled {
             let feed = feed::Feed::new(database.clone(), cache.clone(), Arc::clone(&counters), stopped);
             cache.follow_feed(&feed::marker_name(database.name()), &model_scope(database.name(), ""));
-            tokio::spawn(feed.run());
+            feed_task = Some(tokio::spawn(feed.run()));
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -117,7 +121,8 @@ impl Environment {
                 database,
                 cache,
                 feed: counters,
-                _feed_stop: stop,
+                feed_stop: stop,
+                feed_task: Mutex::new(feed_task),
             }),
         })
     }
@@ -168,6 +173,27 @@ impl Environment {
         self.inner.feed.snapshot()
     }
 
+    /// Leaves cleanly, for a process about to exit: stops the database feed
+    /// (a leader gives its lease up, so that another process leads at once
+    /// instead of after the lease expires) and shuts the cache down (see
+    /// [`CacheManager::shutdown`]: the other processes do not take this one
+    /// for one cut off from Redis). Waits at most two seconds. Model calls
+    /// still work afterwards, but nothing is cached any more once the cache's
+    /// connection goes.
+    pub async fn close(&self) {
+        let _ = self.inner.feed_stop.send(());
+        let task = self
+            .inner
+            .feed_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        self.inner.cache.shutdown().await;
+    }
+
     /// The name a collection of this environment has in cache keys and scopes.
     pub fn model_scope(&self, collection: &str) -> String {
         model_scope(self.inner.database.name(), collection)
@@ -183,6 +209,17 @@ pub async fn init(config: Config) -> Result<Environment> {
     let env = Environment::connect(config).await?;
     env.set_default();
     Ok(env)
+}
+
+/// Closes the process-wide default environment installed by [`init`] (see
+/// [`Environment::close`]) and removes it: call it when the program is
+/// about to exit, so that the processes still running keep serving hits
+/// and take the database feed over at once.
+pub async fn shutdown() {
+    let env = DEFAULT.write().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(env) = env {
+        env.close().await;
+    }
 }
 
 /// The cache of the current environment; a disabled cache when EarnORM is

@@ -20,7 +20,7 @@ pub use earnorm_cache::{
     self as cache_layer, bypass as bypass_cache, CacheConfig, CacheManager, CacheStats, ConnectionStatus, NamedStats,
 };
 pub use earnorm_derive::{cached, Model};
-pub use env::{cache, init, Environment};
+pub use env::{cache, init, shutdown, Environment};
 pub use error::{Error, FieldError, Result, ValidationErrors};
 pub use feed::FeedStats;
 pub use model::{id_key, IndexSpec, Model, ModelId};

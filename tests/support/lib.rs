@@ -353,3 +353,66 @@ impl Drop for TcpProxy {
         self.task.abort();
     }
 }
+
+/// Another process: this test binary started again to run one of its
+/// ignored tests (`--ignored --exact NAME --nocapture`), driven through
+/// its standard input and output. Killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct ChildTest {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl ChildTest {
+    /// Starts the test `name` with the environment variables `vars`.
+    pub fn start(name: &str, vars: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(std::env::current_exe().expect("the test binary"));
+        command
+            .args(["--ignored", "--exact", name, "--nocapture", "--test-threads=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (key, value) in vars {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start the child process");
+        let stdin = child.stdin.take().expect("stdin");
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().expect("stdout")));
+        Self { child, stdin, lines }
+    }
+
+    /// What follows `marker` on the next line that holds it (the test
+    /// harness may print its own words before the child's on a line).
+    pub fn answer(&mut self, marker: &str) -> String {
+        loop {
+            let line = self.lines.next().expect("the child process runs").expect("a line");
+            if let Some((_, rest)) = line.split_once(marker) {
+                return rest.trim().to_owned();
+            }
+        }
+    }
+
+    /// Sends a line.
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("the child's standard input");
+        self.stdin.flush().expect("flush");
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self) {
+        let _ = self.child.wait();
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildTest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
