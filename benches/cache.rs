@@ -555,6 +555,45 @@ async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_
         ),
     );
 
+    // save against a raw replace_one of the same document.
+    let saves = {
+        let coll = typed.clone();
+        let mut raw = Closure(move || {
+            let coll = coll.clone();
+            async move {
+                let user = User { id: Some(id), n: 1 };
+                std::hint::black_box(
+                    coll.replace_one(doc! { "_id": id }, &user)
+                        .upsert(true)
+                        .await
+                        .expect("replace_one"),
+                );
+            }
+        });
+        let e = env.clone();
+        let mut orm = Closure(move || {
+            let e = e.clone();
+            async move {
+                let mut user = User { id: Some(id), n: 1 };
+                user.save_in(&e).await.expect("save");
+            }
+        });
+        compare(rounds, per_round / 4, [&mut raw, &mut orm]).await
+    };
+    row(
+        "8f. raw driver `replace_one` (upsert)",
+        &us(saves.median(0)),
+        "typed, one document",
+    );
+    row(
+        "8g. `save` of the same record",
+        &us(saves.median(1)),
+        &format!(
+            "{} of raw: validation, a session of its own, the write, then its invalidation in Redis",
+            saves.ratio(1, 0)
+        ),
+    );
+
     // find_many_by_ids of 100 ids with 0%, 50% and 100% hits, each call
     // preceded by one invalidation round trip (of half the ids, all of
     // them, or an unrelated record), against one `$in` query.

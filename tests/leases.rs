@@ -166,12 +166,12 @@ async fn a_killed_lease_holder_holds_the_others_up_at_most_the_lease_wait() {
         "after the holder was killed, the callers took {waited:?} ({:?} after the kill)",
         killed.elapsed()
     );
-    // The flight here waits on the dead holder's lease until it expires,
-    // then computes; callers whose own `lease_wait` ran out meanwhile
-    // compute too. None waits longer than that.
+    // The dead holder's lease expires a quarter of `lease_wait` after its
+    // last renewal; the flight here takes it over and computes once, in
+    // time for every caller waiting on it.
     let runs = runs(&redis);
     println!("the body ran {runs} time(s) (the killed holder's included)");
-    assert!(runs >= 2, "someone here computed the value");
+    assert_eq!(runs, 2, "the holder's run, then one here");
     assert!(
         waited < lease_wait + BODY + Duration::from_millis(500),
         "a caller waited {waited:?}"
@@ -232,4 +232,33 @@ async fn a_lease_never_lets_a_stale_value_in() {
         2,
         "the stored value is the current one"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_holder_gives_its_lease_up_at_once() {
+    let redis = RedisServer::start();
+    let prefix = support::unique_name("lease_cancel");
+    let (one, two) = (
+        manager(&redis.url(), &prefix).await,
+        manager(&redis.url(), &prefix).await,
+    );
+    let (k1, k2) = (cold_key(&one), cold_key(&two));
+    // The holder's caller stops waiting in the middle of its computation.
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        one.get_or_compute::<u64, PlainOutput, _>(&k1, None, body(&redis.url(), Duration::from_secs(60))),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the call was cancelled");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let start = Instant::now();
+    let value = two.get_or_compute::<u64, PlainOutput, _>(&k2, None, async { 7 }).await;
+    let waited = start.elapsed();
+    println!("after the holder was cancelled, the next caller took {waited:?}");
+    assert_eq!(value, 7);
+    assert!(
+        waited < Duration::from_millis(100),
+        "the lease was given up, not left to expire ({waited:?})"
+    );
+    assert_eq!(two.stats().lease_waits, 0, "nobody held it any more");
 }

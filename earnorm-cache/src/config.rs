@@ -63,8 +63,11 @@ pub struct CacheConfig {
     /// key before computing its own value: another caller in this process
     /// (single flight), or another process holding the key's lease (a
     /// cold key is computed by one process at a time; the others poll for
-    /// its value). Zero: no leases across processes, and callers in this
-    /// process do not wait for each other either.
+    /// its value). A lease lives a quarter of this without renewal (its
+    /// holder renews it while computing), so that one whose holder died is
+    /// taken over before its waiters give up. Zero: no leases across
+    /// processes, and callers in this process do not wait for each other
+    /// either.
     #[serde(with = "seconds")]
     pub lease_wait: Duration,
     /// Longest time a call may wait on Redis in all (its lookup, store and

@@ -511,13 +511,16 @@ impl CacheManager {
         let mut lease = match lease {
             Lease::Busy => {
                 conn.counters.count(named, Event::LeaseWait);
-                if let Some((value, payload, looked)) = self.await_holder::<R, O>(key, call).await {
-                    // Current when it was looked up: as good as a store
-                    // sent then (see `crate::flight`).
-                    leader.complete(Outcome::Stored(payload, looked));
-                    return value;
+                match self.await_holder::<R, O>(key, call).await {
+                    Awaited::Value(value, payload, looked) => {
+                        // Current when it was looked up: as good as a store
+                        // sent then (see `crate::flight`).
+                        leader.complete(Outcome::Stored(payload, looked));
+                        return value;
+                    }
+                    Awaited::Took(guard) => Some(guard),
+                    Awaited::GaveUp => None,
                 }
-                None
             }
             Lease::Held(guard) => Some(guard),
             Lease::None => None,
@@ -565,32 +568,90 @@ impl CacheManager {
         value
     }
 
-    /// Polls for the value of a key whose lease another process holds,
-    /// until `lease_wait` after the call began. `None` when the holder gave
-    /// the lease up without storing a current value (its result was not
-    /// cacheable, or a write invalidated it), or time ran out: the caller
-    /// then computes. Otherwise the value, its payload and when the lookup
-    /// that found it was sent.
-    async fn await_holder<R, O: Output<R>>(&self, key: &CacheKey, call: &mut Call) -> Option<(R, Arc<[u8]>, Instant)> {
+    /// Polls for the value of a key whose lease another caller holds,
+    /// until `lease_wait` after the call began. When the lease is gone
+    /// without a current value (its holder died, or gave it up because its
+    /// result was not cacheable or a write invalidated it), takes the lease
+    /// over if it can. Gives up when time runs out or the cache cannot be
+    /// read: the caller then computes without the lease.
+    async fn await_holder<R, O: Output<R>>(&self, key: &CacheKey, call: &mut Call) -> Awaited<R> {
         let deadline = call.began + self.config().lease_wait;
         let lease = self.lease_key(key);
         let mut pause = Duration::from_millis(1);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return None;
+                return Awaited::GaveUp;
             }
             tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(LEASE_POLL);
             let looked = Instant::now();
             match self.lookup(key, Some(&lease), &mut call.budget).await {
                 (Lookup::Hit(bytes, _), _) => {
-                    let (value, payload) = self.open_hit(key, &bytes, O::decode, &mut call.budget).await?;
-                    return Some((value, payload, looked));
+                    return match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
+                        Some((value, payload)) => Awaited::Value(value, payload, looked),
+                        None => Awaited::GaveUp,
+                    };
                 }
                 (Lookup::Miss(_), true) => {}
-                (Lookup::Miss(_), false) | (Lookup::Unavailable, _) => return None,
+                (Lookup::Miss(_), false) => {
+                    let holder = new_token();
+                    match self.take_lease(&lease, &holder, &mut call.budget).await {
+                        Ok(true) => return Awaited::Took(self.hold(lease, holder)),
+                        Ok(false) => {}
+                        Err(_) => return Awaited::GaveUp,
+                    }
+                }
+                (Lookup::Unavailable, _) => return Awaited::GaveUp,
             }
+        }
+    }
+
+    /// Takes the lease `lease` (a full key) for `holder` if nobody holds it.
+    async fn take_lease(&self, lease: &str, holder: &str, budget: &mut Duration) -> Result<bool, CacheError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(lease)
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(expiry_ms(lease_ttl(self.config())));
+        let set: Option<String> = self
+            .connection()
+            .call_within(budget, |mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// A held lease: renewed in the background while the value is computed
+    /// (so that it outlives a long computation, yet expires soon after a
+    /// holder that died), given up when the guard is settled or dropped.
+    fn hold(&self, key: String, holder: String) -> LeaseGuard {
+        let renewer = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (manager, key, holder) = (self.clone(), key.clone(), holder.clone());
+            let ttl = lease_ttl(self.config());
+            runtime
+                .spawn(async move {
+                    loop {
+                        tokio::time::sleep(ttl / 3).await;
+                        let mut invocation = manager.inner.lease.key(&key);
+                        invocation.arg(&holder).arg(expiry_ms(ttl));
+                        let held = manager
+                            .connection()
+                            .call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await })
+                            .await;
+                        if !matches!(held, Ok(1)) {
+                            break;
+                        }
+                    }
+                })
+                .abort_handle()
+        });
+        LeaseGuard {
+            manager: self.clone(),
+            key,
+            holder,
+            armed: true,
+            renewer,
         }
     }
 
@@ -646,7 +707,7 @@ impl CacheManager {
                 .arg("NX")
                 .arg("GET")
                 .arg("PX")
-                .arg(expiry_ms(conn.config.lease_wait));
+                .arg(expiry_ms(lease_ttl(&conn.config)));
         }
         let answers: Vec<Option<Vec<u8>>> = match conn
             .call_within(budget, |mut c| async move {
@@ -673,12 +734,7 @@ impl CacheManager {
         }
         let lease = match (holder, lease_key, answers.next()) {
             // Nobody held it: it is ours now.
-            (Some(holder), Some(lease_key), Some(None)) => Lease::Held(LeaseGuard {
-                manager: self.clone(),
-                key: lease_key,
-                holder,
-                armed: true,
-            }),
+            (Some(holder), Some(lease_key), Some(None)) => Lease::Held(self.hold(lease_key, holder)),
             (Some(_), Some(_), Some(Some(_))) => Lease::Busy,
             _ => Lease::None,
         };
@@ -768,7 +824,7 @@ impl CacheManager {
             .await
             .inspect_err(|err| self.refused(err))?;
         if let Some(lease) = lease {
-            lease.armed = false;
+            lease.settle();
         }
         self.count_store(key, stored == 1);
         Ok(stored == 1)
@@ -1142,6 +1198,23 @@ enum Lease {
     Busy,
 }
 
+/// What waiting on another caller's lease gave.
+enum Awaited<R> {
+    /// Its value, its payload, and when the lookup that found it was sent.
+    Value(R, Arc<[u8]>, Instant),
+    /// The lease, taken over from a holder that gave it up or died.
+    Took(LeaseGuard),
+    /// Nothing in time: compute without the lease.
+    GaveUp,
+}
+
+/// How long a key's lease lives without renewal: a quarter of
+/// `lease_wait` (at least 10 ms), so that the lease of a holder that died
+/// is free well before the callers waiting on it give up.
+fn lease_ttl(config: &CacheConfig) -> Duration {
+    (config.lease_wait / 4).max(Duration::from_millis(10))
+}
+
 /// A lease held on a key while its value is computed. Given up by the
 /// store (in the same script); dropped without storing (the result was not
 /// cacheable, the caller was cancelled), it is given up in the background.
@@ -1150,10 +1223,24 @@ pub(crate) struct LeaseGuard {
     key: String,
     holder: String,
     armed: bool,
+    renewer: Option<tokio::task::AbortHandle>,
+}
+
+impl LeaseGuard {
+    /// The store gave the lease up: stop renewing it.
+    fn settle(&mut self) {
+        self.armed = false;
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
+        }
+    }
 }
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
+        }
         if !self.armed {
             return;
         }
