@@ -33,6 +33,7 @@ struct Field<'a> {
     /// `#[serde(skip_serializing)]`).
     stored: bool,
     id: Option<Ident>,
+    version: Option<Ident>,
     required: Option<Ident>,
     email: Option<Ident>,
     unique: Option<Ident>,
@@ -243,6 +244,7 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
         bson_name: ident.to_string().trim_start_matches("r#").to_owned(),
         stored: true,
         id: None,
+        version: None,
         required: None,
         email: None,
         unique: None,
@@ -286,6 +288,7 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
         let flag = |slot: &mut Option<Ident>| cx.set_once(slot, &key, attribute, key.clone());
         match name.as_str() {
                 "id" => flag(&mut out.id),
+                "version" => flag(&mut out.version),
                 "required" => flag(&mut out.required),
                 "email" => flag(&mut out.email),
                 "unique" => flag(&mut out.unique),
@@ -327,7 +330,7 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
                 other => cx.error_spanned_by(
                     &key,
                     format!(
-                        "unknown earnorm attribute `{other}` (expected one of id, required, email, min_length, max_length, min, max, pattern, unique, index)"
+                        "unknown earnorm attribute `{other}` (expected one of id, version, required, email, min_length, max_length, min, max, pattern, unique, index)"
                     ),
                 ),
             }
@@ -407,6 +410,26 @@ fn check<'c, 'a>(cx: &Ctxt, container: &'c Container<'a>) -> Option<&'c Field<'a
             if lo.as_f64() > hi.as_f64() {
                 cx.error_spanned_by(key, "`max` is smaller than `min`");
             }
+        }
+    }
+    let versions: Vec<&Field<'a>> = container.fields.iter().filter(|f| f.version.is_some()).collect();
+    if let [_, second, ..] = versions.as_slice() {
+        cx.error_spanned_by(second.version.as_ref(), "only one field can be the version");
+    }
+    for field in &versions {
+        if !matches!(last_segment(field.ty), Some((name, None)) if name == "i64" || name == "i32") {
+            cx.error_spanned_by(
+                field.ty,
+                format!(
+                    "`version` applies to an `i64` or `i32` field, not `{}`",
+                    field.ty.to_token_stream()
+                ),
+            );
+        } else if !field.stored {
+            cx.error_spanned_by(
+                field.version.as_ref(),
+                "the version field must be stored (not `#[serde(skip)]`)",
+            );
         }
     }
     let marked: Vec<&Field<'a>> = container.fields.iter().filter(|f| f.id.is_some()).collect();
@@ -489,6 +512,20 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
                 ::earnorm::__private::Option::Some(::earnorm::RecordCache::new(#ttl, #missing));
         }
     });
+    let version = container.fields.iter().find(|f| f.version.is_some()).map(|f| {
+        let (name, ident) = (&f.bson_name, f.ident);
+        quote! {
+            const VERSION_FIELD: ::earnorm::__private::Option<&'static str> = ::earnorm::__private::Option::Some(#name);
+            fn version(&self) -> ::earnorm::__private::Option<i64> {
+                ::earnorm::__private::Option::Some(::core::convert::From::from(self.#ident))
+            }
+            fn set_version(&mut self, version: i64) {
+                if let ::core::result::Result::Ok(version) = ::core::convert::TryFrom::try_from(version) {
+                    self.#ident = version;
+                }
+            }
+        }
+    });
     let id_ident = id.ident;
     let (id_ty, id_accessors) = match last_segment(id.ty) {
         Some((name, Some(inner))) if name == "Option" => (
@@ -538,6 +575,7 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
         impl #impl_generics ::earnorm::Model for #ident #ty_generics #where_clause {
             const COLLECTION: &'static str = #collection;
             #record_cache
+            #version
             type Id = #id_ty;
             #id_accessors
             fn validate(&self) -> ::earnorm::__private::Result<(), ::earnorm::__private::ValidationErrors> {

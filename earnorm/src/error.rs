@@ -38,6 +38,19 @@ pub enum Error {
     /// its model (a field missing or of another type).
     #[error("could not convert between a value and BSON")]
     Serialization(#[source] mongodb::bson::error::Error),
+    /// `save` of a versioned record (`#[earnorm(version)]`) whose copy is
+    /// outdated: the stored record was saved (or deleted) since this copy
+    /// was read. Nothing was written and nothing invalidated; read the
+    /// record again, apply the change, and save that.
+    #[error("`{model}`: record {id} was changed or deleted since this copy (version {version}) was read")]
+    Conflict {
+        /// The model's collection.
+        model: &'static str,
+        /// The record's id (its key form).
+        id: String,
+        /// The version of the outdated copy.
+        version: i64,
+    },
     /// A record has no id where one is needed, or an id of the wrong kind.
     #[error("{0}")]
     Id(String),

@@ -9,6 +9,7 @@ pub mod feed;
 mod model;
 mod query;
 mod transaction;
+mod update;
 pub mod validate;
 
 #[doc(hidden)]
@@ -26,7 +27,7 @@ pub use feed::FeedStats;
 pub use model::{id_key, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;
-pub use query::{ActionFuture, Count, Find, FindOne, RecordCache};
+pub use query::{ActionFuture, Count, Find, FindOne, Projected, Projection, RecordCache, RecordStream};
 pub use transaction::Transaction;
 
 /// Invalidates every value cached with `#[cached(tags("..."))]` or

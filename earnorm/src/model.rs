@@ -11,6 +11,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::query::{self, Count, Find, FindOne, RecordCache};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
+use crate::update;
 use crate::{Environment, Error, Result, ValidationErrors};
 
 /// Awaits a driver action, inside `session` when there is one (the driver's
@@ -103,6 +104,11 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`find_by_id`](Self::find_by_id) and
     /// [`find_many_by_ids`](Self::find_many_by_ids) read through it.
     const CACHE: Option<RecordCache> = None;
+    /// The stored name of the version field (`#[earnorm(version)]`), when
+    /// the model has one: `save` then refuses an outdated copy
+    /// ([`Error::Conflict`]) instead of overwriting newer data, and
+    /// increments the version of each record it saves.
+    const VERSION_FIELD: Option<&'static str> = None;
     /// The type of the `_id` field.
     type Id: ModelId;
 
@@ -110,6 +116,15 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     fn id(&self) -> Option<&Self::Id>;
     /// Sets the record's id.
     fn set_id(&mut self, id: Option<Self::Id>);
+    /// The record's version (see [`VERSION_FIELD`](Self::VERSION_FIELD));
+    /// `None` for models without one.
+    fn version(&self) -> Option<i64> {
+        None
+    }
+    /// Sets the record's version.
+    fn set_version(&mut self, version: i64) {
+        let _ = version;
+    }
     /// Checks every validation rule; reports every failing field.
     ///
     /// # Errors
@@ -139,11 +154,16 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`save`](Self::save) in `env`.
     fn save_in<'a>(&'a mut self, env: &'a Environment) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
-            let Save { op, touched, generated } = Save::prepare(self)?;
+            let Save {
+                op,
+                touched,
+                generated,
+                previous_version,
+            } = Save::prepare(self)?;
             let coll = raw_collection::<Self>(env);
             let save = async move { timed!(&coll, session => op.run::<Self>(coll, session).await) };
             let result = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, save).await;
-            settle_id(generated, self, result)
+            settle(generated, previous_version, self, result)
         }
     }
 
@@ -154,13 +174,14 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
                 op,
                 touched: scope,
                 generated,
+                previous_version,
             } = Save::prepare(self)?;
             let (env, session, touched) = tx.parts();
             // Remembered before sending: a write cancelled half-way may still
             // commit with the transaction.
             touched.push(scope);
             let result = op.run::<Self>(raw_collection::<Self>(env), Some(session)).await;
-            settle_id(generated, self, result)
+            settle(generated, previous_version, self, result)
         }
     }
 
@@ -299,6 +320,107 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         Count::new(Some(env.clone()), filter)
     }
 
+    /// Applies `update` (an update document: `doc! {"$set": {"name": "Ada"}}`,
+    /// `$inc`, `$push`, ...) to this record only, validates the resulting
+    /// record before it is committed, refreshes `self` from it, and
+    /// invalidates the record's scope. Returns whether the record exists
+    /// (`false`: nothing matched, nothing written).
+    ///
+    /// A versioned model (`#[earnorm(version)]`) updates only the version
+    /// this copy has, and moves it to the next: an outdated copy is
+    /// [`Error::Conflict`], as with `save`. The update runs in a
+    /// transaction of its own, for the validation (see the crate docs,
+    /// "Partial updates"): the server must support transactions.
+    ///
+    /// # Errors
+    /// [`Error::Validation`] when the resulting record fails validation
+    /// (nothing is written), [`Error::Conflict`], or MongoDB's errors.
+    fn update(&mut self, update: Document) -> impl Future<Output = Result<bool>> + Send + '_ {
+        async move { self.update_in(&Environment::current()?, update).await }
+    }
+
+    /// [`update`](Self::update) in `env`.
+    fn update_in<'a>(
+        &'a mut self,
+        env: &'a Environment,
+        update: Document,
+    ) -> impl Future<Output = Result<bool>> + Send + 'a {
+        async move {
+            let target = update::record_target(self, update)?;
+            match update::update_validated::<Self>(env, target).await? {
+                Some(updated) => {
+                    *self = updated;
+                    Ok(true)
+                }
+                None => match (Self::VERSION_FIELD, self.version(), self.id_key()) {
+                    (Some(_), Some(version), Some(id)) => Err(Error::Conflict {
+                        model: Self::COLLECTION,
+                        id,
+                        version,
+                    }),
+                    _ => Ok(false),
+                },
+            }
+        }
+    }
+
+    /// Applies `update` to the first record matching `filter`, validates
+    /// the result before it commits (as [`update`](Self::update) does), and
+    /// invalidates that record's scope. Returns the record as updated, or
+    /// `None` when nothing matched.
+    ///
+    /// # Errors
+    /// [`Error::Validation`] (nothing written) or MongoDB's errors.
+    fn update_one(filter: Document, update: Document) -> impl Future<Output = Result<Option<Self>>> + Send {
+        async move { Self::update_one_in(&Environment::current()?, filter, update).await }
+    }
+
+    /// [`update_one`](Self::update_one) in `env`.
+    fn update_one_in(
+        env: &Environment,
+        filter: Document,
+        update: Document,
+    ) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
+        update::update_validated::<Self>(
+            env,
+            update::Target {
+                filter,
+                update,
+                upsert: false,
+            },
+        )
+    }
+
+    /// [`update_one`](Self::update_one), inserting a record built from
+    /// `filter` and `update` when nothing matches (MongoDB's upsert).
+    /// Returns the record as it is now.
+    ///
+    /// # Errors
+    /// [`Error::Validation`] (nothing written) or MongoDB's errors.
+    fn upsert_one(filter: Document, update: Document) -> impl Future<Output = Result<Self>> + Send {
+        async move { Self::upsert_one_in(&Environment::current()?, filter, update).await }
+    }
+
+    /// [`upsert_one`](Self::upsert_one) in `env`.
+    fn upsert_one_in(
+        env: &Environment,
+        filter: Document,
+        update: Document,
+    ) -> impl Future<Output = Result<Self>> + Send + '_ {
+        async move {
+            update::update_validated::<Self>(
+                env,
+                update::Target {
+                    filter,
+                    update,
+                    upsert: true,
+                },
+            )
+            .await?
+            .ok_or_else(|| Error::Id(format!("{}: the upsert returned no record", Self::COLLECTION)))
+        }
+    }
+
     /// Applies `update` to every record matching `filter`; returns how many
     /// were modified. Invalidates the whole model.
     fn update_many(filter: Document, update: Document) -> impl Future<Output = Result<u64>> + Send {
@@ -415,7 +537,11 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
 /// written.
 pub(crate) fn may_have_written(err: &Error) -> bool {
     match err {
-        Error::Validation(_) | Error::DuplicateKey { .. } | Error::Id(_) | Error::Serialization(_) => false,
+        Error::Validation(_)
+        | Error::DuplicateKey { .. }
+        | Error::Conflict { .. }
+        | Error::Id(_)
+        | Error::Serialization(_) => false,
         // Refused by the driver before sending (a document over 16 MiB).
         Error::Mongo(e) => !matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InvalidArgument { .. }),
         _ => true,
@@ -444,7 +570,7 @@ fn written_at(session: Option<&ClientSession>) -> Option<mongodb::bson::Timestam
 
 /// The collection of `M` as untyped documents: writes send owned documents,
 /// so that they can run in a task of their own (see `write_then_invalidate`).
-fn raw_collection<M: Model>(env: &Environment) -> Collection<Document> {
+pub(crate) fn raw_collection<M: Model>(env: &Environment) -> Collection<Document> {
     env.database().collection(M::COLLECTION)
 }
 
@@ -459,15 +585,28 @@ struct Save {
     touched: Touched,
     /// The id was generated for this insert (taken back if nothing was written).
     generated: bool,
+    /// The version of the copy before this save (put back if nothing was
+    /// written), for versioned models.
+    previous_version: Option<i64>,
 }
 
 enum SaveOp {
     Insert(Document),
-    Replace(Document, Document),
+    Replace {
+        filter: Document,
+        document: Document,
+        /// Insert when nothing matches (an unversioned save, or the first
+        /// save of a versioned record with an assigned id).
+        upsert: bool,
+        /// The version the filter expects, for versioned models: nothing
+        /// matching is a [`Error::Conflict`].
+        expected: Option<(String, i64)>,
+    },
 }
 
 impl Save {
-    /// Validates `record`, gives it an id if it needs one, and builds the write.
+    /// Validates `record`, gives it an id if it needs one, moves a versioned
+    /// record to its next version, and builds the write.
     fn prepare<M: Model>(record: &mut M) -> Result<Self> {
         record.validate()?;
         let generated = record.id().is_none();
@@ -480,6 +619,10 @@ impl Save {
             })?;
             record.set_id(Some(id));
         }
+        let previous_version = M::VERSION_FIELD.map(|_| record.version().unwrap_or(0));
+        if let Some(version) = previous_version {
+            record.set_version(version.saturating_add(1));
+        }
         let built = (|| {
             let id = record
                 .id()
@@ -489,23 +632,52 @@ impl Save {
             let op = if generated {
                 SaveOp::Insert(document)
             } else {
-                SaveOp::Replace(doc! { "_id": to_bson(id)? }, document)
+                let mut filter = doc! { "_id": to_bson(id)? };
+                let expected = match (M::VERSION_FIELD, previous_version) {
+                    (Some(field), Some(version)) => {
+                        filter.insert(field, version);
+                        Some((record_key::<M>(id).unwrap_or_default(), version))
+                    }
+                    _ => None,
+                };
+                SaveOp::Replace {
+                    filter,
+                    document,
+                    upsert: expected.as_ref().is_none_or(|(_, version)| *version == 0),
+                    expected,
+                }
             };
-            Ok(Self { op, touched, generated })
+            Ok(Self {
+                op,
+                touched,
+                generated,
+                previous_version,
+            })
         })();
-        if built.is_err() && generated {
-            record.set_id(None);
+        if built.is_err() {
+            Self::undo(record, generated, previous_version);
         }
         built
     }
+
+    /// Puts the id and version back as they were before `prepare`.
+    fn undo<M: Model>(record: &mut M, generated: bool, previous_version: Option<i64>) {
+        if generated {
+            record.set_id(None);
+        }
+        if let Some(version) = previous_version {
+            record.set_version(version);
+        }
+    }
 }
 
-/// Takes a `generated` id back when the insert surely wrote nothing, so
-/// that a retry inserts; keeps it when it may have been written, so that a
-/// retry updates that record instead of inserting a second one.
-fn settle_id<M: Model>(generated: bool, record: &mut M, result: Result<()>) -> Result<()> {
-    if generated && matches!(&result, Err(err) if !may_have_written(err)) {
-        record.set_id(None);
+/// Takes a `generated` id (and a versioned record's new version) back when
+/// the write surely wrote nothing, so that a retry inserts (or saves the
+/// same version); keeps them when it may have been written, so that a retry
+/// updates that record instead of inserting a second one.
+fn settle<M: Model>(generated: bool, previous_version: Option<i64>, record: &mut M, result: Result<()>) -> Result<()> {
+    if matches!(&result, Err(err) if !may_have_written(err)) {
+        Save::undo(record, generated, previous_version);
     }
     result
 }
@@ -513,13 +685,34 @@ fn settle_id<M: Model>(generated: bool, record: &mut M, result: Result<()>) -> R
 impl SaveOp {
     /// Sends the write (owning all it needs, unless it runs in a session).
     async fn run<M: Model>(self, coll: Collection<Document>, session: Option<&mut ClientSession>) -> Result<()> {
-        let result = match self {
-            SaveOp::Insert(document) => in_session!(coll.insert_one(document), session).map(|_| ()),
-            SaveOp::Replace(filter, document) => {
-                in_session!(coll.replace_one(filter, document).upsert(true), session).map(|_| ())
+        match self {
+            SaveOp::Insert(document) => in_session!(coll.insert_one(document), session)
+                .map(|_| ())
+                .map_err(|e| Error::from_mongo(M::COLLECTION, e)),
+            SaveOp::Replace {
+                filter,
+                document,
+                upsert,
+                expected,
+            } => {
+                let result = in_session!(coll.replace_one(filter, document).upsert(upsert), session);
+                let conflict = |(id, version): (String, i64)| Error::Conflict {
+                    model: M::COLLECTION,
+                    id,
+                    version,
+                };
+                match (result.map_err(|e| Error::from_mongo(M::COLLECTION, e)), expected) {
+                    (Ok(done), Some(expected)) if done.matched_count == 0 && done.upserted_id.is_none() => {
+                        Err(conflict(expected))
+                    }
+                    (Ok(_), _) => Ok(()),
+                    // A first save of a versioned record whose id is taken:
+                    // someone saved it first.
+                    (Err(Error::DuplicateKey { .. }), Some(expected)) => Err(conflict(expected)),
+                    (Err(err), _) => Err(err),
+                }
             }
-        };
-        result.map_err(|e| Error::from_mongo(M::COLLECTION, e))
+        }
     }
 }
 

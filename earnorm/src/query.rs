@@ -255,7 +255,9 @@ macro_rules! read_action_common {
 
 /// The records matching a filter: `User::find(filter)`, awaited as it is
 /// or configured first with [`sort`](Self::sort), [`limit`](Self::limit),
-/// [`skip`](Self::skip) and [`cached`](Self::cached).
+/// [`skip`](Self::skip) and [`cached`](Self::cached); read one by one with
+/// [`stream`](Self::stream), or as another type holding some of the fields
+/// with [`project`](Self::project).
 #[must_use = "an action does nothing until it is awaited"]
 #[derive(Debug, Clone)]
 pub struct Find<M> {
@@ -263,6 +265,7 @@ pub struct Find<M> {
     sort: Option<Document>,
     limit: Option<i64>,
     skip: Option<u64>,
+    batch_size: Option<u32>,
     model: PhantomData<fn() -> M>,
 }
 
@@ -273,6 +276,7 @@ impl<M: Model> Find<M> {
             sort: None,
             limit: None,
             skip: None,
+            batch_size: None,
             model: PhantomData,
         }
     }
@@ -297,6 +301,97 @@ impl<M: Model> Find<M> {
         self.skip = Some(n);
         self
     }
+
+    /// How many documents each round trip to the server brings (the
+    /// server's default otherwise: 101 first, then up to 16 MiB): what a
+    /// [`stream`](Self::stream) holds in memory at most.
+    pub fn batch_size(mut self, n: u32) -> Self {
+        self.batch_size = Some(n);
+        self
+    }
+
+    /// Reads only the fields of `T` (a struct: its fields are found through
+    /// its `Deserialize` implementation, renames included; `_id` is left
+    /// out unless `T` has it) into values of `T`: `User::find(filter)
+    /// .project::<UserName>().await`. Can be cached and streamed like the
+    /// records themselves; the cached entries are under the model's scope.
+    pub fn project<T: Projection>(self) -> Projected<M, T> {
+        let projection = projection_of::<T>();
+        self.project_with(projection)
+    }
+
+    /// [`project`](Self::project) with an explicit projection document
+    /// (`doc! {"name": 1, "_id": 0}`), for fields `T` names differently or
+    /// computed ones.
+    pub fn project_with<T: Projection>(self, projection: Document) -> Projected<M, T> {
+        Projected {
+            find: self,
+            projection,
+            target: PhantomData,
+        }
+    }
+
+    /// The records one by one, as the cursor brings them from the server:
+    /// memory stays bounded by the batch size whatever the number of
+    /// records. Never cached (`cached` is ignored). The environment is
+    /// taken now (the current one, unless [`in_env`](Self::in_env) named
+    /// one), so the stream can be moved into another task.
+    pub fn stream(self) -> RecordStream<M> {
+        self.stream_of::<M>(None)
+    }
+
+    fn options(&self, projection: Option<Document>) -> mongodb::options::FindOptions {
+        mongodb::options::FindOptions::builder()
+            .sort(self.sort.clone())
+            .limit(self.limit)
+            .skip(self.skip)
+            .batch_size(self.batch_size)
+            .projection(projection)
+            .build()
+    }
+
+    fn stream_of<T: Projection>(self, projection: Option<Document>) -> RecordStream<T> {
+        let options = self.options(projection);
+        let env = self.read.env();
+        let filter = self.read.filter;
+        let opened = async move {
+            let cursor = env?
+                .database()
+                .collection::<T>(M::COLLECTION)
+                .find(filter)
+                .with_options(options)
+                .await
+                .map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
+            Ok::<_, Error>(cursor.map_err(|e| Error::from_mongo(M::COLLECTION, e)))
+        };
+        Box::pin(futures_util::stream::once(opened).try_flatten())
+    }
+
+    /// Runs the find (through the query cache when asked), reading `T`.
+    async fn collect<T: Projection>(self, projection: Option<Document>) -> Result<Vec<T>> {
+        let options = self.options(projection.clone());
+        let Find {
+            read,
+            sort,
+            limit,
+            skip,
+            ..
+        } = self;
+        let name = if projection.is_some() { "find_projected" } else { "find" };
+        let key = (&sort, limit, skip, &projection, std::any::type_name::<T>());
+        read.run::<M, _, _, _>(name, &key, |env, filter| async move {
+            env.database()
+                .collection::<T>(M::COLLECTION)
+                .find(filter)
+                .with_options(options)
+                .await
+                .map_err(|e| Error::from_mongo(M::COLLECTION, e))?
+                .try_collect()
+                .await
+                .map_err(|e| Error::from_mongo(M::COLLECTION, e))
+        })
+        .await
+    }
 }
 
 impl<M: Model> IntoFuture for Find<M> {
@@ -304,31 +399,94 @@ impl<M: Model> IntoFuture for Find<M> {
     type IntoFuture = ActionFuture<Vec<M>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let Find {
-                read,
-                sort,
-                limit,
-                skip,
-                ..
-            } = self;
-            let options = mongodb::options::FindOptions::builder()
-                .sort(sort.clone())
-                .limit(limit)
-                .skip(skip)
-                .build();
-            read.run::<M, _, _, _>("find", &(&sort, limit, skip), |env, filter| async move {
-                M::collection_in(&env)
-                    .find(filter)
-                    .with_options(options)
-                    .await
-                    .map_err(|e| Error::from_mongo(M::COLLECTION, e))?
-                    .try_collect()
-                    .await
-                    .map_err(|e| Error::from_mongo(M::COLLECTION, e))
-            })
-            .await
-        })
+        Box::pin(self.collect::<M>(None))
+    }
+}
+
+/// Records read one by one (see [`Find::stream`]).
+pub type RecordStream<T> = Pin<Box<dyn futures_util::Stream<Item = Result<T>> + Send>>;
+
+/// A type a find can read into: a model, or a struct of some of its fields
+/// (see [`Find::project`]).
+pub trait Projection: Serialize + serde::de::DeserializeOwned + Send + Sync + Unpin + 'static {}
+impl<T: Serialize + serde::de::DeserializeOwned + Send + Sync + Unpin + 'static> Projection for T {}
+
+/// A find reading some fields into `T` (see [`Find::project`]).
+#[must_use = "an action does nothing until it is awaited"]
+#[derive(Debug, Clone)]
+pub struct Projected<M, T> {
+    find: Find<M>,
+    projection: Document,
+    target: PhantomData<fn() -> T>,
+}
+
+impl<M: Model, T: Projection> Projected<M, T> {
+    /// Caches the result for `ttl` under the model's query scope (see
+    /// [`Find::cached`]).
+    pub fn cached(mut self, ttl: Duration) -> Self {
+        self.find.read.cached = Some(ttl);
+        self
+    }
+
+    /// The values one by one (see [`Find::stream`]).
+    pub fn stream(self) -> RecordStream<T> {
+        self.find.stream_of::<T>(Some(self.projection))
+    }
+
+    /// The projection sent to the server.
+    pub fn projection(&self) -> &Document {
+        &self.projection
+    }
+}
+
+impl<M: Model, T: Projection> IntoFuture for Projected<M, T> {
+    type Output = Result<Vec<T>>;
+    type IntoFuture = ActionFuture<Vec<T>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.find.collect::<T>(Some(self.projection)))
+    }
+}
+
+/// The projection of the fields `T`'s `Deserialize` implementation asks for;
+/// every field (an empty projection) when it is not a plain struct.
+fn projection_of<T: Projection>() -> Document {
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(FieldNames(&mut fields));
+    let mut projection = Document::new();
+    for field in fields {
+        projection.insert(*field, 1);
+    }
+    if !projection.is_empty() && !fields.contains(&"_id") {
+        projection.insert("_id", 0);
+    }
+    projection
+}
+
+/// A deserializer that only records the field names a struct asks for.
+struct FieldNames<'a>(&'a mut &'static [&'static str]);
+
+impl<'de> serde::Deserializer<'de> for FieldNames<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        *self.0 = fields;
+        Err(serde::de::Error::custom("field names recorded"))
+    }
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _visitor: V) -> std::result::Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("not a struct"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map enum identifier ignored_any
     }
 }
 

@@ -152,9 +152,45 @@ where
     T: Send + 'static,
     W: Future<Output = Result<(T, Option<Timestamp>)>> + Send + 'static,
 {
+    write_then_invalidate_found(env, Found::new(touched), when, write).await
+}
+
+/// The scopes a write touches, which the write itself may narrow once it
+/// knows which record it changed (an update by filter starts with its whole
+/// model, then names the record it found, or nothing when none matched).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Found(std::sync::Arc<std::sync::Mutex<Vec<Touched>>>);
+
+impl Found {
+    pub(crate) fn new(touched: Vec<Touched>) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(touched)))
+    }
+
+    /// Replaces the scopes.
+    pub(crate) fn set(&self, touched: Vec<Touched>) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = touched;
+    }
+
+    fn get(&self) -> Vec<Touched> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// [`write_then_invalidate`] with scopes the write may narrow (see [`Found`]).
+pub(crate) async fn write_then_invalidate_found<T, W>(
+    env: &Environment,
+    found: Found,
+    when: Invalidate,
+    write: W,
+) -> Result<T>
+where
+    T: Send + 'static,
+    W: Future<Output = Result<(T, Option<Timestamp>)>> + Send + 'static,
+{
     let env = env.clone();
     let unit = async move {
         let result = write.await;
+        let touched = found.get();
         if let Ok((_, Some(at))) = &result {
             tracing::debug!(at = %crate::feed::cluster_time(*at), "write invalidated with a note");
             invalidate_noting(&env, &touched, *at).await;
