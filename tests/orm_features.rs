@@ -415,3 +415,191 @@ async fn projections_read_some_fields_into_another_type_and_can_be_cached() {
     );
     let _ = env.database().drop().await;
 }
+
+/// An author, with a record cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "authors", cache(ttl = 300))]
+struct Author {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    name: String,
+}
+
+/// A post referring to its author.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "posts")]
+struct Post {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    title: String,
+    author: earnorm::Ref<Author>,
+}
+
+/// The per-author count an aggregation computes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct PostsPerAuthor {
+    name: String,
+    posts: i64,
+}
+
+async fn authors_and_posts(env: &Environment) -> (Vec<Author>, Vec<Post>) {
+    let mut authors = Vec::new();
+    for name in ["Ada", "Bob", "Cy"] {
+        let mut author = Author {
+            id: None,
+            name: name.into(),
+        };
+        author.save_in(env).await.expect("save");
+        authors.push(author);
+    }
+    let mut posts = Vec::new();
+    for (i, title) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
+        let mut post = Post {
+            id: None,
+            title: (*title).into(),
+            author: earnorm::Ref::to(&authors[i % 2]).expect("saved"),
+        };
+        post.save_in(env).await.expect("save");
+        posts.push(post);
+    }
+    (authors, posts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_aggregation_is_invalidated_by_writes_to_every_collection_it_reads() {
+    use std::time::Duration;
+
+    let env = test_env("aggregate").await;
+    let (mut authors, mut posts) = authors_and_posts(&env).await;
+    let stored = Post::find_by_id_in(&env, posts[0].id.expect("id"))
+        .await
+        .expect("find")
+        .expect("post");
+    assert_eq!(stored.author, posts[0].author, "a reference is stored as the id");
+    let raw = env
+        .database()
+        .collection::<earnorm::bson::Document>("posts")
+        .find_one(doc! {})
+        .await
+        .expect("raw")
+        .expect("a post");
+    assert!(raw.get_object_id("author").is_ok(), "stored as an ObjectId: {raw}");
+
+    let pipeline = vec![
+        doc! { "$group": { "_id": "$author", "posts": { "$sum": 1 } } },
+        doc! { "$lookup": { "from": "authors", "localField": "_id", "foreignField": "_id", "as": "who" } },
+        doc! { "$unwind": "$who" },
+        doc! { "$project": { "_id": 0, "name": "$who.name", "posts": 1 } },
+        doc! { "$sort": { "name": 1 } },
+    ];
+    let report = || {
+        Post::aggregate_in(&env, pipeline.clone())
+            .typed::<PostsPerAuthor>()
+            .cached(Duration::from_secs(60))
+    };
+    assert_eq!(report().collections(), ["posts", "authors"]);
+    let first = report().await.expect("aggregate");
+    assert_eq!(
+        first,
+        [
+            PostsPerAuthor {
+                name: "Ada".into(),
+                posts: 3
+            },
+            PostsPerAuthor {
+                name: "Bob".into(),
+                posts: 3
+            }
+        ]
+    );
+    let stats = |name: &str| {
+        let namespace = env.model_scope("posts");
+        env.cache()
+            .stats_by_name()
+            .into_iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+            .map_or((0, 0), |s| (s.hits, s.misses))
+    };
+    assert_eq!(report().await.expect("aggregate"), first);
+    assert_eq!(stats("aggregate"), (1, 1), "cached");
+
+    // A write to the looked-up collection invalidates it.
+    authors[0].name = "Ada L.".into();
+    authors[0].save_in(&env).await.expect("rename");
+    assert_eq!(report().await.expect("aggregate")[0].name, "Ada L.");
+    // So does a write to the model's own collection.
+    posts[5].author = earnorm::Ref::to(&authors[2]).expect("saved");
+    posts[5].save_in(&env).await.expect("move a post");
+    let moved = report().await.expect("aggregate");
+    assert_eq!(moved.iter().map(|r| r.posts).collect::<Vec<_>>(), [3, 2, 1]);
+    // A write elsewhere does not.
+    let mut note = Note {
+        id: None,
+        text: "unrelated".into(),
+    };
+    note.save_in(&env).await.expect("save");
+    let (hits, _) = stats("aggregate");
+    assert_eq!(report().await.expect("aggregate"), moved);
+    assert_eq!(stats("aggregate").0, hits + 1, "still cached");
+
+    // Untyped, and a pipeline that writes: never cached, and what it wrote
+    // to is invalidated.
+    let docs = Post::aggregate_in(&env, vec![doc! { "$count": "n" }])
+        .await
+        .expect("count");
+    assert_eq!(
+        docs[0].get_i32("n").ok().map(i64::from).or(docs[0].get_i64("n").ok()),
+        Some(6)
+    );
+    let copied = Post::aggregate_in(&env, vec![doc! { "$match": {} }, doc! { "$out": "posts_copy" }])
+        .cached(Duration::from_secs(60))
+        .await
+        .expect("$out");
+    assert!(copied.is_empty());
+    let _ = env.database().drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loading_posts_and_their_authors_takes_two_queries_not_one_per_post() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let finds = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&finds);
+    let env = Environment::connect_with(support::test_config("refs"), move |options| {
+        options.command_event_handler = Some(earnorm::mongodb::event::EventHandler::callback(
+            move |event: earnorm::mongodb::event::command::CommandEvent| {
+                if let earnorm::mongodb::event::command::CommandEvent::Started(started) = event {
+                    if started.command_name == "find" {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            },
+        ));
+    })
+    .await
+    .expect("connect");
+    let (authors, _) = authors_and_posts(&env).await;
+
+    finds.store(0, Ordering::SeqCst);
+    let posts = Post::find_in(&env, doc! {}).await.expect("posts");
+    let by_author = earnorm::Ref::fetch_all_in(&env, posts.iter().map(|p| &p.author))
+        .await
+        .expect("authors");
+    assert_eq!(
+        finds.load(Ordering::SeqCst),
+        2,
+        "one find for the posts, one `$in` for their authors"
+    );
+    assert_eq!(by_author.len(), 2);
+    for post in &posts {
+        let author = by_author.get(&post.author).expect("every post has its author");
+        assert_eq!(Some(author.id.expect("id")), Some(*post.author.id()));
+    }
+    // The authors are now in the record cache: one at a time costs no query.
+    finds.store(0, Ordering::SeqCst);
+    let ada = posts[0].author.fetch_in(&env).await.expect("fetch").expect("exists");
+    assert_eq!(ada, authors[0]);
+    assert_eq!(finds.load(Ordering::SeqCst), 0, "served by the record cache");
+    let _ = env.database().drop().await;
+}

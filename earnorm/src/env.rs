@@ -92,6 +92,16 @@ impl Environment {
     /// invalid; [`Error::Cache`] for an invalid Redis URL or cache settings
     /// that cannot work.
     pub async fn connect(config: Config) -> Result<Self> {
+        Self::connect_with(config, |_| {}).await
+    }
+
+    /// [`connect`](Self::connect), letting `configure` adjust the driver's
+    /// options (parsed from `mongo_uri`) before the client is built: a
+    /// command monitor, the pool size, compressors.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with(config: Config, configure: impl FnOnce(&mut ClientOptions)) -> Result<Self> {
         check_database_name(&config.database)?;
         let uri = redact_url(&config.mongo_uri);
         let connection = |source| Error::Connection {
@@ -102,6 +112,7 @@ impl Environment {
         options.server_selection_timeout = Some(config.connect_timeout);
         options.connect_timeout = Some(config.connect_timeout);
         options.app_name.get_or_insert_with(|| "earnorm".to_owned());
+        configure(&mut options);
         let client = Client::with_options(options).map_err(connection)?;
         let database = client.database(&config.database);
         database.run_command(doc! { "ping": 1 }).await.map_err(connection)?;

@@ -2,12 +2,14 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
+mod aggregate;
 mod config;
 mod env;
 mod error;
 pub mod feed;
 mod model;
 mod query;
+mod reference;
 mod transaction;
 mod update;
 pub mod validate;
@@ -16,6 +18,7 @@ pub mod validate;
 #[path = "private.rs"]
 pub mod __private;
 
+pub use aggregate::Aggregate;
 pub use config::Config;
 pub use earnorm_cache::{
     self as cache_layer, bypass as bypass_cache, CacheConfig, CacheManager, CacheStats, ConnectionStatus, NamedStats,
@@ -28,6 +31,7 @@ pub use model::{id_key, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;
 pub use query::{ActionFuture, Count, Find, FindOne, Projected, Projection, RecordCache, RecordStream};
+pub use reference::{Ref, Refs};
 pub use transaction::Transaction;
 
 /// Invalidates every value cached with `#[cached(tags("..."))]` or

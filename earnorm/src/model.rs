@@ -9,6 +9,7 @@ use mongodb::options::IndexOptions;
 use mongodb::{ClientSession, Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::aggregate::Aggregate;
 use crate::query::{self, Count, Find, FindOne, RecordCache};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
 use crate::update;
@@ -307,6 +308,18 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`find`](Self::find) in `env`.
     fn find_in(env: &Environment, filter: Document) -> Find<Self> {
         Find::new(Some(env.clone()), filter)
+    }
+
+    /// Runs an aggregation pipeline over the collection: await it for
+    /// documents, or configure it first (see [`Aggregate`]):
+    /// `User::aggregate(pipeline).typed::<Stats>().cached(ttl).await`.
+    fn aggregate(pipeline: Vec<Document>) -> Aggregate<Self> {
+        Aggregate::new(None, pipeline)
+    }
+
+    /// [`aggregate`](Self::aggregate) in `env`.
+    fn aggregate_in(env: &Environment, pipeline: Vec<Document>) -> Aggregate<Self> {
+        Aggregate::new(Some(env.clone()), pipeline)
     }
 
     /// The number of records matching `filter`: await it, or cache it
