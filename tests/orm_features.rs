@@ -603,3 +603,110 @@ async fn loading_posts_and_their_authors_takes_two_queries_not_one_per_post() {
     assert_eq!(finds.load(Ordering::SeqCst), 0, "served by the record cache");
     let _ = env.database().drop().await;
 }
+
+/// Timestamps set by the ORM, and hooks of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "tickets", hooks)]
+struct Ticket {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    title: String,
+    #[serde(default)]
+    hits: i64,
+    #[earnorm(created_at)]
+    #[serde(default)]
+    created: Option<earnorm::bson::DateTime>,
+    #[earnorm(updated_at)]
+    #[serde(default = "epoch")]
+    updated: earnorm::bson::DateTime,
+}
+
+fn epoch() -> earnorm::bson::DateTime {
+    earnorm::bson::DateTime::from_millis(0)
+}
+
+static SAVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DELETED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl earnorm::Hooks for Ticket {
+    fn before_save(&mut self) -> earnorm::Result<()> {
+        self.title = self.title.trim().to_owned();
+        if self.title.is_empty() {
+            return Err(Error::refused("a ticket needs a title"));
+        }
+        Ok(())
+    }
+    fn after_save(&self) {
+        SAVED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn before_delete(&self) -> earnorm::Result<()> {
+        if self.title == "keep" {
+            return Err(Error::refused("this ticket is kept"));
+        }
+        Ok(())
+    }
+    fn after_delete(&self) {
+        DELETED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_are_set_by_the_orm_and_hooks_run_around_writes() {
+    use std::sync::atomic::Ordering;
+
+    let env = test_env("hooks").await;
+    let mut ticket = Ticket {
+        id: None,
+        title: "  leak in the roof ".into(),
+        hits: 0,
+        created: None,
+        updated: epoch(),
+    };
+    let saved = SAVED.load(Ordering::SeqCst);
+    ticket.save_in(&env).await.expect("save");
+    assert_eq!(ticket.title, "leak in the roof", "before_save changed the record");
+    assert_eq!(SAVED.load(Ordering::SeqCst), saved + 1, "after_save ran");
+    let created = ticket.created.expect("created_at set on insert");
+    assert_eq!(ticket.updated, created, "updated_at too");
+    let stored = Ticket::find_by_id_in(&env, ticket.id.expect("id"))
+        .await
+        .expect("find")
+        .expect("stored");
+    assert_eq!(stored, ticket, "as stored");
+
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    ticket.hits = 1;
+    ticket.save_in(&env).await.expect("save again");
+    assert_eq!(ticket.created, Some(created), "created_at kept");
+    assert!(ticket.updated > created, "updated_at moved");
+
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let before = ticket.updated;
+    ticket
+        .update_in(&env, doc! { "$inc": { "hits": 1 } })
+        .await
+        .expect("update");
+    assert!(ticket.updated > before, "update sets updated_at (server time)");
+    assert_eq!((ticket.hits, ticket.created), (2, Some(created)));
+    let upserted = Ticket::upsert_one_in(&env, doc! { "title": "new" }, doc! { "$set": { "hits": 0 } })
+        .await
+        .expect("upsert");
+    assert!(upserted.created.is_some(), "an upsert that inserts sets created_at");
+
+    // A hook refuses: nothing written.
+    let mut blank = Ticket {
+        title: "   ".into(),
+        ..ticket.clone()
+    };
+    blank.id = None;
+    let err = blank.save_in(&env).await.expect_err("refused");
+    assert_eq!(err.to_string(), "refused by a hook: a ticket needs a title");
+    assert_eq!(Ticket::count_in(&env, doc! {}).await.expect("count"), 2);
+    let mut kept = ticket.clone();
+    kept.title = "keep".into();
+    assert!(kept.delete_in(&env).await.is_err(), "before_delete refused");
+    let deleted = DELETED.load(Ordering::SeqCst);
+    assert!(ticket.delete_in(&env).await.expect("delete"));
+    assert_eq!(DELETED.load(Ordering::SeqCst), deleted + 1, "after_delete ran");
+    let _ = env.database().drop().await;
+}

@@ -19,6 +19,8 @@ struct Container<'a> {
     collection: Option<LitStr>,
     /// `cache(ttl = N, missing = M)`: the record cache, in seconds.
     cache: Option<(u64, Option<u64>)>,
+    /// `hooks`: the user implements `earnorm::Hooks`.
+    hooks: bool,
     fields: Vec<Field<'a>>,
 }
 
@@ -34,6 +36,8 @@ struct Field<'a> {
     stored: bool,
     id: Option<Ident>,
     version: Option<Ident>,
+    created_at: Option<Ident>,
+    updated_at: Option<Ident>,
     required: Option<Ident>,
     email: Option<Ident>,
     unique: Option<Ident>,
@@ -71,7 +75,9 @@ pub(crate) fn fallback(input: &DeriveInput) -> TokenStream {
     };
     let ident = &input.ident;
     let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let hooks = default_hooks(input, declares_hooks(input));
     quote! {
+        #hooks
         #[automatically_derived]
         impl #impl_generics ::earnorm::Model for #ident #ty_generics #where_clause {
             const COLLECTION: &'static str = "";
@@ -110,19 +116,25 @@ fn parse<'a>(cx: &Ctxt, input: &'a DeriveInput) -> Option<Container<'a>> {
             return None;
         }
     };
-    let (collection, cache) = parse_container_attrs(cx, input);
+    let (collection, cache, hooks) = parse_container_attrs(cx, input);
     let fields = fields.iter().filter_map(|f| parse_field(cx, f)).collect();
     Some(Container {
         input,
         collection,
         cache,
+        hooks,
         fields,
     })
 }
 
-fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> (Option<LitStr>, Option<(u64, Option<u64>)>) {
+/// What `#[earnorm(..)]` on a struct says: the collection, the record cache,
+/// and whether the user implements the hooks.
+type ContainerAttrs = (Option<LitStr>, Option<(u64, Option<u64>)>, bool);
+
+fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> ContainerAttrs {
     let mut collection: Option<LitStr> = None;
     let mut cache = None;
+    let mut hooks = None;
     for meta in serde_items(&input.attrs) {
         if meta.path().is_ident("rename_all") {
             cx.error_spanned_by(
@@ -155,14 +167,57 @@ fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> (Option<LitStr>, Opt
                     cx.set_once(&mut cache, &key, "earnorm attribute", parsed);
                 }
             }
+            "hooks" => cx.set_once(&mut hooks, &key, "earnorm attribute", ()),
             other => cx.error_spanned_by(
                 &key,
-                format!("unknown earnorm attribute `{other}` on a struct (expected `collection` or `cache`)"),
+                format!("unknown earnorm attribute `{other}` on a struct (expected `collection`, `cache` or `hooks`)"),
             ),
         }
         Ok(())
     });
-    (collection, cache)
+    (collection, cache, hooks.is_some())
+}
+
+/// Whether `#[earnorm(.. hooks ..)]` is on the struct, read without the
+/// full parse (for the fallback impl of a struct that failed to derive).
+fn declares_hooks(input: &DeriveInput) -> bool {
+    input
+        .attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("earnorm"))
+        .any(|attr| {
+            let mut found = false;
+            let _ = attr.parse_nested_meta(|meta| {
+                found |= meta.path.is_ident("hooks");
+                if meta.input.peek(Token![=]) {
+                    let _: Expr = meta.value()?.parse()?;
+                } else if meta.input.peek(syn::token::Paren) {
+                    let _ = meta.parse_nested_meta(|inner| {
+                        let _: Option<Expr> = if inner.input.peek(Token![=]) {
+                            Some(inner.value()?.parse()?)
+                        } else {
+                            None
+                        };
+                        Ok(())
+                    });
+                }
+                Ok(())
+            });
+            found
+        })
+}
+
+/// `impl Hooks` with the defaults, unless the user writes their own.
+fn default_hooks(input: &DeriveInput, user_hooks: bool) -> TokenStream {
+    if user_hooks {
+        return TokenStream::new();
+    }
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    quote! {
+        #[automatically_derived]
+        impl #impl_generics ::earnorm::Hooks for #ident #ty_generics #where_clause {}
+    }
 }
 
 /// `cache(ttl = N)` or `cache(ttl = N, missing = M)`, in seconds.
@@ -245,6 +300,8 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
         stored: true,
         id: None,
         version: None,
+        created_at: None,
+        updated_at: None,
         required: None,
         email: None,
         unique: None,
@@ -289,6 +346,8 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
         match name.as_str() {
                 "id" => flag(&mut out.id),
                 "version" => flag(&mut out.version),
+                "created_at" => flag(&mut out.created_at),
+                "updated_at" => flag(&mut out.updated_at),
                 "required" => flag(&mut out.required),
                 "email" => flag(&mut out.email),
                 "unique" => flag(&mut out.unique),
@@ -330,7 +389,7 @@ fn parse_field<'a>(cx: &Ctxt, field: &'a syn::Field) -> Option<Field<'a>> {
                 other => cx.error_spanned_by(
                     &key,
                     format!(
-                        "unknown earnorm attribute `{other}` (expected one of id, version, required, email, min_length, max_length, min, max, pattern, unique, index)"
+                        "unknown earnorm attribute `{other}` (expected one of id, version, created_at, updated_at, required, email, min_length, max_length, min, max, pattern, unique, index)"
                     ),
                 ),
             }
@@ -432,6 +491,34 @@ fn check<'c, 'a>(cx: &Ctxt, container: &'c Container<'a>) -> Option<&'c Field<'a
             );
         }
     }
+    for (attr, name) in [("created_at", true), ("updated_at", false)] {
+        let stamped: Vec<&Field<'a>> = container
+            .fields
+            .iter()
+            .filter(|f| {
+                if name {
+                    f.created_at.is_some()
+                } else {
+                    f.updated_at.is_some()
+                }
+            })
+            .collect();
+        if let [_, second, ..] = stamped.as_slice() {
+            let key = if name { &second.created_at } else { &second.updated_at };
+            cx.error_spanned_by(key.as_ref(), format!("only one field can be `{attr}`"));
+        }
+        for field in stamped {
+            if date_time(field.ty).is_none() {
+                cx.error_spanned_by(
+                    field.ty,
+                    format!(
+                        "`{attr}` applies to a `bson::DateTime` or `Option<bson::DateTime>` field, not `{}`",
+                        field.ty.to_token_stream()
+                    ),
+                );
+            }
+        }
+    }
     let marked: Vec<&Field<'a>> = container.fields.iter().filter(|f| f.id.is_some()).collect();
     let id = match marked.as_slice() {
         [one] => Some(*one),
@@ -458,6 +545,18 @@ fn check<'c, 'a>(cx: &Ctxt, container: &'c Container<'a>) -> Option<&'c Field<'a
         return None;
     }
     Some(id)
+}
+
+/// For a `DateTime` field: `Some(false)`; `Option<DateTime>`: `Some(true)`.
+fn date_time(ty: &Type) -> Option<bool> {
+    match last_segment(ty)? {
+        (name, None) if name == "DateTime" => Some(false),
+        (name, Some(inner)) if name == "Option" => match last_segment(inner)? {
+            (name, None) if name == "DateTime" => Some(true),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// `String`, `Option<String>`.
@@ -526,6 +625,53 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
             }
         }
     });
+    let stamp_field = |pick: fn(&Field<'_>) -> bool| container.fields.iter().find(|f| pick(f));
+    let created = stamp_field(|f| f.created_at.is_some());
+    let updated = stamp_field(|f| f.updated_at.is_some());
+    let timestamps = (created.is_some() || updated.is_some()).then(|| {
+        let name = |f: Option<&Field<'_>>| match f {
+            Some(f) => {
+                let name = &f.bson_name;
+                quote!(::earnorm::__private::Option::Some(#name))
+            }
+            None => quote!(::earnorm::__private::Option::None),
+        };
+        let (created_name, updated_name) = (name(created), name(updated));
+        let set_created = created.map(|f| {
+            let ident = f.ident;
+            if date_time(f.ty) == Some(true) {
+                quote! {
+                    if inserting || self.#ident.is_none() {
+                        self.#ident = ::earnorm::__private::Option::Some(now);
+                    }
+                }
+            } else {
+                quote! {
+                    if inserting {
+                        self.#ident = now;
+                    }
+                }
+            }
+        });
+        let set_updated = updated.map(|f| {
+            let ident = f.ident;
+            if date_time(f.ty) == Some(true) {
+                quote!(self.#ident = ::earnorm::__private::Option::Some(now);)
+            } else {
+                quote!(self.#ident = now;)
+            }
+        });
+        quote! {
+            const CREATED_AT_FIELD: ::earnorm::__private::Option<&'static str> = #created_name;
+            const UPDATED_AT_FIELD: ::earnorm::__private::Option<&'static str> = #updated_name;
+            fn stamp(&mut self, now: ::earnorm::__private::bson::DateTime, inserting: bool) {
+                let _ = inserting;
+                #set_created
+                #set_updated
+            }
+        }
+    });
+    let hooks = default_hooks(container.input, container.hooks);
     let id_ident = id.ident;
     let (id_ty, id_accessors) = match last_segment(id.ty) {
         Some((name, Some(inner))) if name == "Option" => (
@@ -571,11 +717,13 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
         format!("Names of [`{ident}`]'s fields as stored in MongoDB, for building filters: `{ident}::FIELDS.name`.");
 
     quote! {
+        #hooks
         #[automatically_derived]
         impl #impl_generics ::earnorm::Model for #ident #ty_generics #where_clause {
             const COLLECTION: &'static str = #collection;
             #record_cache
             #version
+            #timestamps
             type Id = #id_ty;
             #id_accessors
             fn validate(&self) -> ::earnorm::__private::Result<(), ::earnorm::__private::ValidationErrors> {

@@ -51,6 +51,10 @@ pub enum Error {
         /// The version of the outdated copy.
         version: i64,
     },
+    /// A hook ([`Hooks`](crate::Hooks)) refused the write; nothing was
+    /// written. Build it with [`Error::refused`].
+    #[error("refused by a hook: {0}")]
+    Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A record has no id where one is needed, or an id of the wrong kind.
     #[error("{0}")]
     Id(String),
@@ -71,6 +75,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// A hook's refusal, with its reason (a message, or any error).
+    pub fn refused(reason: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Error::Refused(reason.into())
+    }
+
     /// Maps a driver error, recognising duplicate-key failures.
     pub(crate) fn from_mongo(model: &'static str, err: mongodb::error::Error) -> Self {
         use mongodb::error::{ErrorKind, WriteFailure};

@@ -27,7 +27,7 @@ pub use earnorm_derive::{cached, Model};
 pub use env::{cache, init, shutdown, Environment};
 pub use error::{Error, FieldError, Result, ValidationErrors};
 pub use feed::FeedStats;
-pub use model::{id_key, IndexSpec, Model, ModelId};
+pub use model::{id_key, Hooks, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;
 pub use query::{ActionFuture, Count, Find, FindOne, Projected, Projection, RecordCache, RecordStream};

@@ -75,6 +75,61 @@ impl ModelId for mongodb::bson::Uuid {
     }
 }
 
+/// Lifecycle hooks, called by `save`, `insert_many` and `delete` (and their
+/// `_in` and `_tx` forms; not by the bulk and partial updates, which never
+/// hold the record). `#[derive(Model)]` implements them with the defaults
+/// (doing nothing); write `#[earnorm(hooks)]` on the struct and implement
+/// this trait yourself to run code around writes:
+///
+/// ```no_run
+/// use earnorm::bson::oid::ObjectId;
+/// use earnorm::prelude::*;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, Serialize, Deserialize, Model)]
+/// #[earnorm(collection = "users", hooks)]
+/// pub struct User {
+///     #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+///     pub id: Option<ObjectId>,
+///     pub email: String,
+/// }
+///
+/// impl earnorm::Hooks for User {
+///     fn before_save(&mut self) -> earnorm::Result<()> {
+///         self.email = self.email.trim().to_lowercase();
+///         if self.email.ends_with("@example.invalid") {
+///             return Err(earnorm::Error::refused("no test addresses here"));
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// The hooks are synchronous: they can change the record and refuse the
+/// write, not wait on I/O (do that before calling `save`).
+pub trait Hooks {
+    /// Before `save` validates and writes: may change the record; an error
+    /// stops the save (nothing written).
+    ///
+    /// # Errors
+    /// Whatever refuses the save; it is returned by `save`.
+    fn before_save(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// After `save` wrote and invalidated.
+    fn after_save(&self) {}
+    /// Before `delete`: an error stops it (nothing deleted).
+    ///
+    /// # Errors
+    /// Whatever refuses the delete; it is returned by `delete`.
+    fn before_delete(&self) -> Result<()> {
+        Ok(())
+    }
+    /// After `delete` deleted and invalidated (also when there was nothing
+    /// to delete).
+    fn after_delete(&self) {}
+}
+
 /// An index declared with `#[earnorm(index)]` or `#[earnorm(unique)]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexSpec {
@@ -98,7 +153,7 @@ pub struct IndexSpec {
 /// applied part of the write (a bulk write stopped half-way, a connection lost
 /// after sending) still invalidates its scope. Cache trouble never fails a
 /// write.
-pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 'static {
+pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 'static {
     /// The collection name.
     const COLLECTION: &'static str;
     /// The record cache, when declared (`#[earnorm(cache(ttl = 300))]`):
@@ -110,6 +165,13 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// ([`Error::Conflict`]) instead of overwriting newer data, and
     /// increments the version of each record it saves.
     const VERSION_FIELD: Option<&'static str> = None;
+    /// The stored name of the field `#[earnorm(created_at)]` marks: set by
+    /// `save` when it inserts (and when an `Option` field is `None`), and by
+    /// `upsert_one` when it inserts.
+    const CREATED_AT_FIELD: Option<&'static str> = None;
+    /// The stored name of the field `#[earnorm(updated_at)]` marks: set by
+    /// every `save`, `update`, `update_one` and `upsert_one`.
+    const UPDATED_AT_FIELD: Option<&'static str> = None;
     /// The type of the `_id` field.
     type Id: ModelId;
 
@@ -125,6 +187,11 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// Sets the record's version.
     fn set_version(&mut self, version: i64) {
         let _ = version;
+    }
+    /// Sets the timestamp fields for a save at `now` (`inserting`: the save
+    /// inserts a new record).
+    fn stamp(&mut self, now: mongodb::bson::DateTime, inserting: bool) {
+        let _ = (now, inserting);
     }
     /// Checks every validation rule; reports every failing field.
     ///
@@ -155,6 +222,7 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`save`](Self::save) in `env`.
     fn save_in<'a>(&'a mut self, env: &'a Environment) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
+            self.before_save()?;
             let Save {
                 op,
                 touched,
@@ -164,13 +232,16 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             let coll = raw_collection::<Self>(env);
             let save = async move { timed!(&coll, session => op.run::<Self>(coll, session).await) };
             let result = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, save).await;
-            settle(generated, previous_version, self, result)
+            settle(generated, previous_version, self, result)?;
+            self.after_save();
+            Ok(())
         }
     }
 
     /// [`save`](Self::save) inside a transaction: applied and invalidated at commit.
     fn save_tx<'a>(&'a mut self, tx: &'a mut Transaction) -> impl Future<Output = Result<()>> + Send + 'a {
         async move {
+            self.before_save()?;
             let Save {
                 op,
                 touched: scope,
@@ -182,7 +253,9 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             // commit with the transaction.
             touched.push(scope);
             let result = op.run::<Self>(raw_collection::<Self>(env), Some(session)).await;
-            settle(generated, previous_version, self, result)
+            settle(generated, previous_version, self, result)?;
+            self.after_save();
+            Ok(())
         }
     }
 
@@ -194,20 +267,26 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
     /// [`delete`](Self::delete) in `env`.
     fn delete_in<'a>(&'a self, env: &'a Environment) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
+            self.before_delete()?;
             let (filter, touched) = delete_target(self)?;
             let coll = raw_collection::<Self>(env);
             let delete = async move { timed!(&coll, session => delete_one::<Self>(coll, filter, session).await) };
-            write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await
+            let existed = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await?;
+            self.after_delete();
+            Ok(existed)
         }
     }
 
     /// [`delete`](Self::delete) inside a transaction.
     fn delete_tx<'a>(&'a self, tx: &'a mut Transaction) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
+            self.before_delete()?;
             let (filter, scope) = delete_target(self)?;
             let (env, session, touched) = tx.parts();
             touched.push(scope);
-            delete_one::<Self>(raw_collection::<Self>(env), filter, Some(session)).await
+            let existed = delete_one::<Self>(raw_collection::<Self>(env), filter, Some(session)).await?;
+            self.after_delete();
+            Ok(existed)
         }
     }
 
@@ -225,6 +304,14 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
         async move {
             if records.is_empty() {
                 return Ok(());
+            }
+            let now = mongodb::bson::DateTime::now();
+            for record in records.iter_mut() {
+                record.before_save()?;
+                record.stamp(now, true);
+                if let Some(version) = Self::VERSION_FIELD.and(record.version()) {
+                    record.set_version(version.max(0).saturating_add(1));
+                }
             }
             let mut all = ValidationErrors::new();
             for record in records.iter() {
@@ -253,7 +340,11 @@ pub trait Model: Serialize + DeserializeOwned + Send + Sync + Unpin + Sized + 's
             };
             // Part of a failed batch may have been written: a failure
             // invalidates too (see `may_have_written`).
-            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], Invalidate::Always, insert).await
+            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], Invalidate::Always, insert).await?;
+            for record in records.iter() {
+                record.after_save();
+            }
+            Ok(())
         }
     }
 
@@ -553,6 +644,7 @@ pub(crate) fn may_have_written(err: &Error) -> bool {
         Error::Validation(_)
         | Error::DuplicateKey { .. }
         | Error::Conflict { .. }
+        | Error::Refused(_)
         | Error::Id(_)
         | Error::Serialization(_) => false,
         // Refused by the driver before sending (a document over 16 MiB).
@@ -632,6 +724,7 @@ impl Save {
             })?;
             record.set_id(Some(id));
         }
+        record.stamp(mongodb::bson::DateTime::now(), generated);
         let previous_version = M::VERSION_FIELD.map(|_| record.version().unwrap_or(0));
         if let Some(version) = previous_version {
             record.set_version(version.saturating_add(1));

@@ -29,7 +29,8 @@ pub(crate) struct Target {
 /// Runs `target` in a transaction, validating the result; returns the
 /// record as it is now, or `None` when nothing matched (and nothing was
 /// written).
-pub(crate) async fn update_validated<M: Model>(env: &Environment, target: Target) -> Result<Option<M>> {
+pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Target) -> Result<Option<M>> {
+    stamp::<M>(&mut target);
     let coll = raw_collection::<M>(env);
     let client = env.client().clone();
     // Until the record is known, a failure that may have written
@@ -66,6 +67,31 @@ pub(crate) async fn update_validated<M: Model>(env: &Environment, target: Target
     write_then_invalidate_found(env, found, Invalidate::IfWritten, write).await
 }
 
+/// Adds the timestamps to an update: `updated_at` to the time of the
+/// update (`$currentDate`, the server's clock), `created_at` to now when an
+/// upsert inserts (`$setOnInsert`).
+fn stamp<M: Model>(target: &mut Target) {
+    if let Some(field) = M::UPDATED_AT_FIELD {
+        if let Some(dates) = operator(&mut target.update, "$currentDate") {
+            dates.insert(field, true);
+        }
+    }
+    if let (Some(field), true) = (M::CREATED_AT_FIELD, target.upsert) {
+        if let Some(on_insert) = operator(&mut target.update, "$setOnInsert") {
+            on_insert.insert(field, mongodb::bson::DateTime::now());
+        }
+    }
+}
+
+/// The operator document `name` of `update`, created empty if absent (or
+/// replacing a value that is not a document, which the server would refuse).
+fn operator<'a>(update: &'a mut Document, name: &str) -> Option<&'a mut Document> {
+    if !matches!(update.get(name), Some(mongodb::bson::Bson::Document(_))) {
+        update.insert(name, Document::new());
+    }
+    update.get_document_mut(name).ok()
+}
+
 /// `record.update(update)`: the record's own filter (and version, for a
 /// versioned model, whose update also moves it to the next version).
 pub(crate) fn record_target<M: Model>(record: &M, mut update: Document) -> Result<Target> {
@@ -75,13 +101,8 @@ pub(crate) fn record_target<M: Model>(record: &M, mut update: Document) -> Resul
     let mut filter = doc! { "_id": to_bson(id)? };
     if let (Some(field), Some(version)) = (M::VERSION_FIELD, record.version()) {
         filter.insert(field, version);
-        match update.get_document_mut("$inc") {
-            Ok(inc) => {
-                inc.insert(field, 1);
-            }
-            Err(_) => {
-                update.insert("$inc", doc! { field: 1 });
-            }
+        if let Some(inc) = operator(&mut update, "$inc") {
+            inc.insert(field, 1);
         }
     }
     Ok(Target {
