@@ -710,3 +710,50 @@ async fn timestamps_are_set_by_the_orm_and_hooks_run_around_writes() {
     assert_eq!(DELETED.load(Ordering::SeqCst), deleted + 1, "after_delete ran");
     let _ = env.database().drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_gives_typed_change_events_of_the_model() {
+    use earnorm::ChangeKind;
+    use futures_util::StreamExt;
+    use std::time::Duration;
+
+    let env = test_env("watch").await;
+    let mut events = Member::watch_in(&env).await.expect("watch");
+    let mut member = Member {
+        id: None,
+        email: "ada@example.com".into(),
+        visits: 0,
+    };
+    member.save_in(&env).await.expect("insert");
+    member
+        .update_in(&env, doc! { "$inc": { "visits": 1 } })
+        .await
+        .expect("update");
+    member.visits = 5;
+    member.save_in(&env).await.expect("replace");
+    member.delete_in(&env).await.expect("delete");
+    async fn next(events: &mut earnorm::ChangeEvents<Member>) -> earnorm::ChangeEvent<Member> {
+        tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event in time")
+            .expect("the stream goes on")
+            .expect("a typed event")
+    }
+    let id = member.id;
+    let inserted = next(&mut events).await;
+    assert_eq!((inserted.kind, inserted.id), (ChangeKind::Insert, id));
+    assert_eq!(inserted.record.map(|m| m.email), Some("ada@example.com".into()));
+    let updated = next(&mut events).await;
+    assert_eq!((updated.kind, updated.id), (ChangeKind::Update, id));
+    assert_eq!(updated.updated_fields, Some(doc! { "visits": 1_i64 }));
+    let replaced = next(&mut events).await;
+    assert_eq!(replaced.kind, ChangeKind::Replace);
+    assert_eq!(replaced.record.map(|m| m.visits), Some(5));
+    let deleted = next(&mut events).await;
+    assert_eq!(
+        (deleted.kind, deleted.id, deleted.record),
+        (ChangeKind::Delete, id, None)
+    );
+    assert!(deleted.at.is_some());
+    let _ = env.database().drop().await;
+}

@@ -13,6 +13,7 @@ mod reference;
 mod transaction;
 mod update;
 pub mod validate;
+mod watch;
 
 #[doc(hidden)]
 #[path = "private.rs"]
@@ -27,12 +28,16 @@ pub use earnorm_derive::{cached, Model};
 pub use env::{cache, init, shutdown, Environment};
 pub use error::{Error, FieldError, Result, ValidationErrors};
 pub use feed::FeedStats;
+/// The stream traits for [`Find::stream`] and [`Model::watch`]
+/// (`use earnorm::futures::TryStreamExt;`), so that no other dependency is needed.
+pub use futures_util as futures;
 pub use model::{id_key, Hooks, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;
 pub use query::{ActionFuture, Count, Find, FindOne, Projected, Projection, RecordCache, RecordStream};
 pub use reference::{Ref, Refs};
 pub use transaction::Transaction;
+pub use watch::{ChangeEvent, ChangeEvents, ChangeKind};
 
 /// Invalidates every value cached with `#[cached(tags("..."))]` or
 /// `#[cached(scope = "...")]` naming `tag`, in the current environment (tags

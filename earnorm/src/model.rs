@@ -13,6 +13,7 @@ use crate::aggregate::Aggregate;
 use crate::query::{self, Count, Find, FindOne, RecordCache};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
 use crate::update;
+use crate::watch::ChangeEvents;
 use crate::{Environment, Error, Result, ValidationErrors};
 
 /// Awaits a driver action, inside `session` when there is one (the driver's
@@ -604,6 +605,23 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
                 .await
                 .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
         }
+    }
+
+    /// Typed change events of the collection, from the moment the stream
+    /// is open (this future resolves then): `let mut events =
+    /// User::watch().await?; while let Some(event) = events.next().await {..}`.
+    /// Needs change streams (a replica set or sharded cluster), like the
+    /// database feed; each call opens a stream of its own.
+    ///
+    /// # Errors
+    /// When the stream cannot be opened (a standalone server, for one).
+    fn watch() -> impl Future<Output = Result<ChangeEvents<Self>>> + Send {
+        async move { Self::watch_in(&Environment::current()?).await }
+    }
+
+    /// [`watch`](Self::watch) in `env`.
+    fn watch_in(env: &Environment) -> impl Future<Output = Result<ChangeEvents<Self>>> + Send + '_ {
+        crate::watch::watch::<Self>(env)
     }
 
     /// Creates the declared indexes (idempotent).
