@@ -356,7 +356,7 @@ impl Connection {
         match outcome {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => {
-                Counters::bump(&self.counters.errors);
+                Counters::bump(&self.counters.errors, "earnorm_cache_errors_total");
                 if is_connection_error(&err) {
                     self.drop_connection(live.id, &err);
                 } else {
@@ -365,7 +365,7 @@ impl Connection {
                 Err(CacheError::Redis(err))
             }
             Err(_) => {
-                Counters::bump(&self.counters.errors);
+                Counters::bump(&self.counters.errors, "earnorm_cache_errors_total");
                 if limit == full {
                     self.drop_connection(live.id, &format!("no answer within {limit:?}"));
                 }
@@ -409,13 +409,21 @@ impl Connection {
     /// (name, value, time to live) are written after the deletions, at
     /// `PREFIX meta:NAME`, when they go out at once; they are dropped with a
     /// queued invalidation.
-    pub(crate) async fn invalidate(&self, scopes: &[Scope<'_>], notes: &[(String, String, Duration)]) {
-        Counters::bump(&self.counters.invalidations);
+    pub(crate) async fn invalidate(
+        &self,
+        scopes: &[Scope<'_>],
+        notes: &[(String, String, Duration)],
+        source: crate::InvalidationSource,
+    ) {
+        self.counters.invalidated(source);
         if !self.is_enabled() || scopes.is_empty() {
             return;
         }
         if self.outbox.defer_unless_published(|| self.is_connected(), scopes) {
-            Counters::bump(&self.counters.invalidations_deferred);
+            Counters::bump(
+                &self.counters.invalidations_deferred,
+                "earnorm_cache_invalidations_deferred_total",
+            );
             return;
         }
         let mut pipe = invalidation(&self.namespace, scopes.iter().copied());
@@ -434,7 +442,10 @@ impl Connection {
             // Queued, and the connection dropped, so that the rule of the
             // outbox holds: the replay happens before any further read.
             self.outbox.defer(scopes);
-            Counters::bump(&self.counters.invalidations_deferred);
+            Counters::bump(
+                &self.counters.invalidations_deferred,
+                "earnorm_cache_invalidations_deferred_total",
+            );
             self.drop_published("an invalidation could not be sent");
         }
     }
@@ -442,7 +453,7 @@ impl Connection {
     /// Counts a store or generation creation that Redis refused, and warns
     /// the first time on each connection.
     pub(crate) fn store_refused(&self, err: &CacheError) {
-        Counters::bump(&self.counters.store_errors);
+        Counters::bump(&self.counters.store_errors, "earnorm_cache_store_errors_total");
         if let CacheError::Redis(err) = err {
             if !self.store_error_reported.swap(true, Ordering::AcqRel) {
                 warn!(url = %self.url, error = %err, "Redis refused to store a cached value; calls compute their values until it accepts");
@@ -487,7 +498,7 @@ impl Connection {
             })
             .await?;
         self.store_error_reported.store(false, Ordering::Release);
-        Counters::bump(&self.counters.reconnects);
+        Counters::bump(&self.counters.reconnects, "earnorm_cache_reconnects_total");
         if after_outage {
             info!(url = %self.url, quarantine = ?self.quarantine(), "reconnected to Redis");
         } else {
@@ -747,7 +758,7 @@ impl Connection {
 
     /// Reports a failure of an operation run on [`Self::published`].
     pub(crate) fn failed(&self, id: u64, err: &CacheError) {
-        Counters::bump(&self.counters.errors);
+        Counters::bump(&self.counters.errors, "earnorm_cache_errors_total");
         match err {
             CacheError::Redis(e) if is_connection_error(e) => self.drop_connection(id, e),
             CacheError::Timeout(limit) => self.drop_connection(id, &format!("no answer within {limit:?}")),

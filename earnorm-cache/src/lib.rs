@@ -143,4 +143,4 @@ pub use key::{escape_glob, CacheKey, KeyBuilder, Scope, MAX_DEPENDENCIES};
 pub use key_encoding::KeyArgumentError;
 pub use manager::{bypass, CacheManager};
 pub use redact::redact_url;
-pub use stats::{CacheStats, ConnectionStatus, NamedStats};
+pub use stats::{CacheStats, ConnectionStatus, InvalidationSource, NamedStats};

@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 use redis::Script;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::watch;
-use tracing::{debug, trace, warn};
+use tracing::{debug, trace, warn, Instrument};
 
 use crate::codec::{self, Envelope, Output};
 use crate::connection::{supervise, Connection};
 use crate::flight::{self, Flights, Follower, Leader, Outcome, Role};
 use crate::key::{escape_glob, CacheKey, KeyBuilder, Scope};
 use crate::scan::{generations_pattern, unlink_matching};
-use crate::stats::{CacheStats, ConnectionStatus, Counters, Event, NamedStats, Names};
+use crate::stats::{CacheStats, ConnectionStatus, Counters, Event, NamedStats, Names, Served};
 use crate::token::new_token;
-use crate::{CacheConfig, CacheError};
+use crate::{CacheConfig, CacheError, InvalidationSource};
 
 /// Stores a value only if every generation it depends on is still the one
 /// seen before its computation started (see the crate docs, "No stale sets").
@@ -246,6 +246,10 @@ impl CacheManager {
                 warn!(url = %connection.url, error = %err, "Redis unavailable at start; caching paused, connecting in the background");
             }
             tokio::spawn(supervise(Arc::clone(&connection)));
+            tokio::spawn(crate::stats::export_status(
+                connection.subscribe(),
+                connection.namespace.clone(),
+            ));
         }
         Ok(Self::from_connection(connection))
     }
@@ -391,13 +395,40 @@ impl CacheManager {
         if !conn.is_enabled() || bypassed() {
             return compute.await;
         }
+        let named = key.named.get();
+        let span = tracing::debug_span!(
+            "earnorm.cache",
+            model = named.map_or("", |n| &*n.namespace),
+            method = named.map_or("", |n| &*n.name),
+            outcome = tracing::field::Empty,
+        );
+        let began = Instant::now();
+        let (value, served) = self
+            .serve::<R, O, T, Fut>(key, ttl_of, compute)
+            .instrument(span.clone())
+            .await;
+        span.record("outcome", served.as_str());
+        if let Some(named) = named {
+            named.call(served, began.elapsed());
+        }
+        value
+    }
+
+    /// The cache-aside call itself; says how it was served.
+    async fn serve<R, O, T, Fut>(&self, key: &CacheKey, ttl_of: T, compute: Fut) -> (R, Served)
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
         let mut call = Call {
             began: Instant::now(),
             budget: conn.config.operation_timeout,
         };
         for _ in 0..MAX_ROUNDS {
             let generations = match self.try_hit::<R, O>(key, &mut call).await {
-                Ok(value) => return value,
+                Ok(value) => return (value, Served::Hit),
                 Err(generations) => generations,
             };
             match self.inner.flights.join(key.as_str()) {
@@ -407,7 +438,7 @@ impl CacheManager {
                         .await
                 }
                 Role::Follower(follower) => match self.follow::<R, O>(key, follower, &mut call).await {
-                    Next::Use(value) => return value,
+                    Next::Use(value) => return (value, Served::Coalesced),
                     Next::Retry => {}
                     Next::Compute => break,
                 },
@@ -416,7 +447,7 @@ impl CacheManager {
         // Other callers kept invalidating under us, the leader's result was
         // not cacheable, or it took longer than this caller may wait:
         // compute without storing.
-        compute.await
+        (compute.await, Served::Fallback)
     }
 
     /// Looks the key up: the decoded value on a hit; otherwise the
@@ -485,7 +516,7 @@ impl CacheManager {
         leader: Leader<'_>,
         generations: Option<Generations>,
         call: &mut Call,
-    ) -> R
+    ) -> (R, Served)
     where
         O: Output<R>,
         T: Fn(&R) -> Option<Duration>,
@@ -493,10 +524,17 @@ impl CacheManager {
     {
         let conn = self.connection();
         let named = key.named.get();
-        match &generations {
-            Some(_) => conn.counters.count(named, Event::Miss),
-            None => conn.counters.count(named, Event::Fallback),
-        }
+        let served = match &generations {
+            Some(_) => Served::Miss,
+            None => Served::Fallback,
+        };
+        conn.counters.count(
+            named,
+            match served {
+                Served::Fallback => Event::Fallback,
+                _ => Event::Miss,
+            },
+        );
         // A successful compare-and-set proves no invalidation reached Redis
         // during the computation; it proves nothing about invalidations still
         // queued in other managers, which is why a value stored while this
@@ -516,7 +554,7 @@ impl CacheManager {
                         // Current when it was looked up: as good as a store
                         // sent then (see `crate::flight`).
                         leader.complete(Outcome::Stored(payload, looked));
-                        return value;
+                        return (value, Served::Hit);
                     }
                     Awaited::Took(guard) => Some(guard),
                     Awaited::GaveUp => None,
@@ -531,18 +569,18 @@ impl CacheManager {
             Some((_, Err(err))) => {
                 debug!(key = key.as_str(), error = %err, "value not cached: it does not encode");
                 leader.complete(Outcome::Uncacheable);
-                return value;
+                return (value, served);
             }
             // Not a cacheable result (an `Err`, a `None`): followers compute their own.
             None => {
                 leader.complete(Outcome::Uncacheable);
-                return value;
+                return (value, served);
             }
         };
         let (ttl, payload) = payload;
         let Some(generations) = generations else {
             leader.complete(Outcome::Computed(payload.into()));
-            return value;
+            return (value, served);
         };
         leader.storing();
         let store_sent = Instant::now();
@@ -565,7 +603,7 @@ impl CacheManager {
             Err(_) => Outcome::Computed(payload.into()),
         };
         leader.complete(outcome);
-        value
+        (value, served)
     }
 
     /// Polls for the value of a key whose lease another caller holds,
@@ -798,7 +836,10 @@ impl CacheManager {
 
     /// Removes a value that does not decode, counting it.
     async fn discard(&self, key: &CacheKey, err: &CacheError, budget: &mut Duration) {
-        Counters::bump(&self.connection().counters.decode_errors);
+        Counters::bump(
+            &self.connection().counters.decode_errors,
+            "earnorm_cache_decode_errors_total",
+        );
         debug!(key = key.as_str(), error = %err, "removing a cached value that does not decode");
         let _ = self.delete_within(key, budget).await;
     }
@@ -951,13 +992,20 @@ impl CacheManager {
     /// the write that made those values stale has committed.
     ///
     /// Never fails: when Redis is unavailable the invalidation is queued and
-    /// replayed before caching resumes.
+    /// replayed before caching resumes. Counted as a
+    /// [`Manual`](InvalidationSource::Manual) invalidation.
     pub async fn invalidate(&self, scopes: &[Scope<'_>]) {
+        self.invalidate_from(scopes, InvalidationSource::Manual).await;
+    }
+
+    /// [`invalidate`](Self::invalidate), counted (in the exported metrics)
+    /// as coming from `source`.
+    pub async fn invalidate_from(&self, scopes: &[Scope<'_>], source: InvalidationSource) {
         // Callers arriving after this write must not join a computation that
         // began before it.
         self.inner.flights.clear();
-        debug!(scopes = scopes.len(), "invalidating");
-        self.connection().invalidate(scopes, &[]).await;
+        debug!(scopes = scopes.len(), source = source.as_str(), "invalidating");
+        self.connection().invalidate(scopes, &[], source).await;
     }
 
     /// [`invalidate`](Self::invalidate), and when the invalidation reaches
@@ -969,7 +1017,9 @@ impl CacheManager {
         self.inner.flights.clear();
         let notes: Vec<(String, String, Duration)> =
             notes.iter().map(|name| (name.clone(), value.to_owned(), ttl)).collect();
-        self.connection().invalidate(scopes, &notes).await;
+        self.connection()
+            .invalidate(scopes, &notes, InvalidationSource::Write)
+            .await;
     }
 
     /// Invalidates `scopes` unless one of the notes `notes` holds a value at
@@ -1001,7 +1051,7 @@ impl CacheManager {
             .await?;
         if invalidated == 1 {
             self.inner.flights.clear();
-            Counters::bump(&conn.counters.invalidations);
+            conn.counters.invalidated(InvalidationSource::Feed);
         }
         Ok(invalidated == 1)
     }
@@ -1018,8 +1068,16 @@ impl CacheManager {
     /// # Errors
     /// When the cache is disabled, unavailable or fails part-way.
     pub async fn invalidate_all(&self) -> Result<u64, CacheError> {
+        self.invalidate_all_from(InvalidationSource::Manual).await
+    }
+
+    /// [`invalidate_all`](Self::invalidate_all), counted as coming from `source`.
+    ///
+    /// # Errors
+    /// As [`invalidate_all`](Self::invalidate_all).
+    pub async fn invalidate_all_from(&self, source: InvalidationSource) -> Result<u64, CacheError> {
         self.inner.flights.clear();
-        Counters::bump(&self.connection().counters.invalidations);
+        self.connection().counters.invalidated(source);
         self.unlink_matching(&generations_pattern(&self.connection().namespace))
             .await
     }

@@ -84,8 +84,16 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
+    /// Counts an invalidation, and exports it by source.
+    pub(crate) fn invalidated(&self, source: crate::InvalidationSource) {
+        self.invalidations.fetch_add(1, Relaxed);
+        metrics::counter!("earnorm_cache_invalidations_total", "source" => source.as_str()).increment(1);
+    }
+
+    /// Counts one, here and as the `metrics` counter `metric`.
+    pub(crate) fn bump(counter: &AtomicU64, metric: &'static str) {
         counter.fetch_add(1, Relaxed);
+        metrics::counter!(metric).increment(1);
     }
 
     pub(crate) fn snapshot(&self, status: ConnectionStatus) -> CacheStats {
@@ -143,7 +151,7 @@ pub struct NamedStats {
 }
 
 /// The live counters of one name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct NamedCounters {
     hits: AtomicU64,
     misses: AtomicU64,
@@ -152,6 +160,99 @@ pub(crate) struct NamedCounters {
     stale_sets_refused: AtomicU64,
     lease_waits: AtomicU64,
     fallbacks: AtomicU64,
+    /// The namespace and name, for traces.
+    pub(crate) namespace: Arc<str>,
+    pub(crate) name: Arc<str>,
+    /// The same counts, through the `metrics` facade.
+    exported: Exported,
+}
+
+/// Handles of the `metrics` facade for one name, registered when the name is
+/// first used (so with the recorder installed then: install it before
+/// connecting).
+#[derive(Debug)]
+struct Exported {
+    hits: metrics::Counter,
+    misses: metrics::Counter,
+    coalesced: metrics::Counter,
+    sets: metrics::Counter,
+    stale_sets_refused: metrics::Counter,
+    lease_waits: metrics::Counter,
+    fallbacks: metrics::Counter,
+    /// Call durations, by how the call was served (see [`Served`]).
+    durations: [metrics::Histogram; 4],
+}
+
+/// How a cached call was served, for its duration's label and its span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Served {
+    /// From the cache (including a value another process stored while this
+    /// one waited on its lease).
+    Hit,
+    /// Computed here, and offered to the cache.
+    Miss,
+    /// Another caller's computation in this process.
+    Coalesced,
+    /// Computed without the cache (unavailable, or not caching).
+    Fallback,
+}
+
+impl Served {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::Miss => "miss",
+            Served::Coalesced => "coalesced",
+            Served::Fallback => "fallback",
+        }
+    }
+}
+
+impl NamedCounters {
+    fn new(namespace: &str, name: &str) -> Self {
+        let labels = [("model", namespace.to_owned()), ("method", name.to_owned())];
+        let counter = |metric: &'static str| metrics::counter!(metric, &labels);
+        let duration = |served: Served| {
+            metrics::histogram!(
+                "earnorm_cache_call_seconds",
+                "model" => namespace.to_owned(),
+                "method" => name.to_owned(),
+                "outcome" => served.as_str()
+            )
+        };
+        Self {
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            sets: AtomicU64::new(0),
+            stale_sets_refused: AtomicU64::new(0),
+            lease_waits: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+            namespace: namespace.into(),
+            name: name.into(),
+            exported: Exported {
+                hits: counter("earnorm_cache_hits_total"),
+                misses: counter("earnorm_cache_misses_total"),
+                coalesced: counter("earnorm_cache_coalesced_total"),
+                sets: counter("earnorm_cache_stores_total"),
+                stale_sets_refused: counter("earnorm_cache_stores_refused_total"),
+                lease_waits: counter("earnorm_cache_lease_waits_total"),
+                fallbacks: counter("earnorm_cache_fallbacks_total"),
+                durations: [Served::Hit, Served::Miss, Served::Coalesced, Served::Fallback].map(duration),
+            },
+        }
+    }
+
+    /// Records how long a call took and how it was served.
+    pub(crate) fn call(&self, served: Served, took: std::time::Duration) {
+        let i = match served {
+            Served::Hit => 0,
+            Served::Miss => 1,
+            Served::Coalesced => 2,
+            Served::Fallback => 3,
+        };
+        self.exported.durations[i].record(took.as_secs_f64());
+    }
 }
 
 /// Something a cached call did, counted globally and for its name.
@@ -169,18 +270,28 @@ pub(crate) enum Event {
 impl Counters {
     /// Counts `event`, and for `named` too when the key has a name.
     pub(crate) fn count(&self, named: Option<&NamedCounters>, event: Event) {
-        let (global, own) = match event {
-            Event::Hit => (Some(&self.hits), named.map(|n| &n.hits)),
-            Event::Miss => (Some(&self.misses), named.map(|n| &n.misses)),
-            Event::Coalesced => (Some(&self.coalesced), named.map(|n| &n.coalesced)),
-            Event::Set => (Some(&self.sets), named.map(|n| &n.sets)),
-            Event::StaleSetRefused => (Some(&self.stale_sets_refused), named.map(|n| &n.stale_sets_refused)),
-            Event::LeaseWait => (Some(&self.lease_waits), named.map(|n| &n.lease_waits)),
-            Event::Fallback => (Some(&self.fallbacks), named.map(|n| &n.fallbacks)),
+        let global = match event {
+            Event::Hit => &self.hits,
+            Event::Miss => &self.misses,
+            Event::Coalesced => &self.coalesced,
+            Event::Set => &self.sets,
+            Event::StaleSetRefused => &self.stale_sets_refused,
+            Event::LeaseWait => &self.lease_waits,
+            Event::Fallback => &self.fallbacks,
         };
-        for counter in global.into_iter().chain(own) {
-            counter.fetch_add(1, Relaxed);
-        }
+        global.fetch_add(1, Relaxed);
+        let Some(named) = named else { return };
+        let (own, exported) = match event {
+            Event::Hit => (&named.hits, &named.exported.hits),
+            Event::Miss => (&named.misses, &named.exported.misses),
+            Event::Coalesced => (&named.coalesced, &named.exported.coalesced),
+            Event::Set => (&named.sets, &named.exported.sets),
+            Event::StaleSetRefused => (&named.stale_sets_refused, &named.exported.stale_sets_refused),
+            Event::LeaseWait => (&named.lease_waits, &named.exported.lease_waits),
+            Event::Fallback => (&named.fallbacks, &named.exported.fallbacks),
+        };
+        own.fetch_add(1, Relaxed);
+        exported.increment(1);
     }
 }
 
@@ -204,7 +315,7 @@ impl Names {
                 .entry(namespace.to_owned())
                 .or_default()
                 .entry(name.to_owned())
-                .or_default(),
+                .or_insert_with(|| Arc::new(NamedCounters::new(namespace, name))),
         )
     }
 
@@ -229,5 +340,52 @@ impl Names {
             .collect();
         all.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         all
+    }
+}
+
+/// Where an invalidation came from, in the exported metrics
+/// (`earnorm_cache_invalidations_total{source=..}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum InvalidationSource {
+    /// A write through the ORM, after it committed.
+    Write,
+    /// The database feed (a change event, or a reset of everything).
+    Feed,
+    /// A call of the application ([`CacheManager::invalidate`](crate::CacheManager::invalidate), a tag).
+    Manual,
+}
+
+impl InvalidationSource {
+    /// The label value: `write`, `feed` or `manual`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidationSource::Write => "write",
+            InvalidationSource::Feed => "feed",
+            InvalidationSource::Manual => "manual",
+        }
+    }
+}
+
+/// Keeps the gauge `earnorm_cache_status{prefix, status}` at 1 for the
+/// current status of the manager on `prefix` and 0 for the others, until
+/// the manager goes.
+pub(crate) async fn export_status(mut status: tokio::sync::watch::Receiver<ConnectionStatus>, prefix: String) {
+    const ALL: [(ConnectionStatus, &str); 5] = [
+        (ConnectionStatus::Disabled, "disabled"),
+        (ConnectionStatus::Connecting, "connecting"),
+        (ConnectionStatus::Connected, "connected"),
+        (ConnectionStatus::Recovering, "recovering"),
+        (ConnectionStatus::Down, "down"),
+    ];
+    loop {
+        let now = *status.borrow_and_update();
+        for (each, label) in ALL {
+            let value = if each == now { 1.0 } else { 0.0 };
+            metrics::gauge!("earnorm_cache_status", "prefix" => prefix.clone(), "status" => label).set(value);
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
     }
 }

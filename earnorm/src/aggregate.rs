@@ -146,7 +146,10 @@ impl<M: Model, T: Projection> IntoFuture for Aggregate<M, T> {
     type IntoFuture = ActionFuture<Vec<T>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.run())
+        Box::pin(tracing::Instrument::instrument(
+            self.run(),
+            crate::op_span(M::COLLECTION, "aggregate"),
+        ))
     }
 }
 

@@ -64,7 +64,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use earnorm_cache::{CacheManager, Scope};
+use earnorm_cache::{CacheManager, InvalidationSource, Scope};
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
 use mongodb::change_stream::ChangeStream;
@@ -228,9 +228,11 @@ impl Feed {
             match self.cache.lease(&self.lease_name(), &self.holder, LEASE).await {
                 Ok(true) => {
                     self.counters.handovers.fetch_add(1, Relaxed);
+                    metrics::counter!("earnorm_feed_handovers_total").increment(1);
                     info!(database = self.database.name(), "database feed: leading");
                     let outcome = self.lead().await;
                     self.counters.leader.store(false, Relaxed);
+                    metrics::gauge!("earnorm_feed_leader", "database" => self.database.name().to_owned()).set(0.0);
                     let _ = self.cache.release(&self.lease_name(), &self.holder).await;
                     match outcome {
                         Lead::Unsupported => {
@@ -266,6 +268,7 @@ impl Feed {
         };
         // Leading from here: the stream is open, and a reset is done.
         self.counters.leader.store(true, Relaxed);
+        metrics::gauge!("earnorm_feed_leader", "database" => self.database.name().to_owned()).set(1.0);
         let mut stop = self.stop.clone();
         let mut renewed = Instant::now();
         let mut persisted = Instant::now();
@@ -363,6 +366,7 @@ impl Feed {
             {
                 Ok(stream) => {
                     self.counters.resumes.fetch_add(1, Relaxed);
+                    metrics::counter!("earnorm_feed_resumes_total").increment(1);
                     return Ok(stream);
                 }
                 Err(err) if error_code(&err).is_some_and(|code| UNRESUMABLE.contains(&code)) => {
@@ -376,11 +380,12 @@ impl Feed {
             Err(err) => return Err(self.open_failed(&err)),
         };
         // Opened first, then everything invalidated: no write falls between.
-        if let Err(err) = self.cache.invalidate_all().await {
+        if let Err(err) = self.cache.invalidate_all_from(InvalidationSource::Feed).await {
             debug!(error = %err, "database feed: could not invalidate everything; retrying");
             return Err(Lead::Lost);
         }
         self.counters.resets.fetch_add(1, Relaxed);
+        metrics::counter!("earnorm_feed_resets_total").increment(1);
         if let Some(token) = stream.resume_token() {
             let _ = self.cache.set_meta(&self.token_name(), &encode_token(&token)).await;
         }
@@ -428,12 +433,21 @@ impl Feed {
                                 Ok(true) => {}
                                 Ok(false) => {
                                     self.counters.skipped.fetch_add(1, Relaxed);
+                                    metrics::counter!("earnorm_feed_skipped_total").increment(1);
                                 }
-                                Err(_) => self.cache.invalidate(&scopes).await,
+                                Err(_) => self.cache.invalidate_from(&scopes, InvalidationSource::Feed).await,
                             }
                         }
-                        (Some(id), None) => self.cache.invalidate(&[Scope::Record(&model, &id)]).await,
-                        (None, _) => self.cache.invalidate(&[Scope::Model(&model)]).await,
+                        (Some(id), None) => {
+                            self.cache
+                                .invalidate_from(&[Scope::Record(&model, &id)], InvalidationSource::Feed)
+                                .await
+                        }
+                        (None, _) => {
+                            self.cache
+                                .invalidate_from(&[Scope::Model(&model)], InvalidationSource::Feed)
+                                .await
+                        }
                     }
                 }
                 false
@@ -446,11 +460,11 @@ impl Feed {
                     .map(|coll| model_scope(database, coll))
                     .collect();
                 let scopes: Vec<Scope<'_>> = models.iter().map(|m| Scope::Model(m)).collect();
-                self.cache.invalidate(&scopes).await;
+                self.cache.invalidate_from(&scopes, InvalidationSource::Feed).await;
                 false
             }
             OperationType::DropDatabase | OperationType::Invalidate => {
-                if let Err(err) = self.cache.invalidate_all().await {
+                if let Err(err) = self.cache.invalidate_all_from(InvalidationSource::Feed).await {
                     debug!(error = %err, "database feed: could not invalidate everything");
                 }
                 matches!(event.operation_type, OperationType::Invalidate)
@@ -458,11 +472,14 @@ impl Feed {
             _ => false,
         };
         self.counters.events.fetch_add(1, Relaxed);
+        metrics::counter!("earnorm_feed_events_total").increment(1);
         let now = now_ms();
         self.counters.last_event_ms.store(now, Relaxed);
         if let Some(wall) = event.wall_time {
             let lag = now.saturating_sub(u64::try_from(wall.timestamp_millis()).unwrap_or(0));
             self.counters.last_lag_ms.store(lag, Relaxed);
+            #[allow(clippy::cast_precision_loss)]
+            metrics::histogram!("earnorm_feed_lag_seconds").record(lag as f64 / 1000.0);
             self.counters.max_lag_ms.fetch_max(lag, Relaxed);
         }
         ended

@@ -39,6 +39,13 @@ pub use reference::{Ref, Refs};
 pub use transaction::Transaction;
 pub use watch::{ChangeEvent, ChangeEvents, ChangeKind};
 
+/// The span of one ORM operation: `earnorm.op` with the model's collection
+/// and the operation's name (never a filter, a value or an id). Cached reads
+/// inside it add an `earnorm.cache` span saying how they were served.
+pub(crate) fn op_span(model: &'static str, op: &'static str) -> tracing::Span {
+    tracing::debug_span!("earnorm.op", model, op)
+}
+
 /// Invalidates every value cached with `#[cached(tags("..."))]` or
 /// `#[cached(scope = "...")]` naming `tag`, in the current environment (tags
 /// are named per database, like models). Does nothing without an environment.

@@ -15,6 +15,7 @@ use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction
 use crate::update;
 use crate::watch::ChangeEvents;
 use crate::{Environment, Error, Result, ValidationErrors};
+use tracing::Instrument;
 
 /// Awaits a driver action, inside `session` when there is one (the driver's
 /// actions share no trait for it).
@@ -237,6 +238,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             self.after_save();
             Ok(())
         }
+        .instrument(crate::op_span(Self::COLLECTION, "save"))
     }
 
     /// [`save`](Self::save) inside a transaction: applied and invalidated at commit.
@@ -276,6 +278,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             self.after_delete();
             Ok(existed)
         }
+        .instrument(crate::op_span(Self::COLLECTION, "delete"))
     }
 
     /// [`delete`](Self::delete) inside a transaction.
@@ -347,6 +350,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             }
             Ok(())
         }
+        .instrument(crate::op_span(Self::COLLECTION, "insert_many"))
     }
 
     /// The record with this id. With a record cache
@@ -467,6 +471,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
                 },
             }
         }
+        .instrument(crate::op_span(Self::COLLECTION, "update"))
     }
 
     /// Applies `update` to the first record matching `filter`, validates
@@ -550,6 +555,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             )
             .await
         }
+        .instrument(crate::op_span(Self::COLLECTION, "update_many"))
     }
 
     /// [`update_many`](Self::update_many) inside a transaction.
@@ -584,6 +590,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             )
             .await
         }
+        .instrument(crate::op_span(Self::COLLECTION, "delete_many"))
     }
 
     /// [`delete_many`](Self::delete_many) inside a transaction.

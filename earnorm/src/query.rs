@@ -12,7 +12,7 @@ use earnorm_cache::{CacheKey, ResultOutput, Scope};
 use futures_util::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use serde::Serialize;
-use tracing::debug;
+use tracing::{debug, Instrument};
 
 use crate::model::{to_bson, ModelId};
 use crate::{Environment, Error, Model, Result};
@@ -73,6 +73,12 @@ fn record_key<M: Model>(env: &Environment, id: &M::Id) -> Option<CacheKey> {
 
 /// `find_by_id`: through the record cache when the model has one.
 pub(crate) async fn find_by_id<M: Model>(env: &Environment, id: M::Id) -> Result<Option<M>> {
+    find_by_id_inner::<M>(env, id)
+        .instrument(crate::op_span(M::COLLECTION, "find_by_id"))
+        .await
+}
+
+async fn find_by_id_inner<M: Model>(env: &Environment, id: M::Id) -> Result<Option<M>> {
     let filter = doc! { "_id": to_bson(&id)? };
     let read = find_one_in_db::<M>(env, filter, None);
     match (M::CACHE, record_key::<M>(env, &id)) {
@@ -93,6 +99,12 @@ pub(crate) async fn find_by_id<M: Model>(env: &Environment, id: M::Id) -> Result
 /// appears; ids with no record are left out. One cache round trip for all
 /// of them, one `$in` query for the misses.
 pub(crate) async fn find_many_by_ids<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<Vec<M>> {
+    find_many_inner::<M>(env, ids)
+        .instrument(crate::op_span(M::COLLECTION, "find_many_by_ids"))
+        .await
+}
+
+async fn find_many_inner<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<Vec<M>> {
     let mut seen = HashSet::new();
     let mut unique: Vec<(&M::Id, Option<String>)> = Vec::with_capacity(ids.len());
     for id in ids {
@@ -196,7 +208,7 @@ impl Read {
     /// invalidated by any write to the collection.
     async fn run<M: Model, T, Q, F>(
         self,
-        name: &str,
+        name: &'static str,
         options: &Q,
         read: impl FnOnce(Environment, Document) -> F,
     ) -> Result<T>
@@ -205,30 +217,35 @@ impl Read {
         Q: Serialize,
         F: Future<Output = Result<T>>,
     {
-        let env = self.env()?;
-        let Some(ttl) = self.cached else {
-            return read(env, self.filter).await;
-        };
-        let namespace = env.model_scope(M::COLLECTION);
-        let key = env
-            .cache()
-            .key(&namespace, name)
-            .scope(Scope::Model(&namespace))
-            .raw(std::any::type_name::<M>().as_bytes())
-            .arg(&(&self.filter, options))
-            .and_then(earnorm_cache::KeyBuilder::build);
-        match key {
-            Ok(key) => {
-                let cache = env.cache().clone();
-                cache
-                    .get_or_compute::<Result<T>, ResultOutput, _>(&key, Some(ttl), read(env, self.filter))
-                    .await
-            }
-            Err(err) => {
-                debug!(error = %err, "the query does not encode: reading without the cache");
-                read(env, self.filter).await
+        let span = crate::op_span(M::COLLECTION, name);
+        async move {
+            let env = self.env()?;
+            let Some(ttl) = self.cached else {
+                return read(env, self.filter).await;
+            };
+            let namespace = env.model_scope(M::COLLECTION);
+            let key = env
+                .cache()
+                .key(&namespace, name)
+                .scope(Scope::Model(&namespace))
+                .raw(std::any::type_name::<M>().as_bytes())
+                .arg(&(&self.filter, options))
+                .and_then(earnorm_cache::KeyBuilder::build);
+            match key {
+                Ok(key) => {
+                    let cache = env.cache().clone();
+                    cache
+                        .get_or_compute::<Result<T>, ResultOutput, _>(&key, Some(ttl), read(env, self.filter))
+                        .await
+                }
+                Err(err) => {
+                    debug!(error = %err, "the query does not encode: reading without the cache");
+                    read(env, self.filter).await
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 }
 

@@ -211,6 +211,8 @@ where
         }
         result
     };
+    // The unit runs in a task of its own, inside the caller's span.
+    let unit = tracing::Instrument::instrument(unit, tracing::Span::current());
     // Polled outside a Tokio runtime (another executor), there is nothing
     // to spawn on: run the unit in place.
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -252,7 +254,9 @@ pub(crate) async fn invalidate(env: &Environment, touched: &[Touched]) {
     let names = model_names(env, touched);
     let scopes = scopes(touched, &names);
     if !scopes.is_empty() {
-        env.cache().invalidate(&scopes).await;
+        env.cache()
+            .invalidate_from(&scopes, earnorm_cache::InvalidationSource::Write)
+            .await;
     }
 }
 

@@ -64,7 +64,12 @@ pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Ta
         session.commit_transaction().await.map_err(Error::Mongo)?;
         Ok((Some(record), session.operation_time()))
     };
-    write_then_invalidate_found(env, found, Invalidate::IfWritten, write).await
+    let op = if target.upsert { "upsert_one" } else { "update_one" };
+    tracing::Instrument::instrument(
+        write_then_invalidate_found(env, found, Invalidate::IfWritten, write),
+        crate::op_span(M::COLLECTION, op),
+    )
+    .await
 }
 
 /// Adds the timestamps to an update: `updated_at` to the time of the

@@ -1,0 +1,78 @@
+//! The Prometheus example (`examples/prometheus.rs`), scraped over HTTP:
+//! the counters move with cached calls and writes. Alone in its test binary,
+//! since a process has one `metrics` recorder.
+
+#[path = "../examples/prometheus.rs"]
+#[allow(dead_code)]
+mod prometheus;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// GET /metrics over a plain TCP connection.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut socket = TcpStream::connect(addr).await.expect("connect to the exporter");
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.expect("response");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
+}
+
+/// The value of the sample whose name and labels contain all of `parts`.
+fn sample(text: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find(|line| parts.iter().all(|part| line.contains(part)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_example_shows_the_counters_moving() {
+    let handle = prometheus::install_recorder();
+    let env = support::test_env("metrics").await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(prometheus::serve(listener, handle));
+    let model = format!("model=\"{}\"", env.model_scope("users"));
+
+    prometheus::workload(&env).await.expect("workload");
+    let first = scrape(addr).await;
+    let hits = |text: &str| sample(text, &["earnorm_cache_hits_total{", &model, "method=\"record\""]);
+    let misses = |text: &str| sample(text, &["earnorm_cache_misses_total{", &model, "method=\"record\""]);
+    let writes = |text: &str| sample(text, &["earnorm_cache_invalidations_total{", "source=\"write\""]);
+    let counted = |text: &str| sample(text, &["earnorm_cache_hits_total{", &model, "method=\"count\""]);
+    assert_eq!((hits(&first), misses(&first)), (1.0, 1.0), "{first}");
+    assert_eq!(counted(&first), 1.0, "the cached count hit once: {first}");
+    assert!(
+        writes(&first) >= 2.0,
+        "the save and the bulk update invalidated: {first}"
+    );
+    assert!(
+        first.contains("earnorm_cache_call_seconds") && first.contains("outcome=\"hit\""),
+        "call durations by outcome: {first}"
+    );
+    assert!(
+        first
+            .lines()
+            .any(|l| l.starts_with("earnorm_cache_status{") && l.contains("status=\"connected\"") && l.ends_with(" 1")),
+        "the connection status gauge: {first}"
+    );
+    for line in first.lines().filter(|l| l.starts_with("earnorm_")) {
+        assert!(
+            !line.contains("redis://") && !line.contains("mongodb://"),
+            "no address in a label: {line}"
+        );
+    }
+
+    prometheus::workload(&env).await.expect("workload");
+    let second = scrape(addr).await;
+    assert_eq!((hits(&second), misses(&second)), (2.0, 2.0), "{second}");
+    assert!(writes(&second) >= writes(&first) + 2.0);
+    let _ = env.database().drop().await;
+}
