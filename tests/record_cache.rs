@@ -338,3 +338,51 @@ async fn the_query_cache_serves_find_find_one_and_count_until_any_write_to_the_c
     assert_eq!(stats(&env, "books", "shelf_total"), (1, 1));
     let _ = env.database().drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_fills_the_record_cache_so_that_reads_are_hits() {
+    let env = test_env("warm").await;
+    let docs: Vec<Document> = (0..1200)
+        .map(|i| doc! { "title": format!("book {i}"), "copies": i64::from(i % 3) })
+        .collect();
+    raw(&env).insert_many(docs).await.expect("insert");
+    let warmed = Book::warm_in(&env, doc! { "copies": { "$gt": 0 } })
+        .await
+        .expect("warm");
+    assert_eq!(warmed, 800, "the matching records");
+    let (hits, misses) = stats(&env, "books", "record");
+    let matching: Vec<Book> = Book::find_in(&env, doc! { "copies": { "$gt": 0 } })
+        .await
+        .expect("find");
+    for book in &matching {
+        Book::find_by_id_in(&env, book.id.expect("id")).await.expect("read");
+    }
+    let after = stats(&env, "books", "record");
+    assert_eq!(
+        (after.0 - hits, after.1 - misses),
+        (800, 0),
+        "every warmed record is a hit"
+    );
+
+    let ids: Vec<ObjectId> = Book::find_in(&env, doc! { "copies": 0 })
+        .limit(3)
+        .await
+        .expect("find")
+        .into_iter()
+        .map(|b| b.id.expect("id"))
+        .collect();
+    assert_eq!(Book::warm_ids_in(&env, &ids).await.expect("warm ids"), 3);
+    assert!(
+        matches!(Note::warm_in(&env, doc! {}).await, Err(earnorm::Error::Config(_))),
+        "a model without a record cache cannot be warmed"
+    );
+    let _ = env.database().drop().await;
+}
+
+/// No record cache.
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "notes")]
+struct Note {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+}

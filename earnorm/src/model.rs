@@ -383,6 +383,34 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
         query::find_many_by_ids::<Self>(env, ids)
     }
 
+    /// Fills the record cache with the records matching `filter` (in
+    /// batches of 500: one cache round trip, one `$in` query and one store
+    /// each, under the compare-and-set, so a record written meanwhile is not
+    /// stored stale). Records already cached are left as they are. Returns
+    /// how many records are cached; reports progress at `info`. For start-up,
+    /// before serving.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the model has no record cache; MongoDB's errors.
+    fn warm(filter: Document) -> impl Future<Output = Result<u64>> + Send {
+        async move { Self::warm_in(&Environment::current()?, filter).await }
+    }
+
+    /// [`warm`](Self::warm) in `env`.
+    fn warm_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
+        query::warm::<Self>(env, filter)
+    }
+
+    /// [`warm`](Self::warm) for these ids.
+    fn warm_ids(ids: &[Self::Id]) -> impl Future<Output = Result<u64>> + Send + '_ {
+        async move { Self::warm_ids_in(&Environment::current()?, ids).await }
+    }
+
+    /// [`warm_ids`](Self::warm_ids) in `env`.
+    fn warm_ids_in<'a>(env: &'a Environment, ids: &'a [Self::Id]) -> impl Future<Output = Result<u64>> + Send + 'a {
+        query::warm_ids::<Self>(env, ids)
+    }
+
     /// The first record matching `filter`: await it, or configure it first
     /// (see [`FindOne`]): `User::find_one(filter).cached(ttl).await`.
     fn find_one(filter: Document) -> FindOne<Self> {

@@ -590,3 +590,71 @@ impl<M: Model> IntoFuture for Count<M> {
         })
     }
 }
+
+/// How many ids one round of warming reads (one cache round trip, one `$in`).
+const WARM_BATCH: usize = 500;
+
+/// `Model::warm`: the ids matching `filter`, read in batches, each batch
+/// through `find_many_by_ids` (so stored under the compare-and-set).
+pub(crate) async fn warm<M: Model>(env: &Environment, filter: Document) -> Result<u64> {
+    let Some(_) = M::CACHE else {
+        return Err(no_record_cache::<M>());
+    };
+    let mut ids = env
+        .database()
+        .collection::<IdOnly<M::Id>>(M::COLLECTION)
+        .find(filter)
+        .projection(doc! { "_id": 1 })
+        .batch_size(u32::try_from(WARM_BATCH).unwrap_or(u32::MAX))
+        .await
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
+    let mut batch = Vec::with_capacity(WARM_BATCH);
+    let mut warmed = 0;
+    loop {
+        let next = ids.try_next().await.map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
+        let done = next.is_none();
+        if let Some(IdOnly { id }) = next {
+            batch.push(id);
+        }
+        if batch.len() == WARM_BATCH || (done && !batch.is_empty()) {
+            warmed += find_many_by_ids::<M>(env, &batch).await?.len() as u64;
+            batch.clear();
+            tracing::info!(model = M::COLLECTION, warmed, "warming the record cache");
+        }
+        if done {
+            return Ok(warmed);
+        }
+    }
+}
+
+/// `Model::warm_ids`: the records with these ids, in batches.
+pub(crate) async fn warm_ids<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<u64> {
+    let Some(_) = M::CACHE else {
+        return Err(no_record_cache::<M>());
+    };
+    let mut warmed = 0;
+    for batch in ids.chunks(WARM_BATCH) {
+        warmed += find_many_by_ids::<M>(env, batch).await?.len() as u64;
+        tracing::info!(
+            model = M::COLLECTION,
+            warmed,
+            of = ids.len(),
+            "warming the record cache"
+        );
+    }
+    Ok(warmed)
+}
+
+fn no_record_cache<M: Model>() -> Error {
+    Error::Config(format!(
+        "{}: warming needs a record cache, #[earnorm(cache(ttl = SECONDS))]",
+        M::COLLECTION
+    ))
+}
+
+/// A document's id alone.
+#[derive(serde::Deserialize)]
+struct IdOnly<I> {
+    #[serde(rename = "_id")]
+    id: I,
+}
