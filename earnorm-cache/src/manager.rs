@@ -377,7 +377,7 @@ impl CacheManager {
         Fut: Future<Output = R>,
     {
         let ttl = ttl.unwrap_or(self.config().ttl);
-        self.get_or_compute_by::<R, O, _, Fut>(key, |_| Some(ttl), compute)
+        self.get_or_compute_by::<R, O, _, Fut>(key, |_| Some(ttl), None, compute)
             .await
     }
 
@@ -385,7 +385,20 @@ impl CacheManager {
     /// depends on the result: `ttl_of` gives it, or `None` for a result
     /// not to store (as when `O` declines it). How a record cache keeps
     /// "no such record" for less time than a record, for one.
-    pub async fn get_or_compute_by<R, O, T, Fut>(&self, key: &CacheKey, ttl_of: T, compute: Fut) -> R
+    ///
+    /// With `refresh`, a hit on a value with less than `refresh` left to
+    /// live refreshes it ahead of its expiry: one caller (one per process,
+    /// and across processes the one holding the key's lease) computes the
+    /// value again and stores it under the compare-and-set, returning the
+    /// new value; every other caller keeps being served the current one.
+    /// A hot key then never expires into a stampede.
+    pub async fn get_or_compute_by<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: T,
+        refresh: Option<Duration>,
+        compute: Fut,
+    ) -> R
     where
         O: Output<R>,
         T: Fn(&R) -> Option<Duration>,
@@ -404,7 +417,7 @@ impl CacheManager {
         );
         let began = Instant::now();
         let (value, served) = self
-            .serve::<R, O, T, Fut>(key, ttl_of, compute)
+            .serve::<R, O, T, Fut>(key, ttl_of, refresh, compute)
             .instrument(span.clone())
             .await;
         span.record("outcome", served.as_str());
@@ -415,7 +428,13 @@ impl CacheManager {
     }
 
     /// The cache-aside call itself; says how it was served.
-    async fn serve<R, O, T, Fut>(&self, key: &CacheKey, ttl_of: T, compute: Fut) -> (R, Served)
+    async fn serve<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: T,
+        refresh: Option<Duration>,
+        compute: Fut,
+    ) -> (R, Served)
     where
         O: Output<R>,
         T: Fn(&R) -> Option<Duration>,
@@ -427,8 +446,21 @@ impl CacheManager {
             budget: conn.config.operation_timeout,
         };
         for _ in 0..MAX_ROUNDS {
-            let generations = match self.try_hit::<R, O>(key, &mut call).await {
-                Ok(value) => return (value, Served::Hit),
+            let generations = match self.try_hit::<R, O>(key, refresh, &mut call).await {
+                Ok((value, None)) => return (value, Served::Hit),
+                Ok((value, Some(seen))) => {
+                    // Close to its expiry: one caller in this process
+                    // refreshes it, the others take the hit.
+                    return match (self.inner.flights.join(key.as_str()), refresh) {
+                        (Role::Leader(leader), Some(refresh)) => {
+                            self.refresh_ahead::<R, O, T, Fut>(
+                                key, refresh, &ttl_of, compute, leader, seen, value, &mut call,
+                            )
+                            .await
+                        }
+                        _ => (value, Served::Hit),
+                    };
+                }
                 Err(generations) => generations,
             };
             match self.inner.flights.join(key.as_str()) {
@@ -450,13 +482,23 @@ impl CacheManager {
         (compute.await, Served::Fallback)
     }
 
-    /// Looks the key up: the decoded value on a hit; otherwise the
+    /// Looks the key up: the decoded value on a hit (with the generations
+    /// seen, when it has less than `refresh` left to live); otherwise the
     /// generations seen (for the store after computing), or `None` when the
     /// cache could not be read.
-    async fn try_hit<R, O: Output<R>>(&self, key: &CacheKey, call: &mut Call) -> Result<R, Option<Generations>> {
-        match self.lookup(key, None, &mut call.budget).await.0 {
+    async fn try_hit<R, O: Output<R>>(
+        &self,
+        key: &CacheKey,
+        refresh: Option<Duration>,
+        call: &mut Call,
+    ) -> Result<(R, Option<Generations>), Option<Generations>> {
+        let (lookup, _, left) = self.lookup(key, None, refresh.is_some(), &mut call.budget).await;
+        match lookup {
             Lookup::Hit(bytes, generations) => match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
-                Some((value, _)) => Ok(value),
+                Some((value, _)) => {
+                    let due = matches!((refresh, left), (Some(refresh), Some(left)) if left < refresh);
+                    Ok((value, due.then_some(generations)))
+                }
                 None => Err(Some(generations)),
             },
             Lookup::Miss(generations) => Err(Some(generations)),
@@ -563,24 +605,61 @@ impl CacheManager {
             Lease::Held(guard) => Some(guard),
             Lease::None => None,
         };
+        let value = self
+            .compute_and_store::<R, O, T, Fut>(
+                key,
+                ttl_of,
+                compute,
+                leader,
+                generations,
+                lease.as_mut(),
+                serving_before,
+                call,
+            )
+            .await;
+        (value, served)
+    }
+
+    /// Computes as the leader of this key's flight, stores the value under
+    /// the compare-and-set (giving `lease` up), and hands the outcome to
+    /// the followers. `serving_before`: whether this manager served hits
+    /// when the computation began (see `lead`).
+    #[allow(clippy::too_many_arguments)]
+    async fn compute_and_store<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: &T,
+        compute: Fut,
+        leader: Leader<'_>,
+        generations: Option<Generations>,
+        lease: Option<&mut LeaseGuard>,
+        serving_before: bool,
+        call: &mut Call,
+    ) -> R
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
         let value = compute.await;
         let payload = match ttl_of(&value).and_then(|ttl| O::encode(&value).map(|payload| (ttl, payload))) {
             Some((ttl, Ok(payload))) => (ttl, payload),
             Some((_, Err(err))) => {
                 debug!(key = key.as_str(), error = %err, "value not cached: it does not encode");
                 leader.complete(Outcome::Uncacheable);
-                return (value, served);
+                return value;
             }
             // Not a cacheable result (an `Err`, a `None`): followers compute their own.
             None => {
                 leader.complete(Outcome::Uncacheable);
-                return (value, served);
+                return value;
             }
         };
         let (ttl, payload) = payload;
         let Some(generations) = generations else {
             leader.complete(Outcome::Computed(payload.into()));
-            return (value, served);
+            return value;
         };
         leader.storing();
         let store_sent = Instant::now();
@@ -590,7 +669,7 @@ impl CacheManager {
                 Expected::Seen(&generations),
                 &payload,
                 ttl,
-                lease.as_mut(),
+                lease,
                 &mut call.budget,
             )
             .await
@@ -603,7 +682,57 @@ impl CacheManager {
             Err(_) => Outcome::Computed(payload.into()),
         };
         leader.complete(outcome);
-        (value, served)
+        value
+    }
+
+    /// Refreshes a value that is close to its expiry, as the leader of this
+    /// key's flight: takes the key's lease (another process refreshing it
+    /// already: the current value is returned), computes, stores under the
+    /// generations `seen` with the hit, and returns the new value.
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh_ahead<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        refresh: Duration,
+        ttl_of: &T,
+        compute: Fut,
+        leader: Leader<'_>,
+        seen: Generations,
+        current: R,
+        call: &mut Call,
+    ) -> (R, Served)
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
+        let wants_lease = !conn.config.lease_wait.is_zero();
+        let (generations, lease) = self.prepare(key, Some(seen), wants_lease, &mut call.budget).await;
+        let mut lease = match lease {
+            Lease::Busy => {
+                leader.complete(Outcome::Retry);
+                return (current, Served::Hit);
+            }
+            Lease::Held(guard) => {
+                // Another process may have refreshed it between our lookup
+                // and the lease: then there is nothing left to do.
+                let (lookup, _, left) = self.lookup(key, None, true, &mut call.budget).await;
+                let refreshed = matches!(lookup, Lookup::Hit(..)) && left.is_some_and(|left| left >= refresh);
+                if refreshed {
+                    leader.complete(Outcome::Retry);
+                    return (current, Served::Hit);
+                }
+                Some(guard)
+            }
+            Lease::None => None,
+        };
+        conn.counters.count(key.named.get(), Event::Refresh);
+        drop(current);
+        let value = self
+            .compute_and_store::<R, O, T, Fut>(key, ttl_of, compute, leader, generations, lease.as_mut(), true, call)
+            .await;
+        (value, Served::Refresh)
     }
 
     /// Polls for the value of a key whose lease another caller holds,
@@ -624,15 +753,15 @@ impl CacheManager {
             tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(LEASE_POLL);
             let looked = Instant::now();
-            match self.lookup(key, Some(&lease), &mut call.budget).await {
-                (Lookup::Hit(bytes, _), _) => {
+            match self.lookup(key, Some(&lease), false, &mut call.budget).await {
+                (Lookup::Hit(bytes, _), ..) => {
                     return match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
                         Some((value, payload)) => Awaited::Value(value, payload, looked),
                         None => Awaited::GaveUp,
                     };
                 }
-                (Lookup::Miss(_), true) => {}
-                (Lookup::Miss(_), false) => {
+                (Lookup::Miss(_), true, _) => {}
+                (Lookup::Miss(_), false, _) => {
                     let holder = new_token();
                     match self.take_lease(&lease, &holder, &mut call.budget).await {
                         Ok(true) => return Awaited::Took(self.hold(lease, holder)),
@@ -640,7 +769,7 @@ impl CacheManager {
                         Err(_) => return Awaited::GaveUp,
                     }
                 }
-                (Lookup::Unavailable, _) => return Awaited::GaveUp,
+                (Lookup::Unavailable, ..) => return Awaited::GaveUp,
             }
         }
     }
@@ -780,27 +909,47 @@ impl CacheManager {
     }
 
     /// Reads the value and its generations in one `MGET`, with `extra`
-    /// (a lease) when given; the second part says whether `extra` exists.
-    async fn lookup(&self, key: &CacheKey, extra: Option<&str>, budget: &mut Duration) -> (Lookup, bool) {
-        let mut cmd = redis::cmd("MGET");
-        cmd.arg(&key.value).arg(&key.generations);
+    /// (a lease) when given, and the value's time left to live (`PTTL`, in
+    /// the same round trip) when `want_ttl`. Also says whether `extra`
+    /// exists.
+    async fn lookup(
+        &self,
+        key: &CacheKey,
+        extra: Option<&str>,
+        want_ttl: bool,
+        budget: &mut Duration,
+    ) -> (Lookup, bool, Option<Duration>) {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&key.value).arg(&key.generations);
         if let Some(extra) = extra {
-            cmd.arg(extra);
+            mget.arg(extra);
         }
         let expected = 1 + key.generations.len() + usize::from(extra.is_some());
-        match self
+        let read = self
             .connection()
             .call_within(budget, |mut conn| async move {
-                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
+                if want_ttl {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(mget).cmd("PTTL").arg(&key.value);
+                    pipe.query_async::<(Vec<Option<Vec<u8>>>, i64)>(&mut conn)
+                        .await
+                        .map(|(values, left)| (values, Some(left)))
+                } else {
+                    // The hot path: one plain command.
+                    mget.query_async::<Vec<Option<Vec<u8>>>>(&mut conn)
+                        .await
+                        .map(|values| (values, None))
+                }
             })
-            .await
-        {
-            Ok(mut values) if values.len() == expected => {
+            .await;
+        match read {
+            Ok((mut values, left)) if values.len() == expected => {
                 let extra = if extra.is_some() {
                     values.pop().flatten().is_some()
                 } else {
                     false
                 };
+                let left = left.and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis);
                 let value = values.remove(0);
                 let lookup = match value {
                     Some(bytes) => match Envelope::open(&bytes) {
@@ -817,9 +966,9 @@ impl CacheManager {
                     },
                     None => Lookup::Miss(values),
                 };
-                (lookup, extra)
+                (lookup, extra, left)
             }
-            Ok(_) | Err(_) => (Lookup::Unavailable, false),
+            Ok(_) | Err(_) => (Lookup::Unavailable, false, None),
         }
     }
 
@@ -934,7 +1083,7 @@ impl CacheManager {
     /// not decode is removed and reported as `Ok(None)`.
     pub async fn get<T: DeserializeOwned>(&self, key: &CacheKey) -> Result<Option<T>, CacheError> {
         let mut budget = self.config().operation_timeout;
-        match self.lookup(key, None, &mut budget).await.0 {
+        match self.lookup(key, None, false, &mut budget).await.0 {
             Lookup::Hit(bytes, _) => Ok(self
                 .open_hit(key, &bytes, codec::decode::<T>, &mut budget)
                 .await

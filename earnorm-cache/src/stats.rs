@@ -61,6 +61,9 @@ pub struct CacheStats {
     /// lease, see [`CacheConfig::lease_wait`](crate::CacheConfig::lease_wait))
     /// instead of computing at once.
     pub lease_waits: u64,
+    /// Hits close to their expiry that recomputed the value ahead of it
+    /// (refresh-ahead).
+    pub refreshes: u64,
     /// Connection status at the time of the snapshot.
     pub status: ConnectionStatus,
 }
@@ -81,6 +84,7 @@ pub(crate) struct Counters {
     pub(crate) store_errors: AtomicU64,
     pub(crate) reconnects: AtomicU64,
     pub(crate) lease_waits: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
 }
 
 impl Counters {
@@ -111,6 +115,7 @@ impl Counters {
             store_errors: self.store_errors.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
             lease_waits: self.lease_waits.load(Relaxed),
+            refreshes: self.refreshes.load(Relaxed),
             status,
         }
     }
@@ -148,6 +153,8 @@ pub struct NamedStats {
     pub lease_waits: u64,
     /// Calls that computed because the cache was unavailable.
     pub fallbacks: u64,
+    /// Hits close to their expiry that recomputed the value ahead of it.
+    pub refreshes: u64,
 }
 
 /// The live counters of one name.
@@ -160,6 +167,7 @@ pub(crate) struct NamedCounters {
     stale_sets_refused: AtomicU64,
     lease_waits: AtomicU64,
     fallbacks: AtomicU64,
+    refreshes: AtomicU64,
     /// The namespace and name, for traces.
     pub(crate) namespace: Arc<str>,
     pub(crate) name: Arc<str>,
@@ -179,8 +187,9 @@ struct Exported {
     stale_sets_refused: metrics::Counter,
     lease_waits: metrics::Counter,
     fallbacks: metrics::Counter,
+    refreshes: metrics::Counter,
     /// Call durations, by how the call was served (see [`Served`]).
-    durations: [metrics::Histogram; 4],
+    durations: [metrics::Histogram; 5],
 }
 
 /// How a cached call was served, for its duration's label and its span.
@@ -195,6 +204,8 @@ pub(crate) enum Served {
     Coalesced,
     /// Computed without the cache (unavailable, or not caching).
     Fallback,
+    /// A hit close to its expiry that this caller refreshed.
+    Refresh,
 }
 
 impl Served {
@@ -204,6 +215,7 @@ impl Served {
             Served::Miss => "miss",
             Served::Coalesced => "coalesced",
             Served::Fallback => "fallback",
+            Served::Refresh => "refresh",
         }
     }
 }
@@ -228,6 +240,7 @@ impl NamedCounters {
             stale_sets_refused: AtomicU64::new(0),
             lease_waits: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
+            refreshes: AtomicU64::new(0),
             namespace: namespace.into(),
             name: name.into(),
             exported: Exported {
@@ -238,7 +251,15 @@ impl NamedCounters {
                 stale_sets_refused: counter("earnorm_cache_stores_refused_total"),
                 lease_waits: counter("earnorm_cache_lease_waits_total"),
                 fallbacks: counter("earnorm_cache_fallbacks_total"),
-                durations: [Served::Hit, Served::Miss, Served::Coalesced, Served::Fallback].map(duration),
+                refreshes: counter("earnorm_cache_refreshes_total"),
+                durations: [
+                    Served::Hit,
+                    Served::Miss,
+                    Served::Coalesced,
+                    Served::Fallback,
+                    Served::Refresh,
+                ]
+                .map(duration),
             },
         }
     }
@@ -250,6 +271,7 @@ impl NamedCounters {
             Served::Miss => 1,
             Served::Coalesced => 2,
             Served::Fallback => 3,
+            Served::Refresh => 4,
         };
         self.exported.durations[i].record(took.as_secs_f64());
     }
@@ -265,6 +287,7 @@ pub(crate) enum Event {
     StaleSetRefused,
     LeaseWait,
     Fallback,
+    Refresh,
 }
 
 impl Counters {
@@ -278,6 +301,7 @@ impl Counters {
             Event::StaleSetRefused => &self.stale_sets_refused,
             Event::LeaseWait => &self.lease_waits,
             Event::Fallback => &self.fallbacks,
+            Event::Refresh => &self.refreshes,
         };
         global.fetch_add(1, Relaxed);
         let Some(named) = named else { return };
@@ -289,6 +313,7 @@ impl Counters {
             Event::StaleSetRefused => (&named.stale_sets_refused, &named.exported.stale_sets_refused),
             Event::LeaseWait => (&named.lease_waits, &named.exported.lease_waits),
             Event::Fallback => (&named.fallbacks, &named.exported.fallbacks),
+            Event::Refresh => (&named.refreshes, &named.exported.refreshes),
         };
         own.fetch_add(1, Relaxed);
         exported.increment(1);
@@ -335,6 +360,7 @@ impl Names {
                     stale_sets_refused: c.stale_sets_refused.load(Relaxed),
                     lease_waits: c.lease_waits.load(Relaxed),
                     fallbacks: c.fallbacks.load(Relaxed),
+                    refreshes: c.refreshes.load(Relaxed),
                 })
             })
             .collect();

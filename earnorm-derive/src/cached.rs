@@ -15,6 +15,8 @@ struct Options {
     /// Whether `ttl` was written at all (valid or not).
     ttl_given: bool,
     ttl: Option<u64>,
+    /// `refresh = N`: refresh ahead of the expiry, in the last N seconds.
+    refresh: Option<(syn::Ident, u64)>,
     key: Option<LitStr>,
     version: Option<u32>,
     scope: Option<LitStr>,
@@ -57,6 +59,14 @@ pub(crate) fn expand(args: TokenStream, item: &ItemFn) -> Result<TokenStream, Ve
             "missing `ttl`: write #[cached(ttl = SECONDS)]",
         ));
     }
+    if let (Some(ttl), Some((key, refresh))) = (options.ttl, &options.refresh) {
+        if *refresh >= ttl {
+            cx.error_spanned_by(
+                key,
+                "`refresh` must be shorter than `ttl`: it is the last part of the TTL",
+            );
+        }
+    }
     let receiver = receiver(&cx, item, &options);
     let args = arguments(&cx, item);
     cx.check()?;
@@ -80,6 +90,12 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                 let value: syn::Expr = meta.value()?.parse()?;
                 if let Some(n) = cx.seconds("ttl", &value) {
                     cx.set_once(&mut options.ttl, &key, option, n);
+                }
+            }
+            "refresh" => {
+                let value: syn::Expr = meta.value()?.parse()?;
+                if let Some(n) = cx.seconds("refresh", &value) {
+                    cx.set_once(&mut options.refresh, &key, option, (key.clone(), n));
                 }
             }
             "key" | "scope" => {
@@ -132,7 +148,7 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
             other => {
                 cx.error_spanned_by(
                     &key,
-                    format!("unknown #[cached] option `{other}` (expected ttl, key, version, scope, store, depends_on, tags)"),
+                    format!("unknown #[cached] option `{other}` (expected ttl, refresh, key, version, scope, store, depends_on, tags)"),
                 );
                 // Skip its value so that the rest of the options still parse.
                 if meta.input.peek(syn::Token![=]) {
@@ -265,6 +281,10 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
     let key_name = options.key.as_ref().map_or_else(|| name.to_string(), LitStr::value);
     let version = options.version.unwrap_or(0);
     let ttl = options.ttl.unwrap_or(1);
+    let refresh = match &options.refresh {
+        Some((_, seconds)) => quote!(::earnorm::__private::ttl(#seconds)),
+        None => quote!(::earnorm::__private::Option::None),
+    };
     let private = quote!(::earnorm::__private);
 
     let (kind, value_ty) = output(sig, options.store.as_ref().map(|(kind, _)| *kind));
@@ -417,7 +437,14 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
             #model_check
             match #key_call {
                 #private::Option::Some((__earnorm_cache, __earnorm_key)) => {
-                    __earnorm_cache.get_or_compute::<#return_ty, #mode, _>(&__earnorm_key, #private::ttl(#ttl), #body_call).await
+                    __earnorm_cache
+                        .get_or_compute_by::<#return_ty, #mode, _, _>(
+                            &__earnorm_key,
+                            |_| #private::ttl(#ttl),
+                            #refresh,
+                            #body_call,
+                        )
+                        .await
                 }
                 #private::Option::None => #body_call.await,
             }

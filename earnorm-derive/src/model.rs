@@ -17,8 +17,8 @@ use crate::ctxt::Ctxt;
 struct Container<'a> {
     input: &'a DeriveInput,
     collection: Option<LitStr>,
-    /// `cache(ttl = N, missing = M)`: the record cache, in seconds.
-    cache: Option<(u64, Option<u64>)>,
+    /// `cache(ttl = N, missing = M, refresh = R)`: the record cache, in seconds.
+    cache: Option<RecordCacheAttr>,
     /// `hooks`: the user implements `earnorm::Hooks`.
     hooks: bool,
     fields: Vec<Field<'a>>,
@@ -129,7 +129,15 @@ fn parse<'a>(cx: &Ctxt, input: &'a DeriveInput) -> Option<Container<'a>> {
 
 /// What `#[earnorm(..)]` on a struct says: the collection, the record cache,
 /// and whether the user implements the hooks.
-type ContainerAttrs = (Option<LitStr>, Option<(u64, Option<u64>)>, bool);
+type ContainerAttrs = (Option<LitStr>, Option<RecordCacheAttr>, bool);
+
+/// `cache(ttl = N, missing = M, refresh = R)`, in seconds.
+#[derive(Clone, Copy)]
+struct RecordCacheAttr {
+    ttl: u64,
+    missing: Option<u64>,
+    refresh: Option<u64>,
+}
 
 fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> ContainerAttrs {
     let mut collection: Option<LitStr> = None;
@@ -220,13 +228,13 @@ fn default_hooks(input: &DeriveInput, user_hooks: bool) -> TokenStream {
     }
 }
 
-/// `cache(ttl = N)` or `cache(ttl = N, missing = M)`, in seconds.
+/// `cache(ttl = N)`, with `missing = M` and `refresh = R` optional, in seconds.
 fn parse_record_cache(
     cx: &Ctxt,
     key: &Ident,
     meta: &syn::meta::ParseNestedMeta<'_>,
-) -> syn::Result<Option<(u64, Option<u64>)>> {
-    let (mut ttl, mut missing) = (None, None);
+) -> syn::Result<Option<RecordCacheAttr>> {
+    let (mut ttl, mut missing, mut refresh) = (None, None, None);
     let mut ttl_given = false;
     meta.parse_nested_meta(|inner| {
         let Some(name) = inner.path.get_ident().cloned() else {
@@ -245,9 +253,14 @@ fn parse_record_cache(
                     cx.set_once(&mut missing, &name, "record cache option", n);
                 }
             }
+            "refresh" => {
+                if let Some(n) = cx.seconds("refresh", &value) {
+                    cx.set_once(&mut refresh, &name, "record cache option", (name.clone(), n));
+                }
+            }
             other => cx.error_spanned_by(
                 &name,
-                format!("unknown record cache option `{other}` (expected `ttl` or `missing`)"),
+                format!("unknown record cache option `{other}` (expected `ttl`, `missing` or `refresh`)"),
             ),
         }
         Ok(())
@@ -255,7 +268,19 @@ fn parse_record_cache(
     if !ttl_given {
         cx.error_spanned_by(key, "missing `ttl`: write cache(ttl = SECONDS)");
     }
-    Ok(ttl.map(|ttl| (ttl, missing)))
+    if let (Some(ttl), Some((name, refresh))) = (ttl, &refresh) {
+        if *refresh >= ttl {
+            cx.error_spanned_by(
+                name,
+                "`refresh` must be shorter than `ttl`: it is the last part of the TTL",
+            );
+        }
+    }
+    Ok(ttl.map(|ttl| RecordCacheAttr {
+        ttl,
+        missing,
+        refresh: refresh.map(|(_, n)| n),
+    }))
 }
 
 /// The `key`, `key = value` and `key(..)` items of every `#[serde(..)]`
@@ -601,14 +626,16 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
         .as_ref()
         .map_or_else(|| default_collection(&ident.to_string()), LitStr::value);
 
-    let record_cache = container.cache.map(|(ttl, missing)| {
-        let missing = match missing {
+    let record_cache = container.cache.map(|RecordCacheAttr { ttl, missing, refresh }| {
+        let seconds = |value: Option<u64>| match value {
             Some(seconds) => quote!(::earnorm::__private::ttl(#seconds)),
             None => quote!(::earnorm::__private::Option::None),
         };
+        let (missing, refresh) = (seconds(missing), seconds(refresh));
         quote! {
-            const CACHE: ::earnorm::__private::Option<::earnorm::RecordCache> =
-                ::earnorm::__private::Option::Some(::earnorm::RecordCache::new(#ttl, #missing));
+            const CACHE: ::earnorm::__private::Option<::earnorm::RecordCache> = ::earnorm::__private::Option::Some(
+                ::earnorm::RecordCache::new(#ttl, #missing).refreshing(#refresh),
+            );
         }
     });
     let version = container.fields.iter().find(|f| f.version.is_some()).map(|f| {

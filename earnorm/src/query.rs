@@ -31,6 +31,10 @@ pub struct RecordCache {
     /// MongoDB. Inserting the record invalidates it (it is the record's
     /// scope).
     pub missing: Option<Duration>,
+    /// Refresh ahead (`cache(refresh = 30)`): a hit on a record with less
+    /// than this left to live reads it again (one caller per process and
+    /// key, one process at a time) before it expires.
+    pub refresh: Option<Duration>,
 }
 
 impl RecordCache {
@@ -40,7 +44,14 @@ impl RecordCache {
         Self {
             ttl: Duration::from_secs(ttl_seconds),
             missing,
+            refresh: None,
         }
+    }
+
+    /// The same, refreshing ahead of the expiry in the last `refresh`.
+    pub const fn refreshing(mut self, refresh: Option<Duration>) -> Self {
+        self.refresh = refresh;
+        self
     }
 
     /// How long a lookup's result is kept: `None` for one not to keep.
@@ -87,6 +98,7 @@ async fn find_by_id_inner<M: Model>(env: &Environment, id: M::Id) -> Result<Opti
                 .get_or_compute_by::<_, ResultOutput, _, _>(
                     &key,
                     |found: &Result<Option<M>>| found.as_ref().ok().and_then(|found| cache.ttl_of(found)),
+                    cache.refresh,
                     read,
                 )
                 .await

@@ -1,0 +1,96 @@
+//! Refresh ahead: `#[cached(ttl = 2, refresh = 1)]` keeps a hot key served
+//! across its TTL boundary (no reader sees a miss), and each refresh runs the
+//! body once, across two environments sharing the cache.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use earnorm::bson::oid::ObjectId;
+use earnorm::prelude::*;
+use earnorm::Environment;
+use serde::{Deserialize, Serialize};
+use support::{connect, test_config};
+
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "dashboards")]
+struct Dashboard {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+}
+
+impl Dashboard {
+    /// An expensive figure, cached 2 s and refreshed in its last second.
+    #[cached(ttl = 2, refresh = 1)]
+    async fn headline() -> Result<u64, String> {
+        let run = RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(run)
+    }
+}
+
+fn named(env: &Environment) -> (u64, u64, u64, u64) {
+    let namespace = env.model_scope("dashboards");
+    env.cache()
+        .stats_by_name()
+        .into_iter()
+        .find(|s| s.namespace == namespace && s.name == "headline")
+        .map_or((0, 0, 0, 0), |s| (s.hits, s.misses, s.refreshes, s.fallbacks))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_is_refreshed_ahead_of_its_expiry_and_never_missed() {
+    let config = test_config("refresh");
+    let envs = [connect(config.clone()).await, connect(config).await];
+    assert_eq!(
+        envs[0].scope(Dashboard::headline()).await,
+        Ok(1),
+        "the first call computes"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for r in 0..64 {
+        let (env, stop) = (envs[r % 2].clone(), Arc::clone(&stop));
+        readers.push(tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let mut calls = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let start = Instant::now();
+                let value = env.scope(Dashboard::headline()).await.expect("a value");
+                assert!(value >= 1);
+                slowest = slowest.max(start.elapsed());
+                calls += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (calls, slowest)
+        }));
+    }
+    // Across three TTL boundaries.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut calls = 0;
+    for reader in readers {
+        calls += reader.await.expect("reader").0;
+    }
+    let (a, b) = (named(&envs[0]), named(&envs[1]));
+    let (hits, misses, refreshes, fallbacks) = (a.0 + b.0, a.1 + b.1, a.2 + b.2, a.3 + b.3);
+    let runs = RUNS.load(Ordering::SeqCst);
+    println!(
+        "{calls} calls by 64 readers over 6.5 s: {hits} hits, {misses} misses, {refreshes} refreshes, {fallbacks} fallbacks; the body ran {runs} times"
+    );
+    assert_eq!(misses, 1, "only the very first call missed");
+    assert_eq!(fallbacks, 0);
+    assert!(refreshes >= 3, "refreshed at least once per TTL");
+    assert_eq!(runs, 1 + refreshes, "each refresh ran the body once");
+    // A refresh every second or so (each resets the TTL to 2 s, and the
+    // window opens 1 s later): one per window across both environments,
+    // not one per reader or per environment.
+    assert!(
+        refreshes <= 8,
+        "one refresh per window across both environments: {refreshes}"
+    );
+    let _ = envs[0].database().drop().await;
+}
