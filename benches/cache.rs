@@ -146,9 +146,8 @@ fn us(d: Duration) -> String {
     format!("{:.1} us", d.as_secs_f64() * 1e6)
 }
 
-fn row(name: &str, value: &str, note: &str) {
-    println!("| {name} | {value} | {note} |");
-}
+mod report;
+use report::row;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -472,6 +471,7 @@ async fn main() {
         &format!("{} of uncached", finds.ratio(1, 0)),
     );
     record_cache_group(&env, id, rounds, per_round).await;
+    distributions(&env, &user, id, if quick { 300 } else { 3000 }).await;
 
     // 7. The database feed: lag under sustained writes, and its cost on
     // writes, on a multi-threaded runtime (two workers, as a server runs):
@@ -493,8 +493,38 @@ async fn main() {
         "\ncache stats: hits {} misses {} sets {} errors {} fallbacks {}",
         stats.hits, stats.misses, stats.sets, stats.errors, stats.fallbacks
     );
+    let header = format!(
+        "scripts/bench.sh{}: Redis {} on loopback, MongoDB wire protocol by secantusd-rs, 2 vCPU",
+        if quick { " --quick" } else { "" },
+        redis_version(&redis)
+    );
+    match report::write(&header) {
+        Ok((json, svg)) => println!("wrote {} and {}", json.display(), svg.display()),
+        Err(err) => println!("could not write the results: {err}"),
+    }
     let _ = env.database().drop().await;
     let _ = <ObjectId as ModelId>::generate();
+}
+
+/// The latency of single reads, one call at a time, interleaved: a
+/// `#[cached]` hit and a record-cache hit (both one Redis round trip), and
+/// `find_by_id` from MongoDB. (An in-process tier does not exist yet.)
+async fn distributions(env: &Environment, user: &User, id: ObjectId, samples: usize) {
+    let (mut cached, mut record, mut mongo) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let start = Instant::now();
+        std::hint::black_box(env.scope(user.profile()).await.expect("hit"));
+        cached.push(start.elapsed());
+        let start = Instant::now();
+        std::hint::black_box(CachedUser::find_by_id_in(env, id).await.expect("hit"));
+        record.push(start.elapsed());
+        let start = Instant::now();
+        std::hint::black_box(User::find_by_id_in(env, id).await.expect("read"));
+        mongo.push(start.elapsed());
+    }
+    report::series("#[cached] hit (Redis)", "#1f77b4", cached);
+    report::series("record cache hit (Redis)", "#2ca02c", record);
+    report::series("find_by_id (MongoDB)", "#d62728", mongo);
 }
 
 /// Group 8, cached ORM reads: the record cache against the raw driver and

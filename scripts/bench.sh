@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The benchmarks: brings up MongoDB and Redis if needed (scripts/services.sh),
 # then runs every side-by-side comparison in benches/cache.rs and prints a
-# Markdown table (the one in BENCHMARKS.md). `scripts/bench.sh --quick` for a
+# Markdown table (the one in BENCHMARKS.md). It also writes the rows and the
+# latency distributions as JSON (benches/results/latest.json) and draws the
+# distributions as an SVG (benches/results/hit-latency.svg, shown in
+# BENCHMARKS.md). `scripts/bench.sh --quick` for a
 # short smoke run. The benchmarks start their own redis-server processes; they
 # need redis-server and redis-benchmark (Debian: redis-server, redis-tools).
 set -euo pipefail
