@@ -561,24 +561,9 @@ async fn a_cached_aggregation_is_invalidated_by_writes_to_every_collection_it_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loading_posts_and_their_authors_takes_two_queries_not_one_per_post() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
 
-    let finds = Arc::new(AtomicU64::new(0));
-    let counted = Arc::clone(&finds);
-    let env = Environment::connect_with(support::test_config("refs"), move |options| {
-        options.command_event_handler = Some(earnorm::mongodb::event::EventHandler::callback(
-            move |event: earnorm::mongodb::event::command::CommandEvent| {
-                if let earnorm::mongodb::event::command::CommandEvent::Started(started) = event {
-                    if started.command_name == "find" {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            },
-        ));
-    })
-    .await
-    .expect("connect");
+    let (env, finds) = support::counting_env("refs", "find").await;
     let (authors, _) = authors_and_posts(&env).await;
 
     finds.store(0, Ordering::SeqCst);

@@ -94,3 +94,66 @@ async fn a_hot_key_is_refreshed_ahead_of_its_expiry_and_never_missed() {
     );
     let _ = envs[0].database().drop().await;
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "hot_records", cache(ttl = 2, refresh = 1))]
+struct HotRecord {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    n: i64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_cache_refreshes_in_the_background_and_every_reader_gets_a_hit() {
+    let (env, finds) = support::counting_env("refresh_record", "find").await;
+    let mut record = HotRecord { id: None, n: 7 };
+    record.save_in(&env).await.expect("save");
+    let id = record.id.expect("id");
+    finds.store(0, Ordering::SeqCst);
+    HotRecord::find_by_id_in(&env, id).await.expect("the first read");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..32 {
+        let (env, stop) = (env.clone(), Arc::clone(&stop));
+        readers.push(tokio::spawn(async move {
+            let mut calls = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let found = HotRecord::find_by_id_in(&env, id).await.expect("read").expect("exists");
+                assert_eq!(found.n, 7);
+                calls += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            calls
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut calls = 0;
+    for reader in readers {
+        calls += reader.await.expect("reader");
+    }
+    // Let a refresh that is under way finish.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let namespace = env.model_scope("hot_records");
+    let stats = env
+        .cache()
+        .stats_by_name()
+        .into_iter()
+        .find(|s| s.namespace == namespace && s.name == "record")
+        .expect("stats");
+    let reads = finds.load(Ordering::SeqCst);
+    println!(
+        "{calls} reads by 32 readers over 4.5 s: {} hits, {} misses, {} refreshes in the background; {reads} MongoDB finds",
+        stats.hits, stats.misses, stats.refreshes
+    );
+    assert_eq!(stats.misses, 1, "only the first read missed");
+    assert_eq!(stats.hits, calls, "every reader's call was a hit");
+    assert!(stats.refreshes >= 2, "refreshed ahead of each expiry");
+    assert_eq!(
+        reads,
+        1 + stats.refreshes,
+        "MongoDB was read once per refresh, by the background task"
+    );
+    let _ = env.database().drop().await;
+}

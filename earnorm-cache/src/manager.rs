@@ -404,6 +404,91 @@ impl CacheManager {
         T: Fn(&R) -> Option<Duration>,
         Fut: Future<Output = R>,
     {
+        self.call::<R, O, T, Fut>(key, ttl_of, refresh, None, compute).await
+    }
+
+    /// [`get_or_compute_by`](Self::get_or_compute_by) with refresh ahead
+    /// in the background: for a value whose computation can run on its own
+    /// (`refresher` builds it, owning what it needs), a hit with less than
+    /// `refresh` left to live is returned at once, and the value is
+    /// computed again and stored in a task of its own (one per key and
+    /// process, and across processes the one holding the key's lease), under
+    /// the compare-and-set. How the record cache refreshes.
+    pub async fn get_or_compute_refreshed<R, O, T, Fut, F, RFut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: T,
+        refresh: Duration,
+        compute: Fut,
+        refresher: F,
+    ) -> R
+    where
+        R: Send + 'static,
+        O: Output<R> + 'static,
+        T: Fn(&R) -> Option<Duration> + Clone + Send + Sync + 'static,
+        Fut: Future<Output = R>,
+        F: FnOnce() -> RFut + Send + 'static,
+        RFut: Future<Output = R> + Send + 'static,
+    {
+        let mut refresher = Some(refresher);
+        let (manager, owned_key, owned_ttl) = (self.clone(), key.clone(), ttl_of.clone());
+        let mut on_due = move |seen: Generations| {
+            let (Some(refresher), Ok(runtime)) = (refresher.take(), tokio::runtime::Handle::try_current()) else {
+                return false;
+            };
+            runtime.spawn(manager.clone().refresh_in_background::<R, O, T, RFut>(
+                owned_key.clone(),
+                owned_ttl.clone(),
+                refresh,
+                seen,
+                refresher(),
+            ));
+            true
+        };
+        self.call::<R, O, T, Fut>(key, ttl_of, Some(refresh), Some(&mut on_due), compute)
+            .await
+    }
+
+    /// The refresh `on_due` started, in a task of its own.
+    async fn refresh_in_background<R, O, T, RFut>(
+        self,
+        key: CacheKey,
+        ttl_of: T,
+        refresh: Duration,
+        seen: Generations,
+        compute: RFut,
+    ) where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        RFut: Future<Output = R>,
+    {
+        let Role::Leader(leader) = self.inner.flights.join(key.as_str()) else {
+            return;
+        };
+        let mut call = Call {
+            began: Instant::now(),
+            budget: self.connection().config.operation_timeout,
+        };
+        let _ = self
+            .refresh_ahead::<R, O, T, RFut>(&key, refresh, &ttl_of, compute, leader, seen, &mut call)
+            .await;
+    }
+
+    /// A cached call, in its span and timed; `on_due`, when given, takes
+    /// a refresh in the background (returning whether it did).
+    async fn call<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: T,
+        refresh: Option<Duration>,
+        on_due: Option<&mut (dyn FnMut(Generations) -> bool + Send)>,
+        compute: Fut,
+    ) -> R
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
         let conn = self.connection();
         if !conn.is_enabled() || bypassed() {
             return compute.await;
@@ -416,10 +501,14 @@ impl CacheManager {
             outcome = tracing::field::Empty,
         );
         let began = Instant::now();
-        let (value, served) = self
-            .serve::<R, O, T, Fut>(key, ttl_of, refresh, compute)
-            .instrument(span.clone())
-            .await;
+        // On the heap: the call's states (looking up, leading, refreshing,
+        // each holding the computation) would otherwise all be part of the
+        // caller's future, which nested cached calls multiply.
+        let (value, served) = Box::pin(
+            self.serve::<R, O, T, Fut>(key, ttl_of, refresh, on_due, compute)
+                .instrument(span.clone()),
+        )
+        .await;
         span.record("outcome", served.as_str());
         if let Some(named) = named {
             named.call(served, began.elapsed());
@@ -433,6 +522,7 @@ impl CacheManager {
         key: &CacheKey,
         ttl_of: T,
         refresh: Option<Duration>,
+        mut on_due: Option<&mut (dyn FnMut(Generations) -> bool + Send)>,
         compute: Fut,
     ) -> (R, Served)
     where
@@ -449,14 +539,25 @@ impl CacheManager {
             let generations = match self.try_hit::<R, O>(key, refresh, &mut call).await {
                 Ok((value, None)) => return (value, Served::Hit),
                 Ok((value, Some(seen))) => {
-                    // Close to its expiry: one caller in this process
-                    // refreshes it, the others take the hit.
+                    // Close to its expiry: refreshed in the background when
+                    // it can be, else by one caller in this process (the
+                    // others take the hit).
+                    if let Some(on_due) = on_due.as_mut() {
+                        if on_due(seen.clone()) {
+                            return (value, Served::Hit);
+                        }
+                    }
                     return match (self.inner.flights.join(key.as_str()), refresh) {
                         (Role::Leader(leader), Some(refresh)) => {
-                            self.refresh_ahead::<R, O, T, Fut>(
-                                key, refresh, &ttl_of, compute, leader, seen, value, &mut call,
-                            )
-                            .await
+                            // `compute` is used at most once: by the refresh
+                            // here, or (when it is skipped) not at all.
+                            match self
+                                .refresh_ahead::<R, O, T, Fut>(key, refresh, &ttl_of, compute, leader, seen, &mut call)
+                                .await
+                            {
+                                Some(fresh) => (fresh, Served::Refresh),
+                                None => (value, Served::Hit),
+                            }
                         }
                         _ => (value, Served::Hit),
                     };
@@ -698,9 +799,8 @@ impl CacheManager {
         compute: Fut,
         leader: Leader<'_>,
         seen: Generations,
-        current: R,
         call: &mut Call,
-    ) -> (R, Served)
+    ) -> Option<R>
     where
         O: Output<R>,
         T: Fn(&R) -> Option<Duration>,
@@ -712,7 +812,7 @@ impl CacheManager {
         let mut lease = match lease {
             Lease::Busy => {
                 leader.complete(Outcome::Retry);
-                return (current, Served::Hit);
+                return None;
             }
             Lease::Held(guard) => {
                 // Another process may have refreshed it between our lookup
@@ -721,18 +821,17 @@ impl CacheManager {
                 let refreshed = matches!(lookup, Lookup::Hit(..)) && left.is_some_and(|left| left >= refresh);
                 if refreshed {
                     leader.complete(Outcome::Retry);
-                    return (current, Served::Hit);
+                    return None;
                 }
                 Some(guard)
             }
             Lease::None => None,
         };
         conn.counters.count(key.named.get(), Event::Refresh);
-        drop(current);
         let value = self
             .compute_and_store::<R, O, T, Fut>(key, ttl_of, compute, leader, generations, lease.as_mut(), true, call)
             .await;
-        (value, Served::Refresh)
+        Some(value)
     }
 
     /// Polls for the value of a key whose lease another caller holds,

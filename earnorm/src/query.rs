@@ -92,15 +92,27 @@ pub(crate) async fn find_by_id<M: Model>(env: &Environment, id: M::Id) -> Result
 async fn find_by_id_inner<M: Model>(env: &Environment, id: M::Id) -> Result<Option<M>> {
     let filter = doc! { "_id": to_bson(&id)? };
     let read = find_one_in_db::<M>(env, filter, None);
+    let ttl_of = move |found: &Result<Option<M>>| {
+        let cache = M::CACHE?;
+        found.as_ref().ok().and_then(|found| cache.ttl_of(found))
+    };
     match (M::CACHE, record_key::<M>(env, &id)) {
-        (Some(cache), Some(key)) => {
+        (
+            Some(RecordCache {
+                refresh: Some(refresh), ..
+            }),
+            Some(key),
+        ) => {
+            // The refresh owns what it reads: it runs in the background.
+            let (env_owned, filter) = (env.clone(), doc! { "_id": to_bson(&id)? });
+            let refresher = move || async move { find_one_in_db::<M>(&env_owned, filter, None).await };
             env.cache()
-                .get_or_compute_by::<_, ResultOutput, _, _>(
-                    &key,
-                    |found: &Result<Option<M>>| found.as_ref().ok().and_then(|found| cache.ttl_of(found)),
-                    cache.refresh,
-                    read,
-                )
+                .get_or_compute_refreshed::<_, ResultOutput, _, _, _, _>(&key, ttl_of, refresh, read, refresher)
+                .await
+        }
+        (Some(_), Some(key)) => {
+            env.cache()
+                .get_or_compute_by::<_, ResultOutput, _, _>(&key, ttl_of, None, read)
                 .await
         }
         _ => read.await,

@@ -1,6 +1,8 @@
 //! Isolated EarnORM environments for tests: each gets its own database and
 //! key prefix, so tests run in parallel against one MongoDB and one Redis.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use earnorm::{CacheConfig, Config, Environment};
@@ -48,4 +50,25 @@ pub async fn connect(config: Config) -> Environment {
         Ok(env) => env,
         Err(err) => panic!("{err}: {}", crate::HOW_TO_START),
     }
+}
+
+/// An environment like [`test_env`] whose driver counts the commands named
+/// `command` it sends (`"find"`, say), through its command monitor.
+pub async fn counting_env(tag: &str, command: &'static str) -> (Environment, Arc<AtomicU64>) {
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&count);
+    let env = Environment::connect_with(test_config(tag), move |options| {
+        options.command_event_handler = Some(earnorm::mongodb::event::EventHandler::callback(
+            move |event: earnorm::mongodb::event::command::CommandEvent| {
+                if let earnorm::mongodb::event::command::CommandEvent::Started(started) = event {
+                    if started.command_name == command {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            },
+        ));
+    })
+    .await
+    .unwrap_or_else(|err| panic!("{err}: {}", crate::HOW_TO_START));
+    (env, count)
 }
