@@ -682,7 +682,7 @@ impl Connection {
                 url = %self.url,
                 reason = %reason,
                 "this Redis does not let the cache store values (it needs Redis 7.0 or later and, for an ACL user, \
-                 GET, SET, MGET, DEL, UNLINK, PEXPIRE, SCAN, ZADD, EVAL, EVALSHA and INFO on the prefix); \
+                 GET, SET, MGET, DEL, UNLINK, PEXPIRE, PTTL, SCAN, ZADD, ZRANGEBYSCORE, ZREM, TIME, PING, EVAL, EVALSHA and INFO on the prefix); \
                  every call computes its value"
             );
         }

@@ -238,7 +238,7 @@ fn parse_record_cache(
     let mut ttl_given = false;
     meta.parse_nested_meta(|inner| {
         let Some(name) = inner.path.get_ident().cloned() else {
-            return Err(inner.error("unknown record cache option (expected `ttl` or `missing`)"));
+            return Err(inner.error("unknown record cache option (expected `ttl`, `missing` or `refresh`)"));
         };
         let value: Expr = inner.value()?.parse()?;
         match name.to_string().as_str() {

@@ -110,7 +110,9 @@ impl<M: Model, T: Projection> Aggregate<M, T> {
             // A write: run it, then invalidate what it wrote to.
             let result = read(env.clone(), self.pipeline).await;
             let target = env.model_scope(&target);
-            env.cache().invalidate(&[Scope::Model(&target)]).await;
+            env.cache()
+                .invalidate_from(&[Scope::Model(&target)], earnorm_cache::InvalidationSource::Write)
+                .await;
             return result;
         }
         let Some(ttl) = self.cached else {
