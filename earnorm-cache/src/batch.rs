@@ -13,7 +13,7 @@ use tracing::debug;
 
 use crate::codec::{self, Envelope};
 use crate::key::CacheKey;
-use crate::manager::{bypassed, expiry_ms, generation_ttl};
+use crate::manager::{bypassed, expiry_ms, generation_ttl, set_if_absent};
 use crate::stats::Event;
 use crate::token::new_token;
 use crate::{CacheError, CacheManager};
@@ -206,16 +206,14 @@ impl CacheManager {
         }
         let ttl_ms = expiry_ms(generation_ttl(self.config()));
         let mut pipe = redis::pipe();
-        let fresh: Vec<String> = absent.iter().map(|_| new_token()).collect();
-        for (&g, token) in absent.iter().zip(&fresh) {
-            pipe.cmd("SET")
-                .arg(names[g])
-                .arg(token)
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
-                .arg(ttl_ms);
-        }
+        let fresh: Vec<String> = absent
+            .iter()
+            .map(|&g| {
+                let token = new_token();
+                set_if_absent(&mut pipe, names[g], &token, ttl_ms);
+                token
+            })
+            .collect();
         let previous: Vec<Option<Vec<u8>>> = self
             .connection()
             .call_within(budget, |mut c| async move { pipe.query_async(&mut c).await })

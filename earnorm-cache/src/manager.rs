@@ -596,7 +596,7 @@ impl CacheManager {
         let (lookup, _, left) = self.lookup(key, None, refresh.is_some(), &mut call.budget).await;
         match lookup {
             Lookup::Hit(bytes, generations) => match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
-                Some((value, _)) => {
+                Some(value) => {
                     let due = matches!((refresh, left), (Some(refresh), Some(left)) if left < refresh);
                     Ok((value, due.then_some(generations)))
                 }
@@ -614,13 +614,12 @@ impl CacheManager {
         bytes: &[u8],
         decode: fn(&[u8]) -> Result<R, CacheError>,
         budget: &mut Duration,
-    ) -> Option<(R, Arc<[u8]>)> {
-        let envelope = Envelope::open(bytes);
-        match envelope.and_then(|env| decode(env.payload).map(|value| (value, env.payload))) {
-            Ok((value, payload)) => {
+    ) -> Option<R> {
+        match Envelope::open(bytes).and_then(|env| decode(env.payload)) {
+            Ok(value) => {
                 self.connection().counters.count(key.named.get(), Event::Hit);
                 trace!(key = key.as_str(), "cache hit");
-                Some((value, payload.into()))
+                Some(value)
             }
             Err(err) => {
                 self.discard(key, &err, budget).await;
@@ -854,9 +853,12 @@ impl CacheManager {
             let looked = Instant::now();
             match self.lookup(key, Some(&lease), false, &mut call.budget).await {
                 (Lookup::Hit(bytes, _), ..) => {
-                    return match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
-                        Some((value, payload)) => Awaited::Value(value, payload, looked),
-                        None => Awaited::GaveUp,
+                    // The payload too, for this caller's followers (only
+                    // here: a plain hit needs no copy of it).
+                    let payload = Envelope::open(&bytes).map(|env| Arc::<[u8]>::from(env.payload));
+                    return match (self.open_hit(key, &bytes, O::decode, &mut call.budget).await, payload) {
+                        (Some(value), Ok(payload)) => Awaited::Value(value, payload, looked),
+                        _ => Awaited::GaveUp,
                     };
                 }
                 (Lookup::Miss(_), true, _) => {}
@@ -954,26 +956,14 @@ impl CacheManager {
         for (name, token) in key.generations.iter().zip(generations.iter()) {
             if token.is_none() {
                 let new = new_token();
-                pipe.cmd("SET")
-                    .arg(name)
-                    .arg(&new)
-                    .arg("NX")
-                    .arg("GET")
-                    .arg("PX")
-                    .arg(ttl_ms);
+                set_if_absent(&mut pipe, name, &new, ttl_ms);
                 fresh.push(new);
             }
         }
         let holder = wants_lease.then(new_token);
         let lease_key = holder.as_ref().map(|_| self.lease_key(key));
         if let (Some(holder), Some(lease_key)) = (&holder, &lease_key) {
-            pipe.cmd("SET")
-                .arg(lease_key)
-                .arg(holder)
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
-                .arg(expiry_ms(lease_ttl(&conn.config)));
+            set_if_absent(&mut pipe, lease_key, holder, expiry_ms(lease_ttl(&conn.config)));
         }
         let answers: Vec<Option<Vec<u8>>> = match conn
             .call_within(budget, |mut c| async move {
@@ -1183,10 +1173,7 @@ impl CacheManager {
     pub async fn get<T: DeserializeOwned>(&self, key: &CacheKey) -> Result<Option<T>, CacheError> {
         let mut budget = self.config().operation_timeout;
         match self.lookup(key, None, false, &mut budget).await.0 {
-            Lookup::Hit(bytes, _) => Ok(self
-                .open_hit(key, &bytes, codec::decode::<T>, &mut budget)
-                .await
-                .map(|(value, _)| value)),
+            Lookup::Hit(bytes, _) => Ok(self.open_hit(key, &bytes, codec::decode::<T>, &mut budget).await),
             Lookup::Miss(_) => {
                 self.connection().counters.count(key.named.get(), Event::Miss);
                 Ok(None)
@@ -1567,6 +1554,19 @@ impl Drop for LeaseGuard {
                 .await;
         });
     }
+}
+
+/// Adds to `pipe` a `SET NX GET` of `value` at `key` for `ttl_ms`: the
+/// answer is the value that was there, or nil when `value` was set. How
+/// generations are created and leases taken.
+pub(crate) fn set_if_absent(pipe: &mut redis::Pipeline, key: &str, value: &str, ttl_ms: u64) {
+    pipe.cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("GET")
+        .arg("PX")
+        .arg(ttl_ms);
 }
 
 /// The generations a store expects to find.

@@ -91,7 +91,6 @@ pub(crate) async fn find_by_id<M: Model>(env: &Environment, id: M::Id) -> Result
 
 async fn find_by_id_inner<M: Model>(env: &Environment, id: M::Id) -> Result<Option<M>> {
     let filter = doc! { "_id": to_bson(&id)? };
-    let read = find_one_in_db::<M>(env, filter, None);
     let ttl_of = move |found: &Result<Option<M>>| {
         let cache = M::CACHE?;
         found.as_ref().ok().and_then(|found| cache.ttl_of(found))
@@ -104,18 +103,20 @@ async fn find_by_id_inner<M: Model>(env: &Environment, id: M::Id) -> Result<Opti
             Some(key),
         ) => {
             // The refresh owns what it reads: it runs in the background.
-            let (env_owned, filter) = (env.clone(), doc! { "_id": to_bson(&id)? });
-            let refresher = move || async move { find_one_in_db::<M>(&env_owned, filter, None).await };
+            let (env_owned, again) = (env.clone(), filter.clone());
+            let refresher = move || async move { find_one_in_db::<M>(&env_owned, again, None).await };
+            let read = find_one_in_db::<M>(env, filter, None);
             env.cache()
                 .get_or_compute_refreshed::<_, ResultOutput, _, _, _, _>(&key, ttl_of, refresh, read, refresher)
                 .await
         }
         (Some(_), Some(key)) => {
+            let read = find_one_in_db::<M>(env, filter, None);
             env.cache()
                 .get_or_compute_by::<_, ResultOutput, _, _>(&key, ttl_of, None, read)
                 .await
         }
-        _ => read.await,
+        _ => find_one_in_db::<M>(env, filter, None).await,
     }
 }
 
