@@ -59,7 +59,7 @@ async fn main() -> earnorm::Result<()> {
         },
         ..Default::default()
     };
-    earnorm::init(config).await?;
+    let env = earnorm::init(config).await?;
     println!("cache: {:?}", earnorm::cache().status());
 
     User::delete_many(doc! {}).await?;
@@ -70,6 +70,10 @@ async fn main() -> earnorm::Result<()> {
     };
     user.save().await?;
     println!("saved user {}", user.id.map(|id| id.to_hex()).unwrap_or_default());
+    // The save invalidated this user's entries; the database feed sees it
+    // too and invalidates them again a few milliseconds later. Let that
+    // pass, so that the value computed next is stored.
+    env.wait_for_feed(Duration::from_secs(1)).await;
 
     for call in ["first call", "second call"] {
         let hits = earnorm::cache().stats().hits;
@@ -85,6 +89,7 @@ async fn main() -> earnorm::Result<()> {
 
     user.email = "ada@lovelace.org".into();
     user.save().await?; // invalidates this user's cached entries
+    env.wait_for_feed(Duration::from_secs(1)).await;
     let profile = user.get_profile().await?;
     println!("after the update: {profile:?}");
 

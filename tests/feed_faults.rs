@@ -13,7 +13,7 @@ mod feed_model;
 use earnorm::bson::oid::ObjectId;
 use earnorm::prelude::*;
 use earnorm::Environment;
-use feed_model::Item;
+use feed_model::{until_qty, Item};
 use support::{connect, fast_cache_config, require_mongo, unique_name, ChildTest, RedisServer, TcpProxy};
 
 /// Fast reconnection, but heartbeats a second apart: a manager cut off is
@@ -45,18 +45,6 @@ async fn until_hits(env: &Environment, probe: &Item, limit: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
-}
-
-/// Polls the cached read of `item` in `env` until it returns `want`.
-async fn until_qty(env: &Environment, item: &Item, want: i64, limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if env.scope(item.stored_qty()).await.ok().flatten() == Some(want) {
-            return Some(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    None
 }
 
 async fn wait_for_leader(env: &Environment) {

@@ -1,7 +1,10 @@
 //! The model of the database feed's tests (included with `#[path]`).
 
+use std::time::{Duration, Instant};
+
 use earnorm::bson::{doc, oid::ObjectId};
 use earnorm::prelude::*;
+use earnorm::Environment;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
@@ -46,4 +49,18 @@ impl Item {
     pub async fn total() -> earnorm::Result<u64> {
         Item::count(doc! {}).await
     }
+}
+
+/// Polls the record-scope cached read of `item` in `env` until it returns
+/// `want`; how long that took.
+#[allow(dead_code)] // used by some of the test files that include this one
+pub async fn until_qty(env: &Environment, item: &Item, want: i64, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if env.scope(item.stored_qty()).await.ok().flatten() == Some(want) {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
 }

@@ -409,12 +409,7 @@ impl Connection {
     /// (name, value, time to live) are written after the deletions, at
     /// `PREFIX meta:NAME`, when they go out at once; they are dropped with a
     /// queued invalidation.
-    pub(crate) async fn invalidate(
-        &self,
-        scopes: &[Scope<'_>],
-        notes: &[(String, String, Duration)],
-        source: crate::InvalidationSource,
-    ) {
+    pub(crate) async fn invalidate(&self, scopes: &[Scope<'_>], source: crate::InvalidationSource) {
         self.counters.invalidated(source);
         if !self.is_enabled() || scopes.is_empty() {
             return;
@@ -426,15 +421,7 @@ impl Connection {
             );
             return;
         }
-        let mut pipe = invalidation(&self.namespace, scopes.iter().copied());
-        for (name, value, ttl) in notes {
-            pipe.cmd("SET")
-                .arg(format!("{}meta:{name}", self.namespace))
-                .arg(value)
-                .arg("PX")
-                .arg(millis(*ttl))
-                .ignore();
-        }
+        let pipe = invalidation(&self.namespace, scopes.iter().copied());
         let sent = self
             .call(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await;
@@ -605,6 +592,15 @@ impl Connection {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .map(|clock| clock.at_least(Instant::now()))
+    }
+
+    /// The latest the Redis server's clock (ms) can read now, from the last
+    /// heartbeat; `None` before the first.
+    pub(crate) fn server_time_at_most(&self) -> Option<i64> {
+        self.server_clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|clock| clock.at_most(Instant::now()))
     }
 
     /// When the Redis server is not the one the data under this prefix was

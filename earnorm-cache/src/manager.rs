@@ -102,23 +102,6 @@ end
 return at
 ";
 
-/// Deletes generations unless a note says the write is already invalidated:
-/// KEYS[1..n] the notes, KEYS[n+1..] the generations; ARGV[1] n; ARGV[2] the
-/// write's time (a fixed-width string). Returns 1 when it deleted.
-const UNLESS_NOTED_SCRIPT: &str = r"#!lua flags=allow-oom
-local n = tonumber(ARGV[1])
-for i = 1, n do
-  local note = redis.call('GET', KEYS[i])
-  if note and note >= ARGV[2] then
-    return 0
-  end
-end
-for i = n + 1, #KEYS do
-  redis.call('DEL', KEYS[i])
-end
-return 1
-";
-
 /// Most rounds a caller spends looking up and waiting for other callers'
 /// computations before computing on its own.
 const MAX_ROUNDS: usize = 4;
@@ -174,7 +157,6 @@ struct Inner {
     lease: Script,
     release: Script,
     mark: Script,
-    unless_noted: Script,
 }
 
 impl std::fmt::Debug for Inner {
@@ -273,7 +255,6 @@ impl CacheManager {
                 lease: Script::new(LEASE_SCRIPT),
                 release: Script::new(RELEASE_SCRIPT),
                 mark: Script::new(MARK_SCRIPT),
-                unless_noted: Script::new(UNLESS_NOTED_SCRIPT),
             }),
         }
     }
@@ -1240,55 +1221,7 @@ impl CacheManager {
         // began before it.
         self.inner.flights.clear();
         debug!(scopes = scopes.len(), source = source.as_str(), "invalidating");
-        self.connection().invalidate(scopes, &[], source).await;
-    }
-
-    /// [`invalidate`](Self::invalidate), and when the invalidation reaches
-    /// Redis at once, also writes each note `name` (at `PREFIX meta:NAME`,
-    /// for `ttl`) with `value`: how a writer tells a database feed that it
-    /// has invalidated its own write itself (see
-    /// [`invalidate_unless_noted`](Self::invalidate_unless_noted)).
-    pub async fn invalidate_noting(&self, scopes: &[Scope<'_>], notes: &[String], value: &str, ttl: Duration) {
-        self.inner.flights.clear();
-        let notes: Vec<(String, String, Duration)> =
-            notes.iter().map(|name| (name.clone(), value.to_owned(), ttl)).collect();
-        self.connection()
-            .invalidate(scopes, &notes, InvalidationSource::Write)
-            .await;
-    }
-
-    /// Invalidates `scopes` unless one of the notes `notes` holds a value at
-    /// least `at` (values compare as strings: give them a fixed width), in
-    /// one round trip: how a database feed skips a write its writer has
-    /// already invalidated. Returns whether it invalidated.
-    ///
-    /// # Errors
-    /// When the cache is disabled, unavailable or fails; then nothing was
-    /// invalidated (use [`invalidate`](Self::invalidate), which queues).
-    pub async fn invalidate_unless_noted(
-        &self,
-        scopes: &[Scope<'_>],
-        notes: &[String],
-        at: &str,
-    ) -> Result<bool, CacheError> {
-        let conn = self.connection();
-        let mut generations = Vec::new();
-        for scope in scopes {
-            scope.write_generations(&conn.namespace, &mut generations);
-        }
-        let mut invocation = self.inner.unless_noted.prepare_invoke();
-        for note in notes {
-            invocation.key(format!("{}meta:{note}", conn.namespace));
-        }
-        invocation.key(&generations).arg(notes.len()).arg(at);
-        let invalidated: i64 = conn
-            .call(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        if invalidated == 1 {
-            self.inner.flights.clear();
-            conn.counters.invalidated(InvalidationSource::Feed);
-        }
-        Ok(invalidated == 1)
+        self.connection().invalidate(scopes, source).await;
     }
 
     /// Invalidates everything this manager has cached: deletes every
@@ -1402,6 +1335,14 @@ impl CacheManager {
     /// it starts reading its stream.
     pub fn server_time_at_least(&self) -> Option<i64> {
         self.connection().server_time_at_least()
+    }
+
+    /// The latest the Redis server's clock (milliseconds) can read now,
+    /// from the last heartbeat's reading; `None` before the first. What to
+    /// compare with a caught-up marker to learn whether everything written
+    /// until now is invalidated.
+    pub fn server_time_at_most(&self) -> Option<i64> {
+        self.connection().server_time_at_most()
     }
 
     /// Records at `PREFIX meta:MARKER` that every write committed up to the

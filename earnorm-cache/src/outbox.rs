@@ -71,15 +71,22 @@ pub(crate) struct Outbox {
     queue: Mutex<Queue>,
 }
 
-/// One pipeline deleting the generations a write to `scopes` replaces.
+/// Most keys one `DEL` of an invalidation names.
+const KEYS_PER_DEL: usize = 256;
+
+/// One pipeline deleting the generations a write to `scopes` replaces, each
+/// once (scopes of one model share its query generation), a few hundred
+/// keys to a `DEL`.
 pub(crate) fn invalidation<'a>(namespace: &str, scopes: impl IntoIterator<Item = Scope<'a>>) -> redis::Pipeline {
     let mut keys = Vec::new();
     for scope in scopes {
         scope.write_generations(namespace, &mut keys);
     }
+    let mut seen = HashSet::with_capacity(keys.len());
+    keys.retain(|key| seen.insert(key.clone()));
     let mut pipe = redis::pipe();
-    for key in keys {
-        pipe.cmd("DEL").arg(key).ignore();
+    for chunk in keys.chunks(KEYS_PER_DEL) {
+        pipe.cmd("DEL").arg(chunk).ignore();
     }
     pipe
 }

@@ -22,7 +22,7 @@ use mongodb::bson::doc;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::feed::{self, FeedStats};
 
@@ -85,6 +85,9 @@ impl Environment {
     /// Connects to MongoDB (checking that it answers within
     /// `connect_timeout`) and sets up the cache. A Redis that is down is not
     /// an error: the cache runs degraded and attaches when Redis comes up.
+    /// With the database feed on, returns once the feed follows a leader or
+    /// leads with its stream open (at most `feed::READY_WAIT`, then a
+    /// `warn`), so that what is cached next is not wiped by its start.
     ///
     /// # Errors
     /// [`Error::Config`] for a database name MongoDB does not accept;
@@ -122,9 +125,21 @@ impl Environment {
         let (stop, stopped) = watch::channel(());
         let mut feed_task = None;
         if config.feed && cache.status() != ConnectionStatus::Disabled {
-            let feed = feed::Feed::new(database.clone(), cache.clone(), Arc::clone(&counters), stopped);
+            let (feed, mut ready) = feed::Feed::new(database.clone(), cache.clone(), Arc::clone(&counters), stopped);
             cache.follow_feed(&feed::marker_name(database.name()), &model_scope(database.name(), ""));
             feed_task = Some(tokio::spawn(feed.run()));
+            // Until the feed knows its place: a new leader's reset would
+            // otherwise wipe the first values this program caches.
+            if tokio::time::timeout(feed::READY_WAIT, ready.wait_for(|ready| *ready))
+                .await
+                .is_err()
+            {
+                warn!(
+                    database = %config.database,
+                    "the database feed is not ready after {:?}; values cached before it is may be invalidated when it starts",
+                    feed::READY_WAIT
+                );
+            }
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -182,6 +197,39 @@ impl Environment {
     /// What the database feed is doing (see the crate docs on the feed).
     pub fn feed_stats(&self) -> FeedStats {
         self.inner.feed.snapshot()
+    }
+
+    /// Waits until the database feed has invalidated every write committed
+    /// before this call (its leader, in whichever process, has read the
+    /// change stream past it), for at most `limit`; returns whether it has.
+    /// An EarnORM write invalidates its own scopes at once, and its change
+    /// event invalidates them again a few milliseconds later: a value
+    /// computed across that second invalidation is not stored. A program
+    /// that writes, then wants the values it computes next to be cached
+    /// (a demo, a test, a warm-up) calls this in between.
+    ///
+    /// `true` at once without a feed; `false` when Redis cannot be reached
+    /// or no leader catches up within `limit`.
+    pub async fn wait_for_feed(&self, limit: Duration) -> bool {
+        if !self.inner.feed.snapshot().enabled {
+            return true;
+        }
+        let start = std::time::Instant::now();
+        let Some(at) = self.inner.cache.server_time_at_most() else {
+            return false;
+        };
+        let marker = feed::marker_name(self.inner.database.name());
+        while start.elapsed() < limit {
+            let recorded = self.inner.cache.get_meta(&marker).await.ok().flatten();
+            let caught_up = recorded
+                .and_then(|bytes| std::str::from_utf8(&bytes).ok()?.parse::<i64>().ok())
+                .is_some_and(|marked| marked >= at);
+            if caught_up {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
     }
 
     /// Leaves cleanly, for a process about to exit: stops the database feed

@@ -15,21 +15,41 @@
 //!   everything under the prefix.
 //!
 //! Events of collections no model maps invalidate by collection name all the
-//! same, so a model added later is covered. An EarnORM write runs in a
-//! session of its own, so it knows its cluster time; when its invalidation
-//! reaches Redis, it leaves a note there (`PREFIX
-//! meta:feed:DATABASE:done:COLLECTION[:ID]`, for a minute) that everything
-//! up to that time is invalidated, and the feed skips the write's event
-//! instead of invalidating again (which would also refuse to store a value
-//! computed just after the write). Events of writes up to that time are
-//! covered by the writer's invalidation, which came after them.
+//! same, so a model added later is covered.
+//!
+//! **It skips nothing.** An EarnORM write invalidates its own scopes once
+//! MongoDB has acknowledged it, and its event then invalidates them a second
+//! time. Skipping that echo would be sound only for an event known to be
+//! that very write, invalidated after it became visible; nothing in a
+//! change event says so. A reply's `operationTime` is not the write's time
+//! (a server may give the latest time it has minted, another client's write
+//! included), a statement of a multi-document transaction is stamped when it
+//! runs but becomes visible only at its commit, and on a replica set a write
+//! acknowledged by the primary alone (`w: 1`) may be followed in the oplog
+//! by writes that commit before it. Every rule of the form "skip events up
+//! to the time a writer noted" can therefore skip a write that became
+//! visible after the writer's invalidation: a reader that cached the old
+//! state in between would serve it until its TTL. So every event
+//! invalidates, and the redundant invalidation is made cheap instead: the
+//! events read together (up to [`BATCH`]) go to Redis in one round trip,
+//! while the next ones are already being read. Its cost to readers: a value
+//! cached between an EarnORM write's own invalidation and its echo (the
+//! feed's lag, a few milliseconds) is computed once more.
 //!
 //! **One leader.** Of all environments sharing a prefix and a database, one
 //! holds a lease in Redis (`PREFIX lease:feed:DATABASE`, renewed every
-//! [`RENEW`], lost after [`LEASE`]) and runs the change stream; the others
-//! wait to take over. So one database write costs one feed invalidation in
-//! Redis, whatever the number of processes, and a leader that dies or is cut
-//! off is replaced within [`LEASE`] plus one [`RENEW`].
+//! [`RENEW`] by a task of its own, lost after [`LEASE`]) and runs the change
+//! stream; the others try to take it every [`FOLLOW`]. So one database write
+//! costs one feed invalidation in Redis, whatever the number of processes.
+//! The stream is read by a task of its own too, so that neither a slow
+//! invalidation nor a slow read holds up the renewal, and a read in flight
+//! is never cancelled. A leader steps down (gives its lease up, and stays
+//! aside for [`STEP_ASIDE`]) when it cannot renew before its lease may have
+//! lapsed, or when a read of the stream has not answered within
+//! [`IDLE_POLL`] plus [`STALL`] (MongoDB cut off or frozen): another
+//! environment leads within [`FOLLOW`] of a step-down, and within [`LEASE`]
+//! plus [`FOLLOW`] of a leader's death, then replays from the recorded token
+//! what the last leader may not have invalidated.
 //!
 //! **Resumption.** After invalidating, the leader records the stream's resume
 //! token in Redis (`PREFIX meta:feed:DATABASE:token`, at most every
@@ -57,6 +77,11 @@
 //! invalidate, the feed has. So hits come back as soon as the feed has
 //! caught up after Redis returns, instead of after the quarantine.
 //!
+//! **Ready before use.** `Environment::connect` returns once the feed knows
+//! its place: following, or leading with its stream open (and the reset of
+//! a new stream done), so that a reset never wipes the first values a
+//! program caches (at most [`READY_WAIT`], then a `warn`).
+//!
 //! Without change streams (a standalone server) the feed says so once at
 //! `warn` and stays off; the cache then behaves as without it.
 
@@ -65,24 +90,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use earnorm_cache::{CacheManager, InvalidationSource, Scope};
-use mongodb::bson::{doc, Bson, Document};
-use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::change_stream::event::{ChangeNamespace, ResumeToken};
 use mongodb::change_stream::ChangeStream;
 use mongodb::Database;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::env::model_scope;
 use crate::model::id_key;
 
-/// How long a leader's lease lasts without renewal: a leader that dies or
-/// is cut off from Redis is replaced within this, plus one [`RENEW`].
-pub const LEASE: Duration = Duration::from_millis(1500);
-/// How often the leader renews its lease, and followers try to take it.
-pub const RENEW: Duration = Duration::from_millis(250);
+/// How long a leader's lease lasts without renewal: a leader that dies is
+/// replaced within this, plus one [`FOLLOW`].
+pub const LEASE: Duration = Duration::from_millis(600);
+/// How often the leader renews its lease.
+pub const RENEW: Duration = Duration::from_millis(120);
+/// How often followers try to take the lease.
+pub const FOLLOW: Duration = Duration::from_millis(100);
+/// How long past [`IDLE_POLL`] a read of the stream may go unanswered before
+/// the leader takes MongoDB for cut off and steps down.
+pub const STALL: Duration = Duration::from_millis(350);
+/// How long a leader that stepped down for a stalled stream leaves the lease
+/// to the others before trying to lead again.
+pub const STEP_ASIDE: Duration = Duration::from_secs(1);
+/// How long `Environment::connect` waits at most for the feed to be ready.
+pub const READY_WAIT: Duration = Duration::from_secs(5);
 /// How often, at most, the leader records its resume token.
 pub const PERSIST: Duration = Duration::from_millis(100);
-/// The pause after an event fetched from the server, before the next fetch:
+/// Most events invalidated in one round trip to Redis.
+pub const BATCH: usize = 1_000;
+/// The pause after events fetched from the server, before the next fetch:
 /// it adds at most this to the feed's lag, and divides the number of
 /// `getMore`s under sustained writes.
 pub const PACE: Duration = Duration::from_millis(2);
@@ -91,6 +128,8 @@ const FETCHED: Duration = Duration::from_micros(100);
 /// How long the server holds an idle poll of the stream open: the leader
 /// records its caught-up time at least this often.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How often the leader looks for a stalled read.
+const WATCHDOG: Duration = Duration::from_millis(25);
 
 /// Server error codes meaning a token cannot be resumed from: history lost
 /// (286, and 40576 on older servers), an invalid token (260, and 40647 on
@@ -109,7 +148,8 @@ pub(crate) struct Counters {
     resumes: AtomicU64,
     resets: AtomicU64,
     handovers: AtomicU64,
-    skipped: AtomicU64,
+    step_downs: AtomicU64,
+    batches: AtomicU64,
     last_event_ms: AtomicU64,
     last_lag_ms: AtomicU64,
     max_lag_ms: AtomicU64,
@@ -136,9 +176,12 @@ pub struct FeedStats {
     pub resets: u64,
     /// Times it became the leader.
     pub handovers: u64,
-    /// Events it did not invalidate again because their writer (EarnORM)
-    /// had invalidated them itself and left a note saying so.
-    pub skipped: u64,
+    /// Times it stepped down while leading: its stream stalled (MongoDB cut
+    /// off or frozen) or its lease could not be renewed in time.
+    pub step_downs: u64,
+    /// Round trips to Redis that invalidated events (each carries the
+    /// events read together, up to [`BATCH`]).
+    pub batches: u64,
     /// When it last processed an event, in milliseconds since the Unix epoch
     /// (0: never).
     pub last_event_ms: u64,
@@ -158,7 +201,8 @@ impl Counters {
             resumes: self.resumes.load(Relaxed),
             resets: self.resets.load(Relaxed),
             handovers: self.handovers.load(Relaxed),
-            skipped: self.skipped.load(Relaxed),
+            step_downs: self.step_downs.load(Relaxed),
+            batches: self.batches.load(Relaxed),
             last_event_ms: self.last_event_ms.load(Relaxed),
             last_lag_ms: self.last_lag_ms.load(Relaxed),
             max_lag_ms: self.max_lag_ms.load(Relaxed),
@@ -173,29 +217,36 @@ pub(crate) struct Feed {
     pub(crate) counters: Arc<Counters>,
     /// Closed when the environment is dropped: the task ends.
     pub(crate) stop: watch::Receiver<()>,
+    /// Set once the feed knows its place (see the module docs, "Ready
+    /// before use").
+    ready: watch::Sender<bool>,
     holder: String,
 }
 
 impl Feed {
+    /// A feed, and what tells when it is ready.
     pub(crate) fn new(
         database: Database,
         cache: CacheManager,
         counters: Arc<Counters>,
         stop: watch::Receiver<()>,
-    ) -> Self {
+    ) -> (Self, watch::Receiver<bool>) {
         counters.enabled.store(true, Relaxed);
         let holder = format!(
             "{}-{}",
             std::process::id(),
             mongodb::bson::oid::ObjectId::new().to_hex()
         );
-        Self {
+        let (ready, is_ready) = watch::channel(false);
+        let feed = Self {
             database,
             cache,
             counters,
             stop,
+            ready,
             holder,
-        }
+        };
+        (feed, is_ready)
     }
 
     fn lease_name(&self) -> String {
@@ -210,145 +261,143 @@ impl Feed {
         marker_name(self.database.name())
     }
 
-    /// A watch of the database, read from the primary (a secondary could lag
-    /// behind writes already acknowledged), polling at most [`IDLE_POLL`].
-    fn watch(&self) -> mongodb::action::Watch<'_> {
-        self.database.watch().max_await_time(IDLE_POLL).selection_criteria(
-            mongodb::options::SelectionCriteria::ReadPreference(mongodb::options::ReadPreference::Primary),
-        )
-    }
-
     fn stopped(&self) -> bool {
         self.stop.has_changed().is_err()
+    }
+
+    fn set_leader(&self, leading: bool) {
+        self.counters.leader.store(leading, Relaxed);
+        metrics::gauge!("earnorm_feed_leader", "database" => self.database.name().to_owned()).set(if leading {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// Follows, leads when it holds the lease, until the environment goes.
     pub(crate) async fn run(mut self) {
         while !self.stopped() {
+            let mut pause = FOLLOW;
             match self.cache.lease(&self.lease_name(), &self.holder, LEASE).await {
                 Ok(true) => {
                     self.counters.handovers.fetch_add(1, Relaxed);
                     metrics::counter!("earnorm_feed_handovers_total").increment(1);
                     info!(database = self.database.name(), "database feed: leading");
                     let outcome = self.lead().await;
-                    self.counters.leader.store(false, Relaxed);
-                    metrics::gauge!("earnorm_feed_leader", "database" => self.database.name().to_owned()).set(0.0);
+                    self.set_leader(false);
                     let _ = self.cache.release(&self.lease_name(), &self.holder).await;
                     match outcome {
                         Lead::Unsupported => {
                             self.counters.enabled.store(false, Relaxed);
+                            self.ready.send_replace(true);
                             return;
                         }
                         Lead::Stopped => return,
+                        Lead::Stalled | Lead::Unrenewed => {
+                            self.counters.step_downs.fetch_add(1, Relaxed);
+                            metrics::counter!("earnorm_feed_step_downs_total").increment(1);
+                            if matches!(outcome, Lead::Stalled) {
+                                pause = STEP_ASIDE;
+                            }
+                        }
                         Lead::Lost => {}
                     }
                 }
                 Ok(false) => {}
                 Err(err) => debug!(error = %err, "database feed: lease unavailable"),
             }
+            // Whatever happened, the feed knows its place now: following,
+            // or done leading once (its stream was open, or could not be).
+            self.ready.send_replace(true);
             // Try again after a while, or as soon as Redis is back.
             let mut status = self.cache.subscribe();
             status.mark_unchanged();
             tokio::select! {
-                () = tokio::time::sleep(RENEW) => {}
-                _ = status.changed() => {}
+                () = tokio::time::sleep(pause) => {}
+                _ = status.changed(), if pause == FOLLOW => {}
                 _ = self.stop.changed() => return,
             }
         }
     }
 
-    /// Reads the change stream while this environment holds the lease.
-    /// Each time it has read to the end, it records in Redis the server
-    /// time up to which every write is invalidated (the caught-up marker,
-    /// see `CacheManager::follow_feed`).
+    /// Reads the change stream while this environment holds the lease: a
+    /// task renews the lease, another reads the stream, and this one
+    /// invalidates what they read, batch by batch, and watches both.
     async fn lead(&self) -> Lead {
-        let mut stream = match self.open().await {
+        let (lost, mut renewal) = watch::channel(false);
+        let _renewer = Abort(tokio::spawn(renew(
+            self.cache.clone(),
+            self.lease_name(),
+            self.holder.clone(),
+            lost,
+        )));
+        let opened = tokio::select! {
+            opened = self.open() => opened,
+            _ = renewal.changed() => Err(Lead::Unrenewed),
+        };
+        let stream = match opened {
             Ok(stream) => stream,
             Err(lead) => return lead,
         };
         // Leading from here: the stream is open, and a reset is done.
-        self.counters.leader.store(true, Relaxed);
-        metrics::gauge!("earnorm_feed_leader", "database" => self.database.name().to_owned()).set(1.0);
+        self.set_leader(true);
+        self.ready.send_replace(true);
+        let (sender, mut reads) = mpsc::channel(BATCH * 4);
+        let polling = Arc::new(Polling::default());
+        let _reader = Abort(tokio::spawn(read(
+            stream,
+            self.cache.clone(),
+            sender,
+            Arc::clone(&polling),
+        )));
         let mut stop = self.stop.clone();
-        let mut renewed = Instant::now();
-        let mut persisted = Instant::now();
+        let mut watchdog = tokio::time::interval(WATCHDOG);
         let mut tokens = Tokens::default();
-        loop {
-            if renewed.elapsed() >= RENEW {
-                if !matches!(
-                    self.cache.lease(&self.lease_name(), &self.holder, LEASE).await,
-                    Ok(true)
-                ) {
-                    warn!(database = self.database.name(), "database feed: lease lost; following");
-                    return Lead::Lost;
+        let mut batch = Vec::with_capacity(BATCH);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break Lead::Stopped,
+                _ = renewal.changed() => {
+                    warn!(database = self.database.name(), "database feed: the lease could not be renewed in time; following");
+                    break Lead::Unrenewed;
                 }
-                renewed = Instant::now();
-            }
-            // The earliest the server's clock can read as this poll begins:
-            // if it finds the stream empty, every write committed before
-            // that is invalidated.
-            let polled = self.cache.server_time_at_least();
-            let asked = Instant::now();
-            let next = tokio::select! {
-                _ = stop.changed() => {
-                    self.record(&mut tokens).await;
-                    return Lead::Stopped;
-                }
-                next = stream.next_if_any() => next,
-            };
-            // An event that took a round trip to the server (not one the
-            // driver had buffered): before the next round trip, let a few
-            // milliseconds of writes gather, so that under sustained writes
-            // one `getMore` brings many events instead of one each.
-            let fetched = asked.elapsed() >= FETCHED;
-            match next {
-                Ok(Some(event)) => {
-                    let ended = self.apply(&event).await;
-                    tokens.unrecorded = stream.resume_token();
-                    if ended {
-                        // The stream ended (`invalidate`): start anew.
-                        let _ = self.cache.set_meta(&self.token_name(), b"").await;
-                        return Lead::Lost;
-                    }
-                    if fetched {
-                        tokio::time::sleep(PACE).await;
+                _ = watchdog.tick() => {
+                    if let Some(waited) = polling.stalled(IDLE_POLL + STALL) {
+                        warn!(database = self.database.name(), waited_ms = waited.as_millis(), "database feed: the change stream does not answer; stepping down");
+                        break Lead::Stalled;
                     }
                 }
-                Ok(None) => {
-                    // Read to the end: every write committed before the poll
-                    // began is invalidated.
-                    tokens.unrecorded = stream.resume_token().or(tokens.unrecorded.take());
-                    self.record(&mut tokens).await;
-                    persisted = Instant::now();
-                    if let Some(at) = polled {
-                        if let Err(err) = self.cache.mark_caught_up(&self.marker_name(), at).await {
-                            debug!(error = %err, "database feed: could not record the caught-up time");
-                        }
+                read = reads.recv_many(&mut batch, BATCH) => {
+                    if read == 0 {
+                        break Lead::Lost;
+                    }
+                    if let Some(lead) = self.apply(&mut batch, &mut tokens).await {
+                        return lead;
                     }
                 }
-                Err(err) if error_code(&err).is_some_and(|code| UNRESUMABLE.contains(&code)) => {
-                    // Its history is gone: the next leader must start anew
-                    // and invalidate everything, not resume into this error.
-                    warn!(database = self.database.name(), error = %err, "database feed: the change stream cannot go on; starting anew");
-                    let _ = self.cache.set_meta(&self.token_name(), b"").await;
-                    return Lead::Lost;
-                }
-                Err(err) => {
-                    warn!(database = self.database.name(), error = %err, "database feed: the change stream failed; resuming");
-                    self.record(&mut tokens).await;
-                    return Lead::Lost;
-                }
             }
-            if persisted.elapsed() >= PERSIST {
-                self.record(&mut tokens).await;
-                persisted = Instant::now();
-            }
+        };
+        // What was read is invalidated before leaving (queued while Redis
+        // cannot take it, and replayed before any value is served again):
+        // a successor would replay it from the recorded token too, but only
+        // once it leads.
+        self.set_leader(false);
+        reads.close();
+        while let Ok(read) = reads.try_recv() {
+            batch.push(read);
         }
+        if let Some(lead) = self.apply(&mut batch, &mut tokens).await {
+            return lead;
+        }
+        self.record(&mut tokens).await;
+        outcome
     }
 
     /// Opens the stream where the recorded token says, or anew after
-    /// invalidating everything when it cannot resume.
-    async fn open(&self) -> Result<ChangeStream<ChangeStreamEvent<Document>>, Lead> {
+    /// invalidating everything when it cannot resume. Waits on MongoDB at
+    /// most [`IDLE_POLL`] plus [`STALL`] for each attempt.
+    async fn open(&self) -> Result<ChangeStream<Change>, Lead> {
         let recorded = match self.cache.get_meta(&self.token_name()).await {
             Ok(bytes) => bytes.and_then(|bytes| decode_token(&bytes)),
             Err(err) => {
@@ -356,28 +405,26 @@ impl Feed {
                 return Err(Lead::Lost);
             }
         };
+        let limit = IDLE_POLL + STALL;
         if let Some(token) = recorded {
-            match self
-                .database
-                .watch()
-                .resume_after(token)
-                .max_await_time(IDLE_POLL)
-                .await
-            {
-                Ok(stream) => {
+            match tokio::time::timeout(limit, self.watch().resume_after(token)).await {
+                Err(_) => return Err(self.open_stalled()),
+                Ok(Ok(stream)) => {
+                    let stream = stream.with_type::<Change>();
                     self.counters.resumes.fetch_add(1, Relaxed);
                     metrics::counter!("earnorm_feed_resumes_total").increment(1);
                     return Ok(stream);
                 }
-                Err(err) if error_code(&err).is_some_and(|code| UNRESUMABLE.contains(&code)) => {
+                Ok(Err(err)) if error_code(&err).is_some_and(|code| UNRESUMABLE.contains(&code)) => {
                     warn!(database = self.database.name(), error = %err, "database feed: cannot resume (history lost or invalid token); invalidating everything");
                 }
-                Err(err) => return Err(self.open_failed(&err)),
+                Ok(Err(err)) => return Err(self.open_failed(&err)),
             }
         }
-        let stream = match self.watch().await {
-            Ok(stream) => stream,
-            Err(err) => return Err(self.open_failed(&err)),
+        let stream = match tokio::time::timeout(limit, self.watch()).await {
+            Err(_) => return Err(self.open_stalled()),
+            Ok(Ok(stream)) => stream.with_type::<Change>(),
+            Ok(Err(err)) => return Err(self.open_failed(&err)),
         };
         // Opened first, then everything invalidated: no write falls between.
         if let Err(err) = self.cache.invalidate_all_from(InvalidationSource::Feed).await {
@@ -392,6 +439,27 @@ impl Feed {
         Ok(stream)
     }
 
+    /// A watch of the database, read from the primary (a secondary could lag
+    /// behind writes already acknowledged), polling at most [`IDLE_POLL`],
+    /// without the documents and update descriptions the feed does not read.
+    fn watch(&self) -> mongodb::action::Watch<'_> {
+        self.database
+            .watch()
+            .pipeline([doc! { "$project": { "fullDocument": 0, "updateDescription": 0 } }])
+            .max_await_time(IDLE_POLL)
+            .selection_criteria(mongodb::options::SelectionCriteria::ReadPreference(
+                mongodb::options::ReadPreference::Primary,
+            ))
+    }
+
+    fn open_stalled(&self) -> Lead {
+        warn!(
+            database = self.database.name(),
+            "database feed: MongoDB does not answer the opening of the change stream; stepping down"
+        );
+        Lead::Stalled
+    }
+
     fn open_failed(&self, err: &mongodb::error::Error) -> Lead {
         if error_code(err).is_some_and(|code| UNSUPPORTED.contains(&code)) {
             warn!(database = self.database.name(), "this MongoDB has no change streams (a standalone server): the database feed is off; writes outside EarnORM are not invalidated");
@@ -402,91 +470,115 @@ impl Feed {
         }
     }
 
-    /// Invalidates what `event` made stale; returns whether the stream ended.
-    async fn apply(&self, event: &ChangeStreamEvent<Document>) -> bool {
-        let database = self.database.name();
-        let collection = event.ns.as_ref().and_then(|ns| ns.coll.clone());
-        let ended = match &event.operation_type {
-            OperationType::Insert | OperationType::Update | OperationType::Replace | OperationType::Delete => {
-                if let Some(collection) = collection {
-                    let model = model_scope(database, &collection);
-                    let id = event
-                        .document_key
-                        .as_ref()
-                        .and_then(|key| key.get("_id"))
-                        .and_then(|id| id_key(id).ok());
-                    match (id, event.cluster_time) {
-                        (Some(id), Some(at)) => {
-                            // Skipped when its writer left a note that it
-                            // invalidated this write (or a later one) itself.
-                            let notes = [
-                                done_note(database, &collection, Some(&id)),
-                                done_note(database, &collection, None),
-                            ];
-                            let scopes = [Scope::Record(&model, &id)];
-                            let outcome = self
-                                .cache
-                                .invalidate_unless_noted(&scopes, &notes, &cluster_time(at))
-                                .await;
-                            debug!(collection = %collection, id = %id, at = %cluster_time(at), ?outcome, "database feed: an event");
-                            match outcome {
-                                Ok(true) => {}
-                                Ok(false) => {
-                                    self.counters.skipped.fetch_add(1, Relaxed);
-                                    metrics::counter!("earnorm_feed_skipped_total").increment(1);
-                                }
-                                Err(_) => self.cache.invalidate_from(&scopes, InvalidationSource::Feed).await,
-                            }
+    /// Invalidates what the reads of `batch` made stale, in as few round
+    /// trips as it can (one, unless the batch holds the end of the stream or
+    /// a dropped database), recording tokens and the caught-up time as it
+    /// goes. `Some` when leading must end.
+    async fn apply(&self, batch: &mut Vec<Read>, tokens: &mut Tokens) -> Option<Lead> {
+        let mut pending = Pending::default();
+        for read in batch.drain(..) {
+            match read {
+                Read::Event(event) => match effect(&event) {
+                    Effect::Targets(targets) => pending.add(self.database.name(), targets, event),
+                    Effect::Nothing => pending.pass(event),
+                    Effect::Everything { ended } => {
+                        self.flush(&mut pending, tokens).await;
+                        if let Err(err) = self.cache.invalidate_all_from(InvalidationSource::Feed).await {
+                            debug!(error = %err, "database feed: could not invalidate everything");
                         }
-                        (Some(id), None) => {
-                            self.cache
-                                .invalidate_from(&[Scope::Record(&model, &id)], InvalidationSource::Feed)
-                                .await
+                        pending.pass(event);
+                        self.flush(&mut pending, tokens).await;
+                        if ended {
+                            // The stream ended (`invalidate`): start anew.
+                            let _ = self.cache.set_meta(&self.token_name(), b"").await;
+                            return Some(Lead::Lost);
                         }
-                        (None, _) => {
-                            self.cache
-                                .invalidate_from(&[Scope::Model(&model)], InvalidationSource::Feed)
-                                .await
+                    }
+                },
+                Read::CaughtUp { polled, token } => {
+                    // Read to the end: every write committed before that
+                    // poll began is invalidated once the events before it are.
+                    self.flush(&mut pending, tokens).await;
+                    tokens.unrecorded = token.or(tokens.unrecorded.take());
+                    self.record(tokens).await;
+                    if let Some(at) = polled {
+                        if let Err(err) = self.cache.mark_caught_up(&self.marker_name(), at).await {
+                            debug!(error = %err, "database feed: could not record the caught-up time");
                         }
                     }
                 }
-                false
-            }
-            OperationType::Drop | OperationType::Rename => {
-                let renamed = event.to.as_ref().and_then(|to| to.coll.clone());
-                let models: Vec<String> = collection
-                    .iter()
-                    .chain(renamed.iter())
-                    .map(|coll| model_scope(database, coll))
-                    .collect();
-                let scopes: Vec<Scope<'_>> = models.iter().map(|m| Scope::Model(m)).collect();
-                self.cache.invalidate_from(&scopes, InvalidationSource::Feed).await;
-                false
-            }
-            OperationType::DropDatabase | OperationType::Invalidate => {
-                if let Err(err) = self.cache.invalidate_all_from(InvalidationSource::Feed).await {
-                    debug!(error = %err, "database feed: could not invalidate everything");
+                Read::Failed(err) => {
+                    self.flush(&mut pending, tokens).await;
+                    self.record(tokens).await;
+                    if error_code(&err).is_some_and(|code| UNRESUMABLE.contains(&code)) {
+                        // Its history is gone: the next leader must start
+                        // anew and invalidate everything, not resume into
+                        // this error.
+                        warn!(database = self.database.name(), error = %err, "database feed: the change stream cannot go on; starting anew");
+                        let _ = self.cache.set_meta(&self.token_name(), b"").await;
+                    } else {
+                        warn!(database = self.database.name(), error = %err, "database feed: the change stream failed; resuming");
+                    }
+                    return Some(Lead::Lost);
                 }
-                matches!(event.operation_type, OperationType::Invalidate)
             }
-            _ => false,
-        };
-        self.counters.events.fetch_add(1, Relaxed);
-        metrics::counter!("earnorm_feed_events_total").increment(1);
-        let now = now_ms();
-        self.counters.last_event_ms.store(now, Relaxed);
-        if let Some(wall) = event.wall_time {
-            let lag = now.saturating_sub(u64::try_from(wall.timestamp_millis()).unwrap_or(0));
-            self.counters.last_lag_ms.store(lag, Relaxed);
-            #[allow(clippy::cast_precision_loss)]
-            metrics::histogram!("earnorm_feed_lag_seconds").record(lag as f64 / 1000.0);
-            self.counters.max_lag_ms.fetch_max(lag, Relaxed);
         }
-        ended
+        self.flush(&mut pending, tokens).await;
+        if tokens.persisted.elapsed() >= PERSIST {
+            self.record(tokens).await;
+        }
+        None
+    }
+
+    /// Invalidates the scopes of the events gathered in `pending`, in one
+    /// round trip, then counts those events and notes the last one's token.
+    async fn flush(&self, pending: &mut Pending, tokens: &mut Tokens) {
+        if pending.events.is_empty() {
+            return;
+        }
+        if !pending.scopes.is_empty() {
+            let scopes: Vec<Scope<'_>> = pending
+                .scopes
+                .iter()
+                .map(|(model, id)| match id {
+                    Some(id) => Scope::Record(model, id),
+                    None => Scope::Model(model),
+                })
+                .collect();
+            debug!(
+                events = pending.events.len(),
+                scopes = scopes.len(),
+                "database feed: invalidating"
+            );
+            // Never fails: what cannot reach Redis now is queued, and
+            // replayed before any value is served again.
+            self.cache.invalidate_from(&scopes, InvalidationSource::Feed).await;
+            self.counters.batches.fetch_add(1, Relaxed);
+        }
+        let now = now_ms();
+        let count = u64::try_from(pending.events.len()).unwrap_or(u64::MAX);
+        self.counters.events.fetch_add(count, Relaxed);
+        metrics::counter!("earnorm_feed_events_total").increment(count);
+        self.counters.last_event_ms.store(now, Relaxed);
+        for event in &pending.events {
+            if let Some(wall) = event.wall_time {
+                let lag = now.saturating_sub(u64::try_from(wall.timestamp_millis()).unwrap_or(0));
+                self.counters.last_lag_ms.store(lag, Relaxed);
+                #[allow(clippy::cast_precision_loss)]
+                metrics::histogram!("earnorm_feed_lag_seconds").record(lag as f64 / 1000.0);
+                self.counters.max_lag_ms.fetch_max(lag, Relaxed);
+            }
+        }
+        if let Some(last) = pending.events.last() {
+            tokens.unrecorded = Some(last.id.clone());
+        }
+        pending.scopes.clear();
+        pending.events.clear();
     }
 
     /// Records the token of the last invalidated event, if not yet done.
     async fn record(&self, tokens: &mut Tokens) {
+        tokens.persisted = Instant::now();
         if let Some(token) = tokens.unrecorded.take() {
             // The same token again: written at most once a second (Redis
             // may have lost it meanwhile, restarted empty).
@@ -508,39 +600,267 @@ impl Feed {
     }
 }
 
+/// Renews the lease `name` of `holder` every [`RENEW`] until it is lost, or
+/// may have lapsed for want of an answer: then says so through `lost`.
+async fn renew(cache: CacheManager, name: String, holder: String, lost: watch::Sender<bool>) {
+    // The lease was taken just before this task started: it lasts at least
+    // LEASE from then.
+    let mut held_from = Instant::now();
+    loop {
+        tokio::time::sleep(RENEW).await;
+        // Redis runs the renewal after it is sent: the lease lasts at least
+        // LEASE from here once the answer says it is held.
+        let sent = Instant::now();
+        match cache.lease(&name, &holder, LEASE).await {
+            Ok(true) => held_from = sent,
+            Ok(false) => break,
+            Err(err) => {
+                debug!(error = %err, "database feed: could not renew the lease");
+                // Another try would come after RENEW: step down unless the
+                // lease surely outlives it.
+                if held_from.elapsed() + RENEW * 2 >= LEASE {
+                    break;
+                }
+            }
+        }
+    }
+    lost.send_replace(true);
+}
+
+/// When the reader's current read of the stream began, if one is in flight.
+#[derive(Debug)]
+struct Polling {
+    epoch: Instant,
+    /// Microseconds from `epoch` to the start of the read in flight, plus
+    /// one; 0 when none is.
+    since: AtomicU64,
+}
+
+impl Default for Polling {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            since: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Polling {
+    fn begin(&self) {
+        let micros = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        self.since.store(micros + 1, Relaxed);
+    }
+
+    fn end(&self) {
+        self.since.store(0, Relaxed);
+    }
+
+    /// How long the read in flight has waited, if longer than `limit`.
+    fn stalled(&self, limit: Duration) -> Option<Duration> {
+        let since = self.since.load(Relaxed);
+        if since == 0 {
+            return None;
+        }
+        let began = self.epoch + Duration::from_micros(since - 1);
+        let waited = began.elapsed();
+        (waited > limit).then_some(waited)
+    }
+}
+
+/// The parts of a change event the feed reads (the stream sends no more:
+/// see [`Feed::watch`]).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Change {
+    /// Resumes the stream after this event.
+    #[serde(rename = "_id")]
+    id: ResumeToken,
+    /// `insert`, `update`, `drop`...: kept as written, so that a kind this
+    /// code does not know is ignored instead of failing the stream.
+    operation_type: String,
+    /// The collection written, dropped or renamed.
+    ns: Option<ChangeNamespace>,
+    /// A renamed collection's new name.
+    to: Option<ChangeNamespace>,
+    /// The `_id` of the document written.
+    document_key: Option<Document>,
+    /// When the write committed, on the server's clock.
+    wall_time: Option<DateTime>,
+}
+
+/// What the reader passes on.
+enum Read {
+    /// An event.
+    Event(Box<Change>),
+    /// The stream was read to its end by a poll that began when the Redis
+    /// server's clock read at least `polled`; `token` resumes after it.
+    CaughtUp {
+        polled: Option<i64>,
+        token: Option<ResumeToken>,
+    },
+    /// The stream failed; the reader has stopped.
+    Failed(mongodb::error::Error),
+}
+
+/// Reads `stream` into `reads` until it fails or `reads` closes, telling
+/// `polling` when each read begins and ends. After events fetched from the
+/// server (not ones the driver had buffered), it pauses [`PACE`] before the
+/// next fetch, so that under sustained writes one `getMore` brings many.
+async fn read(mut stream: ChangeStream<Change>, cache: CacheManager, reads: mpsc::Sender<Read>, polling: Arc<Polling>) {
+    loop {
+        // The earliest the server's clock can read as this poll begins: if
+        // it finds the stream empty, every write committed before that is
+        // invalidated once what came before is.
+        let polled = cache.server_time_at_least();
+        let asked = Instant::now();
+        polling.begin();
+        let next = stream.next_if_any().await;
+        polling.end();
+        let fetched = asked.elapsed() >= FETCHED;
+        let (read, pace) = match next {
+            Ok(Some(event)) => (Read::Event(Box::new(event)), fetched),
+            Ok(None) => (
+                Read::CaughtUp {
+                    polled,
+                    token: stream.resume_token(),
+                },
+                false,
+            ),
+            Err(err) => {
+                let _ = reads.send(Read::Failed(err)).await;
+                return;
+            }
+        };
+        if reads.send(read).await.is_err() {
+            return;
+        }
+        if pace {
+            tokio::time::sleep(PACE).await;
+        }
+    }
+}
+
+/// The events of a batch not yet invalidated, and the scopes they touch:
+/// `(model, Some(id))` for a record, `(model, None)` for a whole model.
+#[derive(Default)]
+struct Pending {
+    scopes: std::collections::HashSet<(String, Option<String>)>,
+    events: Vec<Change>,
+}
+
+impl Pending {
+    fn add(&mut self, database: &str, targets: Vec<Target>, event: Box<Change>) {
+        let event = *event;
+        for target in targets {
+            let scope = match target {
+                Target::Record { collection, id } => (model_scope(database, &collection), Some(id)),
+                Target::Collection(collection) => (model_scope(database, &collection), None),
+            };
+            self.scopes.insert(scope);
+        }
+        self.events.push(event);
+    }
+
+    /// An event that touches no scope (counted with the others).
+    fn pass(&mut self, event: Box<Change>) {
+        self.events.push(*event);
+    }
+}
+
+/// What a change event made stale.
+#[derive(Debug, PartialEq, Eq)]
+enum Effect {
+    /// These records and collections.
+    Targets(Vec<Target>),
+    /// Everything under the prefix; `ended`: the stream ends here.
+    Everything { ended: bool },
+    /// Nothing cached.
+    Nothing,
+}
+
+/// A record or a collection a change event touched.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    /// The record whose `_id` has this key form (see `id_key`).
+    Record { collection: String, id: String },
+    /// A whole collection.
+    Collection(String),
+}
+
+/// What `event` made stale: a document written, its record (or its whole
+/// collection when its id has no key form); a collection dropped or
+/// renamed, that collection (both names); the database dropped or the
+/// stream ended, everything.
+fn effect(event: &Change) -> Effect {
+    let collection = event.ns.as_ref().and_then(|ns| ns.coll.clone());
+    match event.operation_type.as_str() {
+        "insert" | "update" | "replace" | "delete" => {
+            let Some(collection) = collection else {
+                return Effect::Nothing;
+            };
+            let id = event
+                .document_key
+                .as_ref()
+                .and_then(|key| key.get("_id"))
+                .and_then(|id| id_key(id).ok());
+            Effect::Targets(vec![match id {
+                Some(id) => Target::Record { collection, id },
+                None => Target::Collection(collection),
+            }])
+        }
+        "drop" | "rename" => {
+            let renamed = event.to.as_ref().and_then(|to| to.coll.clone());
+            Effect::Targets(collection.into_iter().chain(renamed).map(Target::Collection).collect())
+        }
+        "dropDatabase" => Effect::Everything { ended: false },
+        "invalidate" => Effect::Everything { ended: true },
+        _ => Effect::Nothing,
+    }
+}
+
+/// Aborts a task when dropped: the helpers of a leadership end with it.
+struct Abort(tokio::task::JoinHandle<()>);
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The leader's resume tokens: the latest not yet recorded in Redis, and
 /// the one last recorded, with when (an idle stream's token does not
 /// change, and is not written again at every poll).
-#[derive(Default)]
 struct Tokens {
     unrecorded: Option<ResumeToken>,
     recorded: Option<(ResumeToken, Instant)>,
+    /// When tokens were last recorded (or found already recorded).
+    persisted: Instant,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Self {
+            unrecorded: None,
+            recorded: None,
+            persisted: Instant::now(),
+        }
+    }
 }
 
 /// How a leadership ended.
 enum Lead {
     /// The lease was lost, or the stream failed: follow, then try again.
     Lost,
+    /// The lease could not be renewed before it may have lapsed (Redis cut
+    /// off): follow, and lead again as soon as the lease is free.
+    Unrenewed,
+    /// MongoDB did not answer: follow, and leave the lease to the others
+    /// for [`STEP_ASIDE`].
+    Stalled,
     /// The environment is gone.
     Stopped,
     /// The server has no change streams.
     Unsupported,
-}
-
-/// The note a writer leaves for the feed once it has invalidated its own
-/// write to `collection` (one record, or the whole collection for a bulk
-/// write): the write's cluster time (see [`cluster_time`]). The feed skips
-/// events of that record (or collection) up to that time.
-pub(crate) fn done_note(database: &str, collection: &str, id: Option<&str>) -> String {
-    match id {
-        Some(id) => format!("feed:{database}:done:{collection}:{id}"),
-        None => format!("feed:{database}:done:{collection}"),
-    }
-}
-
-/// A cluster time as a string that sorts as the time does.
-pub(crate) fn cluster_time(at: mongodb::bson::Timestamp) -> String {
-    format!("{:010}{:010}", at.time, at.increment)
 }
 
 /// The name of the caught-up marker of `database`'s feed.
@@ -584,5 +904,108 @@ mod tests {
     fn tokens_round_trip_and_garbage_is_no_token() {
         assert!(decode_token(b"").is_none());
         assert!(decode_token(b"not bson").is_none());
+        let token: ResumeToken =
+            mongodb::bson::deserialize_from_bson(Bson::Document(doc! { "_data": "8263A1" })).expect("token");
+        assert_eq!(decode_token(&encode_token(&token)), Some(token));
+    }
+
+    /// A change event as the server sends it (with the fields the feed's
+    /// projection leaves).
+    fn change(event: Document) -> Change {
+        let mut event = event;
+        event.insert("_id", doc! { "_data": "8263A1" });
+        let bytes = mongodb::bson::serialize_to_vec(&event).expect("bson");
+        mongodb::bson::deserialize_from_slice(&bytes).expect("a change event")
+    }
+
+    fn record(collection: &str, id: &str) -> Target {
+        Target::Record {
+            collection: collection.to_owned(),
+            id: id.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_written_document_touches_its_record() {
+        let id = mongodb::bson::oid::ObjectId::new();
+        for op in ["insert", "update", "replace", "delete"] {
+            let event = change(doc! {
+                "operationType": op,
+                "ns": { "db": "shop", "coll": "users" },
+                "documentKey": { "_id": id },
+            });
+            assert_eq!(
+                effect(&event),
+                Effect::Targets(vec![record("users", &id.to_hex())]),
+                "{op}"
+            );
+        }
+        // Ids are keyed as the ORM keys them: a string id, an integer id.
+        let event = change(
+            doc! { "operationType": "update", "ns": { "db": "d", "coll": "c" }, "documentKey": { "_id": 42_i64 } },
+        );
+        assert_eq!(effect(&event), Effect::Targets(vec![record("c", "42")]));
+        let event = change(
+            doc! { "operationType": "delete", "ns": { "db": "d", "coll": "c" }, "documentKey": { "_id": "ab" } },
+        );
+        assert_eq!(effect(&event), Effect::Targets(vec![record("c", "ab")]));
+    }
+
+    #[test]
+    fn a_document_without_an_id_touches_its_whole_collection() {
+        let event = change(doc! { "operationType": "update", "ns": { "db": "d", "coll": "c" }, "documentKey": {} });
+        assert_eq!(effect(&event), Effect::Targets(vec![Target::Collection("c".into())]));
+    }
+
+    #[test]
+    fn collections_dropped_or_renamed_and_the_database_dropped() {
+        let event = change(doc! { "operationType": "drop", "ns": { "db": "d", "coll": "c" } });
+        assert_eq!(effect(&event), Effect::Targets(vec![Target::Collection("c".into())]));
+        let event = change(doc! {
+            "operationType": "rename",
+            "ns": { "db": "d", "coll": "old" },
+            "to": { "db": "d", "coll": "new" },
+        });
+        assert_eq!(
+            effect(&event),
+            Effect::Targets(vec![Target::Collection("old".into()), Target::Collection("new".into())])
+        );
+        let event = change(doc! { "operationType": "dropDatabase", "ns": { "db": "d" } });
+        assert_eq!(effect(&event), Effect::Everything { ended: false });
+        let event = change(doc! { "operationType": "invalidate" });
+        assert_eq!(effect(&event), Effect::Everything { ended: true });
+        let event = change(doc! { "operationType": "createIndexes", "ns": { "db": "d", "coll": "c" } });
+        assert_eq!(effect(&event), Effect::Nothing);
+        let event = change(doc! { "operationType": "insert", "documentKey": { "_id": 1 } });
+        assert_eq!(effect(&event), Effect::Nothing, "no collection named");
+    }
+
+    #[test]
+    fn a_batch_gathers_each_scope_once() {
+        let mut pending = Pending::default();
+        for id in ["1", "2", "1"] {
+            let event = change(
+                doc! { "operationType": "update", "ns": { "db": "d", "coll": "c" }, "documentKey": { "_id": id } },
+            );
+            let Effect::Targets(targets) = effect(&event) else {
+                panic!("targets");
+            };
+            pending.add("d", targets, Box::new(event));
+        }
+        assert_eq!(pending.events.len(), 3);
+        assert_eq!(pending.scopes.len(), 2);
+        assert!(pending.scopes.contains(&("d.c".to_owned(), Some("1".to_owned()))));
+    }
+
+    #[test]
+    fn a_read_in_flight_is_stalled_only_past_its_limit() {
+        let polling = Polling::default();
+        assert_eq!(polling.stalled(Duration::ZERO), None, "no read in flight");
+        polling.begin();
+        assert_eq!(polling.stalled(Duration::from_secs(60)), None);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(polling.stalled(Duration::from_millis(1)).is_some());
+        polling.end();
+        assert_eq!(polling.stalled(Duration::ZERO), None);
     }
 }

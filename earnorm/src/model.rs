@@ -29,20 +29,6 @@ macro_rules! in_session {
     }};
 }
 
-/// Runs a write (an expression that uses `$session`, an
-/// `Option<&mut ClientSession>`) in a session of its own, so that its
-/// result comes with the write's cluster time (see `write_then_invalidate`).
-macro_rules! timed {
-    ($coll:expr, $session:ident => $write:expr) => {{
-        let mut own = own_session($coll).await;
-        let result = {
-            let $session = own.as_mut();
-            $write
-        };
-        result.map(|value| (value, written_at(own.as_ref())))
-    }};
-}
-
 /// An id type a model can use.
 pub trait ModelId: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
     /// A new id for a record inserted without one (`ObjectId`: a fresh one);
@@ -232,7 +218,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
                 previous_version,
             } = Save::prepare(self)?;
             let coll = raw_collection::<Self>(env);
-            let save = async move { timed!(&coll, session => op.run::<Self>(coll, session).await) };
+            let save = async move { op.run::<Self>(coll, None).await };
             let result = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, save).await;
             settle(generated, previous_version, self, result)?;
             self.after_save();
@@ -273,7 +259,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             self.before_delete()?;
             let (filter, touched) = delete_target(self)?;
             let coll = raw_collection::<Self>(env);
-            let delete = async move { timed!(&coll, session => delete_one::<Self>(coll, filter, session).await) };
+            let delete = async move { delete_one::<Self>(coll, filter, None).await };
             let existed = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await?;
             self.after_delete();
             Ok(existed)
@@ -338,9 +324,10 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             let documents = records.iter().map(to_document).collect::<Result<Vec<_>>>()?;
             let coll = raw_collection::<Self>(env);
             let insert = async move {
-                timed!(&coll, session => in_session!(coll.insert_many(documents), session)
+                coll.insert_many(documents)
+                    .await
                     .map(|_| ())
-                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e)))
+                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
             };
             // Part of a failed batch may have been written: a failure
             // invalidates too (see `may_have_written`).
@@ -573,8 +560,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let coll = raw_collection::<Self>(env);
-            let update =
-                async move { timed!(&coll, session => update_many::<Self>(coll, filter, update, session).await) };
+            let update = async move { update_many::<Self>(coll, filter, update, None).await };
             write_then_invalidate(
                 env,
                 vec![Touched::Model(Self::COLLECTION)],
@@ -609,7 +595,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let coll = raw_collection::<Self>(env);
-            let delete = async move { timed!(&coll, session => delete_many::<Self>(coll, filter, session).await) };
+            let delete = async move { delete_many::<Self>(coll, filter, None).await };
             write_then_invalidate(
                 env,
                 vec![Touched::Model(Self::COLLECTION)],
@@ -713,17 +699,6 @@ fn record_scope<M: Model>(id: &M::Id) -> Touched {
         Ok(key) => Touched::Record(M::COLLECTION, key),
         Err(_) => Touched::Model(M::COLLECTION),
     }
-}
-
-/// A session for one write, so that its cluster time is known afterwards
-/// (`None` when the server gives none: the write then runs without).
-async fn own_session(coll: &Collection<Document>) -> Option<ClientSession> {
-    coll.client().start_session().await.ok()
-}
-
-/// The cluster time of the last write in `session`.
-fn written_at(session: Option<&ClientSession>) -> Option<mongodb::bson::Timestamp> {
-    session.and_then(ClientSession::operation_time)
 }
 
 /// The collection of `M` as untyped documents: writes send owned documents,

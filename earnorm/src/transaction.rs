@@ -6,7 +6,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use earnorm_cache::Scope;
-use mongodb::bson::Timestamp;
 use mongodb::ClientSession;
 
 use crate::model::may_have_written;
@@ -94,13 +93,7 @@ impl Transaction {
             mut session,
             touched,
         } = self;
-        let commit = async move {
-            session
-                .commit_transaction()
-                .await
-                .map(|()| ((), None))
-                .map_err(Error::Mongo)
-        };
+        let commit = async move { session.commit_transaction().await.map_err(Error::Mongo) };
         // A failed commit invalidates too (an `Error::Mongo` may have
         // written): one whose answer was lost may have been applied.
         write_then_invalidate(&env, touched, Invalidate::IfWritten, commit).await
@@ -137,11 +130,6 @@ pub(crate) enum Invalidate {
 /// connection, a timeout), the server may still apply it later: the scopes
 /// are invalidated again [`LATE_APPLY`] later (with the database feed, its
 /// event invalidates them too).
-///
-/// `write` also gives the cluster time of the write when it knows it (it ran
-/// in a session of its own): the invalidation then leaves a note for the
-/// database feed, which skips the write's change event instead of
-/// invalidating a second time.
 pub(crate) async fn write_then_invalidate<T, W>(
     env: &Environment,
     touched: Vec<Touched>,
@@ -150,7 +138,7 @@ pub(crate) async fn write_then_invalidate<T, W>(
 ) -> Result<T>
 where
     T: Send + 'static,
-    W: Future<Output = Result<(T, Option<Timestamp>)>> + Send + 'static,
+    W: Future<Output = Result<T>> + Send + 'static,
 {
     write_then_invalidate_found(env, Found::new(touched), when, write).await
 }
@@ -185,19 +173,15 @@ pub(crate) async fn write_then_invalidate_found<T, W>(
 ) -> Result<T>
 where
     T: Send + 'static,
-    W: Future<Output = Result<(T, Option<Timestamp>)>> + Send + 'static,
+    W: Future<Output = Result<T>> + Send + 'static,
 {
     let env = env.clone();
     let unit = async move {
         let result = write.await;
         let touched = found.get();
-        if let Ok((_, Some(at))) = &result {
-            tracing::debug!(at = %crate::feed::cluster_time(*at), "write invalidated with a note");
-            invalidate_noting(&env, &touched, *at).await;
-        } else if when == Invalidate::Always || result.as_ref().err().is_none_or(may_have_written) {
+        if when == Invalidate::Always || result.as_ref().err().is_none_or(may_have_written) {
             invalidate(&env, &touched).await;
         }
-        let result = result.map(|(value, _)| value);
         if result.as_ref().is_err_and(may_have_written) {
             // The write failed in a way that says nothing of whether the
             // server applied it (a lost connection, a timeout): it may still
@@ -222,30 +206,6 @@ where
         Ok(result) => result,
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
         Err(_) => Err(Error::Cancelled),
-    }
-}
-
-/// How long a writer's note for the database feed lives: a feed that lags
-/// further behind invalidates the write a second time (harmless).
-const NOTE_TTL: Duration = Duration::from_secs(60);
-
-/// [`invalidate`], leaving for the database feed a note per scope that the
-/// write at cluster time `at` is invalidated (see `feed::done_note`).
-async fn invalidate_noting(env: &Environment, touched: &[Touched], at: Timestamp) {
-    let database = env.database().name();
-    let notes: Vec<String> = touched
-        .iter()
-        .map(|t| match t {
-            Touched::Record(collection, id) => crate::feed::done_note(database, collection, Some(id)),
-            Touched::Model(collection) => crate::feed::done_note(database, collection, None),
-        })
-        .collect();
-    let names = model_names(env, touched);
-    let scopes = scopes(touched, &names);
-    if !scopes.is_empty() {
-        env.cache()
-            .invalidate_noting(&scopes, &notes, &crate::feed::cluster_time(at), NOTE_TTL)
-            .await;
     }
 }
 

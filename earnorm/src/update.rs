@@ -51,7 +51,7 @@ pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Ta
         let Some(document) = updated else {
             narrowed.set(Vec::new());
             let _ = session.abort_transaction().await;
-            return Ok((None, None));
+            return Ok(None);
         };
         let record: M = mongodb::bson::deserialize_from_document(document)?;
         if let Some(id) = record.id_key() {
@@ -62,7 +62,7 @@ pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Ta
             return Err(Error::Validation(errors));
         }
         session.commit_transaction().await.map_err(Error::Mongo)?;
-        Ok((Some(record), session.operation_time()))
+        Ok(Some(record))
     };
     let op = if target.upsert { "upsert_one" } else { "update_one" };
     tracing::Instrument::instrument(

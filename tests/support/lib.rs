@@ -36,6 +36,14 @@ pub fn mongo_uri() -> String {
     std::env::var("MONGODB_URI").unwrap_or_else(|_| "mongodb://127.0.0.1:27017".to_owned())
 }
 
+/// The port of the MongoDB of [`mongo_uri`] (its first host).
+pub fn mongo_port() -> u16 {
+    host_port(&mongo_uri(), 27017)
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(27017)
+}
+
 /// A name unique to this test run and call: use it as a key prefix or a
 /// database name so that tests running in parallel never share data.
 pub fn unique_name(tag: &str) -> String {
@@ -299,8 +307,20 @@ pub fn free_port() -> u16 {
 #[derive(Debug)]
 pub struct TcpProxy {
     port: u16,
-    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    state: std::sync::Arc<tokio::sync::watch::Sender<Path>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`TcpProxy`] does with the bytes it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Forwards them.
+    Open,
+    /// Holds every connection open and forwards nothing, as a network that
+    /// silently drops packets does: no error, no answer.
+    Stalled,
+    /// Drops the connections and refuses new ones.
+    Cut,
 }
 
 impl TcpProxy {
@@ -310,26 +330,43 @@ impl TcpProxy {
             .await
             .expect("bind the proxy");
         let port = listener.local_addr().expect("proxy address").port();
-        let cut = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
-        let state = std::sync::Arc::clone(&cut);
+        let state = std::sync::Arc::new(tokio::sync::watch::Sender::new(Path::Open));
+        let shared = std::sync::Arc::clone(&state);
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if *state.borrow() {
-                    continue; // dropped: refused
+                let mut path = shared.subscribe();
+                let now = *path.borrow_and_update();
+                match now {
+                    Path::Cut => continue, // dropped: refused
+                    Path::Stalled => {
+                        // Accepted, and never answered until cut.
+                        tokio::spawn(async move {
+                            let _held = inbound;
+                            let _ = path.wait_for(|p| *p == Path::Cut).await;
+                        });
+                        continue;
+                    }
+                    Path::Open => {}
                 }
-                let mut cut = state.subscribe();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
                         return;
                     };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|cut| *cut) => {}
+                        _ = path.wait_for(|p| *p != Path::Open) => {}
                     }
+                    // Stalled: hold both ends, silent, until cut.
+                    let _ = path.wait_for(|p| *p == Path::Cut).await;
                 });
             }
         });
-        Self { port, cut, task }
+        Self { port, state, task }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `redis://127.0.0.1:PORT/0` through the proxy.
@@ -339,12 +376,20 @@ impl TcpProxy {
 
     /// Cuts: open connections are dropped, new ones refused.
     pub fn cut(&self) {
-        self.cut.send_replace(true);
+        self.state.send_replace(Path::Cut);
     }
 
-    /// Heals the cut.
+    /// Stalls: open connections stay open but carry nothing, new ones are
+    /// accepted and never answered (until [`cut`](Self::cut)); as a network
+    /// that drops packets silently. Connections stalled stay so after a
+    /// [`heal`](Self::heal).
+    pub fn stall(&self) {
+        self.state.send_replace(Path::Stalled);
+    }
+
+    /// Heals a cut: new connections are forwarded again.
     pub fn heal(&self) {
-        self.cut.send_replace(false);
+        self.state.send_replace(Path::Open);
     }
 }
 
