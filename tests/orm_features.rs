@@ -742,3 +742,50 @@ async fn watch_gives_typed_change_events_of_the_model() {
     assert!(deleted.at.is_some());
     let _ = env.database().drop().await;
 }
+
+/// Bug: `$merge`/`$out` into `{ db: X, coll: Y }` invalidated the collection
+/// `Y` of the aggregation's own database, so cached reads of `X.Y` (another
+/// environment's, sharing the Redis prefix) stayed stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_writing_into_another_database_invalidates_that_database() {
+    let target_config = support::test_config("merge_target");
+    let target = support::connect(target_config.clone()).await;
+    let source = support::connect(earnorm::Config {
+        database: support::unique_name("merge_source"),
+        ..target_config
+    })
+    .await;
+    let count = || Note::count_in(&target, doc! {}).cached(std::time::Duration::from_secs(60));
+    assert_eq!(count().await.expect("count"), 0);
+    let mut notes = vec![
+        Note {
+            id: None,
+            text: "a".into(),
+        },
+        Note {
+            id: None,
+            text: "b".into(),
+        },
+    ];
+    Note::insert_many_in(&source, &mut notes).await.expect("insert");
+    for stage in ["$merge", "$out"] {
+        let into = doc! { "db": target.database().name(), "coll": Note::COLLECTION };
+        let spec = if stage == "$merge" {
+            doc! { "$merge": { "into": into } }
+        } else {
+            doc! { "$out": into }
+        };
+        Note::aggregate_in(&source, vec![doc! { "$match": {} }, spec])
+            .await
+            .expect("write into the other database");
+        assert_eq!(
+            count().await.expect("count"),
+            2,
+            "{stage} invalidated the target's queries"
+        );
+        Note::delete_many_in(&target, doc! {}).await.expect("empty the target");
+        assert_eq!(count().await.expect("count"), 0);
+    }
+    let _ = source.database().drop().await;
+    let _ = target.database().drop().await;
+}

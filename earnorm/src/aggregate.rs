@@ -11,6 +11,7 @@ use mongodb::bson::{Bson, Document};
 use tracing::debug;
 
 use crate::query::{ActionFuture, Projection};
+use crate::transaction::{write_then_invalidate, Invalidate, Touched};
 use crate::{Environment, Error, Model, Result};
 
 /// An aggregation over the collection of `M`: `User::aggregate(pipeline)`,
@@ -107,13 +108,14 @@ impl<M: Model, T: Projection> Aggregate<M, T> {
                 .map_err(|e| Error::from_mongo(M::COLLECTION, e))
         };
         if let Some(target) = written {
-            // A write: run it, then invalidate what it wrote to.
-            let result = read(env.clone(), self.pipeline).await;
-            let target = env.model_scope(&target);
-            env.cache()
-                .invalidate_from(&[Scope::Model(&target)], earnorm_cache::InvalidationSource::Write)
-                .await;
-            return result;
+            // A write: run it, then invalidate what it wrote to, as one
+            // unit the caller cannot split by dropping this future.
+            let scope = crate::env::model_scope(
+                target.database.as_deref().unwrap_or(env.database().name()),
+                &target.collection,
+            );
+            let write = read(env.clone(), self.pipeline);
+            return write_then_invalidate(&env, vec![Touched::Named(scope)], Invalidate::Always, write).await;
         }
         let Some(ttl) = self.cached else {
             return read(env, self.pipeline).await;
@@ -197,21 +199,46 @@ fn documents(stages: &[Bson]) -> Vec<Document> {
     stages.iter().filter_map(|s| s.as_document().cloned()).collect()
 }
 
+/// The collection a writing stage writes to: its database when the stage
+/// names one, and its name.
+#[derive(Debug, PartialEq, Eq)]
+struct Written {
+    database: Option<String>,
+    collection: String,
+}
+
+impl Written {
+    fn named(collection: &str) -> Self {
+        Self {
+            database: None,
+            collection: collection.to_owned(),
+        }
+    }
+
+    /// `{ db: .., coll: .. }`.
+    fn from_spec(spec: &Document) -> Option<Self> {
+        Some(Self {
+            database: spec.get_str("db").ok().map(str::to_owned),
+            collection: spec.get_str("coll").ok()?.to_owned(),
+        })
+    }
+}
+
 /// The collection a writing stage (`$out`, `$merge`) writes to, if any.
-fn written_collection(pipeline: &[Document]) -> Option<String> {
+fn written_collection(pipeline: &[Document]) -> Option<Written> {
     let last = pipeline.last()?;
     if let Some(out) = last.get("$out") {
         return match out {
-            Bson::String(coll) => Some(coll.clone()),
-            Bson::Document(spec) => spec.get_str("coll").ok().map(str::to_owned),
+            Bson::String(coll) => Some(Written::named(coll)),
+            Bson::Document(spec) => Written::from_spec(spec),
             _ => None,
         };
     }
     match last.get("$merge")? {
-        Bson::String(coll) => Some(coll.clone()),
+        Bson::String(coll) => Some(Written::named(coll)),
         Bson::Document(spec) => match spec.get("into") {
-            Some(Bson::String(coll)) => Some(coll.clone()),
-            Some(Bson::Document(into)) => into.get_str("coll").ok().map(str::to_owned),
+            Some(Bson::String(coll)) => Some(Written::named(coll)),
+            Some(Bson::Document(into)) => Written::from_spec(into),
             _ => None,
         },
         _ => None,
@@ -239,10 +266,26 @@ mod tests {
         read_collections(&pipeline, &mut found);
         assert_eq!(found, ["orders", "archive", "legacy", "notes", "edges"]);
         assert_eq!(written_collection(&pipeline), None);
-        assert_eq!(written_collection(&[doc! { "$out": "report" }]), Some("report".into()));
+        assert_eq!(
+            written_collection(&[doc! { "$out": "report" }]),
+            Some(Written::named("report"))
+        );
+        assert_eq!(
+            written_collection(&[doc! { "$merge": "totals" }]),
+            Some(Written::named("totals"))
+        );
+        // Into another database: that database's collection.
+        let elsewhere = Some(Written {
+            database: Some("x".into()),
+            collection: "totals".into(),
+        });
         assert_eq!(
             written_collection(&[doc! { "$merge": { "into": { "db": "x", "coll": "totals" } } }]),
-            Some("totals".into())
+            elsewhere
+        );
+        assert_eq!(
+            written_collection(&[doc! { "$out": { "db": "x", "coll": "totals" } }]),
+            elsewhere
         );
     }
 }

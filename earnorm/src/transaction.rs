@@ -18,6 +18,10 @@ pub(crate) enum Touched {
     Record(&'static str, String),
     /// A whole collection.
     Model(&'static str),
+    /// A whole collection named at run time, maybe of another database
+    /// (what `$out`/`$merge` write to): its model scope name,
+    /// `DATABASE.COLLECTION`.
+    Named(String),
 }
 
 /// A MongoDB transaction (the server must support them: a replica set or a
@@ -226,6 +230,7 @@ fn model_names(env: &Environment, touched: &[Touched]) -> Vec<String> {
         .iter()
         .map(|t| match t {
             Touched::Record(collection, _) | Touched::Model(collection) => env.model_scope(collection),
+            Touched::Named(scope) => scope.clone(),
         })
         .collect()
 }
@@ -237,7 +242,7 @@ fn scopes<'a>(touched: &'a [Touched], names: &'a [String]) -> Vec<Scope<'a>> {
         .zip(names)
         .map(|(t, model)| match t {
             Touched::Record(_, id) => Scope::Record(model, id),
-            Touched::Model(_) => Scope::Model(model),
+            Touched::Model(_) | Touched::Named(_) => Scope::Model(model),
         })
         .collect()
 }
