@@ -386,3 +386,33 @@ struct Note {
     #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
     id: Option<ObjectId>,
 }
+
+/// Bug: one `find_many_by_ids` of thousands of ids looked them all up in
+/// one command, whose answer outlived the operation timeout: nothing was
+/// ever served from the cache or stored (and the connection was taken for
+/// dead). Batches go in chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_many_by_ids_of_25_000_ids_is_served_from_the_cache() {
+    const RECORDS: usize = 25_000;
+    let env = test_env("record_cache_big").await;
+    let ids: Vec<ObjectId> = (0..RECORDS).map(|_| ObjectId::new()).collect();
+    let documents: Vec<Document> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| doc! { "_id": id, "title": format!("t{i}"), "copies": 1_i64 })
+        .collect();
+    raw(&env).insert_many(documents).await.expect("insert");
+    let first = Book::find_many_by_ids_in(&env, &ids).await.expect("first");
+    assert_eq!(first.len(), RECORDS);
+    let hits = env.cache().stats().hits;
+    let second = Book::find_many_by_ids_in(&env, &ids).await.expect("second");
+    assert_eq!(second, first);
+    assert_eq!(
+        env.cache().stats().hits - hits,
+        u64::try_from(RECORDS).unwrap_or(0),
+        "every record served from the cache: {:?}",
+        env.cache().stats()
+    );
+    assert_eq!(env.cache().status(), earnorm::ConnectionStatus::Connected);
+    let _ = env.database().drop().await;
+}

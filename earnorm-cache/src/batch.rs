@@ -76,19 +76,40 @@ fn store_many_script() -> &'static Script {
     SCRIPT.get_or_init(|| Script::new(STORE_MANY_SCRIPT))
 }
 
+/// Most keys one round trip of a batch looks up or stores: a batch of
+/// thousands goes in several commands, each answered well within the
+/// operation timeout (one command of 12,000 keys was not, which took a
+/// healthy server for a dead one).
+const CHUNK: usize = 500;
+
+/// One chunk of a batch as its lookup left it: where each key's
+/// generations are (in the chunk's list of generation keys, each once),
+/// their tokens, which of its keys missed (positions in the chunk), and
+/// whether their computations may be stored (their absent generations were
+/// created).
+struct Chunk {
+    /// The position (in the whole batch) of the chunk's first key.
+    base: usize,
+    positions: Vec<Vec<usize>>,
+    generations: Vec<Option<Vec<u8>>>,
+    missed: Vec<usize>,
+    storable: bool,
+}
+
 impl CacheManager {
     /// The cache-aside call for many keys at once, with every guarantee of
     /// [`get_or_compute`](Self::get_or_compute) but single flight and
-    /// leases: the current values of all `keys` are read in one round trip;
-    /// `compute` gets the positions (in `keys`) of those that missed and
-    /// returns their values in that order (a value it leaves out is
-    /// `T::default()`); each value for which `ttl_of` gives a time to live
-    /// is stored under the compare-and-set, all in one more round trip.
-    /// Returns one value per key, in the order of `keys`.
+    /// leases: the current values of all `keys` are read in one round trip
+    /// per 500 keys; `compute` gets the positions (in `keys`) of those that
+    /// missed and returns their values in that order (a value it leaves out
+    /// is `T::default()`); each value for which `ttl_of` gives a time to
+    /// live is stored under the compare-and-set, in one more round trip per
+    /// 500 keys. Returns one value per key, in the order of `keys`. Each
+    /// chunk of 500 keys waits on Redis at most `operation_timeout` in all.
     ///
-    /// Never fails because of the cache (a lookup that fails computes every
-    /// key); an error of `compute` is returned as it is, and nothing is
-    /// stored.
+    /// Never fails because of the cache (a chunk whose lookup fails
+    /// computes each of its keys); an error of `compute` is returned as it
+    /// is, and nothing is stored.
     ///
     /// # Errors
     /// Those of `compute`.
@@ -104,11 +125,46 @@ impl CacheManager {
         Fut: Future<Output = Result<Vec<T>, E>>,
     {
         let conn = self.connection();
-        let everything = || (0..keys.len()).collect::<Vec<_>>();
         if !conn.is_enabled() || bypassed() || keys.is_empty() {
-            return fill(compute(everything()).await?, keys.len());
+            return fill(compute((0..keys.len()).collect()).await?, keys.len());
         }
-        let mut budget = conn.config.operation_timeout;
+        let mut values: Vec<Option<T>> = Vec::with_capacity(keys.len());
+        let mut chunks = Vec::new();
+        let mut missed = Vec::new();
+        for (n, chunk_keys) in keys.chunks(CHUNK).enumerate() {
+            let mut budget = conn.config.operation_timeout;
+            let chunk = self.look_up(chunk_keys, &mut values, &mut budget).await;
+            missed.extend(chunk.missed.iter().map(|&i| n * CHUNK + i));
+            chunks.push((chunk, budget));
+        }
+        if missed.is_empty() {
+            return Ok(values.into_iter().map(Option::unwrap_or_default).collect());
+        }
+        let mut computed = fill(compute(missed.clone()).await?, missed.len())?.into_iter();
+        for ((chunk, mut budget), chunk_keys) in chunks.into_iter().zip(keys.chunks(CHUNK)) {
+            let mine: Vec<T> = computed.by_ref().take(chunk.missed.len()).collect();
+            if chunk.storable {
+                self.store_many(chunk_keys, &chunk, &mine, &ttl_of, &mut budget).await;
+            }
+            for (&i, value) in chunk.missed.iter().zip(mine) {
+                let at = chunk.base + i;
+                values[at] = Some(value);
+            }
+        }
+        Ok(values.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// Looks `keys` up in one round trip, pushing onto `values` the hits
+    /// (and `None` for each miss); then creates the absent generations
+    /// their misses depend on.
+    async fn look_up<T: DeserializeOwned>(
+        &self,
+        keys: &[CacheKey],
+        values: &mut Vec<Option<T>>,
+        budget: &mut Duration,
+    ) -> Chunk {
+        let conn = self.connection();
+        let base = values.len();
         // The generation keys, each once, and where each key's are.
         let mut names: Vec<&str> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
@@ -132,7 +188,7 @@ impl CacheManager {
         }
         cmd.arg(&names);
         let read = conn
-            .call_within(&mut budget, |mut c| async move {
+            .call_within(budget, |mut c| async move {
                 cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
             })
             .await;
@@ -142,11 +198,17 @@ impl CacheManager {
                 for key in keys {
                     conn.counters.count(key.named.get(), Event::Fallback);
                 }
-                return fill(compute(everything()).await?, keys.len());
+                values.extend(keys.iter().map(|_| None));
+                return Chunk {
+                    base,
+                    positions,
+                    generations: Vec::new(),
+                    missed: (0..keys.len()).collect(),
+                    storable: false,
+                };
             }
         };
         let mut generations: Vec<Option<Vec<u8>>> = replies.split_off(keys.len());
-        let mut values: Vec<Option<T>> = Vec::with_capacity(keys.len());
         let mut missed = Vec::new();
         for (i, (key, stored)) in keys.iter().zip(replies).enumerate() {
             let seen: Vec<Option<Vec<u8>>> = positions[i].iter().map(|&g| generations[g].clone()).collect();
@@ -165,23 +227,19 @@ impl CacheManager {
             }
             values.push(hit);
         }
-        if missed.is_empty() {
-            return Ok(values.into_iter().map(Option::unwrap_or_default).collect());
-        }
         // As for one key: no computation starts under an absent generation.
-        let prepared = self
-            .create_absent(&names, &positions, &missed, &mut generations, &mut budget)
-            .await
-            .is_ok();
-        let computed = fill(compute(missed.clone()).await?, missed.len())?;
-        if prepared {
-            self.store_many(keys, &positions, &generations, &missed, &computed, &ttl_of, &mut budget)
-                .await;
+        let storable = missed.is_empty()
+            || self
+                .create_absent(&names, &positions, &missed, &mut generations, budget)
+                .await
+                .is_ok();
+        Chunk {
+            base,
+            positions,
+            generations,
+            missed,
+            storable,
         }
-        for (i, value) in missed.into_iter().zip(computed) {
-            values[i] = Some(value);
-        }
-        Ok(values.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     /// Creates the absent generations the missed keys depend on (`SET NX
@@ -227,19 +285,22 @@ impl CacheManager {
         Ok(())
     }
 
-    /// Stores the computed values under the compare-and-set, all in one
-    /// script call.
-    #[allow(clippy::too_many_arguments)]
+    /// Stores the computed values of a chunk's misses under the
+    /// compare-and-set, all in one script call.
     async fn store_many<T: Serialize>(
         &self,
         keys: &[CacheKey],
-        positions: &[Vec<usize>],
-        generations: &[Option<Vec<u8>>],
-        missed: &[usize],
+        chunk: &Chunk,
         computed: &[T],
         ttl_of: &impl Fn(&T) -> Option<Duration>,
         budget: &mut Duration,
     ) {
+        let Chunk {
+            positions,
+            generations,
+            missed,
+            ..
+        } = chunk;
         let generation_ttl = generation_ttl(self.config());
         let mut invocation = store_many_script().prepare_invoke();
         let mut stored_keys = Vec::new();
