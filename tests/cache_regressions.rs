@@ -468,3 +468,60 @@ async fn a_redis_that_refuses_stores_is_reported() {
     );
     assert!(cache.stats().store_errors >= 1, "{:?}", cache.stats());
 }
+
+/// Bug: the set of managers' heartbeats is an ordinary key; evicted (an
+/// `allkeys-lru` Redis under memory pressure) or deleted, it forgot a
+/// manager cut off from Redis, and the others served hits again at once
+/// while that manager's invalidations were still queued. A manager that
+/// finds the set gone after having beaten into it now takes every manager
+/// for missing until it would have forgotten one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_heartbeat_set_does_not_hide_a_manager_cut_off() {
+    let redis = RedisServer::start();
+    let proxy = support::TcpProxy::start(redis.port()).await;
+    let reader = manager(&redis, config()).await;
+    let prefix = reader.config().prefix.clone();
+    let cut_off = CacheManager::connect(
+        Some(&proxy.url()),
+        CacheConfig {
+            prefix: prefix.clone(),
+            ..config()
+        },
+    )
+    .await
+    .expect("connect");
+    assert!(
+        reader
+            .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        cut_off
+            .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(5))
+            .await
+    );
+
+    proxy.cut();
+    assert!(
+        reader
+            .wait_for_status(ConnectionStatus::Recovering, Duration::from_secs(5))
+            .await,
+        "the reader sees the other manager missing"
+    );
+    redis.cli(&["DEL", &format!("{prefix}meta:members")]);
+    // Several heartbeats later, well within the time to forget a manager.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        reader.status(),
+        ConnectionStatus::Recovering,
+        "the manager cut off is still taken for missing"
+    );
+    // Forgotten in the end: hits come back.
+    assert!(
+        reader
+            .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(10))
+            .await,
+        "serving again once the lost set's managers are forgotten"
+    );
+    drop(cut_off);
+}

@@ -81,6 +81,11 @@ use crate::{CacheConfig, CacheError};
 /// long the set outlives the last beat (ms); ARGV[4]: the latest server time
 /// at which this beat still counts (0: any), so that a beat held up in a
 /// frozen server and run after the thaw does not pass for a live manager.
+/// ARGV[5]: '1' when this manager has beaten into the set before; ARGV[6]:
+/// this manager's time to forget a member (ms). A set gone although this
+/// manager beat into it was lost (evicted, deleted) with whoever it held:
+/// a member `ARGV[6]:lost`, silent from the start, then stands for them
+/// and counts as missing until it is forgotten.
 /// KEYS[2], when given: a database feed's caught-up marker, returned as is.
 /// Returns `{missing, now, marker}` (`missing` is -1 for a beat that came
 /// too late; `marker` is -1 when absent).
@@ -96,6 +101,9 @@ if #KEYS > 1 then
 end
 if deadline > 0 and now > deadline then
   return {-1, now, marker}
+end
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZADD', KEYS[1], now - tonumber(ARGV[2]) - 1, ARGV[6] .. ':lost')
 end
 local silent = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'WITHSCORES')
 local missing = 0
@@ -149,6 +157,8 @@ pub(crate) struct Connection {
     /// This manager's name among the members of its prefix.
     member: String,
     heartbeat: Script,
+    /// Whether a heartbeat of this manager has reached the members set.
+    beaten: AtomicBool,
     /// Whether lookups may return values.
     serving: AtomicBool,
     /// When a connection was last published after an outage (for the
@@ -218,6 +228,7 @@ impl Connection {
             next_id: AtomicU64::new(1),
             member: String::new(),
             heartbeat: Script::new(HEARTBEAT_SCRIPT),
+            beaten: AtomicBool::new(false),
             serving: AtomicBool::new(false),
             reconnected_at: Mutex::new(None),
             server_clock: Mutex::new(None),
@@ -521,13 +532,20 @@ impl Connection {
             .arg(&self.member)
             .arg(millis(missing_after))
             .arg(millis(outlives))
-            .arg(deadline);
+            .arg(deadline)
+            .arg(if self.beaten.load(Ordering::Acquire) { "1" } else { "0" })
+            .arg(millis(self.forget_after()));
         let Ok(beat_on) = self.live().map(|live| live.id) else {
             return;
         };
         let answer = self
             .call(|mut conn| async move { invocation.invoke_async::<(i64, i64, i64)>(&mut conn).await })
             .await;
+        if let Ok((missing, _, _)) = &answer {
+            if *missing >= 0 {
+                self.beaten.store(true, Ordering::Release);
+            }
+        }
         if let Ok((_, server_ms, _)) = &answer {
             *self.server_clock.lock().unwrap_or_else(PoisonError::into_inner) = Some(ServerClock {
                 sent,
