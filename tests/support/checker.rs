@@ -96,6 +96,19 @@ pub struct CheckerConfig {
     /// Concurrent writer tasks using the raw driver (writes EarnORM does not
     /// see: only the database feed can invalidate them).
     pub outside_writers: usize,
+    /// Concurrent tasks writing records in MongoDB transactions with the
+    /// raw driver (a session of their own, or `Transaction::session()`),
+    /// with 1-25 ms of work between the statement and the commit, during
+    /// which an EarnORM bulk write to the same collection often runs: the
+    /// write becomes visible only at the commit.
+    pub outside_transactions: usize,
+    /// Records written only by an outside bulk writer: one raw
+    /// `update_many` of all of them every 0.5-1.5 s (0: none).
+    pub bulk_records: usize,
+    /// Another environment that only runs the feed, reaching MongoDB
+    /// through a proxy, leads first and is cut off from MongoDB (its
+    /// connections stall) at 30% of the run: the others take over.
+    pub stalled_leader: bool,
     /// Inject faults on the private Redis.
     pub faults: bool,
     /// Read through a naive cache-aside instead of `#[cached]`.
@@ -121,6 +134,9 @@ impl Default for CheckerConfig {
             readers: 8,
             writers: 2,
             outside_writers: 1,
+            outside_transactions: 1,
+            bulk_records: 0,
+            stalled_leader: false,
             faults: true,
             naive: false,
             seed: 0x5EED,
@@ -324,8 +340,11 @@ tokio::task_local! {
 /// Shared state of the workload.
 struct Shared {
     ids: Vec<ObjectId>,
-    /// Slots the checker's own writers write (the rest are the crash writer's).
+    /// Slots the checker's own writers write (the rest are the crash
+    /// writer's and the bulk writer's).
     writable: usize,
+    /// The bulk writer's slots.
+    bulk: std::ops::Range<usize>,
     locks: Vec<tokio::sync::Mutex<bool>>, // true: the record exists
     seq: AtomicU64,
     writes: Mutex<Vec<Vec<Write>>>,
@@ -425,7 +444,8 @@ pub async fn run(config: &CheckerConfig) -> Report {
     } else {
         0
     };
-    let ids: Vec<ObjectId> = (0..config.records + child_records).map(|_| ObjectId::new()).collect();
+    let bulk_start = config.records + child_records;
+    let ids: Vec<ObjectId> = (0..bulk_start + config.bulk_records).map(|_| ObjectId::new()).collect();
     // With the feed and faults, a separate process leads the feed first and
     // writes records of its own, until it is killed during the run: another
     // environment takes over from its token, and its last writes are
@@ -446,6 +466,24 @@ pub async fn run(config: &CheckerConfig) -> Report {
         redis_uri: Some(proxy.url()),
         ..env_config.clone()
     };
+    // The feed's leader to be cut off from MongoDB: connected first, and
+    // given time to lead, before the others.
+    let mongo_proxy = crate::TcpProxy::start(crate::mongo_port()).await;
+    let stalled = if config.stalled_leader && config.feed {
+        let env = connect(earnorm::Config {
+            mongo_uri: format!("mongodb://127.0.0.1:{}/?directConnection=true", mongo_proxy.port()),
+            ..env_config.clone()
+        })
+        .await;
+        let start = Instant::now();
+        while !env.feed_stats().leader && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(env.feed_stats().leader, "the environment to cut off leads");
+        Some(env)
+    } else {
+        None
+    };
     let envs = [connect(env_config).await, connect(proxied).await];
 
     // Seed the records.
@@ -454,6 +492,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
         seq: AtomicU64::new(0),
         writes: Mutex::new(vec![Vec::new(); ids.len()]),
         writable: config.records,
+        bulk: bulk_start..bulk_start + config.bulk_records,
         ids,
         reads: Mutex::new(Vec::new()),
         latencies: Mutex::new(Vec::new()),
@@ -462,7 +501,8 @@ pub async fn run(config: &CheckerConfig) -> Report {
         begin: Instant::now(),
         killed: Mutex::new(None),
     });
-    for slot in 0..shared.ids.len() {
+    seed_bulk(&shared, &envs[0]).await;
+    for slot in 0..shared.bulk.start {
         let seq = shared.next_seq();
         let started = Instant::now();
         let mut item = shared.item(slot, seq);
@@ -486,7 +526,21 @@ pub async fn run(config: &CheckerConfig) -> Report {
         let (shared, env) = (Arc::clone(&shared), envs[0].clone());
         let mut rng = Rng(config.seed ^ (0x3000 + o as u64));
         tasks.push(tokio::spawn(ENV_INDEX.scope(2, async move {
-            outside_writer(&shared, &env, &mut rng).await;
+            outside_writer(&shared, &env, &mut rng, false).await;
+        })));
+    }
+    for t in 0..config.outside_transactions {
+        let (shared, env) = (Arc::clone(&shared), envs[0].clone());
+        let mut rng = Rng(config.seed ^ (0x4000 + t as u64));
+        tasks.push(tokio::spawn(ENV_INDEX.scope(2, async move {
+            outside_writer(&shared, &env, &mut rng, true).await;
+        })));
+    }
+    if !shared.bulk.is_empty() {
+        let (shared, env) = (Arc::clone(&shared), envs[0].clone());
+        let mut rng = Rng(config.seed ^ 0x5000);
+        tasks.push(tokio::spawn(ENV_INDEX.scope(2, async move {
+            outside_bulk_writer(&shared, &env, &mut rng).await;
         })));
     }
     for r in 0..config.readers {
@@ -502,6 +556,14 @@ pub async fn run(config: &CheckerConfig) -> Report {
     let mut faults = Vec::new();
     let mut recoveries = Vec::new();
     let mut reconnects = Vec::new();
+    if let Some(leader) = &stalled {
+        tokio::time::sleep_until((begin + config.duration * 3 / 10).into()).await;
+        mongo_proxy.stall();
+        faults.push(format!(
+            "the feed's leader cut off from MongoDB (leading: {})",
+            leader.feed_stats().leader
+        ));
+    }
     if config.faults {
         let step = config.duration / 10;
         let at = |n: u32| begin + step * n;
@@ -565,6 +627,14 @@ pub async fn run(config: &CheckerConfig) -> Report {
         let _ = task.await;
     }
     let seconds = begin.elapsed().as_secs_f64();
+    if let Some(leader) = stalled {
+        faults.push(format!(
+            "the cut-off leader stepped down: {} (step-downs: {})",
+            !leader.feed_stats().leader,
+            leader.feed_stats().step_downs
+        ));
+        mongo_proxy.cut();
+    }
 
     let mut report = check(&shared);
     report.naive = config.naive;
@@ -712,21 +782,38 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
     }
 }
 
-/// Updates records with the raw driver, as another service would.
-async fn outside_writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
+/// Updates records with the raw driver, as another service would: one
+/// `update_one` each, or (`in_transactions`) in MongoDB transactions, in a
+/// session of its own or through `Transaction::session()` in turn, with
+/// 1-25 ms of work between the statement and the commit; in one of four,
+/// an EarnORM bulk write to the same collection runs meanwhile (inserting
+/// or deleting a record no reader reads, or updating nothing), which
+/// invalidates the whole model before the transaction's write is visible.
+async fn outside_writer(shared: &Shared, env: &Environment, rng: &mut Rng, in_transactions: bool) {
     let raw = env.database().collection::<earnorm::bson::Document>(Item::COLLECTION);
+    let mut round = 0_usize;
     while !shared.stop.load(Ordering::SeqCst) {
+        round += 1;
         let slot = rng.below(shared.writable);
         let exists = shared.locks[slot].lock().await;
         if *exists {
             let seq = shared.next_seq();
             let started = Instant::now();
             let filter = doc! { "_id": shared.ids[slot] };
-            match raw.update_one(filter, doc! { "$set": { "version": seq } }).await {
-                Ok(result) if result.matched_count == 1 => {
-                    shared.record(slot, seq, State::Present(seq), started, Instant::now(), true);
-                }
-                Ok(_) => {}
+            let update = doc! { "$set": { "version": seq } };
+            let written = if in_transactions {
+                let work = Duration::from_millis(1 + rng.below(25) as u64);
+                let through_orm = round.is_multiple_of(2);
+                update_in_transaction(env, &raw, (filter, update), through_orm, rng.below(12), work).await
+            } else {
+                raw.update_one(filter, update)
+                    .await
+                    .map(|result| result.matched_count == 1)
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(true) => shared.record(slot, seq, State::Present(seq), started, Instant::now(), true),
+                Ok(false) => {}
                 Err(_) => {
                     shared.failed.fetch_add(1, Ordering::SeqCst);
                 }
@@ -735,6 +822,120 @@ async fn outside_writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
         drop(exists);
         tokio::time::sleep(Duration::from_millis(5 + rng.below(10) as u64)).await;
     }
+}
+
+/// One raw `update_one` in a transaction (through `Transaction::session()`
+/// when `through_orm`), with `work` (and the bulk write `kind` of
+/// [`unrelated_bulk_write`]) before the commit; whether it matched.
+async fn update_in_transaction(
+    env: &Environment,
+    raw: &earnorm::mongodb::Collection<earnorm::bson::Document>,
+    (filter, update): (earnorm::bson::Document, earnorm::bson::Document),
+    through_orm: bool,
+    kind: usize,
+    work: Duration,
+) -> Result<bool, String> {
+    let text = |e: &dyn std::fmt::Display| e.to_string();
+    if through_orm {
+        let mut tx = env.start_transaction().await.map_err(|e| text(&e))?;
+        let matched = raw
+            .update_one(filter, update)
+            .session(tx.session())
+            .await
+            .map_err(|e| text(&e))?
+            .matched_count;
+        unrelated_bulk_write(env, kind, work).await;
+        tx.commit().await.map_err(|e| text(&e))?;
+        Ok(matched == 1)
+    } else {
+        let mut session = env.client().start_session().await.map_err(|e| text(&e))?;
+        session.start_transaction().await.map_err(|e| text(&e))?;
+        let matched = raw
+            .update_one(filter, update)
+            .session(&mut session)
+            .await
+            .map_err(|e| text(&e))?
+            .matched_count;
+        unrelated_bulk_write(env, kind, work).await;
+        session.commit_transaction().await.map_err(|e| text(&e))?;
+        Ok(matched == 1)
+    }
+}
+
+/// Seeds the bulk writer's records in one raw insert.
+async fn seed_bulk(shared: &Shared, env: &Environment) {
+    if shared.bulk.is_empty() {
+        return;
+    }
+    let seq = shared.next_seq();
+    let documents: Vec<earnorm::bson::Document> = shared
+        .bulk
+        .clone()
+        .map(|slot| doc! { "_id": shared.ids[slot], "slot": slot as i64, "version": seq })
+        .collect();
+    let started = Instant::now();
+    env.database()
+        .collection::<earnorm::bson::Document>(Item::COLLECTION)
+        .insert_many(documents)
+        .await
+        .expect("seed the bulk records");
+    let acked = Instant::now();
+    for slot in shared.bulk.clone() {
+        shared.record_write(slot, seq, State::Present(seq), started, acked);
+    }
+}
+
+/// Updates all the bulk records with one raw `update_many`, every 0.5-1.5 s.
+async fn outside_bulk_writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
+    let raw = env.database().collection::<earnorm::bson::Document>(Item::COLLECTION);
+    let from = shared.bulk.start as i64;
+    while !shared.stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(1000) as u64)).await;
+        let seq = shared.next_seq();
+        let started = Instant::now();
+        match raw
+            .update_many(doc! { "slot": { "$gte": from } }, doc! { "$set": { "version": seq } })
+            .await
+        {
+            Ok(_) => {
+                let acked = Instant::now();
+                for slot in shared.bulk.clone() {
+                    shared.record(slot, seq, State::Present(seq), started, acked, true);
+                }
+            }
+            Err(_) => {
+                shared.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// `work` of waiting, with an EarnORM bulk write to the checker's
+/// collection that touches no record a reader reads (`kind` 0: an insert,
+/// 1: a delete, 2: an update that matches nothing) in its middle; no
+/// write at all for other kinds.
+async fn unrelated_bulk_write(env: &Environment, kind: usize, work: Duration) {
+    tokio::time::sleep(work / 2).await;
+    // Failures of these are not the checker's business: they write nothing
+    // a reader reads.
+    match kind {
+        0 => {
+            let mut junk = [Item {
+                id: None,
+                slot: -1,
+                version: 0,
+            }];
+            let _ = Item::insert_many_in(env, &mut junk).await;
+        }
+        1 => {
+            let _ = Item::delete_many_in(env, doc! { "slot": -1 }).await;
+        }
+        2 => {
+            let _ = Item::update_many_in(env, doc! { "slot": -2 }, doc! { "$set": { "version": 0 } }).await;
+        }
+        _ => {}
+    }
+    tokio::time::sleep(work / 2).await;
 }
 
 /// A bulk update under a random short timeout, so that its caller often
@@ -790,7 +991,12 @@ async fn reader(shared: &Shared, env: &Environment, rng: &mut Rng, naive: bool) 
     // Each reader keeps its own copies of the records, which go out of date.
     let copies: Vec<Item> = (0..n).map(|slot| shared.item(slot, 0)).collect();
     while !shared.stop.load(Ordering::SeqCst) {
-        let slot = rng.below(n);
+        // Half the reads on the bulk writer's records, when there are any.
+        let slot = if !shared.bulk.is_empty() && rng.below(2) == 0 {
+            shared.bulk.start + rng.below(shared.bulk.len())
+        } else {
+            rng.below(shared.bulk.start)
+        };
         let jitter = Jitter(rng.next());
         // A record method, a model method, the record cache (`find_by_id`)
         // or the query cache (`find_one(..).cached(..)`).
