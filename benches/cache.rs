@@ -154,6 +154,12 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, per_round) = if quick { (5, 200) } else { (41, 1000) };
     let redis = RedisServer::start();
+    if std::env::args().any(|a| a == "--feed") {
+        // The database feed's group alone (group 7), printed, not written.
+        println!("| benchmark | median | notes |\n|---|---|---|");
+        run_feed_groups(redis.url(), rounds, per_round, quick);
+        return;
+    }
     let mut config = test_config("bench");
     config.redis_uri = Some(redis.url());
     config.cache_config = earnorm::CacheConfig {
@@ -473,20 +479,8 @@ async fn main() {
     record_cache_group(&env, id, rounds, per_round).await;
     distributions(&env, &user, id, if quick { 300 } else { 3000 }).await;
 
-    // 7. The database feed: lag under sustained writes, and its cost on
-    // writes, on a multi-threaded runtime (two workers, as a server runs):
-    // the leader works beside the writer, as it would in a real process.
-    let url = redis.url();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(feed_group(&url, rounds, per_round, quick));
-    })
-    .join()
-    .expect("feed benchmarks");
+    // 7. The database feed.
+    run_feed_groups(redis.url(), rounds, per_round, quick);
 
     let stats = cache.stats();
     println!(
@@ -504,6 +498,25 @@ async fn main() {
     }
     let _ = env.database().drop().await;
     let _ = <ObjectId as ModelId>::generate();
+}
+
+/// Group 7, the database feed, on a multi-threaded runtime (two workers,
+/// as a server runs): the leader works beside the writers, as it would in a
+/// real process.
+fn run_feed_groups(url: String, rounds: usize, per_round: usize, quick: bool) {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                feed_group(&url, rounds, per_round, quick).await;
+                feed_takeover(&url, quick).await;
+            });
+    })
+    .join()
+    .expect("feed benchmarks");
 }
 
 /// The latency of single reads, one call at a time, interleaved: a
@@ -746,55 +759,12 @@ async fn feed_group(redis_url: &str, rounds: usize, per_round: usize, quick: boo
     let mut probe = User { id: None, n: 0 };
     probe.save_in(&fed).await.expect("save");
     let id = probe.id.expect("id");
-    let generation = format!(
-        "{}g:r:{}:{}",
-        fed.cache().config().prefix,
-        fed.model_scope(User::COLLECTION),
-        id.to_hex()
-    );
-    let raw_coll = fed.database().collection::<earnorm::bson::Document>(User::COLLECTION);
     let client = redis::Client::open(redis_url).expect("redis url");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
     let samples = if quick { 50 } else { 500 };
-    let mut lags = Vec::with_capacity(samples);
-    for i in 0..samples {
-        let _: () = redis::cmd("SET")
-            .arg(&generation)
-            .arg("x")
-            .query_async(&mut conn)
-            .await
-            .expect("set");
-        raw_coll
-            .update_one(
-                earnorm::bson::doc! { "_id": id },
-                earnorm::bson::doc! { "$set": { "n": i as i64 + 1 } },
-            )
-            .await
-            .expect("update");
-        let acked = Instant::now();
-        loop {
-            let exists: bool = redis::cmd("EXISTS")
-                .arg(&generation)
-                .query_async(&mut conn)
-                .await
-                .expect("exists");
-            if !exists || acked.elapsed() > Duration::from_secs(5) {
-                break;
-            }
-        }
-        lags.push(acked.elapsed());
-    }
+    let lags = probe_lags(&fed, &mut conn, id, samples).await;
     load.abort();
-    lags.sort_unstable();
-    let pct = |p: f64| {
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss
-        )]
-        let i = ((lags.len() - 1) as f64 * p).round() as usize;
-        lags[i]
-    };
+    let pct = |p: f64| percentile(&lags, p);
     row(
         "7a. feed lag, p50 (sustained EarnORM saves meanwhile)",
         &us(pct(0.5)),
@@ -805,6 +775,8 @@ async fn feed_group(redis_url: &str, rounds: usize, per_round: usize, quick: boo
         &us(pct(0.99)),
         &format!("max {} (bar: p99 <= 50 ms)", us(lags[lags.len() - 1])),
     );
+    feed_rates(&fed, &mut conn, id, quick).await;
+    feed_bulk(&fed, &mut conn, quick).await;
 
     let saves = {
         let e = fed.clone();
@@ -836,6 +808,264 @@ async fn feed_group(redis_url: &str, rounds: usize, per_round: usize, quick: boo
     );
     let _ = fed.database().drop().await;
     let _ = plain.database().drop().await;
+}
+
+/// The generation key of the record `id` of `User` in `env`: what the feed
+/// deletes for a write to it.
+fn generation_key(env: &Environment, id: ObjectId) -> String {
+    format!(
+        "{}g:r:{}:{}",
+        env.cache().config().prefix,
+        env.model_scope(User::COLLECTION),
+        id.to_hex()
+    )
+}
+
+/// The value at `p` (0..=1) of sorted `samples`.
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((samples.len().max(1) - 1) as f64 * p).round() as usize;
+    samples.get(i).copied().unwrap_or_default()
+}
+
+/// `samples` feed lags, sorted: each sets the generation of record `id`,
+/// updates the record with the raw driver, and times the acknowledgement
+/// to the generation's deletion by the feed.
+async fn probe_lags(
+    env: &Environment,
+    conn: &mut redis::aio::MultiplexedConnection,
+    id: ObjectId,
+    samples: usize,
+) -> Vec<Duration> {
+    let generation = generation_key(env, id);
+    let raw_coll = env.database().collection::<earnorm::bson::Document>(User::COLLECTION);
+    let mut lags = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let _: () = redis::cmd("SET")
+            .arg(&generation)
+            .arg("x")
+            .query_async(conn)
+            .await
+            .expect("set");
+        raw_coll
+            .update_one(
+                earnorm::bson::doc! { "_id": id },
+                earnorm::bson::doc! { "$set": { "n": i as i64 + 1 } },
+            )
+            .await
+            .expect("update");
+        let acked = Instant::now();
+        loop {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&generation)
+                .query_async(conn)
+                .await
+                .expect("exists");
+            if !exists || acked.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+        }
+        lags.push(acked.elapsed());
+    }
+    lags.sort_unstable();
+    lags
+}
+
+/// 7e: the feed's lag while outside writes (raw-driver updates of a
+/// thousand other records, from 16 tasks) run at a steady rate: is it flat
+/// as the rate grows?
+async fn feed_rates(env: &Environment, conn: &mut redis::aio::MultiplexedConnection, probe: ObjectId, quick: bool) {
+    let raw_coll = env.database().collection::<earnorm::bson::Document>(User::COLLECTION);
+    let others: Vec<earnorm::bson::Document> = (0..1000).map(|n| earnorm::bson::doc! { "n": n }).collect();
+    let inserted = raw_coll.insert_many(others).await.expect("insert");
+    let ids: Arc<Vec<earnorm::bson::Bson>> = Arc::new(inserted.inserted_ids.into_values().collect());
+    for rate in [500_u64, 2_000, 5_000] {
+        const TASKS: u64 = 16;
+        let written = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut load = Vec::new();
+        for t in 0..TASKS {
+            let (coll, ids, written, stop) = (
+                raw_coll.clone(),
+                Arc::clone(&ids),
+                Arc::clone(&written),
+                Arc::clone(&stop),
+            );
+            load.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 * TASKS / rate));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut k = t as usize;
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    k = (k + 7) % ids.len();
+                    let _ = coll
+                        .update_one(
+                            earnorm::bson::doc! { "_id": ids[k].clone() },
+                            earnorm::bson::doc! { "$inc": { "n": 1 } },
+                        )
+                        .await;
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (before, start) = (written.load(Ordering::Relaxed), Instant::now());
+        let lags = probe_lags(env, conn, probe, if quick { 50 } else { 300 }).await;
+        #[allow(clippy::cast_precision_loss)]
+        let achieved = (written.load(Ordering::Relaxed) - before) as f64 / start.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for task in load {
+            let _ = task.await;
+        }
+        row(
+            &format!("7e. feed lag at {rate} outside writes/s, p50 / p99 / max"),
+            &format!(
+                "{} / {} / {}",
+                us(percentile(&lags, 0.5)),
+                us(percentile(&lags, 0.99)),
+                us(lags[lags.len() - 1])
+            ),
+            &format!(
+                "{achieved:.0} writes/s achieved (16 tasks, raw driver); {} probes (bar: p99 <= 50 ms)",
+                lags.len()
+            ),
+        );
+    }
+}
+
+/// 7f: one outside `update_many` of 10,000 cached records: from its
+/// acknowledgement to the deletion of the last of their generations.
+async fn feed_bulk(env: &Environment, conn: &mut redis::aio::MultiplexedConnection, quick: bool) {
+    let records = if quick { 2_000 } else { 10_000 };
+    let raw_coll = env.database().collection::<earnorm::bson::Document>("bulk_users");
+    let documents: Vec<earnorm::bson::Document> = (0..records).map(|n| earnorm::bson::doc! { "n": n }).collect();
+    let inserted = raw_coll.insert_many(documents).await.expect("insert");
+    let generations: Vec<String> = inserted
+        .inserted_ids
+        .values()
+        .filter_map(earnorm::bson::Bson::as_object_id)
+        .map(|id| {
+            format!(
+                "{}g:r:{}:{}",
+                env.cache().config().prefix,
+                env.model_scope("bulk_users"),
+                id.to_hex()
+            )
+        })
+        .collect();
+    // Let the inserts' events pass, then mark every record cached.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for chunk in generations.chunks(1000) {
+        let mut set = redis::cmd("MSET");
+        for key in chunk {
+            set.arg(key).arg("x");
+        }
+        let _: () = set.query_async(conn).await.expect("mset");
+    }
+    let before = env.feed_stats();
+    raw_coll
+        .update_many(earnorm::bson::doc! {}, earnorm::bson::doc! { "$inc": { "n": 1 } })
+        .await
+        .expect("update_many");
+    let acked = Instant::now();
+    loop {
+        let mut left = 0_u64;
+        for chunk in generations.chunks(1000) {
+            let n: u64 = redis::cmd("EXISTS").arg(chunk).query_async(conn).await.expect("exists");
+            left += n;
+        }
+        if left == 0 || acked.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = acked.elapsed();
+    let stats = env.feed_stats();
+    row(
+        &format!("7f. one outside `update_many` of {records} cached records, fully invalidated"),
+        &us(took),
+        &format!(
+            "{} events in {} round trips to Redis (bar: within 1 s)",
+            stats.events - before.events,
+            stats.batches - before.batches
+        ),
+    );
+}
+
+/// 7g: takeover after the feed's leader is cut off from MongoDB (its
+/// connection stalls): from the stall to the invalidation of an outside
+/// write made at once, by the environment that takes over.
+async fn feed_takeover(redis_url: &str, quick: bool) {
+    let samples = if quick { 1 } else { 5 };
+    let mut took = Vec::new();
+    for _ in 0..samples {
+        let proxy = support::TcpProxy::start(support::mongo_port()).await;
+        let mut config = test_config("bench_takeover");
+        config.redis_uri = Some(redis_url.to_owned());
+        config.cache_config = fast_cache_config(&config.database);
+        config.feed = true;
+        let leader = connect(earnorm::Config {
+            mongo_uri: format!("mongodb://127.0.0.1:{}/?directConnection=true", proxy.port()),
+            ..config.clone()
+        })
+        .await;
+        let start = Instant::now();
+        while !leader.feed_stats().leader && start.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let survivor = connect(config).await;
+        let mut user = User { id: None, n: 0 };
+        user.save_in(&survivor).await.expect("save");
+        let id = user.id.expect("id");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let client = redis::Client::open(redis_url).expect("redis url");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+        let generation = generation_key(&survivor, id);
+        let _: () = redis::cmd("SET")
+            .arg(&generation)
+            .arg("x")
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+        proxy.stall();
+        let stalled = Instant::now();
+        survivor
+            .database()
+            .collection::<earnorm::bson::Document>(User::COLLECTION)
+            .update_one(
+                earnorm::bson::doc! { "_id": id },
+                earnorm::bson::doc! { "$set": { "n": 1 } },
+            )
+            .await
+            .expect("update");
+        loop {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&generation)
+                .query_async(&mut conn)
+                .await
+                .expect("exists");
+            if !exists || stalled.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        took.push(stalled.elapsed());
+        proxy.cut();
+        let _ = survivor.database().drop().await;
+    }
+    took.sort_unstable();
+    row(
+        "7g. takeover: leader cut off from MongoDB, to the gap's write invalidated",
+        &us(percentile(&took, 0.5)),
+        &format!(
+            "median of {samples}, max {} (bar: within 1 s; a killed leader is replaced once its 0.6 s lease lapses)",
+            us(took[took.len() - 1])
+        ),
+    );
 }
 
 /// Calls per second of `tasks` tasks hitting `#[cached]` for `length`.

@@ -55,6 +55,16 @@ pub enum Error {
     /// written. Build it with [`Error::refused`].
     #[error("refused by a hook: {0}")]
     Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An update document EarnORM does not send: an operator whose value is
+    /// not a document (`{"$inc": 5}`), or one that touches the version field
+    /// of a versioned model (the ORM moves it). Nothing was written.
+    #[error("`{model}`: invalid update: {reason}")]
+    InvalidUpdate {
+        /// The model's collection.
+        model: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A record has no id where one is needed, or an id of the wrong kind.
     #[error("{0}")]
     Id(String),

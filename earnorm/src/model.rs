@@ -559,6 +559,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
         update: Document,
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
+            let update = update::bulk::<Self>(update)?;
             let coll = raw_collection::<Self>(env);
             let update = async move { update_many::<Self>(coll, filter, update, None).await };
             write_then_invalidate(
@@ -579,6 +580,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
         update: Document,
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
+            let update = update::bulk::<Self>(update)?;
             let (env, session, touched) = tx.parts();
             touched.push(Touched::Model(Self::COLLECTION));
             update_many::<Self>(raw_collection::<Self>(env), filter, update, Some(session)).await
@@ -684,6 +686,7 @@ pub(crate) fn may_have_written(err: &Error) -> bool {
         | Error::DuplicateKey { .. }
         | Error::Conflict { .. }
         | Error::Refused(_)
+        | Error::InvalidUpdate { .. }
         | Error::Id(_)
         | Error::Serialization(_) => false,
         // Refused by the driver before sending (a document over 16 MiB).
@@ -769,7 +772,7 @@ impl Save {
                 let mut filter = doc! { "_id": to_bson(id)? };
                 let expected = match (M::VERSION_FIELD, previous_version) {
                     (Some(field), Some(version)) => {
-                        filter.insert(field, version);
+                        filter.insert(field, update::version_filter(version));
                         Some((record_key::<M>(id).unwrap_or_default(), version))
                     }
                     _ => None,

@@ -11,8 +11,23 @@
 //! more round trip to MongoDB, and a server that supports transactions (a
 //! replica set or a sharded cluster, as in production and in
 //! `docker-compose.yml`).
+//!
+//! Concurrent writers of one record: the server refuses all but one of
+//! them with a transient transaction error (`WriteConflict`); the whole
+//! transaction is then run again (and a commit whose outcome is unknown is
+//! committed again), as MongoDB's drivers specify for their transaction
+//! API, with a growing pause, for at most [`RETRY_FOR`]. A concurrent
+//! upsert that loses the race to insert the same record (a duplicate key)
+//! is run again once: it then updates the record the other one inserted.
+//!
+//! Versions: for a versioned model every update moves the version on
+//! (`$inc`, which also stores the first version, 1, when an upsert
+//! inserts), and an update that names the version field itself is refused.
 
-use mongodb::bson::{doc, Document};
+use std::time::{Duration, Instant};
+
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ReturnDocument;
 
 use crate::model::{raw_collection, to_bson};
@@ -26,11 +41,16 @@ pub(crate) struct Target {
     pub(crate) upsert: bool,
 }
 
+/// How long, at most, a partial update keeps running its transaction again
+/// after transient errors (concurrent writers of the same record).
+pub const RETRY_FOR: Duration = Duration::from_secs(5);
+
 /// Runs `target` in a transaction, validating the result; returns the
 /// record as it is now, or `None` when nothing matched (and nothing was
-/// written).
+/// written). Transient transaction errors are retried (see the module docs).
 pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Target) -> Result<Option<M>> {
-    stamp::<M>(&mut target);
+    prepare::<M>(&mut target)?;
+    let op = if target.upsert { "upsert_one" } else { "update_one" };
     let coll = raw_collection::<M>(env);
     let client = env.client().clone();
     // Until the record is known, a failure that may have written
@@ -38,38 +58,154 @@ pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Ta
     let found = Found::new(vec![Touched::Model(M::COLLECTION)]);
     let narrowed = found.clone();
     let write = async move {
-        let mongo = |e| Error::from_mongo(M::COLLECTION, e);
-        let mut session = client.start_session().await.map_err(Error::Mongo)?;
-        session.start_transaction().await.map_err(Error::Mongo)?;
-        let updated = coll
-            .find_one_and_update(target.filter, target.update)
-            .upsert(target.upsert)
-            .return_document(ReturnDocument::After)
-            .session(&mut session)
-            .await
-            .map_err(mongo)?;
-        let Some(document) = updated else {
-            narrowed.set(Vec::new());
-            let _ = session.abort_transaction().await;
-            return Ok(None);
-        };
-        let record: M = mongodb::bson::deserialize_from_document(document)?;
-        if let Some(id) = record.id_key() {
-            narrowed.set(vec![Touched::Record(M::COLLECTION, id)]);
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let mut upsert_raced = false;
+        loop {
+            let outcome = attempt::<M>(&client, &coll, &target, &narrowed).await;
+            match outcome {
+                Err(Attempt::Transient(_)) if started.elapsed() < RETRY_FOR => {}
+                Err(Attempt::Failed(err @ Error::DuplicateKey { .. })) if target.upsert && !upsert_raced => {
+                    // Another upsert inserted the record first: this one
+                    // now updates it.
+                    tracing::debug!(error = %err, "an upsert lost the race to insert; running it again");
+                    upsert_raced = true;
+                    continue;
+                }
+                Err(Attempt::Transient(err)) => return Err(Error::from_mongo(M::COLLECTION, err)),
+                Err(Attempt::Failed(err)) => return Err(err),
+                Ok(record) => return Ok(record),
+            }
+            tokio::time::sleep(pause.mul_f64(0.5 + jitter())).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
-        if let Err(errors) = record.validate() {
-            let _ = session.abort_transaction().await;
-            return Err(Error::Validation(errors));
-        }
-        session.commit_transaction().await.map_err(Error::Mongo)?;
-        Ok(Some(record))
     };
-    let op = if target.upsert { "upsert_one" } else { "update_one" };
     tracing::Instrument::instrument(
         write_then_invalidate_found(env, found, Invalidate::IfWritten, write),
         crate::op_span(M::COLLECTION, op),
     )
     .await
+}
+
+/// How one run of an update's transaction failed.
+enum Attempt {
+    /// The server says running it again may succeed.
+    Transient(mongodb::error::Error),
+    /// Anything else.
+    Failed(Error),
+}
+
+impl From<Error> for Attempt {
+    fn from(err: Error) -> Self {
+        Attempt::Failed(err)
+    }
+}
+
+/// Runs the update's transaction once (committing again while the commit's
+/// outcome is unknown).
+async fn attempt<M: Model>(
+    client: &mongodb::Client,
+    coll: &mongodb::Collection<Document>,
+    target: &Target,
+    narrowed: &Found,
+) -> std::result::Result<Option<M>, Attempt> {
+    let transient = |e: mongodb::error::Error| {
+        if e.contains_label(TRANSIENT_TRANSACTION_ERROR) {
+            Attempt::Transient(e)
+        } else {
+            Attempt::Failed(Error::from_mongo(M::COLLECTION, e))
+        }
+    };
+    let mut session = client.start_session().await.map_err(transient)?;
+    session.start_transaction().await.map_err(transient)?;
+    let updated = coll
+        .find_one_and_update(target.filter.clone(), target.update.clone())
+        .upsert(target.upsert)
+        .return_document(ReturnDocument::After)
+        .session(&mut session)
+        .await
+        .map_err(transient)?;
+    let Some(document) = updated else {
+        narrowed.set(Vec::new());
+        let _ = session.abort_transaction().await;
+        return Ok(None);
+    };
+    let record: M = mongodb::bson::deserialize_from_document(document).map_err(Error::from)?;
+    if let Some(id) = record.id_key() {
+        narrowed.set(vec![Touched::Record(M::COLLECTION, id)]);
+    }
+    if let Err(errors) = record.validate() {
+        let _ = session.abort_transaction().await;
+        return Err(Attempt::Failed(Error::Validation(errors)));
+    }
+    let started = Instant::now();
+    loop {
+        match session.commit_transaction().await {
+            Ok(()) => return Ok(Some(record)),
+            Err(e) if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) && started.elapsed() < RETRY_FOR => {}
+            Err(e) => return Err(transient(e)),
+        }
+    }
+}
+
+/// A number in [0, 0.5): the jitter of the pauses between runs, so that
+/// writers that clashed do not clash again in step.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh randomly keyed hasher: random enough for a pause, no crate.
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    #[allow(clippy::cast_precision_loss)]
+    let unit = (bits >> 11) as f64 / (1_u64 << 53) as f64;
+    unit / 2.0
+}
+
+/// Checks an update document and adds what the ORM writes with it: the
+/// timestamps, and for a versioned model the move to the next version.
+fn prepare<M: Model>(target: &mut Target) -> Result<()> {
+    target.update = bulk::<M>(std::mem::take(&mut target.update))?;
+    stamp::<M>(target);
+    Ok(())
+}
+
+/// The update document of a bulk update (`update_many`): checked, and for
+/// a versioned model moving every record it matches to its next version.
+pub(crate) fn bulk<M: Model>(mut update: Document) -> Result<Document> {
+    check_update::<M>(&update)?;
+    if let Some(field) = M::VERSION_FIELD {
+        if let Some(inc) = operator(&mut update, "$inc") {
+            inc.insert(field, 1);
+        }
+    }
+    Ok(update)
+}
+
+/// Refuses an update document whose operators are not documents
+/// (`{"$inc": 5}`), or, for a versioned model, that touches the version
+/// field (the ORM moves it).
+pub(crate) fn check_update<M: Model>(update: &Document) -> Result<()> {
+    let invalid = |reason: String| Error::InvalidUpdate {
+        model: M::COLLECTION,
+        reason,
+    };
+    for (name, fields) in update {
+        if !name.starts_with('$') {
+            // A replacement document: the server refuses it with its own message.
+            continue;
+        }
+        let Bson::Document(fields) = fields else {
+            return Err(invalid(format!("the value of `{name}` is not a document")));
+        };
+        if let Some(version) = M::VERSION_FIELD {
+            let touches =
+                |path: &str| path == version || path.strip_prefix(version).is_some_and(|rest| rest.starts_with('.'));
+            if fields.keys().any(|path| touches(path)) {
+                return Err(invalid(format!(
+                    "`{name}` touches the version field `{version}`, which the ORM moves itself"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Adds the timestamps to an update: `updated_at` to the time of the
@@ -99,20 +235,27 @@ fn operator<'a>(update: &'a mut Document, name: &str) -> Option<&'a mut Document
 
 /// `record.update(update)`: the record's own filter (and version, for a
 /// versioned model, whose update also moves it to the next version).
-pub(crate) fn record_target<M: Model>(record: &M, mut update: Document) -> Result<Target> {
+pub(crate) fn record_target<M: Model>(record: &M, update: Document) -> Result<Target> {
     let id = record
         .id()
         .ok_or_else(|| Error::Id(format!("{}: cannot update a record without an id", M::COLLECTION)))?;
     let mut filter = doc! { "_id": to_bson(id)? };
     if let (Some(field), Some(version)) = (M::VERSION_FIELD, record.version()) {
-        filter.insert(field, version);
-        if let Some(inc) = operator(&mut update, "$inc") {
-            inc.insert(field, 1);
-        }
+        filter.insert(field, version_filter(version));
     }
     Ok(Target {
         filter,
         update,
         upsert: false,
     })
+}
+
+/// What a filter matches for a record at `version`: a stored document
+/// without a version field reads as version 0, so version 0 matches one.
+pub(crate) fn version_filter(version: i64) -> Bson {
+    if version == 0 {
+        Bson::Document(doc! { "$in": [0_i64, Bson::Null] })
+    } else {
+        Bson::Int64(version)
+    }
 }

@@ -1,0 +1,231 @@
+//! Versions and partial updates under concurrency: every write path of a
+//! versioned model moves its version, records created by an upsert (or
+//! stored without a version) can be saved, and concurrent partial updates
+//! of one record all apply, or fail with `Conflict` for a version clash.
+
+use std::sync::Arc;
+
+use earnorm::bson::{doc, oid::ObjectId, Document};
+use earnorm::prelude::*;
+use earnorm::{Environment, Error};
+use serde::{Deserialize, Serialize};
+use support::test_env;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "accounts")]
+struct Account {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    balance: i64,
+    #[earnorm(version)]
+    #[serde(default)]
+    version: i64,
+}
+
+/// The same collection, without a version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "accounts")]
+struct Counter {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    balance: i64,
+}
+
+fn raw(env: &Environment) -> earnorm::mongodb::Collection<Document> {
+    env.database().collection("accounts")
+}
+
+async fn stored(env: &Environment, id: ObjectId) -> Account {
+    Account::find_by_id_in(env, id).await.expect("find").expect("stored")
+}
+
+/// Bug: `upsert_one` stored no version, and the record it created could
+/// never be saved or updated (every attempt was a `Conflict`); a document
+/// stored without a version field neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_created_by_an_upsert_or_stored_without_a_version_can_be_saved() {
+    let env = test_env("versions_upsert").await;
+    let id = ObjectId::new();
+    let created = Account::upsert_one_in(&env, doc! { "_id": id }, doc! { "$set": { "balance": 100 } })
+        .await
+        .expect("upsert");
+    assert_eq!(created.version, 1, "an upsert that inserts stores the first version");
+    let mut copy = stored(&env, id).await;
+    copy.balance = 90;
+    copy.save_in(&env).await.expect("a save of the upserted record");
+    assert_eq!(copy.version, 2);
+    copy.update_in(&env, doc! { "$inc": { "balance": 1 } })
+        .await
+        .expect("an update of it");
+    assert_eq!((copy.balance, copy.version), (91, 3));
+
+    // Stored by someone else, without a version field: version 0.
+    let bare = ObjectId::new();
+    raw(&env)
+        .insert_one(doc! { "_id": bare, "balance": 5 })
+        .await
+        .expect("insert");
+    let mut copy = stored(&env, bare).await;
+    assert_eq!(copy.version, 0);
+    copy.balance = 6;
+    copy.save_in(&env)
+        .await
+        .expect("a save of a record stored without a version");
+    assert_eq!(
+        stored(&env, bare).await,
+        Account {
+            id: Some(bare),
+            balance: 6,
+            version: 1
+        }
+    );
+    raw(&env)
+        .insert_one(doc! { "_id": ObjectId::new(), "balance": 5 })
+        .await
+        .expect("insert");
+    let mut copy = Account::find_one_in(&env, doc! { "balance": 5 })
+        .await
+        .expect("find")
+        .expect("found");
+    assert!(copy
+        .update_in(&env, doc! { "$inc": { "balance": 1 } })
+        .await
+        .expect("an update of a record stored without a version"));
+    assert_eq!((copy.balance, copy.version), (6, 1));
+    let _ = env.database().drop().await;
+}
+
+/// Bug: `update_one`, `update_many` and `upsert_one` left the version as it
+/// was, so a later save of a copy read before them silently undid them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_path_moves_the_version_so_an_older_copy_conflicts() {
+    let env = test_env("versions_paths").await;
+    for path in ["update_one", "update_many", "upsert_one"] {
+        let mut account = Account {
+            id: None,
+            balance: 100,
+            version: 0,
+        };
+        account.save_in(&env).await.expect("save");
+        let id = account.id.expect("id");
+        let mut old = stored(&env, id).await;
+        let filter = doc! { "_id": id };
+        let update = doc! { "$inc": { "balance": 1000 } };
+        match path {
+            "update_one" => {
+                Account::update_one_in(&env, filter, update).await.expect(path);
+            }
+            "update_many" => {
+                Account::update_many_in(&env, filter, update).await.expect(path);
+            }
+            _ => {
+                Account::upsert_one_in(&env, filter, update).await.expect(path);
+            }
+        }
+        assert_eq!(
+            stored(&env, id).await.version,
+            old.version + 1,
+            "{path} moved the version"
+        );
+        old.balance -= 10;
+        let saved = old.save_in(&env).await;
+        assert!(
+            matches!(saved, Err(Error::Conflict { .. })),
+            "a save of a copy read before {path}: {saved:?}"
+        );
+        assert_eq!(stored(&env, id).await.balance, 1100, "{path} is kept");
+    }
+    // The version is the ORM's: an update may not touch it.
+    let mut account = Account {
+        id: None,
+        balance: 1,
+        version: 0,
+    };
+    account.save_in(&env).await.expect("save");
+    let refused = Account::update_one_in(&env, doc! { "_id": account.id }, doc! { "$inc": { "version": 5 } }).await;
+    assert!(matches!(refused, Err(Error::InvalidUpdate { .. })), "{refused:?}");
+    let _ = env.database().drop().await;
+}
+
+/// Bug: each partial update ran in a transaction of its own, and a
+/// concurrent writer of the same record got the server's `WriteConflict`
+/// (a transient transaction error) back as a bare MongoDB error: 6 of 200
+/// concurrent `$inc`s applied. Transient errors are retried; a version clash
+/// is a `Conflict`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_partial_updates_of_one_record_all_apply() {
+    const TASKS: usize = 20;
+    const EACH: usize = 3;
+    let env = Arc::new(test_env("versions_concurrent").await);
+    let mut counter = Counter { id: None, balance: 0 };
+    counter.save_in(&env).await.expect("save");
+    let id = counter.id.expect("id");
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let env = Arc::clone(&env);
+        tasks.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for _ in 0..EACH {
+                results.push(
+                    Counter::update_one_in(&env, doc! { "_id": id }, doc! { "$inc": { "balance": 1 } })
+                        .await
+                        .map(|_| ()),
+                );
+            }
+            results
+        }));
+    }
+    let mut failures = Vec::new();
+    for task in tasks {
+        failures.extend(task.await.expect("task").into_iter().filter_map(Result::err));
+    }
+    assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), failures.first());
+    let balance = Counter::find_by_id_in(&env, id)
+        .await
+        .expect("find")
+        .expect("stored")
+        .balance;
+    assert_eq!(balance, i64::try_from(TASKS * EACH).unwrap_or(0), "every $inc applied");
+
+    // Simultaneous updates of one versioned copy: one wins, the others
+    // clash on the version.
+    let mut account = Account {
+        id: None,
+        balance: 0,
+        version: 0,
+    };
+    account.save_in(&env).await.expect("save");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (env, mut copy) = (Arc::clone(&env), account.clone());
+        tasks.push(tokio::spawn(async move {
+            copy.update_in(&env, doc! { "$inc": { "balance": 1 } }).await
+        }));
+    }
+    let (mut ok, mut conflicts) = (0, 0);
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(true) => ok += 1,
+            Err(Error::Conflict { .. }) => conflicts += 1,
+            other => panic!("neither applied nor a conflict: {other:?}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (1, 7));
+
+    // Get-or-create by many at once: all succeed, one record.
+    let key = ObjectId::new();
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let env = Arc::clone(&env);
+        tasks.push(tokio::spawn(async move {
+            Account::upsert_one_in(&env, doc! { "_id": key }, doc! { "$inc": { "balance": 1 } }).await
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task").expect("get-or-create");
+    }
+    let created = stored(&env, key).await;
+    assert_eq!(created.balance, i64::try_from(TASKS).unwrap_or(0));
+    assert_eq!(created.version, i64::try_from(TASKS).unwrap_or(0));
+    let _ = env.database().drop().await;
+}
