@@ -334,3 +334,20 @@ async fn store_overrides_the_return_type_and_typed_receivers_work() {
     })
     .await;
 }
+
+/// Bug: `limit(i64::MIN)` panicked in the driver ("attempt to negate with
+/// overflow"). Limits and skips MongoDB cannot take are an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_skips_out_of_range_are_errors_not_panics() {
+    let env = test_env("hostile_limit").await;
+    let found = Person::find_in(&env, doc! {}).limit(i64::MIN).await;
+    assert!(matches!(found, Err(Error::InvalidQuery { .. })), "{found:?}");
+    let found = Person::find_in(&env, doc! {}).skip(u64::MAX).await;
+    assert!(matches!(found, Err(Error::InvalidQuery { .. })), "{found:?}");
+    let streamed =
+        earnorm::futures::TryStreamExt::try_next(&mut Person::find_in(&env, doc! {}).limit(i64::MIN).stream()).await;
+    assert!(matches!(streamed, Err(Error::InvalidQuery { .. })), "{streamed:?}");
+    let fine = Person::find_in(&env, doc! {}).limit(i64::MIN + 1).skip(0).await;
+    assert!(fine.is_ok(), "{fine:?}");
+    let _ = env.database().drop().await;
+}

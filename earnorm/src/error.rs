@@ -65,6 +65,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A query MongoDB cannot take (a limit of `i64::MIN`, a skip past
+    /// `i64::MAX`). Nothing was sent.
+    #[error("`{model}`: invalid query: {reason}")]
+    InvalidQuery {
+        /// The model's collection.
+        model: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A record has no id where one is needed, or an id of the wrong kind.
     #[error("{0}")]
     Id(String),

@@ -332,13 +332,15 @@ impl<M: Model> Find<M> {
     }
 
     /// Returns at most `n` records (MongoDB's meaning: a negative `n`
-    /// returns at most `-n` in a single batch).
+    /// returns at most `-n` in a single batch; `i64::MIN`, which has no
+    /// such counterpart, makes the find an [`Error::InvalidQuery`]).
     pub fn limit(mut self, n: i64) -> Self {
         self.limit = Some(n);
         self
     }
 
-    /// Skips the first `n` matching records.
+    /// Skips the first `n` matching records (more than `i64::MAX` makes the
+    /// find an [`Error::InvalidQuery`]).
     pub fn skip(mut self, n: u64) -> Self {
         self.skip = Some(n);
         self
@@ -382,14 +384,29 @@ impl<M: Model> Find<M> {
         self.stream_of::<M>(None)
     }
 
-    fn options(&self, projection: Option<Document>) -> mongodb::options::FindOptions {
-        mongodb::options::FindOptions::builder()
+    /// The driver's options; a limit or skip MongoDB cannot take is
+    /// [`Error::InvalidQuery`].
+    fn options(&self, projection: Option<Document>) -> Result<mongodb::options::FindOptions> {
+        let invalid = |reason: String| Error::InvalidQuery {
+            model: M::COLLECTION,
+            reason,
+        };
+        if self.limit == Some(i64::MIN) {
+            return Err(invalid(format!("limit {} has no positive counterpart", i64::MIN)));
+        }
+        if let Some(skip) = self.skip.filter(|&skip| i64::try_from(skip).is_err()) {
+            return Err(invalid(format!(
+                "skip {skip} is past the largest MongoDB takes ({})",
+                i64::MAX
+            )));
+        }
+        Ok(mongodb::options::FindOptions::builder()
             .sort(self.sort.clone())
             .limit(self.limit)
             .skip(self.skip)
             .batch_size(self.batch_size)
             .projection(projection)
-            .build()
+            .build())
     }
 
     fn stream_of<T: Projection>(self, projection: Option<Document>) -> RecordStream<T> {
@@ -397,6 +414,7 @@ impl<M: Model> Find<M> {
         let env = self.read.env();
         let filter = self.read.filter;
         let opened = async move {
+            let options = options?;
             let cursor = env?
                 .database()
                 .collection::<T>(M::COLLECTION)
@@ -411,7 +429,7 @@ impl<M: Model> Find<M> {
 
     /// Runs the find (through the query cache when asked), reading `T`.
     async fn collect<T: Projection>(self, projection: Option<Document>) -> Result<Vec<T>> {
-        let options = self.options(projection.clone());
+        let options = self.options(projection.clone())?;
         let Find {
             read,
             sort,
