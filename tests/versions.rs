@@ -229,3 +229,86 @@ async fn concurrent_partial_updates_of_one_record_all_apply() {
     assert_eq!(created.version, i64::try_from(TASKS).unwrap_or(0));
     let _ = env.database().drop().await;
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "ledgers")]
+struct Ledger {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    #[earnorm(required)]
+    name: String,
+    #[earnorm(version)]
+    #[serde(default)]
+    version: i64,
+}
+
+/// Bug: `insert_many` moved the versions (and set the timestamps) of the
+/// records before a later one failed validation, so a retry stored
+/// versions `[2, 2, 1]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_part_way_changes_no_record() {
+    let env = test_env("versions_batch").await;
+    let ledger = |name: &str| Ledger {
+        id: None,
+        name: name.to_owned(),
+        version: 0,
+    };
+    let mut batch = vec![ledger("a"), ledger("b"), ledger("")];
+    let refused = Ledger::insert_many_in(&env, &mut batch).await;
+    assert!(matches!(refused, Err(Error::Validation(_))), "{refused:?}");
+    assert!(
+        batch.iter().all(|l| l.version == 0 && l.id.is_none()),
+        "nothing changed: {batch:?}"
+    );
+    batch[2].name = "c".into();
+    Ledger::insert_many_in(&env, &mut batch).await.expect("retry");
+    assert_eq!(batch.iter().map(|l| l.version).collect::<Vec<_>>(), [1, 1, 1]);
+    let _ = env.database().drop().await;
+}
+
+/// Bug: `delete` ignored the version, so deleting an outdated copy deleted
+/// the newer record. It is a `Conflict`, as saving that copy would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_outdated_copy_is_a_conflict() {
+    let env = test_env("versions_delete").await;
+    let mut account = Account {
+        id: None,
+        balance: 1,
+        version: 0,
+    };
+    account.save_in(&env).await.expect("save");
+    let outdated = account.clone();
+    account.balance = 2;
+    account.save_in(&env).await.expect("save again");
+    let refused = outdated.delete_in(&env).await;
+    assert!(matches!(refused, Err(Error::Conflict { .. })), "{refused:?}");
+    assert_eq!(stored(&env, account.id.expect("id")).await.balance, 2, "still there");
+    assert!(account.delete_in(&env).await.expect("delete the current copy"));
+    assert!(!account.delete_in(&env).await.expect("gone"), "already deleted: false");
+    let _ = env.database().drop().await;
+}
+
+/// Bug: a stored document that did not decode said only "could not
+/// convert between a value and BSON", naming neither the model nor the
+/// field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_that_does_not_decode_names_its_model_and_field() {
+    let env = test_env("versions_decode").await;
+    let id = ObjectId::new();
+    raw(&env)
+        .insert_one(doc! { "_id": id, "balance": "not a number" })
+        .await
+        .expect("insert");
+    let found = Account::find_by_id_in(&env, id).await;
+    let Err(err @ Error::Decode { .. }) = found else {
+        panic!("a decode error: {found:?}");
+    };
+    let message = err.to_string();
+    assert!(message.contains("accounts") && message.contains("balance"), "{message}");
+    let missing = ObjectId::new();
+    raw(&env).insert_one(doc! { "_id": missing }).await.expect("insert");
+    let found = Account::find_one_in(&env, doc! { "_id": missing }).await;
+    let message = found.expect_err("a decode error").to_string();
+    assert!(message.contains("accounts") && message.contains("balance"), "{message}");
+    let _ = env.database().drop().await;
+}

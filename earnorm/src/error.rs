@@ -34,10 +34,23 @@ pub enum Error {
     /// Any other error from MongoDB.
     #[error("MongoDB operation failed")]
     Mongo(#[source] mongodb::error::Error),
-    /// A value could not be turned into BSON, or a stored document back into
-    /// its model (a field missing or of another type).
+    /// A value could not be turned into BSON (or BSON into a value other
+    /// than a stored record: see [`Error::Decode`]).
     #[error("could not convert between a value and BSON")]
     Serialization(#[source] mongodb::bson::error::Error),
+    /// A stored document does not decode into its model: a field missing,
+    /// or of another type (written by another program, or by an older
+    /// shape of the model).
+    #[error("`{model}`: a stored document does not decode into the model{}", at_field(.field.as_deref()))]
+    Decode {
+        /// The model's collection.
+        model: &'static str,
+        /// The field that did not decode, when the decoder says.
+        field: Option<String>,
+        /// The decoder's error.
+        #[source]
+        source: Box<mongodb::bson::error::Error>,
+    },
     /// `save` of a versioned record (`#[earnorm(version)]`) whose copy is
     /// outdated: the stored record was saved (or deleted) since this copy
     /// was read. Nothing was written and nothing invalidated; read the
@@ -116,12 +129,41 @@ impl Error {
             return Error::DuplicateKey { model, message };
         }
         match err.kind.as_ref() {
-            ErrorKind::BsonDeserialization(e) | ErrorKind::BsonSerialization(e) | ErrorKind::Bson(e) => {
-                Error::Serialization(e.clone())
+            ErrorKind::BsonDeserialization(e) => Error::decode(model, e.clone()),
+            ErrorKind::Bson(e) if matches!(e.kind, mongodb::bson::error::ErrorKind::Deserialization { .. }) => {
+                Error::decode(model, e.clone())
             }
+            ErrorKind::BsonSerialization(e) | ErrorKind::Bson(e) => Error::Serialization(e.clone()),
             _ => Error::Mongo(err),
         }
     }
+
+    /// A stored document of `model` that did not decode.
+    pub(crate) fn decode(model: &'static str, source: mongodb::bson::error::Error) -> Self {
+        // The decoder names the field by its path, as a key, or in serde's
+        // own words.
+        let field = source
+            .path
+            .as_ref()
+            .map(ToString::to_string)
+            .filter(|path| !path.is_empty() && path != ".")
+            .or_else(|| source.key.clone())
+            .or_else(|| {
+                let message = source.message.as_deref()?;
+                let (_, rest) = message.split_once("missing field `")?;
+                rest.split_once('`').map(|(name, _)| name.to_owned())
+            });
+        Error::Decode {
+            model,
+            field,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// ` (field `F`)`, or nothing.
+fn at_field(field: Option<&str>) -> String {
+    field.map(|field| format!(" (field `{field}`)")).unwrap_or_default()
 }
 
 impl From<mongodb::bson::error::Error> for Error {

@@ -249,6 +249,12 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     }
 
     /// Deletes the record. Returns whether it existed.
+    ///
+    /// # Errors
+    /// For a versioned model (`#[earnorm(version)]`), [`Error::Conflict`]
+    /// when the stored record has moved past this copy's version (it was
+    /// changed since this copy was read): nothing is deleted. Read it again
+    /// and decide. A record already deleted is `Ok(false)`.
     fn delete(&self) -> impl Future<Output = Result<bool>> + Send {
         async move { self.delete_in(&Environment::current()?).await }
     }
@@ -257,9 +263,10 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     fn delete_in<'a>(&'a self, env: &'a Environment) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
             self.before_delete()?;
-            let (filter, touched) = delete_target(self)?;
+            let target = delete_target(self)?;
+            let touched = target.touched.clone();
             let coll = raw_collection::<Self>(env);
-            let delete = async move { delete_one::<Self>(coll, filter, None).await };
+            let delete = async move { delete_one::<Self>(coll, target, None).await };
             let existed = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await?;
             self.after_delete();
             Ok(existed)
@@ -271,10 +278,10 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     fn delete_tx<'a>(&'a self, tx: &'a mut Transaction) -> impl Future<Output = Result<bool>> + Send + 'a {
         async move {
             self.before_delete()?;
-            let (filter, scope) = delete_target(self)?;
+            let target = delete_target(self)?;
             let (env, session, touched) = tx.parts();
-            touched.push(scope);
-            let existed = delete_one::<Self>(raw_collection::<Self>(env), filter, Some(session)).await?;
+            touched.push(target.touched.clone());
+            let existed = delete_one::<Self>(raw_collection::<Self>(env), target, Some(session)).await?;
             self.after_delete();
             Ok(existed)
         }
@@ -295,13 +302,11 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             if records.is_empty() {
                 return Ok(());
             }
-            let now = mongodb::bson::DateTime::now();
+            // Every check first (hooks, validation, ids), so that a batch
+            // refused part-way leaves no record changed: a retry then stores
+            // what a first attempt would have.
             for record in records.iter_mut() {
                 record.before_save()?;
-                record.stamp(now, true);
-                if let Some(version) = Self::VERSION_FIELD.and(record.version()) {
-                    record.set_version(version.max(0).saturating_add(1));
-                }
             }
             let mut all = ValidationErrors::new();
             for record in records.iter() {
@@ -310,15 +315,20 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
                 }
             }
             all.into_result()?;
+            if records.iter().any(|record| record.id().is_none()) && <Self::Id as ModelId>::generate().is_none() {
+                return Err(Error::Id(format!(
+                    "{}: this id type is not generated; set ids before inserting",
+                    Self::COLLECTION
+                )));
+            }
+            let now = mongodb::bson::DateTime::now();
             for record in records.iter_mut() {
+                record.stamp(now, true);
+                if let Some(version) = Self::VERSION_FIELD.and(record.version()) {
+                    record.set_version(version.max(0).saturating_add(1));
+                }
                 if record.id().is_none() {
-                    let id = <Self::Id as ModelId>::generate().ok_or_else(|| {
-                        Error::Id(format!(
-                            "{}: this id type is not generated; set ids before inserting",
-                            Self::COLLECTION
-                        ))
-                    })?;
-                    record.set_id(Some(id));
+                    record.set_id(<Self::Id as ModelId>::generate());
                 }
             }
             let documents = records.iter().map(to_document).collect::<Result<Vec<_>>>()?;
@@ -688,7 +698,8 @@ pub(crate) fn may_have_written(err: &Error) -> bool {
         | Error::Refused(_)
         | Error::InvalidUpdate { .. }
         | Error::Id(_)
-        | Error::Serialization(_) => false,
+        | Error::Serialization(_)
+        | Error::Decode { .. } => false,
         // Refused by the driver before sending (a document over 16 MiB).
         Error::Mongo(e) => !matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InvalidArgument { .. }),
         _ => true,
@@ -853,22 +864,64 @@ impl SaveOp {
     }
 }
 
+/// What deleting `record` sends: by id, and for a versioned model only
+/// over the copy's own version.
+struct DeleteTarget {
+    filter: Document,
+    touched: Touched,
+    /// A versioned copy's id key and version: a delete that matches nothing
+    /// while the record exists is a conflict.
+    expected: Option<(String, i64)>,
+}
+
 /// The filter and scope of deleting `record`.
-fn delete_target<M: Model>(record: &M) -> Result<(Document, Touched)> {
+fn delete_target<M: Model>(record: &M) -> Result<DeleteTarget> {
     let id = record
         .id()
         .ok_or_else(|| Error::Id(format!("{}: cannot delete a record without an id", M::COLLECTION)))?;
-    Ok((doc! { "_id": to_bson(id)? }, record_scope::<M>(id)))
+    let mut filter = doc! { "_id": to_bson(id)? };
+    let mut expected = None;
+    if let Some(field) = M::VERSION_FIELD {
+        let version = record.version().unwrap_or(0);
+        filter.insert(field, update::version_filter(version));
+        expected = Some((record_key::<M>(id).unwrap_or_default(), version));
+    }
+    Ok(DeleteTarget {
+        filter,
+        touched: record_scope::<M>(id),
+        expected,
+    })
 }
 
+/// Deletes by `target`; whether it deleted. A versioned copy that deleted
+/// nothing while its record still exists is outdated: `Conflict`.
 async fn delete_one<M: Model>(
     coll: Collection<Document>,
-    filter: Document,
-    session: Option<&mut ClientSession>,
+    target: DeleteTarget,
+    mut session: Option<&mut ClientSession>,
 ) -> Result<bool> {
-    in_session!(coll.delete_one(filter), session)
-        .map(|r| r.deleted_count > 0)
-        .map_err(|e| Error::from_mongo(M::COLLECTION, e))
+    let mongo = |e| Error::from_mongo(M::COLLECTION, e);
+    let DeleteTarget { filter, expected, .. } = target;
+    let id = filter.get("_id").cloned().unwrap_or(Bson::Null);
+    let deleted = in_session!(coll.delete_one(filter), session.as_deref_mut())
+        .map_err(mongo)?
+        .deleted_count
+        > 0;
+    match expected {
+        Some((key, version)) if !deleted => {
+            let exists = in_session!(coll.count_documents(doc! { "_id": id }), session).map_err(mongo)? > 0;
+            if exists {
+                Err(Error::Conflict {
+                    model: M::COLLECTION,
+                    id: key,
+                    version,
+                })
+            } else {
+                Ok(false)
+            }
+        }
+        _ => Ok(deleted),
+    }
 }
 
 async fn update_many<M: Model>(

@@ -130,7 +130,7 @@ async fn attempt<M: Model>(
         let _ = session.abort_transaction().await;
         return Ok(None);
     };
-    let record: M = mongodb::bson::deserialize_from_document(document).map_err(Error::from)?;
+    let record: M = mongodb::bson::deserialize_from_document(document).map_err(|e| Error::decode(M::COLLECTION, e))?;
     if let Some(id) = record.id_key() {
         narrowed.set(vec![Touched::Record(M::COLLECTION, id)]);
     }

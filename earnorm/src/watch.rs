@@ -90,7 +90,9 @@ fn typed<M: Model>(event: ChangeStreamEvent<Document>) -> Result<ChangeEvent<M>>
         None => None,
     };
     let record = match event.full_document {
-        Some(document) => Some(mongodb::bson::deserialize_from_document::<M>(document)?),
+        Some(document) => {
+            Some(mongodb::bson::deserialize_from_document::<M>(document).map_err(|e| Error::decode(M::COLLECTION, e))?)
+        }
         None => None,
     };
     let (updated_fields, removed_fields) = match event.update_description {
