@@ -205,7 +205,7 @@ async fn an_associated_function_can_have_an_explicit_scope() {
 /// Bug: a stored document that does not fit its model surfaced as
 /// `Error::Mongo`; causes were kept as strings or printed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_document_that_does_not_fit_its_model_is_a_serialization_error_with_its_cause() {
+async fn a_document_that_does_not_fit_its_model_is_a_decode_error_with_its_cause() {
     let env = test_env("misfit").await;
     let id = ObjectId::new();
     env.database()
@@ -214,7 +214,10 @@ async fn a_document_that_does_not_fit_its_model_is_a_serialization_error_with_it
         .await
         .expect("raw insert");
     let err = Person::find_by_id_in(&env, id).await.expect_err("name is not a string");
-    assert!(matches!(err, Error::Serialization(_)), "{err:?}");
+    assert!(
+        matches!(&err, Error::Decode { model: "people", field: Some(field), .. } if field == "name"),
+        "{err:?}"
+    );
     let cause = err.source().expect("the cause is kept");
     assert!(
         !err.to_string().contains(&cause.to_string()),

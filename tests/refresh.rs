@@ -157,3 +157,28 @@ async fn the_record_cache_refreshes_in_the_background_and_every_reader_gets_a_hi
     );
     let _ = env.database().drop().await;
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "sparse_records", cache(ttl = 300, missing = 5, refresh = 60))]
+struct SparseRecord {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+}
+
+/// Bug: with `missing` shorter than `refresh`, a negative entry was always
+/// within its refresh window, so every hit on an absent id read MongoDB
+/// again (465 refreshes in 466 lookups). An entry that lives no longer than
+/// `refresh` is refreshed in the last fifth of its own lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_negative_entry_shorter_than_the_refresh_window_is_not_refreshed_at_every_hit() {
+    let (env, finds) = support::counting_env("refresh_missing", "find").await;
+    let absent = ObjectId::new();
+    for _ in 0..100 {
+        assert!(SparseRecord::find_by_id_in(&env, absent).await.expect("read").is_none());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reads = finds.load(Ordering::SeqCst);
+    assert!(reads <= 2, "{reads} MongoDB reads for 100 lookups of an absent id");
+    let _ = env.database().drop().await;
+}

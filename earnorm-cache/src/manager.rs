@@ -517,7 +517,7 @@ impl CacheManager {
             budget: conn.config.operation_timeout,
         };
         for _ in 0..MAX_ROUNDS {
-            let generations = match self.try_hit::<R, O>(key, refresh, &mut call).await {
+            let generations = match self.try_hit::<R, O>(key, refresh, &ttl_of, &mut call).await {
                 Ok((value, None)) => return (value, Served::Hit),
                 Ok((value, Some(seen))) => {
                     // Close to its expiry: refreshed in the background when
@@ -572,13 +572,15 @@ impl CacheManager {
         &self,
         key: &CacheKey,
         refresh: Option<Duration>,
+        ttl_of: &impl Fn(&R) -> Option<Duration>,
         call: &mut Call,
     ) -> Result<(R, Option<Generations>), Option<Generations>> {
         let (lookup, _, left) = self.lookup(key, None, refresh.is_some(), &mut call.budget).await;
         match lookup {
             Lookup::Hit(bytes, generations) => match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
                 Some(value) => {
-                    let due = matches!((refresh, left), (Some(refresh), Some(left)) if left < refresh);
+                    let window = refresh.and_then(|refresh| refresh_window(refresh, ttl_of(&value)));
+                    let due = matches!((window, left), (Some(window), Some(left)) if left < window);
                     Ok((value, due.then_some(generations)))
                 }
                 None => Err(Some(generations)),
@@ -1410,6 +1412,15 @@ pub(crate) fn generation_ttl(config: &CacheConfig) -> Duration {
         .saturating_add(Duration::from_secs(60))
 }
 
+/// How long before its expiry a hit is refreshed: `refresh`, or, for a
+/// value that lives no longer than that (a negative entry with a short
+/// `missing`, say), the last fifth of its own `lifetime`; never for a value
+/// that would not be stored.
+fn refresh_window(refresh: Duration, lifetime: Option<Duration>) -> Option<Duration> {
+    let lifetime = lifetime?;
+    Some(if refresh < lifetime { refresh } else { lifetime / 5 })
+}
+
 /// Longest expiry sent to Redis: ten years, far inside what `PX` accepts.
 const MAX_EXPIRY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
 
@@ -1516,4 +1527,18 @@ enum Expected<'a> {
     Seen(&'a [Option<Vec<u8>>]),
     /// Whatever is there now.
     Any,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_shorter_lived_than_the_refresh_window_is_refreshed_in_its_last_fifth() {
+        let s = Duration::from_secs;
+        assert_eq!(refresh_window(s(60), Some(s(300))), Some(s(60)));
+        assert_eq!(refresh_window(s(60), Some(s(5))), Some(s(1)));
+        assert_eq!(refresh_window(s(60), Some(s(60))), Some(s(12)));
+        assert_eq!(refresh_window(s(60), None), None, "not stored: nothing to refresh");
+    }
 }
