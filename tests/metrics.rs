@@ -39,7 +39,7 @@ async fn the_prometheus_example_shows_the_counters_moving() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     tokio::spawn(prometheus::serve(listener, handle));
-    let model = format!("model=\"{}\"", env.model_scope("users"));
+    let model = "model=\"users\"".to_owned();
 
     prometheus::workload(&env).await.expect("workload");
     let first = scrape(addr).await;
@@ -74,5 +74,27 @@ async fn the_prometheus_example_shows_the_counters_moving() {
     let second = scrape(addr).await;
     assert_eq!((hits(&second), misses(&second)), (2.0, 2.0), "{second}");
     assert!(writes(&second) >= writes(&first) + 2.0);
+
+    // Bug: the `model` label was `DATABASE.COLLECTION`, so every database
+    // (tenant) added its own series. Another database's environment adds
+    // to the same ones.
+    let series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("earnorm_cache_") && l.contains("model="))
+            .map(|l| l.rsplit_once(' ').map_or(l, |(series, _)| series).to_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let tenant = support::test_env("metrics_tenant").await;
+    prometheus::workload(&tenant).await.expect("workload");
+    let third = scrape(addr).await;
+    assert_eq!(series(&third), series(&second), "no new series for another database");
+    assert!(
+        !third
+            .lines()
+            .any(|l| l.contains("model=") && l.contains(tenant.database().name())),
+        "no database name in a model's labels"
+    );
+    assert_eq!(hits(&third), 3.0, "the two databases add up: {third}");
+    let _ = tenant.database().drop().await;
     let _ = env.database().drop().await;
 }

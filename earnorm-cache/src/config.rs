@@ -81,6 +81,13 @@ pub struct CacheConfig {
     pub connect_timeout: Duration,
     /// Whether caching is on at all. Off: every call computes its value.
     pub enabled: bool,
+    /// Whether the per-model metrics carry a `database` label beside
+    /// `model` (off by default). Namespaces registered with
+    /// [`CacheManager::label_database`](crate::CacheManager::label_database)
+    /// are labelled by collection alone, so the number of series is bounded
+    /// by the code, whatever the number of databases (tenants); turn this
+    /// on to tell databases apart, at one set of series per database.
+    pub metrics_database_label: bool,
 }
 
 impl Default for CacheConfig {
@@ -98,6 +105,7 @@ impl Default for CacheConfig {
             operation_timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_secs(2),
             enabled: true,
+            metrics_database_label: false,
         }
     }
 }

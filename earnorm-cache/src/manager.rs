@@ -315,6 +315,18 @@ impl CacheManager {
         )
     }
 
+    /// Labels the per-name metrics of namespaces `DATABASE.NAME` by `NAME`
+    /// (`model`), and by `database` too when
+    /// [`CacheConfig::metrics_database_label`] is on: what EarnORM does for
+    /// its environment's database, so that the number of metric series does
+    /// not grow with the number of databases. Call it before the names are
+    /// first used.
+    pub fn label_database(&self, database: &str) {
+        self.inner
+            .names
+            .label_database(database, self.connection().config.metrics_database_label);
+    }
+
     /// Leaves cleanly, for a process about to exit: stops reconnecting and
     /// removes this manager's heartbeat, so that the other managers sharing
     /// the prefix do not take it for one cut off from Redis (which would

@@ -221,16 +221,14 @@ impl Served {
 }
 
 impl NamedCounters {
-    fn new(namespace: &str, name: &str) -> Self {
-        let labels = [("model", namespace.to_owned()), ("method", name.to_owned())];
+    fn new(namespace: &str, name: &str, rule: &LabelRule) -> Self {
+        let mut labels = rule.labels(namespace);
+        labels.push(("method", name.to_owned()));
         let counter = |metric: &'static str| metrics::counter!(metric, &labels);
         let duration = |served: Served| {
-            metrics::histogram!(
-                "earnorm_cache_call_seconds",
-                "model" => namespace.to_owned(),
-                "method" => name.to_owned(),
-                "outcome" => served.as_str()
-            )
+            let mut labels = labels.clone();
+            labels.push(("outcome", served.as_str().to_owned()));
+            metrics::histogram!("earnorm_cache_call_seconds", &labels)
         };
         Self {
             hits: AtomicU64::new(0),
@@ -320,10 +318,37 @@ impl Counters {
     }
 }
 
+/// How a namespace becomes metric labels: namespaces that start with a
+/// database's name and a dot (EarnORM's `DATABASE.COLLECTION`) are
+/// labelled `model = COLLECTION`, plus `database = DATABASE` when asked;
+/// others `model = NAMESPACE`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LabelRule {
+    databases: Vec<String>,
+    database_label: bool,
+}
+
+impl LabelRule {
+    fn labels(&self, namespace: &str) -> Vec<(&'static str, String)> {
+        let split = self.databases.iter().find_map(|database| {
+            let collection = namespace.strip_prefix(database.as_str())?.strip_prefix('.')?;
+            Some((database.as_str(), collection))
+        });
+        match split {
+            Some((database, collection)) if self.database_label => {
+                vec![("model", collection.to_owned()), ("database", database.to_owned())]
+            }
+            Some((_, collection)) => vec![("model", collection.to_owned())],
+            None => vec![("model", namespace.to_owned())],
+        }
+    }
+}
+
 /// The counters of every name, created on first use.
 #[derive(Debug, Default)]
 pub(crate) struct Names {
     map: std::sync::RwLock<std::collections::HashMap<String, std::collections::HashMap<String, Arc<NamedCounters>>>>,
+    rule: std::sync::RwLock<LabelRule>,
 }
 
 impl Names {
@@ -340,8 +365,23 @@ impl Names {
                 .entry(namespace.to_owned())
                 .or_default()
                 .entry(name.to_owned())
-                .or_insert_with(|| Arc::new(NamedCounters::new(namespace, name))),
+                .or_insert_with(|| {
+                    let rule = self.rule.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    Arc::new(NamedCounters::new(namespace, name, &rule))
+                }),
         )
+    }
+
+    /// Labels the namespaces of `database` (`DATABASE.NAME`) by `NAME`
+    /// alone, and by `database` too when `database_label` (see
+    /// `CacheConfig::metrics_database_label`). Applies to names first used
+    /// afterwards.
+    pub(crate) fn label_database(&self, database: &str, database_label: bool) {
+        let mut rule = self.rule.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !rule.databases.iter().any(|known| known == database) {
+            rule.databases.push(database.to_owned());
+        }
+        rule.database_label = database_label;
     }
 
     /// A snapshot, sorted by namespace and name.
@@ -413,5 +453,24 @@ pub(crate) async fn export_status(mut status: tokio::sync::watch::Receiver<Conne
         if status.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_of_a_database_are_labelled_by_collection() {
+        let mut rule = LabelRule::default();
+        assert_eq!(rule.labels("shop.users"), [("model", "shop.users".to_owned())]);
+        rule.databases.push("shop".into());
+        assert_eq!(rule.labels("shop.users"), [("model", "users".to_owned())]);
+        assert_eq!(rule.labels("shopping.users"), [("model", "shopping.users".to_owned())]);
+        rule.database_label = true;
+        assert_eq!(
+            rule.labels("shop.users"),
+            [("model", "users".to_owned()), ("database", "shop".to_owned())]
+        );
     }
 }

@@ -121,6 +121,7 @@ impl Environment {
         database.run_command(doc! { "ping": 1 }).await.map_err(connection)?;
         info!(uri = %uri, database = %config.database, "connected to MongoDB");
         let cache = CacheManager::connect(config.redis_uri.as_deref(), config.cache_config).await?;
+        cache.label_database(&config.database);
         let counters = Arc::new(feed::Counters::default());
         let (stop, stopped) = watch::channel(());
         let mut feed_task = None;
