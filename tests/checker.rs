@@ -51,6 +51,15 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
     );
     assert_eq!(report.failed_calls, 0, "{}", report.to_json());
     assert_eq!(report.stale_reads, 0, "{}", report.to_json());
+    // Concurrent partial updates and versioned saves of the same records:
+    // every acknowledged one is in the database, none was refused.
+    assert!(
+        report.tally_incs > 50 && report.tally_saves > 50,
+        "the tally writers ran: {}",
+        report.to_json()
+    );
+    assert_eq!(report.tally_incs_stored, report.tally_incs, "{}", report.to_json());
+    assert_eq!(report.tally_saves_stored, report.tally_saves, "{}", report.to_json());
     assert_eq!(report.recoveries_ms.len(), 3, "every return of Redis was observed");
     assert!(
         report.faults.iter().any(|f| f.contains("SIGKILLed")),
@@ -117,6 +126,7 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
         // No EarnORM write invalidates anything by chance: only the feed.
         writers: 0,
         outside_transactions: 0,
+        tally_writers: 0,
         bulk_records: 1_000,
         faults: false,
         crash_writer: None,

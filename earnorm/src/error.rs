@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use mongodb::bson::Document;
 use thiserror::Error;
 
 /// `Result` with [`Error`](enum@Error) as the default error.
@@ -138,27 +139,49 @@ impl Error {
         }
     }
 
-    /// A stored document of `model` that did not decode.
+    /// A stored document of `model` that did not decode, naming the field
+    /// when the decoder says which.
     pub(crate) fn decode(model: &'static str, source: mongodb::bson::error::Error) -> Self {
-        // The decoder names the field by its path, as a key, or in serde's
-        // own words.
-        let field = source
-            .path
-            .as_ref()
-            .map(ToString::to_string)
-            .filter(|path| !path.is_empty() && path != ".")
-            .or_else(|| source.key.clone())
-            .or_else(|| {
-                let message = source.message.as_deref()?;
-                let (_, rest) = message.split_once("missing field `")?;
-                rest.split_once('`').map(|(name, _)| name.to_owned())
-            });
+        // The decoder names the field as a key, or in serde's own words.
+        let field = source.key.clone().or_else(|| {
+            let message = source.message.as_deref()?;
+            let (_, rest) = message.split_once("missing field `")?;
+            rest.split_once('`').map(|(name, _)| name.to_owned())
+        });
         Error::Decode {
             model,
             field,
             source: Box::new(source),
         }
     }
+
+    /// This error, naming the field of `document` that does not decode
+    /// into `T` when it is a [`Decode`](Error::Decode) that names none yet.
+    /// On the error's path only: it decodes `document` again, tracking the
+    /// path.
+    pub(crate) fn locate<T: serde::de::DeserializeOwned>(self, document: Option<Document>) -> Self {
+        match self {
+            Error::Decode {
+                model,
+                field: None,
+                source,
+            } => Error::Decode {
+                model,
+                field: document.and_then(undecodable_field::<T>),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// The path of the first field of `document` that does not decode into
+/// `T`, if one does not.
+pub(crate) fn undecodable_field<T: serde::de::DeserializeOwned>(document: Document) -> Option<String> {
+    let decoder = mongodb::bson::de::Deserializer::new(mongodb::bson::Bson::Document(document));
+    let err = serde_path_to_error::deserialize::<_, T>(decoder).err()?;
+    let path = err.path().to_string();
+    (!path.is_empty() && path != ".").then_some(path)
 }
 
 /// ` (field `F`)`, or nothing.

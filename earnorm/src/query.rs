@@ -189,11 +189,28 @@ async fn fetch_by_ids<M: Model>(env: &Environment, wanted: &[&(&M::Id, Option<St
 
 /// One record read from MongoDB, with an optional sort.
 async fn find_one_in_db<M: Model>(env: &Environment, filter: Document, sort: Option<Document>) -> Result<Option<M>> {
-    M::collection_in(env)
-        .find_one(filter)
-        .with_options(mongodb::options::FindOneOptions::builder().sort(sort).build())
+    let options = mongodb::options::FindOneOptions::builder().sort(sort).build();
+    match M::collection_in(env)
+        .find_one(filter.clone())
+        .with_options(options.clone())
         .await
         .map_err(|e| Error::from_mongo(M::COLLECTION, e))
+    {
+        Err(err @ Error::Decode { field: None, .. }) => {
+            // Only on this error's path: read the document as it is, to name
+            // the field that does not decode.
+            let document = env
+                .database()
+                .collection::<Document>(M::COLLECTION)
+                .find_one(filter)
+                .with_options(options)
+                .await
+                .ok()
+                .flatten();
+            Err(err.locate::<M>(document))
+        }
+        other => other,
+    }
 }
 
 /// The future an action becomes when awaited.

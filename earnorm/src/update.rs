@@ -130,7 +130,8 @@ async fn attempt<M: Model>(
         let _ = session.abort_transaction().await;
         return Ok(None);
     };
-    let record: M = mongodb::bson::deserialize_from_document(document).map_err(|e| Error::decode(M::COLLECTION, e))?;
+    let record: M = mongodb::bson::deserialize_from_document(document.clone())
+        .map_err(|e| Error::decode(M::COLLECTION, e).locate::<M>(Some(document)))?;
     if let Some(id) = record.id_key() {
         narrowed.set(vec![Touched::Record(M::COLLECTION, id)]);
     }

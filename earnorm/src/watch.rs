@@ -90,9 +90,10 @@ fn typed<M: Model>(event: ChangeStreamEvent<Document>) -> Result<ChangeEvent<M>>
         None => None,
     };
     let record = match event.full_document {
-        Some(document) => {
-            Some(mongodb::bson::deserialize_from_document::<M>(document).map_err(|e| Error::decode(M::COLLECTION, e))?)
-        }
+        Some(document) => Some(
+            mongodb::bson::deserialize_from_document::<M>(document.clone())
+                .map_err(|e| Error::decode(M::COLLECTION, e).locate::<M>(Some(document)))?,
+        ),
         None => None,
     };
     let (updated_fields, removed_fields) = match event.update_description {

@@ -47,6 +47,23 @@ pub struct Item {
     pub version: i64,
 }
 
+/// A record written concurrently by partial updates (`$inc` of `count`) or
+/// by versioned read-modify-save loops; its record cache is on, so reads
+/// between the writes go through the cache.
+#[derive(Debug, Clone, Serialize, Deserialize, Model)]
+#[earnorm(collection = "checker_tallies", cache(ttl = 60))]
+pub struct Tally {
+    /// Id.
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    /// Incremented by every acknowledged write.
+    pub count: i64,
+    /// The ORM's version.
+    #[earnorm(version)]
+    #[serde(default)]
+    pub revision: i64,
+}
+
 /// Widens the race window between reading the database and storing the value,
 /// the same way in both modes.
 async fn think(seed: u64) {
@@ -109,6 +126,11 @@ pub struct CheckerConfig {
     /// through a proxy, leads first and is cut off from MongoDB (its
     /// connections stall) at 30% of the run: the others take over.
     pub stalled_leader: bool,
+    /// Concurrent tasks writing two records of their own: `$inc`s through
+    /// `update_one` of one, and versioned read-modify-save loops (retried on
+    /// `Conflict`) of the other; at the end each record's count must equal
+    /// the number of its acknowledged writes (no update lost, none refused).
+    pub tally_writers: usize,
     /// Inject faults on the private Redis.
     pub faults: bool,
     /// Read through a naive cache-aside instead of `#[cached]`.
@@ -137,6 +159,7 @@ impl Default for CheckerConfig {
             outside_transactions: 1,
             bulk_records: 0,
             stalled_leader: false,
+            tally_writers: 4,
             faults: true,
             naive: false,
             seed: 0x5EED,
@@ -189,6 +212,16 @@ pub struct Report {
     pub outside_window_p99_ms: u64,
     /// Maximum.
     pub outside_window_max_ms: u64,
+    /// Acknowledged `$inc`s of the tally record, and its count at the end.
+    pub tally_incs: u64,
+    /// The count stored at the end (must equal `tally_incs`).
+    pub tally_incs_stored: u64,
+    /// Acknowledged versioned saves of the other tally record.
+    pub tally_saves: u64,
+    /// Its count stored at the end (must equal `tally_saves`).
+    pub tally_saves_stored: u64,
+    /// `Conflict`s the versioned saves met (and retried).
+    pub tally_conflicts: u64,
     /// Reads or writes that returned an error.
     pub failed_calls: u64,
     /// Read latency percentiles and maximum, microseconds.
@@ -231,8 +264,13 @@ impl Report {
     }
 
     /// The figures, named, in report order (shared by the JSON and the summary).
-    fn figures(&self) -> [(&'static str, u64); 22] {
+    fn figures(&self) -> [(&'static str, u64); 27] {
         [
+            ("tally_incs", self.tally_incs),
+            ("tally_incs_stored", self.tally_incs_stored),
+            ("tally_saves", self.tally_saves),
+            ("tally_saves_stored", self.tally_saves_stored),
+            ("tally_conflicts", self.tally_conflicts),
             ("outside_writes", self.outside_writes),
             ("crash_writer_writes", self.crash_writer_writes),
             ("crash_writer_unacknowledged", self.crash_writer_unacknowledged),
@@ -543,6 +581,11 @@ pub async fn run(config: &CheckerConfig) -> Report {
             outside_bulk_writer(&shared, &env, &mut rng).await;
         })));
     }
+    let tallies = Arc::new(Tallies::seed(&envs[0]).await);
+    for t in 0..config.tally_writers {
+        let (shared, tallies, env) = (Arc::clone(&shared), Arc::clone(&tallies), envs[t % 2].clone());
+        tasks.push(tokio::spawn(async move { tallies.write(&shared, &env, t).await }));
+    }
     for r in 0..config.readers {
         let (shared, env) = (Arc::clone(&shared), envs[r % 2].clone());
         let mut rng = Rng(config.seed ^ (0x2000 + r as u64));
@@ -637,6 +680,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
     }
 
     let mut report = check(&shared);
+    tallies.check(&envs[0], &mut report).await;
     report.naive = config.naive;
     report.seconds = seconds;
     report.faults = faults;
@@ -859,6 +903,96 @@ async fn update_in_transaction(
         unrelated_bulk_write(env, kind, work).await;
         session.commit_transaction().await.map_err(|e| text(&e))?;
         Ok(matched == 1)
+    }
+}
+
+/// The two tally records and what was acknowledged of their writes.
+struct Tallies {
+    incremented: ObjectId,
+    saved: ObjectId,
+    incs: AtomicU64,
+    saves: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+impl Tallies {
+    async fn seed(env: &Environment) -> Self {
+        let mut ids = [ObjectId::new(), ObjectId::new()];
+        for id in &mut ids {
+            let mut tally = Tally {
+                id: Some(*id),
+                count: 0,
+                revision: 0,
+            };
+            tally.save_in(env).await.expect("seed a tally");
+        }
+        Self {
+            incremented: ids[0],
+            saved: ids[1],
+            incs: AtomicU64::new(0),
+            saves: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes until the run stops: `$inc`s (even tasks) or versioned
+    /// read-modify-save loops (odd tasks).
+    async fn write(&self, shared: &Shared, env: &Environment, task: usize) {
+        while !shared.stop.load(Ordering::SeqCst) {
+            let written = if task.is_multiple_of(2) {
+                Tally::update_one_in(env, doc! { "_id": self.incremented }, doc! { "$inc": { "count": 1 } })
+                    .await
+                    .map(|found| found.is_some())
+            } else {
+                self.save_one_more(env).await
+            };
+            match written {
+                Ok(true) if task.is_multiple_of(2) => {
+                    self.incs.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(true) => {
+                    self.saves.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(false) | Err(_) => {
+                    shared.failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+
+    /// Reads the saved tally (through its record cache), adds one, saves;
+    /// again on `Conflict`. Whether a save was acknowledged.
+    async fn save_one_more(&self, env: &Environment) -> earnorm::Result<bool> {
+        loop {
+            let Some(mut tally) = Tally::find_by_id_in(env, self.saved).await? else {
+                return Ok(false);
+            };
+            tally.count += 1;
+            match tally.save_in(env).await {
+                Ok(()) => return Ok(true),
+                Err(earnorm::Error::Conflict { .. }) => {
+                    self.conflicts.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// The counts stored at the end, beside the acknowledged writes.
+    async fn check(&self, env: &Environment, report: &mut Report) {
+        let stored = |id: ObjectId| async move {
+            earnorm::bypass_cache(Tally::find_by_id_in(env, id))
+                .await
+                .ok()
+                .flatten()
+                .map_or(0, |tally| u64::try_from(tally.count).unwrap_or(0))
+        };
+        report.tally_incs = self.incs.load(Ordering::SeqCst);
+        report.tally_incs_stored = stored(self.incremented).await;
+        report.tally_saves = self.saves.load(Ordering::SeqCst);
+        report.tally_saves_stored = stored(self.saved).await;
+        report.tally_conflicts = self.conflicts.load(Ordering::SeqCst);
     }
 }
 
