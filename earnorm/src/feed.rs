@@ -124,8 +124,6 @@ pub const BATCH: usize = 1_000;
 /// it adds at most this to the feed's lag, and divides the number of
 /// `getMore`s under sustained writes.
 pub const PACE: Duration = Duration::from_millis(2);
-/// A poll that took at least this long went to the server.
-const FETCHED: Duration = Duration::from_micros(100);
 /// How long the server holds an idle poll of the stream open: the leader
 /// records its caught-up time at least this often.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
@@ -343,7 +341,7 @@ impl Feed {
         // Leading from here: the stream is open, and a reset is done.
         self.set_leader(true);
         self.ready.send_replace(true);
-        let (sender, mut reads) = mpsc::channel(BATCH * 4);
+        let (sender, mut reads) = mpsc::channel(16);
         let polling = Arc::new(Polling::default());
         let _reader = Abort(tokio::spawn(read(
             stream,
@@ -369,7 +367,7 @@ impl Feed {
                         break Lead::Stalled;
                     }
                 }
-                read = reads.recv_many(&mut batch, BATCH) => {
+                read = reads.recv_many(&mut batch, 8) => {
                     if read == 0 {
                         break Lead::Lost;
                     }
@@ -479,23 +477,27 @@ impl Feed {
         let mut pending = Pending::default();
         for read in batch.drain(..) {
             match read {
-                Read::Event(event) => match effect(&event) {
-                    Effect::Targets(targets) => pending.add(self.database.name(), targets, event),
-                    Effect::Nothing => pending.pass(event),
-                    Effect::Everything { ended } => {
-                        self.flush(&mut pending, tokens).await;
-                        if let Err(err) = self.cache.invalidate_all_from(InvalidationSource::Feed).await {
-                            debug!(error = %err, "database feed: could not invalidate everything");
-                        }
-                        pending.pass(event);
-                        self.flush(&mut pending, tokens).await;
-                        if ended {
-                            // The stream ended (`invalidate`): start anew.
-                            let _ = self.cache.set_meta(&self.token_name(), b"").await;
-                            return Some(Lead::Lost);
+                Read::Events(events) => {
+                    for event in events {
+                        match effect(&event) {
+                            Effect::Targets(targets) => pending.add(self.database.name(), targets, event),
+                            Effect::Nothing => pending.pass(event),
+                            Effect::Everything { ended } => {
+                                self.flush(&mut pending, tokens).await;
+                                if let Err(err) = self.cache.invalidate_all_from(InvalidationSource::Feed).await {
+                                    debug!(error = %err, "database feed: could not invalidate everything");
+                                }
+                                pending.pass(event);
+                                self.flush(&mut pending, tokens).await;
+                                if ended {
+                                    // The stream ended (`invalidate`): start anew.
+                                    let _ = self.cache.set_meta(&self.token_name(), b"").await;
+                                    return Some(Lead::Lost);
+                                }
+                            }
                         }
                     }
-                },
+                }
                 Read::CaughtUp { polled, token } => {
                     // Read to the end: every write committed before that
                     // poll began is invalidated once the events before it are.
@@ -691,8 +693,9 @@ struct Change {
 
 /// What the reader passes on.
 enum Read {
-    /// An event.
-    Event(Box<Change>),
+    /// Events read together: those of one fetch from the server (the
+    /// driver's buffer, drained), at most [`BATCH`].
+    Events(Vec<Change>),
     /// The stream was read to its end by a poll that began when the Redis
     /// server's clock read at least `polled`; `token` resumes after it.
     CaughtUp {
@@ -704,39 +707,65 @@ enum Read {
 }
 
 /// Reads `stream` into `reads` until it fails or `reads` closes, telling
-/// `polling` when each read begins and ends. After events fetched from the
-/// server (not ones the driver had buffered), it pauses [`PACE`] before the
-/// next fetch, so that under sustained writes one `getMore` brings many.
+/// `polling` when each read that waits on the server begins and ends. The
+/// events one fetch brought (the driver's buffer) are passed on together:
+/// a read that the buffer answers completes when first polled, and the
+/// first one that does not (a fetch from the server has begun) is when the
+/// gathered events go, before it is awaited (never cancelled). After events
+/// fetched from the server, it pauses [`PACE`] before awaiting the next
+/// fetch, so that under sustained writes one `getMore` brings many.
 async fn read(mut stream: ChangeStream<Change>, cache: CacheManager, reads: mpsc::Sender<Read>, polling: Arc<Polling>) {
+    let mut gathered: Vec<Change> = Vec::new();
     loop {
         // The earliest the server's clock can read as this poll begins: if
         // it finds the stream empty, every write committed before that is
         // invalidated once what came before is.
         let polled = cache.server_time_at_least();
-        let asked = Instant::now();
-        polling.begin();
-        let next = stream.next_if_any().await;
-        polling.end();
-        let fetched = asked.elapsed() >= FETCHED;
-        let (read, pace) = match next {
-            Ok(Some(event)) => (Read::Event(Box::new(event)), fetched),
-            Ok(None) => (
+        let next = {
+            let mut next = std::pin::pin!(stream.next_if_any());
+            match futures_util::poll!(next.as_mut()) {
+                std::task::Poll::Ready(next) => next,
+                std::task::Poll::Pending => {
+                    if !gathered.is_empty() {
+                        if reads.send(Read::Events(std::mem::take(&mut gathered))).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(PACE).await;
+                    }
+                    polling.begin();
+                    let next = next.await;
+                    polling.end();
+                    next
+                }
+            }
+        };
+        let read = match next {
+            Ok(Some(event)) => {
+                gathered.push(event);
+                if gathered.len() < BATCH {
+                    continue;
+                }
+                Read::Events(std::mem::take(&mut gathered))
+            }
+            Ok(None) => {
+                if !gathered.is_empty() && reads.send(Read::Events(std::mem::take(&mut gathered))).await.is_err() {
+                    return;
+                }
                 Read::CaughtUp {
                     polled,
                     token: stream.resume_token(),
-                },
-                false,
-            ),
+                }
+            }
             Err(err) => {
+                if !gathered.is_empty() {
+                    let _ = reads.send(Read::Events(std::mem::take(&mut gathered))).await;
+                }
                 let _ = reads.send(Read::Failed(err)).await;
                 return;
             }
         };
         if reads.send(read).await.is_err() {
             return;
-        }
-        if pace {
-            tokio::time::sleep(PACE).await;
         }
     }
 }
@@ -750,8 +779,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn add(&mut self, database: &str, targets: Vec<Target>, event: Box<Change>) {
-        let event = *event;
+    fn add(&mut self, database: &str, targets: Vec<Target>, event: Change) {
         for target in targets {
             let scope = match target {
                 Target::Record { collection, id } => (model_scope(database, &collection), Some(id)),
@@ -763,8 +791,8 @@ impl Pending {
     }
 
     /// An event that touches no scope (counted with the others).
-    fn pass(&mut self, event: Box<Change>) {
-        self.events.push(*event);
+    fn pass(&mut self, event: Change) {
+        self.events.push(event);
     }
 }
 
@@ -991,7 +1019,7 @@ mod tests {
             let Effect::Targets(targets) = effect(&event) else {
                 panic!("targets");
             };
-            pending.add("d", targets, Box::new(event));
+            pending.add("d", targets, event);
         }
         assert_eq!(pending.events.len(), 3);
         assert_eq!(pending.scopes.len(), 2);
