@@ -416,3 +416,56 @@ async fn find_many_by_ids_of_25_000_ids_is_served_from_the_cache() {
     assert_eq!(env.cache().status(), earnorm::ConnectionStatus::Connected);
     let _ = env.database().drop().await;
 }
+
+/// Bug: a batch lookup (`find_many_by_ids`) decoded its hits inline, and a
+/// stored value that did not decode was neither counted nor removed (a
+/// lookup of one key does both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
+    let env = test_env("record_cache_corrupt").await;
+    let mut books = [Book::new("Dune", 3), Book::new("Emma", 5), Book::new("Ulysses", 7)];
+    seeded(&env, &mut books).await;
+    let ids: Vec<ObjectId> = books.iter().filter_map(|b| b.id).collect();
+    Book::find_many_by_ids_in(&env, &ids).await.expect("fill");
+
+    // Every cached value of the prefix replaced by bytes no envelope has.
+    let client = redis::Client::open(support::redis_url()).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let pattern = format!("{}v:*", earnorm::cache_layer::escape_glob(&env.cache().config().prefix));
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor = 0_u64;
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("scan");
+        keys.extend(found);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for key in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg("not an envelope")
+            .arg("KEEPTTL")
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+    }
+    let before = env.cache().stats().decode_errors;
+    let found = Book::find_many_by_ids_in(&env, &ids).await.expect("read");
+    assert_eq!(found.len(), 3, "read from MongoDB instead");
+    assert_eq!(env.cache().stats().decode_errors - before, 3, "counted");
+    let hits = env.cache().stats().hits;
+    Book::find_many_by_ids_in(&env, &ids).await.expect("read again");
+    assert_eq!(env.cache().stats().hits - hits, 3, "stored again, then hits");
+    let _ = env.database().drop().await;
+}

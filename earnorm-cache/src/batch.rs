@@ -210,14 +210,24 @@ impl CacheManager {
         };
         let mut generations: Vec<Option<Vec<u8>>> = replies.split_off(keys.len());
         let mut missed = Vec::new();
+        let mut undecodable = Vec::new();
         for (i, (key, stored)) in keys.iter().zip(replies).enumerate() {
             let seen: Vec<Option<Vec<u8>>> = positions[i].iter().map(|&g| generations[g].clone()).collect();
             let hit = stored.and_then(|bytes| {
-                let envelope = Envelope::open(&bytes).ok()?;
-                if !(envelope.is_current(&seen) && conn.serves(key)) {
-                    return None;
-                }
-                codec::decode::<T>(envelope.payload).ok()
+                let opened = Envelope::open(&bytes).and_then(|envelope| {
+                    let current = envelope.is_current(&seen) && conn.serves(key);
+                    Ok(if current {
+                        Some(codec::decode::<T>(envelope.payload)?)
+                    } else {
+                        None
+                    })
+                });
+                // As a lookup of one key does: a value that does not decode
+                // is counted and removed.
+                opened.unwrap_or_else(|err| {
+                    undecodable.push((key, err));
+                    None
+                })
             });
             if hit.is_some() {
                 conn.counters.count(key.named.get(), Event::Hit);
@@ -227,6 +237,8 @@ impl CacheManager {
             }
             values.push(hit);
         }
+        let undecodable: Vec<(&CacheKey, &CacheError)> = undecodable.iter().map(|(key, err)| (*key, err)).collect();
+        self.discard_all(&undecodable, budget).await;
         // As for one key: no computation starts under an absent generation.
         let storable = missed.is_empty()
             || self

@@ -1069,12 +1069,32 @@ impl CacheManager {
 
     /// Removes a value that does not decode, counting it.
     async fn discard(&self, key: &CacheKey, err: &CacheError, budget: &mut Duration) {
-        Counters::bump(
-            &self.connection().counters.decode_errors,
-            "earnorm_cache_decode_errors_total",
-        );
-        debug!(key = key.as_str(), error = %err, "removing a cached value that does not decode");
-        let _ = self.delete_within(key, budget).await;
+        self.discard_all(&[(key, err)], budget).await;
+    }
+
+    /// Counts the cached values of `undecodable` that did not decode (each
+    /// with its error) and removes them, in one round trip: what a lookup,
+    /// of one key or of a batch, does with such a value.
+    pub(crate) async fn discard_all(&self, undecodable: &[(&CacheKey, &CacheError)], budget: &mut Duration) {
+        if undecodable.is_empty() {
+            return;
+        }
+        let mut cmd = redis::cmd("UNLINK");
+        for (key, err) in undecodable {
+            Counters::bump(
+                &self.connection().counters.decode_errors,
+                "earnorm_cache_decode_errors_total",
+            );
+            debug!(key = key.as_str(), error = %err, "removing a cached value that does not decode");
+            cmd.arg(&key.value);
+        }
+        let _ = self
+            .connection()
+            .call_within(
+                budget,
+                |mut conn| async move { cmd.query_async::<u64>(&mut conn).await },
+            )
+            .await;
     }
 
     /// Stores through the compare-and-set script, giving `lease` up in the
