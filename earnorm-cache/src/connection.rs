@@ -63,9 +63,10 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::random_unit;
 use crate::key::Scope;
+use crate::keyspace::Keyspace;
 use crate::outbox::{invalidation, Outbox};
 use crate::redact::redact_url;
-use crate::scan::{bounded, generations_pattern, unlink_matching};
+use crate::scan::{bounded, unlink_matching};
 use crate::stats::{ConnectionStatus, Counters};
 use crate::token::new_token;
 use crate::{CacheConfig, CacheError};
@@ -250,6 +251,11 @@ impl Connection {
         Self::with_client(None, String::new(), config)
     }
 
+    /// The names of the keys under this manager's prefix.
+    pub(crate) fn keys(&self) -> Keyspace<'_> {
+        Keyspace::new(&self.namespace)
+    }
+
     pub(crate) fn is_enabled(&self) -> bool {
         self.client.is_some()
     }
@@ -277,8 +283,7 @@ impl Connection {
     /// Follows a database feed's caught-up marker (see `CacheManager::follow_feed`).
     pub(crate) fn follow_feed(&self, marker: &str, scopes: &str) {
         *self.feed_scopes.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::from(scopes));
-        *self.feed_marker.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some(format!("{}meta:{marker}", self.namespace));
+        *self.feed_marker.lock().unwrap_or_else(PoisonError::into_inner) = Some(self.keys().meta(marker));
         self.wake.notify_one();
     }
 
@@ -511,7 +516,7 @@ impl Connection {
     /// its own outage is over.
     pub(crate) async fn beat(&self) {
         let missing_after = self.missing_after();
-        let mut invocation = self.heartbeat.key(format!("{}meta:members", self.namespace));
+        let mut invocation = self.heartbeat.key(self.keys().members());
         let marker_key = self.feed_marker.lock().unwrap_or_else(PoisonError::into_inner).clone();
         if let Some(marker_key) = &marker_key {
             invocation.key(marker_key);
@@ -630,12 +635,12 @@ impl Connection {
     async fn check_restart(&self, conn: &mut MultiplexedConnection, run_id: Option<&str>) -> Result<(), CacheError> {
         let Some(run_id) = run_id else { return Ok(()) };
         let limit = self.config.operation_timeout;
-        let marker = format!("{}meta:run_id", self.namespace);
+        let marker = self.keys().run_id();
         let recorded: Option<String> = bounded(limit, redis::cmd("GET").arg(&marker).query_async(conn)).await?;
         if recorded.as_deref() == Some(run_id) {
             return Ok(());
         }
-        let removed = unlink_matching(conn, limit, &generations_pattern(&self.namespace)).await?;
+        let removed = unlink_matching(conn, limit, &self.keys().generations_glob()).await?;
         if removed > 0 {
             info!(url = %self.url, removed, "Redis restarted: invalidated every generation in case old values were reloaded");
         }
@@ -651,7 +656,7 @@ impl Connection {
     /// the permissions an ACL user needs. Warns when it does not.
     async fn check_capabilities(&self, conn: &mut MultiplexedConnection, server: &ServerInfo) {
         let limit = self.config.operation_timeout;
-        let probe = format!("{}meta:probe:{}", self.namespace, self.member);
+        let probe = self.keys().probe(&self.member);
         let mut checks = redis::pipe();
         checks
             .cmd("SET")
@@ -743,7 +748,7 @@ impl Connection {
 
     /// Removes this manager's heartbeat (it is leaving, not missing).
     pub(crate) async fn leave(&self) {
-        let key = format!("{}meta:members", self.namespace);
+        let key = self.keys().members();
         let member = self.member.clone();
         let _ = self
             .call(|mut conn| async move {

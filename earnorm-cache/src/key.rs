@@ -1,20 +1,7 @@
 //! Cache keys, the scopes a value depends on, and glob escaping.
 //!
-//! Every key lives under the manager's prefix `P` (the configured prefix,
-//! ending in `:`):
-//!
-//! | key                     | holds                                             |
-//! |-------------------------|---------------------------------------------------|
-//! | `P v:NS:NAME:ID:HASH`   | a cached value (an envelope, see [`crate::codec`]) |
-//! | `P g:r:MODEL:ID`        | generation of one record                          |
-//! | `P g:m:MODEL`           | generation of every record of a model (bulk writes) |
-//! | `P g:q:MODEL`           | generation of a model's queries (any write)       |
-//! | `P g:t:TAG`             | generation of a free-form tag                     |
-//! | `P meta:run_id`         | the Redis server the generations were made on      |
-//! | `P meta:members`        | heartbeats of the managers using the prefix        |
-//! | `P meta:probe:N`        | a short-lived key written by the checks at connect |
-//! | `P meta:NAME`           | bookkeeping values (`CacheManager::set_meta`), such as the feed's resume token |
-//! | `P lease:NAME`          | leases (`CacheManager::lease`), such as the feed leader's |
+//! Every key's name comes from [`Keyspace`](crate::keyspace::Keyspace),
+//! which has the table of them; a value's key is `P v:NS:NAME:ID:HASH`.
 //!
 //! `HASH` is a 128-bit XXH3 of the canonical encoding of the arguments (and,
 //! for record methods, of the record itself, and of the type names that
@@ -24,9 +11,6 @@
 //! order, so such arguments can give different keys in different processes;
 //! that costs misses, never wrong values. Prefer `BTreeMap`/`BTreeSet` in
 //! cached arguments and records.
-//!
-//! Names may contain any character, `:` included: keys are only ever built
-//! from scopes, never parsed back.
 
 use std::fmt::Write as _;
 
@@ -34,6 +18,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::key_encoding::KeyEncoder;
+use crate::keyspace::Keyspace;
 use crate::stats::NamedCounters;
 use crate::CacheError;
 
@@ -56,35 +41,6 @@ pub enum Scope<'a> {
     Model(&'a str),
     /// A free-form tag for values that are not tied to a model.
     Tag(&'a str),
-}
-
-impl Scope<'_> {
-    /// Generation keys a value built with this scope is checked against.
-    pub(crate) fn read_generations(&self, prefix: &str, out: &mut Vec<String>) {
-        match *self {
-            Scope::Record(model, id) => {
-                out.push(format!("{prefix}g:m:{model}"));
-                out.push(format!("{prefix}g:r:{model}:{id}"));
-            }
-            Scope::Model(model) => out.push(format!("{prefix}g:q:{model}")),
-            Scope::Tag(tag) => out.push(format!("{prefix}g:t:{tag}")),
-        }
-    }
-
-    /// Generation keys a write to this scope replaces.
-    pub(crate) fn write_generations(&self, prefix: &str, out: &mut Vec<String>) {
-        match *self {
-            Scope::Record(model, id) => {
-                out.push(format!("{prefix}g:r:{model}:{id}"));
-                out.push(format!("{prefix}g:q:{model}"));
-            }
-            Scope::Model(model) => {
-                out.push(format!("{prefix}g:m:{model}"));
-                out.push(format!("{prefix}g:q:{model}"));
-            }
-            Scope::Tag(tag) => out.push(format!("{prefix}g:t:{tag}")),
-        }
-    }
 }
 
 /// A [`Scope`] that owns its names, for invalidations kept until Redis can
@@ -193,13 +149,7 @@ impl KeyBuilder {
         feed_scopes: Option<std::sync::Arc<str>>,
         named: Option<std::sync::Arc<NamedCounters>>,
     ) -> Self {
-        let mut value = String::with_capacity(prefix.len() + namespace.len() + name.len() + 64);
-        value.push_str(prefix);
-        value.push_str("v:");
-        value.push_str(namespace);
-        value.push(':');
-        value.push_str(name);
-        value.push(':');
+        let value = Keyspace::new(prefix).value_start(namespace, name);
         Self {
             value,
             prefix_len: prefix.len(),
@@ -227,7 +177,7 @@ impl KeyBuilder {
             Scope::Tag(_) => false,
         };
         self.feed_covered &= covered;
-        scope.read_generations(&self.value[..self.prefix_len], &mut self.generations);
+        Keyspace::new(&self.value[..self.prefix_len]).read_generations(scope, &mut self.generations);
         self
     }
 

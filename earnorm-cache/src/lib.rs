@@ -129,6 +129,7 @@ mod error;
 mod flight;
 mod key;
 mod key_encoding;
+mod keyspace;
 mod manager;
 mod outbox;
 mod redact;

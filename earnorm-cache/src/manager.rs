@@ -12,8 +12,8 @@ use tracing::{debug, trace, warn, Instrument};
 use crate::codec::{self, Envelope, Output};
 use crate::connection::{supervise, Connection};
 use crate::flight::{self, Flights, Follower, Leader, Outcome, Role};
-use crate::key::{escape_glob, CacheKey, KeyBuilder, Scope};
-use crate::scan::{generations_pattern, unlink_matching};
+use crate::key::{CacheKey, KeyBuilder, Scope};
+use crate::scan::unlink_matching;
 use crate::stats::{CacheStats, ConnectionStatus, Counters, Event, NamedStats, Names, Served};
 use crate::token::new_token;
 use crate::{CacheConfig, CacheError, InvalidationSource};
@@ -920,9 +920,7 @@ impl CacheManager {
 
     /// The Redis key of `key`'s lease: `PREFIX lease:v:...`.
     fn lease_key(&self, key: &CacheKey) -> String {
-        let prefix = &self.connection().namespace;
-        let rest = key.value.strip_prefix(prefix.as_str()).unwrap_or(&key.value);
-        format!("{prefix}lease:{rest}")
+        self.connection().keys().value_lease(&key.value)
     }
 
     /// Before computing: creates the absent generations among
@@ -1280,8 +1278,7 @@ impl CacheManager {
     pub async fn invalidate_all_from(&self, source: InvalidationSource) -> Result<u64, CacheError> {
         self.inner.flights.clear();
         self.connection().counters.invalidated(source);
-        self.unlink_matching(&generations_pattern(&self.connection().namespace))
-            .await
+        self.unlink_matching(&self.connection().keys().generations_glob()).await
     }
 
     /// Unlinks every key matching `pattern` on the published connection.
@@ -1296,7 +1293,7 @@ impl CacheManager {
     /// Deletes every key under this manager's prefix that matches `pattern`
     /// (a Redis glob, relative to the prefix), with `SCAN` and `UNLINK` in
     /// batches; never `KEYS`. Escape user data placed in the pattern with
-    /// [`escape_glob`]. Returns the number of keys deleted.
+    /// [`escape_glob`](crate::escape_glob). Returns the number of keys deleted.
     ///
     /// Its cost grows with the size of the keyspace: use [`invalidate`](Self::invalidate)
     /// for ordinary writes.
@@ -1305,7 +1302,7 @@ impl CacheManager {
     /// When the cache is disabled, unavailable or fails part-way (keys deleted
     /// before the failure stay deleted).
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
-        let full = format!("{}{}", escape_glob(&self.connection().namespace), pattern);
+        let full = self.connection().keys().glob(pattern);
         let deleted = self.unlink_matching(&full).await?;
         debug!(pattern = %full, deleted, "pattern deletion");
         Ok(deleted)
@@ -1319,10 +1316,7 @@ impl CacheManager {
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, CacheError> {
-        let mut invocation = self
-            .inner
-            .lease
-            .key(format!("{}lease:{name}", self.connection().namespace));
+        let mut invocation = self.inner.lease.key(self.connection().keys().lease(name));
         invocation.arg(holder).arg(expiry_ms(ttl));
         let held: i64 = self
             .connection()
@@ -1336,10 +1330,7 @@ impl CacheManager {
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn release(&self, name: &str, holder: &str) -> Result<(), CacheError> {
-        let mut invocation = self
-            .inner
-            .release
-            .key(format!("{}lease:{name}", self.connection().namespace));
+        let mut invocation = self.inner.release.key(self.connection().keys().lease(name));
         invocation.arg(holder);
         self.connection()
             .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
@@ -1394,7 +1385,7 @@ impl CacheManager {
             .server_time_at_least()
             .unwrap_or(at)
             .saturating_add(i64::try_from(conn.config.operation_timeout.as_millis()).unwrap_or(i64::MAX));
-        let mut invocation = self.inner.mark.key(format!("{}meta:{marker}", conn.namespace));
+        let mut invocation = self.inner.mark.key(conn.keys().meta(marker));
         invocation.arg(at).arg(deadline);
         conn.call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await })
             .await
@@ -1407,7 +1398,7 @@ impl CacheManager {
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let key = format!("{}meta:{name}", self.connection().namespace);
+        let key = self.connection().keys().meta(name);
         self.connection()
             .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
             .await
@@ -1419,7 +1410,7 @@ impl CacheManager {
     /// When the cache is disabled, unavailable or fails (Redis out of memory
     /// under `noeviction` refuses it).
     pub async fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), CacheError> {
-        let key = format!("{}meta:{name}", self.connection().namespace);
+        let key = self.connection().keys().meta(name);
         let value = value.to_vec();
         self.connection()
             .call(|mut conn| async move { redis::cmd("SET").arg(key).arg(value).query_async(&mut conn).await })

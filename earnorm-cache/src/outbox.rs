@@ -30,7 +30,8 @@ use redis::aio::MultiplexedConnection;
 use tracing::info;
 
 use crate::key::{OwnedScope, Scope};
-use crate::scan::{bounded, generations_pattern, unlink_matching};
+use crate::keyspace::Keyspace;
+use crate::scan::{bounded, unlink_matching};
 use crate::CacheError;
 
 /// Most scopes remembered before the outbox falls back to invalidating
@@ -80,7 +81,7 @@ const KEYS_PER_DEL: usize = 256;
 pub(crate) fn invalidation<'a>(namespace: &str, scopes: impl IntoIterator<Item = Scope<'a>>) -> redis::Pipeline {
     let mut keys = Vec::new();
     for scope in scopes {
-        scope.write_generations(namespace, &mut keys);
+        Keyspace::new(namespace).written_generations(scope, &mut keys);
     }
     let mut seen = HashSet::with_capacity(keys.len());
     keys.retain(|key| seen.insert(key.clone()));
@@ -134,7 +135,7 @@ impl Outbox {
                 std::mem::take(&mut *queue)
             };
             let sent = if batch.everything {
-                unlink_matching(conn, limit, &generations_pattern(namespace))
+                unlink_matching(conn, limit, &Keyspace::new(namespace).generations_glob())
                     .await
                     .map(|_| ())
             } else {

@@ -9,16 +9,10 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 
-use crate::escape_glob;
 use crate::CacheError;
 
 /// Keys asked for per `SCAN` step.
 const SCAN_COUNT: u64 = 1000;
-
-/// The glob matching every generation under the key namespace `namespace`.
-pub(crate) fn generations_pattern(namespace: &str) -> String {
-    format!("{}g:*", escape_glob(namespace))
-}
 
 /// Unlinks every key matching `pattern` (a complete glob), one `SCAN` step
 /// and one `UNLINK` per batch, each bounded by `limit`. Returns how many keys
