@@ -31,8 +31,8 @@
 //! visible after the writer's invalidation: a reader that cached the old
 //! state in between would serve it until its TTL. So every event
 //! invalidates, and the redundant invalidation is made cheap instead: the
-//! events read together (up to [`BATCH`]) go to Redis in one round trip,
-//! while the next ones are already being read. Its cost to readers: a value
+//! events of one fetch from the server (up to [`BATCH`]) go to Redis in one
+//! round trip, while the next ones are already being read. Its cost to readers: a value
 //! cached between an EarnORM write's own invalidation and its echo (the
 //! feed's lag, a few milliseconds) is computed once more.
 //!
@@ -43,13 +43,16 @@
 //! costs one feed invalidation in Redis, whatever the number of processes.
 //! The stream is read by a task of its own too, so that neither a slow
 //! invalidation nor a slow read holds up the renewal, and a read in flight
-//! is never cancelled. A leader steps down (gives its lease up, and stays
-//! aside for [`STEP_ASIDE`]) when it cannot renew before its lease may have
-//! lapsed, or when a read of the stream has not answered within
-//! [`IDLE_POLL`] plus [`STALL`] (MongoDB cut off or frozen): another
-//! environment leads within [`FOLLOW`] of a step-down, and within [`LEASE`]
-//! plus [`FOLLOW`] of a leader's death, then replays from the recorded token
-//! what the last leader may not have invalidated.
+//! is never cancelled. A leader steps down when it cannot renew before its
+//! lease may have lapsed (Redis cut off: it tries to lead again as soon as
+//! Redis answers), or when a read of the stream has not answered within
+//! [`IDLE_POLL`] plus [`STALL`] (MongoDB cut off or frozen: it gives its
+//! lease up and stays aside for [`STEP_ASIDE`]). Either way, what it has
+//! read is invalidated before it leaves (queued while Redis cannot take
+//! it). Another environment leads within [`FOLLOW`] of a step-down that gave
+//! the lease up, and within [`LEASE`] plus [`FOLLOW`] of a leader's death,
+//! then replays from the recorded token what the last leader may not have
+//! invalidated.
 //!
 //! **Resumption.** After invalidating, the leader records the stream's resume
 //! token in Redis (`PREFIX meta:feed:DATABASE:token`, at most every
