@@ -127,6 +127,7 @@ mod config;
 mod connection;
 mod error;
 mod flight;
+mod invalidate;
 mod key;
 mod key_encoding;
 mod keyspace;

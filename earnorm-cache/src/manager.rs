@@ -12,11 +12,10 @@ use tracing::{debug, trace, warn, Instrument};
 use crate::codec::{self, Envelope, Output};
 use crate::connection::{supervise, Connection};
 use crate::flight::{self, Flights, Follower, Leader, Outcome, Role};
-use crate::key::{CacheKey, KeyBuilder, Scope};
-use crate::scan::unlink_matching;
+use crate::key::{CacheKey, KeyBuilder};
 use crate::stats::{CacheStats, ConnectionStatus, Counters, Event, NamedStats, Names, Served};
 use crate::token::new_token;
-use crate::{CacheConfig, CacheError, InvalidationSource};
+use crate::{CacheConfig, CacheError};
 
 /// Stores a value only if every generation it depends on is still the one
 /// seen before its computation started (see the crate docs, "No stale sets").
@@ -146,12 +145,15 @@ pub(crate) fn bypassed() -> bool {
 /// Dropping the last handle stops the background reconnection task.
 #[derive(Clone, Debug)]
 pub struct CacheManager {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+/// What every handle of one manager shares.
+pub(crate) struct Inner {
     connection: Arc<Connection>,
-    flights: Flights,
+    /// The computations in flight in this process (see `crate::flight`);
+    /// forgotten by `invalidate.rs` alone.
+    pub(crate) flights: Flights,
     names: Names,
     store: Script,
     lease: Script,
@@ -1233,79 +1235,6 @@ impl CacheManager {
             .call_within(budget, |mut conn| async move { cmd.query_async(&mut conn).await })
             .await?;
         Ok(removed > 0)
-    }
-
-    /// Invalidates everything cached under `scopes` (see [`Scope`] for what
-    /// each one covers), in one round trip, without scanning. Call it after
-    /// the write that made those values stale has committed.
-    ///
-    /// Never fails: when Redis is unavailable the invalidation is queued and
-    /// replayed before caching resumes. Counted as a
-    /// [`Manual`](InvalidationSource::Manual) invalidation.
-    pub async fn invalidate(&self, scopes: &[Scope<'_>]) {
-        self.invalidate_from(scopes, InvalidationSource::Manual).await;
-    }
-
-    /// [`invalidate`](Self::invalidate), counted (in the exported metrics)
-    /// as coming from `source`.
-    pub async fn invalidate_from(&self, scopes: &[Scope<'_>], source: InvalidationSource) {
-        // Callers arriving after this write must not join a computation that
-        // began before it.
-        self.inner.flights.clear();
-        debug!(scopes = scopes.len(), source = source.as_str(), "invalidating");
-        self.connection().invalidate(scopes, source).await;
-    }
-
-    /// Invalidates everything this manager has cached: deletes every
-    /// generation under its prefix (found with `SCAN`, in batches). Unlike
-    /// [`invalidate`](Self::invalidate), its cost grows with the keyspace:
-    /// it is for administration, not for ordinary writes. Returns the number
-    /// of generations deleted.
-    ///
-    /// Correct against computations in flight: a computation only starts under
-    /// generations that exist, so every one of them is found and deleted.
-    ///
-    /// # Errors
-    /// When the cache is disabled, unavailable or fails part-way.
-    pub async fn invalidate_all(&self) -> Result<u64, CacheError> {
-        self.invalidate_all_from(InvalidationSource::Manual).await
-    }
-
-    /// [`invalidate_all`](Self::invalidate_all), counted as coming from `source`.
-    ///
-    /// # Errors
-    /// As [`invalidate_all`](Self::invalidate_all).
-    pub async fn invalidate_all_from(&self, source: InvalidationSource) -> Result<u64, CacheError> {
-        self.inner.flights.clear();
-        self.connection().counters.invalidated(source);
-        self.unlink_matching(&self.connection().keys().generations_glob()).await
-    }
-
-    /// Unlinks every key matching `pattern` on the published connection.
-    async fn unlink_matching(&self, pattern: &str) -> Result<u64, CacheError> {
-        let conn = self.connection();
-        let (id, mut live) = conn.published()?;
-        unlink_matching(&mut live, conn.config.operation_timeout, pattern)
-            .await
-            .inspect_err(|err| conn.failed(id, err))
-    }
-
-    /// Deletes every key under this manager's prefix that matches `pattern`
-    /// (a Redis glob, relative to the prefix), with `SCAN` and `UNLINK` in
-    /// batches; never `KEYS`. Escape user data placed in the pattern with
-    /// [`escape_glob`](crate::escape_glob). Returns the number of keys deleted.
-    ///
-    /// Its cost grows with the size of the keyspace: use [`invalidate`](Self::invalidate)
-    /// for ordinary writes.
-    ///
-    /// # Errors
-    /// When the cache is disabled, unavailable or fails part-way (keys deleted
-    /// before the failure stay deleted).
-    pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
-        let full = self.connection().keys().glob(pattern);
-        let deleted = self.unlink_matching(&full).await?;
-        debug!(pattern = %full, deleted, "pattern deletion");
-        Ok(deleted)
     }
 
     /// Takes the lease `name` for `holder`, or renews it if `holder` holds
