@@ -131,6 +131,7 @@ mod invalidate;
 mod key;
 mod key_encoding;
 mod keyspace;
+mod lease;
 mod manager;
 mod outbox;
 mod redact;

@@ -13,6 +13,7 @@ use crate::codec::{self, Envelope, Output};
 use crate::connection::{supervise, Connection};
 use crate::flight::{self, Flights, Follower, Leader, Outcome, Role};
 use crate::key::{CacheKey, KeyBuilder};
+use crate::lease::{lease_ttl, Lease, LeaseGuard};
 use crate::stats::{CacheStats, ConnectionStatus, Counters, Event, NamedStats, Names, Served};
 use crate::token::new_token;
 use crate::{CacheConfig, CacheError};
@@ -58,27 +59,6 @@ for i = 1, n do
 end
 redis.call('SET', KEYS[1], ARGV[4] .. table.concat(tokens) .. ARGV[5], 'PX', ARGV[1])
 return 1
-";
-
-/// Takes or renews a lease: KEYS[1] the lease key; ARGV[1] the holder;
-/// ARGV[2] its time to live (ms). Returns 1 when `holder` holds it now.
-/// Allowed under OOM (a lease is tiny, and losing one over memory would stop
-/// the work it guards).
-const LEASE_SCRIPT: &str = r"#!lua flags=allow-oom
-local current = redis.call('GET', KEYS[1])
-if current == false or current == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-";
-
-/// Gives a lease up if `holder` (ARGV[1]) holds it.
-const RELEASE_SCRIPT: &str = r"#!lua flags=allow-oom
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-end
-return 0
 ";
 
 /// Records a caught-up time: KEYS[1] the marker; ARGV[1] the server time
@@ -156,8 +136,6 @@ pub(crate) struct Inner {
     pub(crate) flights: Flights,
     names: Names,
     store: Script,
-    lease: Script,
-    release: Script,
     mark: Script,
 }
 
@@ -254,8 +232,6 @@ impl CacheManager {
                 flights: Flights::default(),
                 names: Names::default(),
                 store: Script::new(STORE_SCRIPT),
-                lease: Script::new(LEASE_SCRIPT),
-                release: Script::new(RELEASE_SCRIPT),
                 mark: Script::new(MARK_SCRIPT),
             }),
         }
@@ -872,59 +848,6 @@ impl CacheManager {
         }
     }
 
-    /// Takes the lease `lease` (a full key) for `holder` if nobody holds it.
-    async fn take_lease(&self, lease: &str, holder: &str, budget: &mut Duration) -> Result<bool, CacheError> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(lease)
-            .arg(holder)
-            .arg("NX")
-            .arg("PX")
-            .arg(expiry_ms(lease_ttl(self.config())));
-        let set: Option<String> = self
-            .connection()
-            .call_within(budget, |mut c| async move { cmd.query_async(&mut c).await })
-            .await?;
-        Ok(set.is_some())
-    }
-
-    /// A held lease: renewed in the background while the value is computed
-    /// (so that it outlives a long computation, yet expires soon after a
-    /// holder that died), given up when the guard is settled or dropped.
-    fn hold(&self, key: String, holder: String) -> LeaseGuard {
-        let renewer = tokio::runtime::Handle::try_current().ok().map(|runtime| {
-            let (manager, key, holder) = (self.clone(), key.clone(), holder.clone());
-            let ttl = lease_ttl(self.config());
-            runtime
-                .spawn(async move {
-                    loop {
-                        tokio::time::sleep(ttl / 3).await;
-                        let mut invocation = manager.inner.lease.key(&key);
-                        invocation.arg(&holder).arg(expiry_ms(ttl));
-                        let held = manager
-                            .connection()
-                            .call(|mut c| async move { invocation.invoke_async::<i64>(&mut c).await })
-                            .await;
-                        if !matches!(held, Ok(1)) {
-                            break;
-                        }
-                    }
-                })
-                .abort_handle()
-        });
-        LeaseGuard {
-            manager: self.clone(),
-            key,
-            holder,
-            armed: true,
-            renewer,
-        }
-    }
-
-    /// The Redis key of `key`'s lease: `PREFIX lease:v:...`.
-    fn lease_key(&self, key: &CacheKey) -> String {
-        self.connection().keys().value_lease(&key.value)
-    }
-
     /// Before computing: creates the absent generations among
     /// `generations` (`SET NX GET`) and, when `wants_lease`, asks for the
     /// key's lease, in one round trip (none when there is nothing to do).
@@ -1237,36 +1160,6 @@ impl CacheManager {
         Ok(removed > 0)
     }
 
-    /// Takes the lease `name` for `holder`, or renews it if `holder` holds
-    /// it, for `ttl`; returns whether `holder` holds it now. Leases elect one
-    /// worker among processes sharing this prefix (the database feed's
-    /// leader, for one); they live at `PREFIX lease:NAME`.
-    ///
-    /// # Errors
-    /// When the cache is disabled, unavailable or fails.
-    pub async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, CacheError> {
-        let mut invocation = self.inner.lease.key(self.connection().keys().lease(name));
-        invocation.arg(holder).arg(expiry_ms(ttl));
-        let held: i64 = self
-            .connection()
-            .call(|mut conn| async move { invocation.invoke_async(&mut conn).await })
-            .await?;
-        Ok(held == 1)
-    }
-
-    /// Gives the lease `name` up if `holder` holds it.
-    ///
-    /// # Errors
-    /// When the cache is disabled, unavailable or fails.
-    pub async fn release(&self, name: &str, holder: &str) -> Result<(), CacheError> {
-        let mut invocation = self.inner.release.key(self.connection().keys().lease(name));
-        invocation.arg(holder);
-        self.connection()
-            .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
-            .await
-            .map(|_| ())
-    }
-
     /// Declares that a database feed invalidates every write to the record
     /// and model scopes whose names start with `scopes` (EarnORM names them
     /// `DATABASE.COLLECTION`, so `"DATABASE."`), and records at
@@ -1384,17 +1277,6 @@ pub(crate) fn expiry_ms(duration: Duration) -> u64 {
         .clamp(1, MAX_EXPIRY_MS)
 }
 
-/// What asking for a key's lease gave.
-enum Lease {
-    /// Not asked for, or the cache could not answer.
-    None,
-    /// Ours: we compute and store (or give it up).
-    Held(LeaseGuard),
-    /// Another caller (in another process, or an earlier flight in this
-    /// one) computes the key.
-    Busy,
-}
-
 /// What waiting on another caller's lease gave.
 enum Awaited<R> {
     /// Its value, its payload, and when the lookup that found it was sent.
@@ -1403,61 +1285,6 @@ enum Awaited<R> {
     Took(LeaseGuard),
     /// Nothing in time: compute without the lease.
     GaveUp,
-}
-
-/// How long a key's lease lives without renewal: a quarter of
-/// `lease_wait` (at least 10 ms), so that the lease of a holder that died
-/// is free well before the callers waiting on it give up.
-fn lease_ttl(config: &CacheConfig) -> Duration {
-    (config.lease_wait / 4).max(Duration::from_millis(10))
-}
-
-/// A lease held on a key while its value is computed. Given up by the
-/// store (in the same script); dropped without storing (the result was not
-/// cacheable, the caller was cancelled), it is given up in the background.
-pub(crate) struct LeaseGuard {
-    manager: CacheManager,
-    key: String,
-    holder: String,
-    armed: bool,
-    renewer: Option<tokio::task::AbortHandle>,
-}
-
-impl LeaseGuard {
-    /// The store gave the lease up: stop renewing it.
-    fn settle(&mut self) {
-        self.armed = false;
-        if let Some(renewer) = self.renewer.take() {
-            renewer.abort();
-        }
-    }
-}
-
-impl Drop for LeaseGuard {
-    fn drop(&mut self) {
-        if let Some(renewer) = self.renewer.take() {
-            renewer.abort();
-        }
-        if !self.armed {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (manager, key, holder) = (
-            self.manager.clone(),
-            std::mem::take(&mut self.key),
-            std::mem::take(&mut self.holder),
-        );
-        runtime.spawn(async move {
-            let mut invocation = manager.inner.release.key(key);
-            invocation.arg(holder);
-            let _ = manager
-                .connection()
-                .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
-                .await;
-        });
-    }
 }
 
 /// Adds to `pipe` a `SET NX GET` of `value` at `key` for `ttl_ms`: the
