@@ -133,6 +133,7 @@ mod key_encoding;
 mod keyspace;
 mod lease;
 mod manager;
+mod meta;
 mod outbox;
 mod redact;
 mod scan;
