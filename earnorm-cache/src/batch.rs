@@ -12,8 +12,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
 use crate::codec::{self, Envelope};
+use crate::generations::{expiry_ms, generation_ttl, set_if_absent};
 use crate::key::CacheKey;
-use crate::manager::{bypassed, expiry_ms, generation_ttl, set_if_absent};
+use crate::manager::bypassed;
 use crate::stats::Event;
 use crate::token::new_token;
 use crate::{CacheError, CacheManager};

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use redis::Script;
 
+use crate::generations::expiry_ms;
 use crate::key::CacheKey;
-use crate::manager::expiry_ms;
 use crate::{CacheConfig, CacheError, CacheManager};
 
 /// Takes or renews a lease: KEYS[1] the lease key; ARGV[1] the holder;

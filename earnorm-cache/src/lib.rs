@@ -120,6 +120,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
+mod aside;
 mod backoff;
 mod batch;
 pub mod codec;
@@ -127,6 +128,7 @@ mod config;
 mod connection;
 mod error;
 mod flight;
+mod generations;
 mod invalidate;
 mod key;
 mod key_encoding;

@@ -1,0 +1,574 @@
+//! The cache-aside call behind `get_or_compute` and `#[cached]`: try a
+//! hit; else lead the computation (single flight in this process, a lease
+//! across processes) or follow the one under way; refresh ahead of the
+//! expiry. What this module alone owns: the rounds of one call and how long
+//! it waits, within one budget, for Redis and for other callers. Reading
+//! and storing under the compare-and-set is `generations.rs`; leases are
+//! `lease.rs`; single flight is `flight.rs`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, Instrument};
+
+use crate::codec::{Envelope, Output};
+use crate::flight::{self, Follower, Leader, Outcome, Role};
+use crate::generations::{Expected, Generations, Lookup};
+use crate::key::CacheKey;
+use crate::lease::{Lease, LeaseGuard};
+use crate::manager::bypassed;
+use crate::stats::{Event, Served};
+use crate::token::new_token;
+use crate::CacheManager;
+
+/// Most rounds a caller spends looking up and waiting for other callers'
+/// computations before computing on its own.
+const MAX_ROUNDS: usize = 4;
+
+/// Longest pause between two looks for the value of a key whose lease
+/// another process holds (the pauses start at 1 ms and double).
+const LEASE_POLL: Duration = Duration::from_millis(16);
+
+/// One cached call's clock: when it began, and what it may still spend
+/// waiting on Redis across all its operations.
+pub(crate) struct Call {
+    began: Instant,
+    budget: Duration,
+}
+
+/// What a follower does next.
+pub(crate) enum Next<R> {
+    Use(R),
+    Retry,
+    Compute,
+}
+
+/// What waiting on another caller's lease gave.
+pub(crate) enum Awaited<R> {
+    /// Its value, its payload, and when the lookup that found it was sent.
+    Value(R, Arc<[u8]>, Instant),
+    /// The lease, taken over from a holder that gave it up or died.
+    Took(LeaseGuard),
+    /// Nothing in time: compute without the lease.
+    GaveUp,
+}
+
+impl CacheManager {
+    /// The cache-aside call: returns the cached value for `key` if it is
+    /// current, or runs `compute`, returns its result and stores it (as `O`
+    /// says: only `Ok` values of a `Result`, for example) with `ttl` (the
+    /// configured default for `None`).
+    ///
+    /// Never fails because of the cache: every cache problem makes the call
+    /// compute. Concurrent calls for one key in this process compute once;
+    /// across processes, one computes while the others wait for its value
+    /// (at most `lease_wait`, see [`CacheConfig::lease_wait`](crate::CacheConfig::lease_wait)).
+    pub async fn get_or_compute<R, O, Fut>(&self, key: &CacheKey, ttl: Option<Duration>, compute: Fut) -> R
+    where
+        O: Output<R>,
+        Fut: Future<Output = R>,
+    {
+        let ttl = ttl.unwrap_or(self.config().ttl);
+        self.get_or_compute_by::<R, O, _, Fut>(key, |_| Some(ttl), None, compute)
+            .await
+    }
+
+    /// [`get_or_compute`](Self::get_or_compute) with a time to live that
+    /// depends on the result: `ttl_of` gives it, or `None` for a result
+    /// not to store (as when `O` declines it). How a record cache keeps
+    /// "no such record" for less time than a record, for one.
+    ///
+    /// With `refresh`, a hit on a value with less than `refresh` left to
+    /// live refreshes it ahead of its expiry: one caller (one per process,
+    /// and across processes the one holding the key's lease) computes the
+    /// value again and stores it under the compare-and-set, returning the
+    /// new value; every other caller keeps being served the current one.
+    /// A hot key then never expires into a stampede.
+    pub async fn get_or_compute_by<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: T,
+        refresh: Option<Duration>,
+        compute: Fut,
+    ) -> R
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        self.call::<R, O, T, Fut>(key, ttl_of, refresh, None, compute).await
+    }
+
+    /// [`get_or_compute_by`](Self::get_or_compute_by) with refresh ahead
+    /// in the background: for a value whose computation can run on its own
+    /// (`refresher` builds it, owning what it needs), a hit with less than
+    /// `refresh` left to live is returned at once, and the value is
+    /// computed again and stored in a task of its own (one per key and
+    /// process, and across processes the one holding the key's lease), under
+    /// the compare-and-set. How the record cache refreshes.
+    pub async fn get_or_compute_refreshed<R, O, T, Fut, F, RFut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: T,
+        refresh: Duration,
+        compute: Fut,
+        refresher: F,
+    ) -> R
+    where
+        R: Send + 'static,
+        O: Output<R> + 'static,
+        T: Fn(&R) -> Option<Duration> + Clone + Send + Sync + 'static,
+        Fut: Future<Output = R>,
+        F: FnOnce() -> RFut + Send + 'static,
+        RFut: Future<Output = R> + Send + 'static,
+    {
+        let mut refresher = Some(refresher);
+        let (manager, owned_key, owned_ttl) = (self.clone(), key.clone(), ttl_of.clone());
+        let mut on_due = move |seen: Generations| {
+            let (Some(refresher), Ok(runtime)) = (refresher.take(), tokio::runtime::Handle::try_current()) else {
+                return false;
+            };
+            runtime.spawn(manager.clone().refresh_in_background::<R, O, T, RFut>(
+                owned_key.clone(),
+                owned_ttl.clone(),
+                refresh,
+                seen,
+                refresher(),
+            ));
+            true
+        };
+        self.call::<R, O, T, Fut>(key, ttl_of, Some(refresh), Some(&mut on_due), compute)
+            .await
+    }
+
+    /// The refresh `on_due` started, in a task of its own.
+    async fn refresh_in_background<R, O, T, RFut>(
+        self,
+        key: CacheKey,
+        ttl_of: T,
+        refresh: Duration,
+        seen: Generations,
+        compute: RFut,
+    ) where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        RFut: Future<Output = R>,
+    {
+        let Role::Leader(leader) = self.inner.flights.join(key.as_str()) else {
+            return;
+        };
+        let mut call = Call {
+            began: Instant::now(),
+            budget: self.connection().config.operation_timeout,
+        };
+        let _ = self
+            .refresh_ahead::<R, O, T, RFut>(&key, refresh, &ttl_of, compute, leader, seen, &mut call)
+            .await;
+    }
+
+    /// A cached call, in its span and timed; `on_due`, when given, takes
+    /// a refresh in the background (returning whether it did).
+    async fn call<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: T,
+        refresh: Option<Duration>,
+        on_due: Option<&mut (dyn FnMut(Generations) -> bool + Send)>,
+        compute: Fut,
+    ) -> R
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
+        if !conn.is_enabled() || bypassed() {
+            return compute.await;
+        }
+        let named = key.named.get();
+        let span = tracing::debug_span!(
+            "earnorm.cache",
+            model = named.map_or("", |n| &*n.namespace),
+            method = named.map_or("", |n| &*n.name),
+            outcome = tracing::field::Empty,
+        );
+        let began = Instant::now();
+        // On the heap: the call's states (looking up, leading, refreshing,
+        // each holding the computation) would otherwise all be part of the
+        // caller's future, which nested cached calls multiply.
+        let (value, served) = Box::pin(
+            self.serve::<R, O, T, Fut>(key, ttl_of, refresh, on_due, compute)
+                .instrument(span.clone()),
+        )
+        .await;
+        span.record("outcome", served.as_str());
+        if let Some(named) = named {
+            named.call(served, began.elapsed());
+        }
+        value
+    }
+
+    /// The cache-aside call itself; says how it was served.
+    async fn serve<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: T,
+        refresh: Option<Duration>,
+        mut on_due: Option<&mut (dyn FnMut(Generations) -> bool + Send)>,
+        compute: Fut,
+    ) -> (R, Served)
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
+        let mut call = Call {
+            began: Instant::now(),
+            budget: conn.config.operation_timeout,
+        };
+        for _ in 0..MAX_ROUNDS {
+            let generations = match self.try_hit::<R, O>(key, refresh, &ttl_of, &mut call).await {
+                Ok((value, None)) => return (value, Served::Hit),
+                Ok((value, Some(seen))) => {
+                    // Close to its expiry: refreshed in the background when
+                    // it can be, else by one caller in this process (the
+                    // others take the hit).
+                    if let Some(on_due) = on_due.as_mut() {
+                        if on_due(seen.clone()) {
+                            return (value, Served::Hit);
+                        }
+                    }
+                    return match (self.inner.flights.join(key.as_str()), refresh) {
+                        (Role::Leader(leader), Some(refresh)) => {
+                            // `compute` is used at most once: by the refresh
+                            // here, or (when it is skipped) not at all.
+                            match self
+                                .refresh_ahead::<R, O, T, Fut>(key, refresh, &ttl_of, compute, leader, seen, &mut call)
+                                .await
+                            {
+                                Some(fresh) => (fresh, Served::Refresh),
+                                None => (value, Served::Hit),
+                            }
+                        }
+                        _ => (value, Served::Hit),
+                    };
+                }
+                Err(generations) => generations,
+            };
+            match self.inner.flights.join(key.as_str()) {
+                Role::Leader(leader) => {
+                    return self
+                        .lead::<R, O, T, Fut>(key, &ttl_of, compute, leader, generations, &mut call)
+                        .await
+                }
+                Role::Follower(follower) => match self.follow::<R, O>(key, follower, &mut call).await {
+                    Next::Use(value) => return (value, Served::Coalesced),
+                    Next::Retry => {}
+                    Next::Compute => break,
+                },
+            }
+        }
+        // Other callers kept invalidating under us, the leader's result was
+        // not cacheable, or it took longer than this caller may wait:
+        // compute without storing.
+        (compute.await, Served::Fallback)
+    }
+
+    /// Looks the key up: the decoded value on a hit (with the generations
+    /// seen, when it has less than `refresh` left to live); otherwise the
+    /// generations seen (for the store after computing), or `None` when the
+    /// cache could not be read.
+    async fn try_hit<R, O: Output<R>>(
+        &self,
+        key: &CacheKey,
+        refresh: Option<Duration>,
+        ttl_of: &impl Fn(&R) -> Option<Duration>,
+        call: &mut Call,
+    ) -> Result<(R, Option<Generations>), Option<Generations>> {
+        let (lookup, _, left) = self.lookup(key, None, refresh.is_some(), &mut call.budget).await;
+        match lookup {
+            Lookup::Hit(bytes, generations) => match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
+                Some(value) => {
+                    let window = refresh.and_then(|refresh| refresh_window(refresh, ttl_of(&value)));
+                    let due = matches!((window, left), (Some(window), Some(left)) if left < window);
+                    Ok((value, due.then_some(generations)))
+                }
+                None => Err(Some(generations)),
+            },
+            Lookup::Miss(generations) => Err(Some(generations)),
+            Lookup::Unavailable => Err(None),
+        }
+    }
+
+    /// Waits for the leader of this key's flight (see [`crate::flight`]).
+    async fn follow<R, O: Output<R>>(&self, key: &CacheKey, follower: Follower, call: &mut Call) -> Next<R> {
+        let deadline = call.began + self.config().lease_wait;
+        match follower.wait(call.began, deadline, &mut call.budget).await {
+            flight::Next::Use(payload) => match O::decode(&payload) {
+                Ok(value) => {
+                    self.connection().counters.count(key.named.get(), Event::Coalesced);
+                    Next::Use(value)
+                }
+                Err(_) => Next::Retry,
+            },
+            flight::Next::Retry => Next::Retry,
+            // The leader's result was not cacheable (an `Err`, a `None`), or
+            // it took longer than this caller may wait.
+            flight::Next::Compute => Next::Compute,
+        }
+    }
+
+    /// Computes as the leader of this key's flight (unless another process
+    /// holds the key's lease and stores its value in time), stores the
+    /// value under the compare-and-set, and hands the outcome to the
+    /// followers.
+    async fn lead<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: &T,
+        compute: Fut,
+        leader: Leader<'_>,
+        generations: Option<Generations>,
+        call: &mut Call,
+    ) -> (R, Served)
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
+        let named = key.named.get();
+        let served = match &generations {
+            Some(_) => Served::Miss,
+            None => Served::Fallback,
+        };
+        conn.counters.count(
+            named,
+            match served {
+                Served::Fallback => Event::Fallback,
+                _ => Event::Miss,
+            },
+        );
+        // A successful compare-and-set proves no invalidation reached Redis
+        // during the computation; it proves nothing about invalidations still
+        // queued in other managers, which is why a value stored while this
+        // manager serves no hits is not handed to followers as checked.
+        let serving_before = conn.serves(key);
+        // A computation never starts under an absent generation: create the
+        // missing ones first, so that any later invalidation removes a token
+        // this computation knows. The key's lease is asked for in the same
+        // round trip.
+        let wants_lease = generations.is_some() && !conn.config.lease_wait.is_zero();
+        let (generations, lease) = self.prepare(key, generations, wants_lease, &mut call.budget).await;
+        let mut lease = match lease {
+            Lease::Busy => {
+                conn.counters.count(named, Event::LeaseWait);
+                match self.await_holder::<R, O>(key, call).await {
+                    Awaited::Value(value, payload, looked) => {
+                        // Current when it was looked up: as good as a store
+                        // sent then (see `crate::flight`).
+                        leader.complete(Outcome::Stored(payload, looked));
+                        return (value, Served::Hit);
+                    }
+                    Awaited::Took(guard) => Some(guard),
+                    Awaited::GaveUp => None,
+                }
+            }
+            Lease::Held(guard) => Some(guard),
+            Lease::None => None,
+        };
+        let value = self
+            .compute_and_store::<R, O, T, Fut>(
+                key,
+                ttl_of,
+                compute,
+                leader,
+                generations,
+                lease.as_mut(),
+                serving_before,
+                call,
+            )
+            .await;
+        (value, served)
+    }
+
+    /// Computes as the leader of this key's flight, stores the value under
+    /// the compare-and-set (giving `lease` up), and hands the outcome to
+    /// the followers. `serving_before`: whether this manager served hits
+    /// when the computation began (see `lead`).
+    #[allow(clippy::too_many_arguments)]
+    async fn compute_and_store<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        ttl_of: &T,
+        compute: Fut,
+        leader: Leader<'_>,
+        generations: Option<Generations>,
+        lease: Option<&mut LeaseGuard>,
+        serving_before: bool,
+        call: &mut Call,
+    ) -> R
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
+        let value = compute.await;
+        let payload = match ttl_of(&value).and_then(|ttl| O::encode(&value).map(|payload| (ttl, payload))) {
+            Some((ttl, Ok(payload))) => (ttl, payload),
+            Some((_, Err(err))) => {
+                debug!(key = key.as_str(), error = %err, "value not cached: it does not encode");
+                leader.complete(Outcome::Uncacheable);
+                return value;
+            }
+            // Not a cacheable result (an `Err`, a `None`): followers compute their own.
+            None => {
+                leader.complete(Outcome::Uncacheable);
+                return value;
+            }
+        };
+        let (ttl, payload) = payload;
+        let Some(generations) = generations else {
+            leader.complete(Outcome::Computed(payload.into()));
+            return value;
+        };
+        leader.storing();
+        let store_sent = Instant::now();
+        let outcome = match self
+            .store(
+                key,
+                Expected::Seen(&generations),
+                &payload,
+                ttl,
+                lease,
+                &mut call.budget,
+            )
+            .await
+        {
+            Ok(true) if serving_before && conn.serves(key) => Outcome::Stored(payload.into(), store_sent),
+            Ok(true) => Outcome::Computed(payload.into()),
+            // An invalidation happened during the computation: the value
+            // may be older than a write some follower already saw.
+            Ok(false) => Outcome::Retry,
+            Err(_) => Outcome::Computed(payload.into()),
+        };
+        leader.complete(outcome);
+        value
+    }
+
+    /// Refreshes a value that is close to its expiry, as the leader of this
+    /// key's flight: takes the key's lease (another process refreshing it
+    /// already: the current value is returned), computes, stores under the
+    /// generations `seen` with the hit, and returns the new value.
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh_ahead<R, O, T, Fut>(
+        &self,
+        key: &CacheKey,
+        refresh: Duration,
+        ttl_of: &T,
+        compute: Fut,
+        leader: Leader<'_>,
+        seen: Generations,
+        call: &mut Call,
+    ) -> Option<R>
+    where
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let conn = self.connection();
+        let wants_lease = !conn.config.lease_wait.is_zero();
+        let (generations, lease) = self.prepare(key, Some(seen), wants_lease, &mut call.budget).await;
+        let mut lease = match lease {
+            Lease::Busy => {
+                leader.complete(Outcome::Retry);
+                return None;
+            }
+            Lease::Held(guard) => {
+                // Another process may have refreshed it between our lookup
+                // and the lease: then there is nothing left to do.
+                let (lookup, _, left) = self.lookup(key, None, true, &mut call.budget).await;
+                let refreshed = matches!(lookup, Lookup::Hit(..)) && left.is_some_and(|left| left >= refresh);
+                if refreshed {
+                    leader.complete(Outcome::Retry);
+                    return None;
+                }
+                Some(guard)
+            }
+            Lease::None => None,
+        };
+        conn.counters.count(key.named.get(), Event::Refresh);
+        let value = self
+            .compute_and_store::<R, O, T, Fut>(key, ttl_of, compute, leader, generations, lease.as_mut(), true, call)
+            .await;
+        Some(value)
+    }
+
+    /// Polls for the value of a key whose lease another caller holds,
+    /// until `lease_wait` after the call began. When the lease is gone
+    /// without a current value (its holder died, or gave it up because its
+    /// result was not cacheable or a write invalidated it), takes the lease
+    /// over if it can. Gives up when time runs out or the cache cannot be
+    /// read: the caller then computes without the lease.
+    async fn await_holder<R, O: Output<R>>(&self, key: &CacheKey, call: &mut Call) -> Awaited<R> {
+        let deadline = call.began + self.config().lease_wait;
+        let lease = self.lease_key(key);
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Awaited::GaveUp;
+            }
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(LEASE_POLL);
+            let looked = Instant::now();
+            match self.lookup(key, Some(&lease), false, &mut call.budget).await {
+                (Lookup::Hit(bytes, _), ..) => {
+                    // The payload too, for this caller's followers (only
+                    // here: a plain hit needs no copy of it).
+                    let payload = Envelope::open(&bytes).map(|env| Arc::<[u8]>::from(env.payload));
+                    return match (self.open_hit(key, &bytes, O::decode, &mut call.budget).await, payload) {
+                        (Some(value), Ok(payload)) => Awaited::Value(value, payload, looked),
+                        _ => Awaited::GaveUp,
+                    };
+                }
+                (Lookup::Miss(_), true, _) => {}
+                (Lookup::Miss(_), false, _) => {
+                    let holder = new_token();
+                    match self.take_lease(&lease, &holder, &mut call.budget).await {
+                        Ok(true) => return Awaited::Took(self.hold(lease, holder)),
+                        Ok(false) => {}
+                        Err(_) => return Awaited::GaveUp,
+                    }
+                }
+                (Lookup::Unavailable, ..) => return Awaited::GaveUp,
+            }
+        }
+    }
+}
+
+/// How long before its expiry a hit is refreshed: `refresh`, or, for a
+/// value that lives no longer than that (a negative entry with a short
+/// `missing`, say), the last fifth of its own `lifetime`; never for a value
+/// that would not be stored.
+fn refresh_window(refresh: Duration, lifetime: Option<Duration>) -> Option<Duration> {
+    let lifetime = lifetime?;
+    Some(if refresh < lifetime { refresh } else { lifetime / 5 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_shorter_lived_than_the_refresh_window_is_refreshed_in_its_last_fifth() {
+        let s = Duration::from_secs;
+        assert_eq!(refresh_window(s(60), Some(s(300))), Some(s(60)));
+        assert_eq!(refresh_window(s(60), Some(s(5))), Some(s(1)));
+        assert_eq!(refresh_window(s(60), Some(s(60))), Some(s(12)));
+        assert_eq!(refresh_window(s(60), None), None, "not stored: nothing to refresh");
+    }
+}

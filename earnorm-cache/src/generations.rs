@@ -1,0 +1,401 @@
+//! Generations and the compare-and-set: how a value is looked up with the
+//! generations it depends on (one round trip), how the generations a
+//! computation needs are created before it starts, and how its value is
+//! stored only if none of them changed meanwhile. What this module alone
+//! owns: the store script, the generations' lifetime, and what a lookup
+//! does with a value that does not decode (counted and removed, for one key
+//! and for a batch alike). The argument that no stale value is ever stored
+//! is in the crate docs, "No stale sets".
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use redis::Script;
+use tracing::{debug, trace};
+
+use crate::codec::{self, Envelope};
+use crate::key::CacheKey;
+use crate::lease::{lease_ttl, Lease, LeaseGuard};
+use crate::stats::{Counters, Event};
+use crate::token::new_token;
+use crate::{CacheConfig, CacheError, CacheManager};
+
+/// Stores a value only if every generation it depends on is still the one
+/// seen before its computation started (see the crate docs, "No stale sets").
+///
+/// Declared with a shebang (no flags), so that Redis refuses it up front when
+/// it is out of memory, instead of letting its writes through.
+///
+/// KEYS[1]: value key; KEYS[2..n+1]: generation keys; KEYS[n+2]: the key's
+/// lease, when ARGV[6] is not empty.
+/// ARGV[1]: value TTL ms; ARGV[2]: generation TTL ms; ARGV[3]: fresh token;
+/// ARGV[4]: envelope header; ARGV[5]: payload; ARGV[6]: the lease's holder,
+/// or '' (the lease is given up whether the value is stored or not);
+/// ARGV[6 + i]: expected token of KEYS[1 + i], or '*' to accept the current
+/// one (creating it if absent). An absent generation never matches an
+/// expected token.
+const STORE_SCRIPT: &str = r"#!lua
+local n = #KEYS - 1
+if ARGV[6] ~= '' then
+  n = n - 1
+  if redis.call('GET', KEYS[#KEYS]) == ARGV[6] then
+    redis.call('DEL', KEYS[#KEYS])
+  end
+end
+local tokens = {}
+for i = 1, n do
+  local current = redis.call('GET', KEYS[i + 1])
+  local expected = ARGV[6 + i]
+  if expected ~= '*' and current ~= expected then
+    return 0
+  end
+  tokens[i] = current
+end
+for i = 1, n do
+  if tokens[i] then
+    redis.call('PEXPIRE', KEYS[i + 1], ARGV[2], 'GT')
+  else
+    tokens[i] = ARGV[3]
+    redis.call('SET', KEYS[i + 1], ARGV[3], 'PX', ARGV[2])
+  end
+end
+redis.call('SET', KEYS[1], ARGV[4] .. table.concat(tokens) .. ARGV[5], 'PX', ARGV[1])
+return 1
+";
+
+fn store_script() -> &'static Script {
+    static SCRIPT: OnceLock<Script> = OnceLock::new();
+    SCRIPT.get_or_init(|| Script::new(STORE_SCRIPT))
+}
+
+/// The generation tokens a lookup saw, in the key's order (`None`: absent).
+pub(crate) type Generations = Vec<Option<Vec<u8>>>;
+
+/// The result of reading a key and its generations in one round trip.
+pub(crate) enum Lookup {
+    /// A current value, and the generations seen (for replacing it if it
+    /// does not decode).
+    Hit(Vec<u8>, Vec<Option<Vec<u8>>>),
+    /// Nothing current; the generations seen, for the later store.
+    Miss(Vec<Option<Vec<u8>>>),
+    Unavailable,
+}
+
+/// The generations a store expects to find.
+pub(crate) enum Expected<'a> {
+    /// Exactly these (`None`: absent), as seen before the computation.
+    Seen(&'a [Option<Vec<u8>>]),
+    /// Whatever is there now.
+    Any,
+}
+
+impl CacheManager {
+    /// Decodes a hit, counting it; a value that does not decode is removed.
+    pub(crate) async fn open_hit<R>(
+        &self,
+        key: &CacheKey,
+        bytes: &[u8],
+        decode: fn(&[u8]) -> Result<R, CacheError>,
+        budget: &mut Duration,
+    ) -> Option<R> {
+        match Envelope::open(bytes).and_then(|env| decode(env.payload)) {
+            Ok(value) => {
+                self.connection().counters.count(key.named.get(), Event::Hit);
+                trace!(key = key.as_str(), "cache hit");
+                Some(value)
+            }
+            Err(err) => {
+                self.discard(key, &err, budget).await;
+                None
+            }
+        }
+    }
+
+    /// Before computing: creates the absent generations among
+    /// `generations` (`SET NX GET`) and, when `wants_lease`, asks for the
+    /// key's lease, in one round trip (none when there is nothing to do).
+    /// Returns the generations to store under (`None`: the cache could not
+    /// be prepared, compute without storing) and the lease.
+    pub(crate) async fn prepare(
+        &self,
+        key: &CacheKey,
+        generations: Option<Generations>,
+        wants_lease: bool,
+        budget: &mut Duration,
+    ) -> (Option<Generations>, Lease) {
+        let Some(mut generations) = generations else {
+            return (None, Lease::None);
+        };
+        let absent = generations.iter().any(Option::is_none);
+        if !absent && !wants_lease {
+            return (Some(generations), Lease::None);
+        }
+        let conn = self.connection();
+        let ttl_ms = expiry_ms(generation_ttl(&conn.config));
+        let mut pipe = redis::pipe();
+        let mut fresh = Vec::new();
+        for (name, token) in key.generations.iter().zip(generations.iter()) {
+            if token.is_none() {
+                let new = new_token();
+                set_if_absent(&mut pipe, name, &new, ttl_ms);
+                fresh.push(new);
+            }
+        }
+        let holder = wants_lease.then(new_token);
+        let lease_key = holder.as_ref().map(|_| self.lease_key(key));
+        if let (Some(holder), Some(lease_key)) = (&holder, &lease_key) {
+            set_if_absent(&mut pipe, lease_key, holder, expiry_ms(lease_ttl(&conn.config)));
+        }
+        let answers: Vec<Option<Vec<u8>>> = match conn
+            .call_within(budget, |mut c| async move {
+                pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
+            })
+            .await
+        {
+            Ok(answers) if answers.len() == fresh.len() + usize::from(holder.is_some()) => answers,
+            Ok(_) => return (None, Lease::None),
+            // Out of memory under `noeviction`, for one: nothing could
+            // be stored either.
+            Err(err) => {
+                self.refused(&err);
+                return (None, Lease::None);
+            }
+        };
+        let mut answers = answers.into_iter();
+        let mut fresh = fresh.into_iter();
+        for token in generations.iter_mut().filter(|t| t.is_none()) {
+            let (Some(new), Some(previous)) = (fresh.next(), answers.next()) else {
+                return (None, Lease::None);
+            };
+            *token = Some(previous.unwrap_or_else(|| new.into_bytes()));
+        }
+        let lease = match (holder, lease_key, answers.next()) {
+            // Nobody held it: it is ours now.
+            (Some(holder), Some(lease_key), Some(None)) => Lease::Held(self.hold(lease_key, holder)),
+            (Some(_), Some(_), Some(Some(_))) => Lease::Busy,
+            _ => Lease::None,
+        };
+        (Some(generations), lease)
+    }
+
+    /// Reads the value and its generations in one `MGET`, with `extra`
+    /// (a lease) when given, and the value's time left to live (`PTTL`, in
+    /// the same round trip) when `want_ttl`. Also says whether `extra`
+    /// exists.
+    pub(crate) async fn lookup(
+        &self,
+        key: &CacheKey,
+        extra: Option<&str>,
+        want_ttl: bool,
+        budget: &mut Duration,
+    ) -> (Lookup, bool, Option<Duration>) {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&key.value).arg(&key.generations);
+        if let Some(extra) = extra {
+            mget.arg(extra);
+        }
+        let expected = 1 + key.generations.len() + usize::from(extra.is_some());
+        let read = self
+            .connection()
+            .call_within(budget, |mut conn| async move {
+                if want_ttl {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(mget).cmd("PTTL").arg(&key.value);
+                    pipe.query_async::<(Vec<Option<Vec<u8>>>, i64)>(&mut conn)
+                        .await
+                        .map(|(values, left)| (values, Some(left)))
+                } else {
+                    // The hot path: one plain command.
+                    mget.query_async::<Vec<Option<Vec<u8>>>>(&mut conn)
+                        .await
+                        .map(|values| (values, None))
+                }
+            })
+            .await;
+        match read {
+            Ok((mut values, left)) if values.len() == expected => {
+                let extra = if extra.is_some() {
+                    values.pop().flatten().is_some()
+                } else {
+                    false
+                };
+                let left = left.and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis);
+                let value = values.remove(0);
+                let lookup = match value {
+                    Some(bytes) => match Envelope::open(&bytes) {
+                        // During a quarantine, current values are not served.
+                        Ok(env) if env.is_current(&values) && self.connection().serves(key) => {
+                            Lookup::Hit(bytes, values)
+                        }
+                        // Superseded by a write: ignored, it expires by its TTL.
+                        Ok(_) => Lookup::Miss(values),
+                        Err(err) => {
+                            self.discard(key, &err, budget).await;
+                            Lookup::Miss(values)
+                        }
+                    },
+                    None => Lookup::Miss(values),
+                };
+                (lookup, extra, left)
+            }
+            Ok(_) | Err(_) => (Lookup::Unavailable, false, None),
+        }
+    }
+
+    /// Reports a store that Redis refused with an error (out of memory, no
+    /// permission, an unsupported command); timeouts and lost connections
+    /// are not refusals. Errors with codes the client does not know, such
+    /// as `OOM`, come as `Extension` (inside a pipeline, always).
+    pub(crate) fn refused(&self, err: &CacheError) {
+        if matches!(err, CacheError::Redis(e) if matches!(e.kind(), redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) | redis::ErrorKind::Extension) || e.code().is_some())
+        {
+            self.connection().store_refused(err);
+        }
+    }
+
+    /// Removes a value that does not decode, counting it.
+    pub(crate) async fn discard(&self, key: &CacheKey, err: &CacheError, budget: &mut Duration) {
+        self.discard_all(&[(key, err)], budget).await;
+    }
+
+    /// Counts the cached values of `undecodable` that did not decode (each
+    /// with its error) and removes them, in one round trip: what a lookup,
+    /// of one key or of a batch, does with such a value.
+    pub(crate) async fn discard_all(&self, undecodable: &[(&CacheKey, &CacheError)], budget: &mut Duration) {
+        if undecodable.is_empty() {
+            return;
+        }
+        let mut cmd = redis::cmd("UNLINK");
+        for (key, err) in undecodable {
+            Counters::bump(
+                &self.connection().counters.decode_errors,
+                "earnorm_cache_decode_errors_total",
+            );
+            debug!(key = key.as_str(), error = %err, "removing a cached value that does not decode");
+            cmd.arg(&key.value);
+        }
+        let _ = self
+            .connection()
+            .call_within(
+                budget,
+                |mut conn| async move { cmd.query_async::<u64>(&mut conn).await },
+            )
+            .await;
+    }
+
+    /// Stores through the compare-and-set script, giving `lease` up in the
+    /// same call.
+    pub(crate) async fn store(
+        &self,
+        key: &CacheKey,
+        expected: Expected<'_>,
+        payload: &[u8],
+        ttl: Duration,
+        lease: Option<&mut LeaseGuard>,
+        budget: &mut Duration,
+    ) -> Result<bool, CacheError> {
+        let invocation = self.store_invocation(key, expected, payload, ttl, lease.as_deref());
+        let stored: i64 = self
+            .connection()
+            .call_within(
+                budget,
+                |mut conn| async move { invocation.invoke_async(&mut conn).await },
+            )
+            .await
+            .inspect_err(|err| self.refused(err))?;
+        if let Some(lease) = lease {
+            lease.settle();
+        }
+        self.count_store(key, stored == 1);
+        Ok(stored == 1)
+    }
+
+    /// The compare-and-set script's call for one value (see `STORE_SCRIPT`).
+    pub(crate) fn store_invocation(
+        &self,
+        key: &CacheKey,
+        expected: Expected<'_>,
+        payload: &[u8],
+        ttl: Duration,
+        lease: Option<&LeaseGuard>,
+    ) -> redis::ScriptInvocation<'_> {
+        let conn = self.connection();
+        let generation_ms = expiry_ms(
+            generation_ttl(&conn.config)
+                .max(ttl)
+                .saturating_add(Duration::from_secs(60)),
+        );
+        let mut invocation = store_script().key(&key.value);
+        invocation.key(&key.generations);
+        if let Some(lease) = lease {
+            invocation.key(&lease.key);
+        }
+        invocation
+            .arg(expiry_ms(ttl))
+            .arg(generation_ms)
+            .arg(new_token())
+            .arg(&codec::header(key.generations.len())[..])
+            .arg(payload)
+            .arg(lease.map_or("", |lease| lease.holder.as_str()));
+        match expected {
+            Expected::Seen(tokens) => {
+                for token in tokens {
+                    invocation.arg(token.as_deref().unwrap_or(b""));
+                }
+            }
+            Expected::Any => {
+                for _ in &key.generations {
+                    invocation.arg("*");
+                }
+            }
+        }
+        invocation
+    }
+
+    /// Counts the answer of the compare-and-set for `key`.
+    pub(crate) fn count_store(&self, key: &CacheKey, stored: bool) {
+        let counters = &self.connection().counters;
+        if stored {
+            counters.count(key.named.get(), Event::Set);
+        } else {
+            counters.count(key.named.get(), Event::StaleSetRefused);
+            debug!(
+                key = key.as_str(),
+                "refused to store a value computed before an invalidation"
+            );
+        }
+    }
+}
+
+/// How long a generation created for a computation lives. Values stored
+/// later extend it to outlive them (see the store script).
+pub(crate) fn generation_ttl(config: &CacheConfig) -> Duration {
+    config
+        .ttl
+        .max(Duration::from_secs(60))
+        .saturating_add(Duration::from_secs(60))
+}
+
+/// Longest expiry sent to Redis: ten years, far inside what `PX` accepts.
+const MAX_EXPIRY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// A duration as the milliseconds of a `PX` argument: at least 1, at most
+/// [`MAX_EXPIRY_MS`], whatever the configuration says.
+pub(crate) fn expiry_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS)
+}
+
+/// Adds to `pipe` a `SET NX GET` of `value` at `key` for `ttl_ms`: the
+/// answer is the value that was there, or nil when `value` was set. How
+/// generations are created and leases taken.
+pub(crate) fn set_if_absent(pipe: &mut redis::Pipeline, key: &str, value: &str, ttl_ms: u64) {
+    pipe.cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("GET")
+        .arg("PX")
+        .arg(ttl_ms);
+}
