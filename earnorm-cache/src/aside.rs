@@ -55,95 +55,8 @@ pub(crate) enum Awaited<R> {
 }
 
 impl CacheManager {
-    /// The cache-aside call: returns the cached value for `key` if it is
-    /// current, or runs `compute`, returns its result and stores it (as `O`
-    /// says: only `Ok` values of a `Result`, for example) with `ttl` (the
-    /// configured default for `None`).
-    ///
-    /// Never fails because of the cache: every cache problem makes the call
-    /// compute. Concurrent calls for one key in this process compute once;
-    /// across processes, one computes while the others wait for its value
-    /// (at most `lease_wait`, see [`CacheConfig::lease_wait`](crate::CacheConfig::lease_wait)).
-    pub async fn get_or_compute<R, O, Fut>(&self, key: &CacheKey, ttl: Option<Duration>, compute: Fut) -> R
-    where
-        O: Output<R>,
-        Fut: Future<Output = R>,
-    {
-        let ttl = ttl.unwrap_or(self.config().ttl);
-        self.get_or_compute_by::<R, O, _, Fut>(key, |_| Some(ttl), None, compute)
-            .await
-    }
-
-    /// [`get_or_compute`](Self::get_or_compute) with a time to live that
-    /// depends on the result: `ttl_of` gives it, or `None` for a result
-    /// not to store (as when `O` declines it). How a record cache keeps
-    /// "no such record" for less time than a record, for one.
-    ///
-    /// With `refresh`, a hit on a value with less than `refresh` left to
-    /// live refreshes it ahead of its expiry: one caller (one per process,
-    /// and across processes the one holding the key's lease) computes the
-    /// value again and stores it under the compare-and-set, returning the
-    /// new value; every other caller keeps being served the current one.
-    /// A hot key then never expires into a stampede.
-    pub async fn get_or_compute_by<R, O, T, Fut>(
-        &self,
-        key: &CacheKey,
-        ttl_of: T,
-        refresh: Option<Duration>,
-        compute: Fut,
-    ) -> R
-    where
-        O: Output<R>,
-        T: Fn(&R) -> Option<Duration>,
-        Fut: Future<Output = R>,
-    {
-        self.call::<R, O, T, Fut>(key, ttl_of, refresh, None, compute).await
-    }
-
-    /// [`get_or_compute_by`](Self::get_or_compute_by) with refresh ahead
-    /// in the background: for a value whose computation can run on its own
-    /// (`refresher` builds it, owning what it needs), a hit with less than
-    /// `refresh` left to live is returned at once, and the value is
-    /// computed again and stored in a task of its own (one per key and
-    /// process, and across processes the one holding the key's lease), under
-    /// the compare-and-set. How the record cache refreshes.
-    pub async fn get_or_compute_refreshed<R, O, T, Fut, F, RFut>(
-        &self,
-        key: &CacheKey,
-        ttl_of: T,
-        refresh: Duration,
-        compute: Fut,
-        refresher: F,
-    ) -> R
-    where
-        R: Send + 'static,
-        O: Output<R> + 'static,
-        T: Fn(&R) -> Option<Duration> + Clone + Send + Sync + 'static,
-        Fut: Future<Output = R>,
-        F: FnOnce() -> RFut + Send + 'static,
-        RFut: Future<Output = R> + Send + 'static,
-    {
-        let mut refresher = Some(refresher);
-        let (manager, owned_key, owned_ttl) = (self.clone(), key.clone(), ttl_of.clone());
-        let mut on_due = move |seen: Generations| {
-            let (Some(refresher), Ok(runtime)) = (refresher.take(), tokio::runtime::Handle::try_current()) else {
-                return false;
-            };
-            runtime.spawn(manager.clone().refresh_in_background::<R, O, T, RFut>(
-                owned_key.clone(),
-                owned_ttl.clone(),
-                refresh,
-                seen,
-                refresher(),
-            ));
-            true
-        };
-        self.call::<R, O, T, Fut>(key, ttl_of, Some(refresh), Some(&mut on_due), compute)
-            .await
-    }
-
     /// The refresh `on_due` started, in a task of its own.
-    async fn refresh_in_background<R, O, T, RFut>(
+    pub(crate) async fn refresh_in_background<R, O, T, RFut>(
         self,
         key: CacheKey,
         ttl_of: T,
@@ -169,7 +82,7 @@ impl CacheManager {
 
     /// A cached call, in its span and timed; `on_due`, when given, takes
     /// a refresh in the background (returning whether it did).
-    async fn call<R, O, T, Fut>(
+    pub(crate) async fn call<R, O, T, Fut>(
         &self,
         key: &CacheKey,
         ttl_of: T,

@@ -120,26 +120,47 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
-mod aside;
-mod backoff;
-mod batch;
-pub mod codec;
-mod config;
-mod connection;
-mod error;
-mod flight;
-mod generations;
-mod invalidate;
-mod key;
-mod key_encoding;
-mod keyspace;
-mod lease;
+// The handle, its public calls, and the direct get/set/delete.
 mod manager;
-mod meta;
+// The cache-aside call: hit, lead, follow, await a holder, refresh ahead.
+mod aside;
+// Single flight within a process.
+mod flight;
+// Lookups with their generations, creating generations, the compare-and-set.
+mod generations;
+// Cache-aside for many keys at once, in chunks.
+mod batch;
+// Who computes a cold key across processes; which worker leads.
+mod lease;
+// Every invalidation entry point.
+mod invalidate;
+// Invalidations waiting for a connection.
 mod outbox;
+// The connection to Redis: publishing, bounded calls, the supervisor, presence.
+mod connection;
+// Reconnection back-off.
+mod backoff;
+// Bookkeeping values and the database feed's caught-up marker.
+mod meta;
+// Every key's name.
+mod keyspace;
+// Keys of cached values, scopes, glob escaping.
+mod key;
+// The canonical encoding of key arguments.
+mod key_encoding;
+// Values as stored: the envelope and its payload.
+pub mod codec;
+// Settings.
+mod config;
+// The error type.
+mod error;
+// Credentials out of URLs.
 mod redact;
+// SCAN and UNLINK in batches.
 mod scan;
+// Counters and metrics.
 mod stats;
+// Fresh random tokens.
 mod token;
 
 pub use codec::{OptionOutput, Output, PlainOutput, ResultOutput};
