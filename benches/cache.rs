@@ -632,7 +632,7 @@ async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_
         "8g. `save` of the same record",
         &us(saves.median(1)),
         &format!(
-            "{} of raw: validation, a session of its own, the write, then its invalidation in Redis",
+            "{} of raw: validation, the write, then its invalidation in Redis",
             saves.ratio(1, 0)
         ),
     );
