@@ -206,7 +206,7 @@ async fn main() {
         for _ in 0..n {
             std::hint::black_box(
                 env.scope(async {
-                    earnorm::__private::record_key::<User, _>(
+                    earnorm::__private::record_method_key::<User, _>(
                         &user,
                         "profile",
                         0,
@@ -221,7 +221,7 @@ async fn main() {
                 .await,
             );
         }
-        println!("record_key: {:?}/op", start.elapsed() / n);
+        println!("record_method_key: {:?}/op", start.elapsed() / n);
         let start = Instant::now();
         for _ in 0..n {
             std::hint::black_box(

@@ -365,7 +365,7 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
     let (model_check, key_call, body_call) = match receiver {
         Receiver::Record => (
             quote_spanned!(self_span=> #private::assert_model::<Self>();),
-            quote!(#private::record_key::<#self_ty, _>(self, #key_name, #version, #identity, &[#(#deps),*], #key_args)),
+            quote!(#private::record_method_key::<#self_ty, _>(self, #key_name, #version, #identity, &[#(#deps),*], #key_args)),
             quote!(self.#uncached #turbofish(#(#arg_names),*)),
         ),
         Receiver::Model => (

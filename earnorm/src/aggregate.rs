@@ -110,7 +110,7 @@ impl<M: Model, T: Projection> Aggregate<M, T> {
         if let Some(target) = written {
             // A write: run it, then invalidate what it wrote to, as one
             // unit the caller cannot split by dropping this future.
-            let scope = crate::env::model_scope(
+            let scope = crate::naming::model_scope(
                 target.database.as_deref().unwrap_or(env.database().name()),
                 &target.collection,
             );

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::feed::{self, FeedStats};
+use crate::naming::model_scope;
 
 use crate::{Config, Error, Result};
 
@@ -44,17 +45,6 @@ struct Inner {
     /// its feed task.
     feed_stop: watch::Sender<()>,
     feed_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-/// The cache name of a model in an environment: `DATABASE.COLLECTION`, so
-/// that environments on different databases sharing one Redis and prefix
-/// never share entries or invalidations.
-pub(crate) fn model_scope(database: &str, collection: &str) -> String {
-    let mut name = String::with_capacity(database.len() + collection.len() + 1);
-    name.push_str(database);
-    name.push('.');
-    name.push_str(collection);
-    name
 }
 
 /// Refuses database names MongoDB does not accept: empty, 64 bytes or

@@ -100,8 +100,7 @@ use mongodb::Database;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::env::model_scope;
-use crate::model::id_key;
+use crate::naming::{id_key, model_scope};
 
 /// How long a leader's lease lasts without renewal: a leader that dies is
 /// replaced within this, plus one [`FOLLOW`].

@@ -8,6 +8,7 @@ mod env;
 mod error;
 pub mod feed;
 mod model;
+mod naming;
 mod query;
 mod reference;
 mod transaction;
@@ -31,9 +32,10 @@ pub use feed::FeedStats;
 /// The stream traits for [`Find::stream`] and [`Model::watch`]
 /// (`use earnorm::futures::TryStreamExt;`), so that no other dependency is needed.
 pub use futures_util as futures;
-pub use model::{id_key, Hooks, IndexSpec, Model, ModelId};
+pub use model::{Hooks, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;
+pub use naming::id_key;
 pub use query::{ActionFuture, Count, Find, FindOne, Projected, Projection, RecordCache, RecordStream};
 pub use reference::{Ref, Refs};
 pub use transaction::Transaction;

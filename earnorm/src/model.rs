@@ -10,6 +10,7 @@ use mongodb::{ClientSession, Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::aggregate::Aggregate;
+use crate::naming::{id_key, record_id};
 use crate::query::{self, Count, Find, FindOne, RecordCache};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
 use crate::update;
@@ -709,7 +710,7 @@ pub(crate) fn may_have_written(err: &Error) -> bool {
 /// The scope a write to the record with this id touches: the record's, or
 /// the whole model's when the id has no key form.
 fn record_scope<M: Model>(id: &M::Id) -> Touched {
-    match record_key::<M>(id) {
+    match record_id::<M>(id) {
         Ok(key) => Touched::Record(M::COLLECTION, key),
         Err(_) => Touched::Model(M::COLLECTION),
     }
@@ -784,7 +785,7 @@ impl Save {
                 let expected = match (M::VERSION_FIELD, previous_version) {
                     (Some(field), Some(version)) => {
                         filter.insert(field, update::version_filter(version));
-                        Some((record_key::<M>(id).unwrap_or_default(), version))
+                        Some((record_id::<M>(id).unwrap_or_default(), version))
                     }
                     _ => None,
                 };
@@ -884,7 +885,7 @@ fn delete_target<M: Model>(record: &M) -> Result<DeleteTarget> {
     if let Some(field) = M::VERSION_FIELD {
         let version = record.version().unwrap_or(0);
         filter.insert(field, update::version_filter(version));
-        expected = Some((record_key::<M>(id).unwrap_or_default(), version));
+        expected = Some((record_id::<M>(id).unwrap_or_default(), version));
     }
     Ok(DeleteTarget {
         filter,
@@ -945,27 +946,7 @@ async fn delete_many<M: Model>(
         .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }
 
-/// The cache-scope form of an id.
-fn record_key<M: Model>(id: &M::Id) -> Result<String> {
-    id.to_key()
-        .ok_or_else(|| Error::Id(format!("{}: the id has no key form", M::COLLECTION)))
-}
-
 /// BSON of a value, for filters.
 pub(crate) fn to_bson<T: Serialize + ?Sized>(value: &T) -> Result<Bson> {
     Ok(mongodb::bson::serialize_to_bson(value)?)
-}
-
-/// The canonical string of an id, as used in cache scopes.
-///
-/// # Errors
-/// When the id does not serialize to BSON.
-pub fn id_key<T: Serialize + ?Sized>(id: &T) -> Result<String> {
-    Ok(match to_bson(id)? {
-        Bson::ObjectId(oid) => oid.to_hex(),
-        Bson::String(s) => s,
-        Bson::Int32(n) => n.to_string(),
-        Bson::Int64(n) => n.to_string(),
-        other => other.to_string(),
-    })
 }

@@ -7,7 +7,8 @@ use earnorm_cache::{CacheKey, CacheManager, KeyBuilder, Scope};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
-use crate::env::{model_scope, with_current};
+use crate::env::with_current;
+use crate::naming::model_scope;
 use crate::Model;
 
 pub use core::future::Future;
@@ -68,7 +69,7 @@ fn finish<A: Serialize + ?Sized>(
 /// identifies the function (`identity`: the type names of `Self`, of its type
 /// parameters and of its return type) and the arguments. `None` (call
 /// uncached) without an environment or an id.
-pub fn record_key<M: Model, A: Serialize + ?Sized>(
+pub fn record_method_key<M: Model, A: Serialize + ?Sized>(
     record: &M,
     name: &str,
     version: u32,

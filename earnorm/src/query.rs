@@ -65,7 +65,7 @@ impl RecordCache {
 
 /// The key of `id`'s record in the record cache of `M`, when `M` has one,
 /// the cache is on and the id has a key form.
-fn record_key<M: Model>(env: &Environment, id: &M::Id) -> Option<CacheKey> {
+fn record_cache_key<M: Model>(env: &Environment, id: &M::Id) -> Option<CacheKey> {
     M::CACHE?;
     let cache = env.cache();
     if !cache.config().enabled {
@@ -95,7 +95,7 @@ async fn find_by_id_inner<M: Model>(env: &Environment, id: M::Id) -> Result<Opti
         let cache = M::CACHE?;
         found.as_ref().ok().and_then(|found| cache.ttl_of(found))
     };
-    match (M::CACHE, record_key::<M>(env, &id)) {
+    match (M::CACHE, record_cache_key::<M>(env, &id)) {
         (
             Some(RecordCache {
                 refresh: Some(refresh), ..
@@ -147,7 +147,7 @@ async fn find_many_inner<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<V
         async move { fetch_by_ids::<M>(env, &wanted).await }
     };
     let keys: Option<Vec<CacheKey>> = match M::CACHE {
-        Some(_) => unique.iter().map(|(id, _)| record_key::<M>(env, id)).collect(),
+        Some(_) => unique.iter().map(|(id, _)| record_cache_key::<M>(env, id)).collect(),
         None => None,
     };
     let found = match (M::CACHE, keys) {
