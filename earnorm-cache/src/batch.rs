@@ -12,7 +12,8 @@ use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
 use crate::codec::{self, Envelope};
-use crate::generations::{expiry_ms, generation_ttl, set_if_absent};
+use crate::config::expiry_ms;
+use crate::generations::{generation_ttl, set_if_absent};
 use crate::key::CacheKey;
 use crate::manager::bypassed;
 use crate::stats::Event;

@@ -110,6 +110,17 @@ impl Default for CacheConfig {
     }
 }
 
+/// Longest expiry sent to Redis: ten years, far inside what `PX` accepts.
+const MAX_EXPIRY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// A duration as the milliseconds of a `PX` argument: at least 1, at most
+/// [`MAX_EXPIRY_MS`], whatever the configuration says.
+pub(crate) fn expiry_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS)
+}
+
 /// Shortest operation, connection and TTL settings accepted.
 const MIN_TIMEOUT: Duration = Duration::from_millis(1);
 /// Shortest health-check and heartbeat intervals accepted: shorter ones

@@ -14,6 +14,7 @@ use redis::Script;
 use tracing::{debug, trace};
 
 use crate::codec::{self, Envelope};
+use crate::config::expiry_ms;
 use crate::key::CacheKey;
 use crate::lease::{lease_ttl, Lease, LeaseGuard};
 use crate::stats::{Counters, Event};
@@ -374,17 +375,6 @@ pub(crate) fn generation_ttl(config: &CacheConfig) -> Duration {
         .ttl
         .max(Duration::from_secs(60))
         .saturating_add(Duration::from_secs(60))
-}
-
-/// Longest expiry sent to Redis: ten years, far inside what `PX` accepts.
-const MAX_EXPIRY_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
-
-/// A duration as the milliseconds of a `PX` argument: at least 1, at most
-/// [`MAX_EXPIRY_MS`], whatever the configuration says.
-pub(crate) fn expiry_ms(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .clamp(1, MAX_EXPIRY_MS)
 }
 
 /// Adds to `pipe` a `SET NX GET` of `value` at `key` for `ttl_ms`: the

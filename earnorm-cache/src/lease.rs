@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use crate::generations::expiry_ms;
+use crate::config::expiry_ms;
 use crate::key::CacheKey;
 use crate::{CacheConfig, CacheError, CacheManager};
 

@@ -9,7 +9,6 @@
 use mongodb::bson::Bson;
 use serde::Serialize;
 
-use crate::model::to_bson;
 use crate::{Error, Model, ModelId, Result};
 
 /// The cache name of a model in an environment: `DATABASE.COLLECTION`, so
@@ -37,7 +36,7 @@ pub(crate) fn record_id<M: Model>(id: &M::Id) -> Result<String> {
 /// # Errors
 /// When the id does not serialize to BSON.
 pub fn id_key<T: Serialize + ?Sized>(id: &T) -> Result<String> {
-    Ok(match to_bson(id)? {
+    Ok(match mongodb::bson::serialize_to_bson(id)? {
         Bson::ObjectId(oid) => oid.to_hex(),
         Bson::String(s) => s,
         Bson::Int32(n) => n.to_string(),
