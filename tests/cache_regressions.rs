@@ -525,3 +525,98 @@ async fn a_lost_heartbeat_set_does_not_hide_a_manager_cut_off() {
     );
     drop(cut_off);
 }
+
+/// Runs a script on a connection of its own that keeps Redis busy for
+/// `busy` (a long script of another client: the server is alive, only slow).
+async fn keep_redis_busy(url: String, busy: Duration) {
+    let settings = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = redis::Client::open(url)
+        .expect("url")
+        .get_multiplexed_async_connection_with_config(&settings)
+        .await
+        .expect("connect");
+    let micros = u64::try_from(busy.as_micros()).expect("a short time");
+    let _: i64 = redis::cmd("EVAL")
+        .arg(
+            "local t = redis.call('TIME') \
+             local start = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+             repeat \
+               local n = redis.call('TIME') \
+               t = tonumber(n[1]) * 1000000 + tonumber(n[2]) \
+             until t - start >= tonumber(ARGV[1]) \
+             return 1",
+        )
+        .arg(0)
+        .arg(micros)
+        .query_async(&mut conn)
+        .await
+        .expect("busy script");
+}
+
+/// Bug (issue 20, 4): a reply slower than the operation timeout (a large
+/// command, another client's long script) was taken for a dead server: the
+/// connection was dropped, and after reconnecting the manager served no hits
+/// for its quarantine (about 32 s with the default settings), with Redis
+/// healthy. Now the connection is only suspect, a `PING` on it settles
+/// that Redis is alive, and hits resume as soon as it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reply_is_not_taken_for_a_dead_server() {
+    let redis = RedisServer::start();
+    let cache = manager(
+        &redis,
+        CacheConfig {
+            operation_timeout: Duration::from_millis(150),
+            connect_timeout: Duration::from_secs(2),
+            ..config()
+        },
+    )
+    .await;
+    assert!(
+        until_serving(&cache, Duration::from_secs(5)).await.is_some(),
+        "serving at first"
+    );
+    let reconnects = cache.stats().reconnects;
+    let mut status = cache.subscribe();
+    let went_down = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn({
+        let went_down = Arc::clone(&went_down);
+        async move {
+            while status.changed().await.is_ok() {
+                if *status.borrow_and_update() == ConnectionStatus::Down {
+                    went_down.store(true, Ordering::Release);
+                }
+            }
+        }
+    });
+
+    let key = record_key(&cache, "users", "slow");
+    assert_eq!(get_or(&cache, &key, 1).await, 1);
+    let busy = tokio::spawn(keep_redis_busy(redis.url(), Duration::from_millis(700)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Times out: Redis is running the script.
+    let start = Instant::now();
+    assert_eq!(get_or(&cache, &key, 2).await, 2, "computed while Redis is busy");
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "bounded by the operation timeout"
+    );
+    busy.await.expect("busy task");
+
+    let back = until_serving(&cache, Duration::from_millis(1200)).await;
+    assert!(
+        back.is_some(),
+        "hits resume once Redis answers, with no quarantine (status {:?})",
+        cache.status()
+    );
+    assert_eq!(
+        get_or(&cache, &key, 3).await,
+        1,
+        "the value stored before is served again"
+    );
+    assert!(
+        !went_down.load(Ordering::Acquire),
+        "a slow Redis was taken for a dead one"
+    );
+    assert_eq!(cache.stats().reconnects, reconnects, "no reconnection");
+    watcher.abort();
+}

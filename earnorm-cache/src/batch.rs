@@ -3,80 +3,17 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::OnceLock;
 use std::time::Duration;
-
-use redis::Script;
 
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
 use crate::codec::{self, Envelope};
-use crate::config::expiry_ms;
-use crate::generations::{generation_ttl, set_if_absent};
+use crate::generations::{create_generations, created, Expected, Generations, StoreCall};
 use crate::key::CacheKey;
 use crate::manager::bypassed;
 use crate::stats::Event;
-use crate::token::new_token;
 use crate::{CacheError, CacheManager};
-
-/// The compare-and-set of many values in one call: for each value, in
-/// order, KEYS has its key then its `n` generation keys, and ARGV has `n`,
-/// its TTL (ms), its generations' TTL (ms), its envelope header, its
-/// payload, then the `n` generation tokens its computation began under.
-/// Each value is stored only if its generations are still those (an
-/// absent one never matches); returns 1 or 0 per value. A generation many
-/// values share is read once and extended once. Like the one-value
-/// script, declared with a shebang so that Redis refuses it whole when out
-/// of memory.
-const STORE_MANY_SCRIPT: &str = r"#!lua
-local seen = {}
-local extend = {}
-local stored = {}
-local k, a = 1, 1
-while a <= #ARGV do
-  local n = tonumber(ARGV[a])
-  local tokens = {}
-  local current = true
-  for i = 1, n do
-    local name = KEYS[k + i]
-    local token = seen[name]
-    if token == nil then
-      token = redis.call('GET', name)
-      seen[name] = token
-    end
-    if token ~= ARGV[a + 4 + i] then
-      current = false
-      break
-    end
-    tokens[i] = token
-  end
-  if current then
-    local ttl = tonumber(ARGV[a + 2])
-    for i = 1, n do
-      local name = KEYS[k + i]
-      if (extend[name] or 0) < ttl then
-        extend[name] = ttl
-      end
-    end
-    redis.call('SET', KEYS[k], ARGV[a + 3] .. table.concat(tokens) .. ARGV[a + 4], 'PX', ARGV[a + 1])
-    stored[#stored + 1] = 1
-  else
-    stored[#stored + 1] = 0
-  end
-  k = k + 1 + n
-  a = a + 5 + n
-end
-for name, ttl in pairs(extend) do
-  redis.call('PEXPIRE', name, ttl, 'GT')
-end
-return stored
-";
-
-fn store_many_script() -> &'static Script {
-    static SCRIPT: OnceLock<Script> = OnceLock::new();
-    SCRIPT.get_or_init(|| Script::new(STORE_MANY_SCRIPT))
-}
 
 /// Most keys one round trip of a batch looks up or stores: a batch of
 /// thousands goes in several commands, each answered well within the
@@ -276,16 +213,8 @@ impl CacheManager {
         if absent.is_empty() {
             return Ok(());
         }
-        let ttl_ms = expiry_ms(generation_ttl(self.config()));
         let mut pipe = redis::pipe();
-        let fresh: Vec<String> = absent
-            .iter()
-            .map(|&g| {
-                let token = new_token();
-                set_if_absent(&mut pipe, names[g], &token, ttl_ms);
-                token
-            })
-            .collect();
+        let fresh = create_generations(&mut pipe, absent.iter().map(|&g| names[g]), self.config());
         let previous: Vec<Option<Vec<u8>>> = self
             .connection()
             .call_within(budget, |mut c| async move { pipe.query_async(&mut c).await })
@@ -294,7 +223,7 @@ impl CacheManager {
             return Err(CacheError::Unavailable);
         }
         for ((g, token), previous) in absent.into_iter().zip(fresh).zip(previous) {
-            generations[g] = Some(previous.unwrap_or_else(|| token.into_bytes()));
+            generations[g] = Some(created(token, previous));
         }
         Ok(())
     }
@@ -315,9 +244,7 @@ impl CacheManager {
             missed,
             ..
         } = chunk;
-        let generation_ttl = generation_ttl(self.config());
-        let mut invocation = store_many_script().prepare_invoke();
-        let mut stored_keys = Vec::new();
+        let mut call = StoreCall::new(None);
         for (&i, value) in missed.iter().zip(computed) {
             let Some(ttl) = ttl_of(value) else { continue };
             let payload = match codec::encode(value) {
@@ -327,38 +254,12 @@ impl CacheManager {
                     continue;
                 }
             };
-            let key = &keys[i];
-            invocation
-                .key(&key.value)
-                .key(&key.generations)
-                .arg(key.generations.len())
-                .arg(expiry_ms(ttl))
-                .arg(expiry_ms(
-                    generation_ttl.max(ttl).saturating_add(Duration::from_secs(60)),
-                ))
-                .arg(&codec::header(key.generations.len())[..])
-                .arg(payload);
-            for &g in &positions[i] {
-                invocation.arg(generations[g].as_deref().unwrap_or(b""));
-            }
-            stored_keys.push(key);
+            let seen: Generations = positions[i].iter().map(|&g| generations[g].clone()).collect();
+            call.add(self.config(), &keys[i], Expected::Seen(&seen), &payload, ttl);
         }
-        if stored_keys.is_empty() {
-            return;
-        }
-        match self
-            .connection()
-            .call_within(budget, |mut c| async move {
-                invocation.invoke_async::<Vec<i64>>(&mut c).await
-            })
-            .await
-        {
-            Ok(answers) => {
-                for (key, stored) in stored_keys.into_iter().zip(answers) {
-                    self.count_store(key, stored == 1);
-                }
-            }
-            Err(err) => self.refused(&err),
+        if !call.is_empty() {
+            // A refusal is counted by `run_store`; the values are returned all the same.
+            let _ = self.run_store(call, budget).await;
         }
     }
 }

@@ -21,47 +21,74 @@ use crate::stats::{Counters, Event};
 use crate::token::new_token;
 use crate::{CacheConfig, CacheError, CacheManager};
 
-/// Stores a value only if every generation it depends on is still the one
-/// seen before its computation started (see the crate docs, "No stale sets").
+/// The compare-and-set, for one value or many: each value is stored only if
+/// every generation it depends on is still the one seen before its
+/// computation started (see the crate docs, "No stale sets"). The single
+/// path and the batch path both store through it.
 ///
 /// Declared with a shebang (no flags), so that Redis refuses it up front when
 /// it is out of memory, instead of letting its writes through.
 ///
-/// KEYS[1]: value key; KEYS[2..n+1]: generation keys; KEYS[n+2]: the key's
-/// lease, when ARGV[6] is not empty.
-/// ARGV[1]: value TTL ms; ARGV[2]: generation TTL ms; ARGV[3]: fresh token;
-/// ARGV[4]: envelope header; ARGV[5]: payload; ARGV[6]: the lease's holder,
-/// or '' (the lease is given up whether the value is stored or not);
-/// ARGV[6 + i]: expected token of KEYS[1 + i], or '*' to accept the current
-/// one (creating it if absent). An absent generation never matches an
-/// expected token.
+/// KEYS: the lease of the key stored, when ARGV[1] is not empty; then, for
+/// each value in order, its key and its `n` generation keys.
+/// ARGV[1]: the lease's holder, or '' (the lease is given up whether the
+/// value is stored or not); ARGV[2]: a fresh token, for generations created
+/// here; then, for each value, `n`, its TTL (ms), its generations' TTL (ms),
+/// its envelope header, its payload, and the `n` tokens its computation
+/// began under, each '*' to accept the current one (creating it if absent).
+/// An absent generation never matches an expected token. A generation many
+/// values share is read once and extended once. Returns 1 or 0 per value.
 const STORE_SCRIPT: &str = r"#!lua
-local n = #KEYS - 1
-if ARGV[6] ~= '' then
-  n = n - 1
-  if redis.call('GET', KEYS[#KEYS]) == ARGV[6] then
-    redis.call('DEL', KEYS[#KEYS])
+local k, a = 1, 3
+if ARGV[1] ~= '' then
+  if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[1])
   end
+  k = 2
 end
-local tokens = {}
-for i = 1, n do
-  local current = redis.call('GET', KEYS[i + 1])
-  local expected = ARGV[6 + i]
-  if expected ~= '*' and current ~= expected then
-    return 0
+local seen = {}
+local extend = {}
+local stored = {}
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local ttl = tonumber(ARGV[a + 2])
+  local current = true
+  for i = 1, n do
+    local name = KEYS[k + i]
+    if seen[name] == nil then
+      seen[name] = redis.call('GET', name)
+    end
+    local expected = ARGV[a + 4 + i]
+    if expected ~= '*' and seen[name] ~= expected then
+      current = false
+      break
+    end
   end
-  tokens[i] = current
-end
-for i = 1, n do
-  if tokens[i] then
-    redis.call('PEXPIRE', KEYS[i + 1], ARGV[2], 'GT')
+  if current then
+    local tokens = {}
+    for i = 1, n do
+      local name = KEYS[k + i]
+      if not seen[name] then
+        seen[name] = ARGV[2]
+        redis.call('SET', name, ARGV[2], 'PX', ttl)
+      end
+      tokens[i] = seen[name]
+      if (extend[name] or 0) < ttl then
+        extend[name] = ttl
+      end
+    end
+    redis.call('SET', KEYS[k], ARGV[a + 3] .. table.concat(tokens) .. ARGV[a + 4], 'PX', ARGV[a + 1])
+    stored[#stored + 1] = 1
   else
-    tokens[i] = ARGV[3]
-    redis.call('SET', KEYS[i + 1], ARGV[3], 'PX', ARGV[2])
+    stored[#stored + 1] = 0
   end
+  k = k + 1 + n
+  a = a + 5 + n
 end
-redis.call('SET', KEYS[1], ARGV[4] .. table.concat(tokens) .. ARGV[5], 'PX', ARGV[1])
-return 1
+for name, ttl in pairs(extend) do
+  redis.call('PEXPIRE', name, ttl, 'GT')
+end
+return stored
 ";
 
 fn store_script() -> &'static Script {
@@ -132,16 +159,15 @@ impl CacheManager {
             return (Some(generations), Lease::None);
         }
         let conn = self.connection();
-        let ttl_ms = expiry_ms(generation_ttl(&conn.config));
         let mut pipe = redis::pipe();
-        let mut fresh = Vec::new();
-        for (name, token) in key.generations.iter().zip(generations.iter()) {
-            if token.is_none() {
-                let new = new_token();
-                set_if_absent(&mut pipe, name, &new, ttl_ms);
-                fresh.push(new);
-            }
-        }
+        let absent = key.generations.iter().zip(generations.iter());
+        let fresh = create_generations(
+            &mut pipe,
+            absent
+                .filter(|(_, token)| token.is_none())
+                .map(|(name, _)| name.as_str()),
+            &conn.config,
+        );
         let holder = wants_lease.then(new_token);
         let lease_key = holder.as_ref().map(|_| self.lease_key(key));
         if let (Some(holder), Some(lease_key)) = (&holder, &lease_key) {
@@ -168,7 +194,7 @@ impl CacheManager {
             let (Some(new), Some(previous)) = (fresh.next(), answers.next()) else {
                 return (None, Lease::None);
             };
-            *token = Some(previous.unwrap_or_else(|| new.into_bytes()));
+            *token = Some(created(new, previous));
         }
         let lease = match (holder, lease_key, answers.next()) {
             // Nobody held it: it is ours now.
@@ -295,8 +321,20 @@ impl CacheManager {
         lease: Option<&mut LeaseGuard>,
         budget: &mut Duration,
     ) -> Result<bool, CacheError> {
-        let invocation = self.store_invocation(key, expected, payload, ttl, lease.as_deref());
-        let stored: i64 = self
+        let mut call = StoreCall::new(lease.as_deref());
+        call.add(self.config(), key, expected, payload, ttl);
+        let stored = self.run_store(call, budget).await?;
+        if let Some(lease) = lease {
+            lease.settle();
+        }
+        Ok(stored.first() == Some(&true))
+    }
+
+    /// Runs the compare-and-set of `call`, counting each value's answer;
+    /// says, in the order values were added, which were stored.
+    pub(crate) async fn run_store(&self, call: StoreCall<'_>, budget: &mut Duration) -> Result<Vec<bool>, CacheError> {
+        let StoreCall { invocation, keys } = call;
+        let answers: Vec<i64> = self
             .connection()
             .call_within(
                 budget,
@@ -304,53 +342,14 @@ impl CacheManager {
             )
             .await
             .inspect_err(|err| self.refused(err))?;
-        if let Some(lease) = lease {
-            lease.settle();
-        }
-        self.count_store(key, stored == 1);
-        Ok(stored == 1)
-    }
-
-    /// The compare-and-set script's call for one value (see `STORE_SCRIPT`).
-    pub(crate) fn store_invocation(
-        &self,
-        key: &CacheKey,
-        expected: Expected<'_>,
-        payload: &[u8],
-        ttl: Duration,
-        lease: Option<&LeaseGuard>,
-    ) -> redis::ScriptInvocation<'_> {
-        let conn = self.connection();
-        let generation_ms = expiry_ms(
-            generation_ttl(&conn.config)
-                .max(ttl)
-                .saturating_add(Duration::from_secs(60)),
-        );
-        let mut invocation = store_script().key(&key.value);
-        invocation.key(&key.generations);
-        if let Some(lease) = lease {
-            invocation.key(&lease.key);
-        }
-        invocation
-            .arg(expiry_ms(ttl))
-            .arg(generation_ms)
-            .arg(new_token())
-            .arg(&codec::header(key.generations.len())[..])
-            .arg(payload)
-            .arg(lease.map_or("", |lease| lease.holder.as_str()));
-        match expected {
-            Expected::Seen(tokens) => {
-                for token in tokens {
-                    invocation.arg(token.as_deref().unwrap_or(b""));
-                }
-            }
-            Expected::Any => {
-                for _ in &key.generations {
-                    invocation.arg("*");
-                }
-            }
-        }
-        invocation
+        Ok(keys
+            .into_iter()
+            .zip(answers)
+            .map(|(key, answer)| {
+                self.count_store(key, answer == 1);
+                answer == 1
+            })
+            .collect())
     }
 
     /// Counts the answer of the compare-and-set for `key`.
@@ -368,19 +367,110 @@ impl CacheManager {
     }
 }
 
+/// One call of the compare-and-set script (see `STORE_SCRIPT`): the values
+/// added, stored or refused together in one round trip.
+pub(crate) struct StoreCall<'k> {
+    invocation: redis::ScriptInvocation<'static>,
+    /// The key of each value added, in order.
+    keys: Vec<&'k CacheKey>,
+}
+
+impl<'k> StoreCall<'k> {
+    /// A call that gives `lease` up, whatever it stores.
+    pub(crate) fn new(lease: Option<&LeaseGuard>) -> Self {
+        let mut invocation = store_script().prepare_invoke();
+        if let Some(lease) = lease {
+            invocation.key(&lease.key);
+        }
+        invocation
+            .arg(lease.map_or("", |lease| lease.holder.as_str()))
+            .arg(new_token());
+        Self {
+            invocation,
+            keys: Vec::new(),
+        }
+    }
+
+    /// Adds the value of `key` (encoded: `payload`), to live `ttl`, stored
+    /// only if its generations are still `expected`.
+    pub(crate) fn add(
+        &mut self,
+        config: &CacheConfig,
+        key: &'k CacheKey,
+        expected: Expected<'_>,
+        payload: &[u8],
+        ttl: Duration,
+    ) {
+        let generations_live = generation_ttl(config).max(ttl).saturating_add(Duration::from_secs(60));
+        self.invocation
+            .key(&key.value)
+            .key(&key.generations)
+            .arg(key.generations.len())
+            .arg(expiry_ms(ttl))
+            .arg(expiry_ms(generations_live))
+            .arg(&codec::header(key.generations.len())[..])
+            .arg(payload);
+        match expected {
+            Expected::Seen(tokens) => {
+                for token in tokens {
+                    self.invocation.arg(token.as_deref().unwrap_or(b""));
+                }
+            }
+            Expected::Any => {
+                for _ in &key.generations {
+                    self.invocation.arg("*");
+                }
+            }
+        }
+        self.keys.push(key);
+    }
+
+    /// Whether no value was added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
 /// How long a generation created for a computation lives. Values stored
 /// later extend it to outlive them (see the store script).
-pub(crate) fn generation_ttl(config: &CacheConfig) -> Duration {
+fn generation_ttl(config: &CacheConfig) -> Duration {
     config
         .ttl
         .max(Duration::from_secs(60))
         .saturating_add(Duration::from_secs(60))
 }
 
+/// Adds to `pipe` the creation of each generation of `names` (a `SET NX
+/// GET` of a fresh token, to live [`generation_ttl`]); returns the fresh
+/// tokens in order. With the answers, [`created`] gives each generation's
+/// token. How a single lookup and a batch both create the generations a
+/// computation needs before it starts.
+pub(crate) fn create_generations<'a>(
+    pipe: &mut redis::Pipeline,
+    names: impl IntoIterator<Item = &'a str>,
+    config: &CacheConfig,
+) -> Vec<String> {
+    let ttl_ms = expiry_ms(generation_ttl(config));
+    names
+        .into_iter()
+        .map(|name| {
+            let token = new_token();
+            set_if_absent(pipe, name, &token, ttl_ms);
+            token
+        })
+        .collect()
+}
+
+/// A generation's token once [`create_generations`] has run: the one it
+/// found (`previous`), or the `fresh` one it created.
+pub(crate) fn created(fresh: String, previous: Option<Vec<u8>>) -> Vec<u8> {
+    previous.unwrap_or_else(|| fresh.into_bytes())
+}
+
 /// Adds to `pipe` a `SET NX GET` of `value` at `key` for `ttl_ms`: the
 /// answer is the value that was there, or nil when `value` was set. How
 /// generations are created and leases taken.
-pub(crate) fn set_if_absent(pipe: &mut redis::Pipeline, key: &str, value: &str, ttl_ms: u64) {
+fn set_if_absent(pipe: &mut redis::Pipeline, key: &str, value: &str, ttl_ms: u64) {
     pipe.cmd("SET")
         .arg(key)
         .arg(value)

@@ -8,8 +8,8 @@
 
 use tracing::debug;
 
-use crate::key::Scope;
 use crate::scan::unlink_matching;
+use crate::scope::Scope;
 use crate::{CacheError, CacheManager, InvalidationSource};
 
 impl CacheManager {

@@ -1,4 +1,4 @@
-//! Cache keys, the scopes a value depends on, and glob escaping.
+//! Cache keys: the name of a value and the generations that guard it.
 //!
 //! Every key's name comes from [`Keyspace`](crate::keyspace::Keyspace),
 //! which has the table of them; a value's key is `P v:NS:NAME:ID:HASH`.
@@ -19,58 +19,9 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::key_encoding::KeyEncoder;
 use crate::keyspace::Keyspace;
+use crate::scope::Scope;
 use crate::stats::NamedCounters;
 use crate::CacheError;
-
-/// What a cached value depends on, and what a write invalidates.
-///
-/// | a value built with | is invalidated by a write to                      |
-/// |--------------------|---------------------------------------------------|
-/// | `Record(m, id)`    | `Record(m, id)` or `Model(m)`                      |
-/// | `Model(m)`         | `Record(m, any id)` or `Model(m)`                  |
-/// | `Tag(t)`           | `Tag(t)`                                          |
-///
-/// So saving one user drops that user's cached methods and every cached query
-/// over users, but not the cached methods of other users; a bulk update of
-/// users drops everything cached about users.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Scope<'a> {
-    /// One record of a model: `(model, id)`.
-    Record(&'a str, &'a str),
-    /// A whole model (collection).
-    Model(&'a str),
-    /// A free-form tag for values that are not tied to a model.
-    Tag(&'a str),
-}
-
-/// A [`Scope`] that owns its names, for invalidations kept until Redis can
-/// take them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum OwnedScope {
-    Record(String, String),
-    Model(String),
-    Tag(String),
-}
-
-impl OwnedScope {
-    pub(crate) fn as_scope(&self) -> Scope<'_> {
-        match self {
-            OwnedScope::Record(model, id) => Scope::Record(model, id),
-            OwnedScope::Model(model) => Scope::Model(model),
-            OwnedScope::Tag(tag) => Scope::Tag(tag),
-        }
-    }
-}
-
-impl From<&Scope<'_>> for OwnedScope {
-    fn from(scope: &Scope<'_>) -> Self {
-        match *scope {
-            Scope::Record(model, id) => OwnedScope::Record(model.to_owned(), id.to_owned()),
-            Scope::Model(model) => OwnedScope::Model(model.to_owned()),
-            Scope::Tag(tag) => OwnedScope::Tag(tag.to_owned()),
-        }
-    }
-}
 
 /// Most scopes one key may depend on (the envelope stores one byte of count).
 pub const MAX_DEPENDENCIES: usize = 32;
@@ -224,20 +175,6 @@ impl KeyBuilder {
     }
 }
 
-/// Escapes the Redis glob metacharacters `* ? [ ] \` in `text`, so that user
-/// data can be placed into a [`CacheManager::delete_pattern`](crate::CacheManager::delete_pattern)
-/// pattern and match only itself.
-pub fn escape_glob(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,11 +233,5 @@ mod tests {
             .build()
             .expect("key");
         assert!(!none.feed_covered, "no feed followed");
-    }
-
-    #[test]
-    fn escapes_every_glob_metacharacter() {
-        assert_eq!(escape_glob(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
-        assert_eq!(escape_glob("plain"), "plain");
     }
 }

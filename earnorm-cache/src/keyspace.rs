@@ -23,8 +23,7 @@
 //! Names may contain any character, `:` included: keys are only ever built
 //! from scopes, never parsed back.
 
-use crate::key::escape_glob;
-use crate::key::Scope;
+use crate::scope::Scope;
 
 /// The names of the keys under one prefix (cheap to make: it borrows the
 /// prefix).
@@ -123,6 +122,20 @@ impl<'p> Keyspace<'p> {
     }
 }
 
+/// Escapes the Redis glob metacharacters `* ? [ ] \` in `text`, so that user
+/// data can be placed into a [`CacheManager::delete_pattern`](crate::CacheManager::delete_pattern)
+/// pattern and match only itself.
+pub fn escape_glob(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +164,11 @@ mod tests {
         assert_eq!(keys.members(), "app*:meta:members");
         assert_eq!(keys.run_id(), "app*:meta:run_id");
         assert_eq!(keys.probe("m"), "app*:meta:probe:m");
+    }
+
+    #[test]
+    fn escapes_every_glob_metacharacter() {
+        assert_eq!(escape_glob(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
+        assert_eq!(escape_glob("plain"), "plain");
     }
 }

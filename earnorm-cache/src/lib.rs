@@ -32,7 +32,7 @@
 //! `operation_timeout`; any failure (refused, reset, timeout, corrupt value)
 //! makes [`CacheManager::get_or_compute`] compute instead. A failure drops
 //! the connection and later calls skip Redis without waiting until the
-//! background supervisor has reconnected (the `connection` module).
+//! background supervisor has reconnected (`connection/link.rs`, `connection/supervisor.rs`).
 //!
 //! **Invalidation in O(1) round trips, no scanning.** Each value depends on
 //! one or two *generation* keys (its record and its model, or its model's
@@ -76,8 +76,8 @@
 //! connected manager beats every `heartbeat_interval`, and while one sharing
 //! the prefix has been silent for `2 * heartbeat_interval +
 //! operation_timeout` (1.25 s with the defaults), the others serve no hits
-//! until it is back (having replayed) or is forgotten as gone (the
-//! `connection` module). The exception: in the first
+//! until it is back (having replayed) or is forgotten as gone
+//! (`connection/presence.rs`). The exception: in the first
 //! `2 * heartbeat_interval + operation_timeout` after a manager is cut off,
 //! before its silence shows, the others can serve entries its writes made
 //! stale; and a manager missing for longer than its quarantine
@@ -136,16 +136,21 @@ mod lease;
 mod invalidate;
 // Invalidations waiting for a connection.
 mod outbox;
-// The connection to Redis: publishing, bounded calls, the supervisor, presence.
+// The connection to Redis: its shared state and sending invalidations; in
+// rooms of its own, the published link, the supervisor, presence.
 mod connection;
+// The bound on every call to Redis.
+mod bounded;
 // Reconnection back-off.
 mod backoff;
 // Bookkeeping values and the database feed's caught-up marker.
 mod meta;
-// Every key's name.
+// Every key's name, and glob escaping.
 mod keyspace;
-// Keys of cached values, scopes, glob escaping.
+// Keys of cached values.
 mod key;
+// What a value depends on and what a write invalidates.
+mod scope;
 // The canonical encoding of key arguments.
 mod key_encoding;
 // Values as stored: the envelope and its payload.
@@ -166,8 +171,10 @@ mod token;
 pub use codec::{OptionOutput, Output, PlainOutput, ResultOutput};
 pub use config::CacheConfig;
 pub use error::CacheError;
-pub use key::{escape_glob, CacheKey, KeyBuilder, Scope, MAX_DEPENDENCIES};
+pub use key::{CacheKey, KeyBuilder, MAX_DEPENDENCIES};
 pub use key_encoding::KeyArgumentError;
+pub use keyspace::escape_glob;
 pub use manager::{bypass, CacheManager};
 pub use redact::redact_url;
+pub use scope::Scope;
 pub use stats::{CacheStats, ConnectionStatus, InvalidationSource, NamedStats};

@@ -29,9 +29,10 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use tracing::info;
 
-use crate::key::{OwnedScope, Scope};
+use crate::bounded::bounded;
 use crate::keyspace::Keyspace;
-use crate::scan::{bounded, unlink_matching};
+use crate::scan::unlink_matching;
+use crate::scope::{OwnedScope, Scope};
 use crate::CacheError;
 
 /// Most scopes remembered before the outbox falls back to invalidating

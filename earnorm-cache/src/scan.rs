@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 
+use crate::bounded::bounded;
 use crate::CacheError;
 
 /// Keys asked for per `SCAN` step.
@@ -35,16 +36,5 @@ pub(crate) async fn unlink_matching(
             return Ok(count);
         }
         cursor = next;
-    }
-}
-
-/// Runs one Redis command future within `limit`.
-pub(crate) async fn bounded<T>(
-    limit: Duration,
-    op: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, CacheError> {
-    match tokio::time::timeout(limit, op).await {
-        Ok(result) => result.map_err(CacheError::Redis),
-        Err(_) => Err(CacheError::Timeout(limit)),
     }
 }
