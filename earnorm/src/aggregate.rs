@@ -5,12 +5,10 @@ use std::future::IntoFuture;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use earnorm_cache::{ResultOutput, Scope};
 use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document};
-use tracing::debug;
 
-use crate::query::{ActionFuture, Projection};
+use crate::query::{query_key, read_cached, ActionFuture, Projection};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched};
 use crate::{Environment, Error, Model, Result};
 
@@ -91,10 +89,7 @@ impl<M: Model, T: Projection> Aggregate<M, T> {
     }
 
     async fn run(self) -> Result<Vec<T>> {
-        let env = match &self.env {
-            Some(env) => env.clone(),
-            None => Environment::current()?,
-        };
+        let env = Environment::chosen_or_current(self.env.as_ref())?;
         let written = written_collection(&self.pipeline);
         let read = |env: Environment, pipeline: Vec<Document>| async move {
             env.database()
@@ -120,28 +115,10 @@ impl<M: Model, T: Projection> Aggregate<M, T> {
         let Some(ttl) = self.cached else {
             return read(env, self.pipeline).await;
         };
+        // The model's own collection comes first: it names the entry.
         let names: Vec<String> = self.collections().iter().map(|c| env.model_scope(c)).collect();
-        let namespace = env.model_scope(M::COLLECTION);
-        let mut key = env.cache().key(&namespace, "aggregate");
-        for name in &names {
-            key = key.scope(Scope::Model(name));
-        }
-        let key = key
-            .raw(std::any::type_name::<T>().as_bytes())
-            .arg(&self.pipeline)
-            .and_then(earnorm_cache::KeyBuilder::build);
-        match key {
-            Ok(key) => {
-                let cache = env.cache().clone();
-                cache
-                    .get_or_compute::<Result<Vec<T>>, ResultOutput, _>(&key, Some(ttl), read(env, self.pipeline))
-                    .await
-            }
-            Err(err) => {
-                debug!(error = %err, "the pipeline does not encode: aggregating without the cache");
-                read(env, self.pipeline).await
-            }
-        }
+        let key = query_key(&env, &names, "aggregate", std::any::type_name::<T>(), &self.pipeline);
+        read_cached(&env, key, ttl, read(env.clone(), self.pipeline)).await
     }
 }
 

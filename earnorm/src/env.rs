@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use earnorm_cache::{redact_url, CacheManager, ConnectionStatus};
-use mongodb::bson::doc;
+use mongodb::bson::{doc, Document};
 use mongodb::options::ClientOptions;
-use mongodb::{Client, Database};
+use mongodb::{Client, Collection, Database};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -160,6 +160,18 @@ impl Environment {
             .ok_or(Error::NotInitialized)
     }
 
+    /// `chosen`, or else the [`current`](Self::current) one: where an
+    /// action runs that may have been given an environment (`.in_env`).
+    ///
+    /// # Errors
+    /// As [`current`](Self::current), when none was chosen.
+    pub(crate) fn chosen_or_current(chosen: Option<&Environment>) -> Result<Self> {
+        match chosen {
+            Some(env) => Ok(env.clone()),
+            None => Self::current(),
+        }
+    }
+
     /// Runs `future` with this environment as the current one.
     pub async fn scope<F: Future>(&self, future: F) -> F::Output {
         CURRENT.scope(self.clone(), future).await
@@ -173,6 +185,13 @@ impl Environment {
     /// The MongoDB database.
     pub fn database(&self) -> &Database {
         &self.inner.database
+    }
+
+    /// The collection `collection` as untyped documents: writes send owned
+    /// documents, so that they can run in a task of their own (see
+    /// `write_then_invalidate`).
+    pub(crate) fn documents(&self, collection: &str) -> Collection<Document> {
+        self.inner.database.collection(collection)
     }
 
     /// The MongoDB client.

@@ -108,6 +108,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a failed write may still have changed something (a network error
+    /// after sending, a bulk write stopped half-way). Validation, id and
+    /// serialization errors and duplicate keys are raised before anything is
+    /// written.
+    pub(crate) fn may_have_written(&self) -> bool {
+        match self {
+            Error::Validation(_)
+            | Error::DuplicateKey { .. }
+            | Error::Conflict { .. }
+            | Error::Refused(_)
+            | Error::InvalidUpdate { .. }
+            | Error::Id(_)
+            | Error::Serialization(_)
+            | Error::Decode { .. } => false,
+            // Refused by the driver before sending (a document over 16 MiB).
+            Error::Mongo(e) => !matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InvalidArgument { .. }),
+            _ => true,
+        }
+    }
+
     /// A hook's refusal, with its reason (a message, or any error).
     pub fn refused(reason: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Error::Refused(reason.into())

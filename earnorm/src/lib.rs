@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod config;
+mod document;
 mod env;
 mod error;
 pub mod feed;

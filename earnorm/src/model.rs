@@ -10,6 +10,7 @@ use mongodb::{ClientSession, Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::aggregate::Aggregate;
+use crate::document::{to_bson, to_document};
 use crate::naming::{id_key, record_id};
 use crate::query::{self, Count, Find, FindOne, RecordCache};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
@@ -218,7 +219,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
                 generated,
                 previous_version,
             } = Save::prepare(self)?;
-            let coll = raw_collection::<Self>(env);
+            let coll = env.documents(Self::COLLECTION);
             let save = async move { op.run::<Self>(coll, None).await };
             let result = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, save).await;
             settle(generated, previous_version, self, result)?;
@@ -242,7 +243,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             // Remembered before sending: a write cancelled half-way may still
             // commit with the transaction.
             touched.push(scope);
-            let result = op.run::<Self>(raw_collection::<Self>(env), Some(session)).await;
+            let result = op.run::<Self>(env.documents(Self::COLLECTION), Some(session)).await;
             settle(generated, previous_version, self, result)?;
             self.after_save();
             Ok(())
@@ -266,7 +267,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             self.before_delete()?;
             let target = delete_target(self)?;
             let touched = target.touched.clone();
-            let coll = raw_collection::<Self>(env);
+            let coll = env.documents(Self::COLLECTION);
             let delete = async move { delete_one::<Self>(coll, target, None).await };
             let existed = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await?;
             self.after_delete();
@@ -282,7 +283,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             let target = delete_target(self)?;
             let (env, session, touched) = tx.parts();
             touched.push(target.touched.clone());
-            let existed = delete_one::<Self>(raw_collection::<Self>(env), target, Some(session)).await?;
+            let existed = delete_one::<Self>(env.documents(Self::COLLECTION), target, Some(session)).await?;
             self.after_delete();
             Ok(existed)
         }
@@ -333,7 +334,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
                 }
             }
             let documents = records.iter().map(to_document).collect::<Result<Vec<_>>>()?;
-            let coll = raw_collection::<Self>(env);
+            let coll = env.documents(Self::COLLECTION);
             let insert = async move {
                 coll.insert_many(documents)
                     .await
@@ -341,7 +342,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
                     .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
             };
             // Part of a failed batch may have been written: a failure
-            // invalidates too (see `may_have_written`).
+            // invalidates too (see `Error::may_have_written`).
             write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], Invalidate::Always, insert).await?;
             for record in records.iter() {
                 record.after_save();
@@ -571,7 +572,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
             let update = update::bulk::<Self>(update)?;
-            let coll = raw_collection::<Self>(env);
+            let coll = env.documents(Self::COLLECTION);
             let update = async move { update_many::<Self>(coll, filter, update, None).await };
             write_then_invalidate(
                 env,
@@ -594,7 +595,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             let update = update::bulk::<Self>(update)?;
             let (env, session, touched) = tx.parts();
             touched.push(Touched::Model(Self::COLLECTION));
-            update_many::<Self>(raw_collection::<Self>(env), filter, update, Some(session)).await
+            update_many::<Self>(env.documents(Self::COLLECTION), filter, update, Some(session)).await
         }
     }
 
@@ -607,7 +608,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     /// [`delete_many`](Self::delete_many) in `env`.
     fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
         async move {
-            let coll = raw_collection::<Self>(env);
+            let coll = env.documents(Self::COLLECTION);
             let delete = async move { delete_many::<Self>(coll, filter, None).await };
             write_then_invalidate(
                 env,
@@ -625,7 +626,7 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
         async move {
             let (env, session, touched) = tx.parts();
             touched.push(Touched::Model(Self::COLLECTION));
-            delete_many::<Self>(raw_collection::<Self>(env), filter, Some(session)).await
+            delete_many::<Self>(env.documents(Self::COLLECTION), filter, Some(session)).await
         }
     }
 
@@ -687,26 +688,6 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     }
 }
 
-/// Whether a failed write may still have changed something (a network error
-/// after sending, a bulk write stopped half-way). Validation, id and
-/// serialization errors and duplicate keys are raised before anything is
-/// written.
-pub(crate) fn may_have_written(err: &Error) -> bool {
-    match err {
-        Error::Validation(_)
-        | Error::DuplicateKey { .. }
-        | Error::Conflict { .. }
-        | Error::Refused(_)
-        | Error::InvalidUpdate { .. }
-        | Error::Id(_)
-        | Error::Serialization(_)
-        | Error::Decode { .. } => false,
-        // Refused by the driver before sending (a document over 16 MiB).
-        Error::Mongo(e) => !matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InvalidArgument { .. }),
-        _ => true,
-    }
-}
-
 /// The scope a write to the record with this id touches: the record's, or
 /// the whole model's when the id has no key form.
 fn record_scope<M: Model>(id: &M::Id) -> Touched {
@@ -714,17 +695,6 @@ fn record_scope<M: Model>(id: &M::Id) -> Touched {
         Ok(key) => Touched::Record(M::COLLECTION, key),
         Err(_) => Touched::Model(M::COLLECTION),
     }
-}
-
-/// The collection of `M` as untyped documents: writes send owned documents,
-/// so that they can run in a task of their own (see `write_then_invalidate`).
-pub(crate) fn raw_collection<M: Model>(env: &Environment) -> Collection<Document> {
-    env.database().collection(M::COLLECTION)
-}
-
-/// A record as the document stored for it.
-fn to_document<T: Serialize>(record: &T) -> Result<Document> {
-    Ok(mongodb::bson::serialize_to_document(record)?)
 }
 
 /// What `save` sends: an insert of a new record or a replacement by id.
@@ -825,7 +795,7 @@ impl Save {
 /// same version); keeps them when it may have been written, so that a retry
 /// updates that record instead of inserting a second one.
 fn settle<M: Model>(generated: bool, previous_version: Option<i64>, record: &mut M, result: Result<()>) -> Result<()> {
-    if matches!(&result, Err(err) if !may_have_written(err)) {
+    if matches!(&result, Err(err) if !err.may_have_written()) {
         Save::undo(record, generated, previous_version);
     }
     result
@@ -944,9 +914,4 @@ async fn delete_many<M: Model>(
     in_session!(coll.delete_many(filter), session)
         .map(|r| r.deleted_count)
         .map_err(|e| Error::from_mongo(M::COLLECTION, e))
-}
-
-/// BSON of a value, for filters.
-pub(crate) fn to_bson<T: Serialize + ?Sized>(value: &T) -> Result<Bson> {
-    Ok(mongodb::bson::serialize_to_bson(value)?)
 }

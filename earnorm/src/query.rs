@@ -14,7 +14,8 @@ use mongodb::bson::{doc, Document};
 use serde::Serialize;
 use tracing::{debug, Instrument};
 
-use crate::model::{to_bson, ModelId};
+use crate::document::to_bson;
+use crate::ModelId;
 use crate::{Environment, Error, Model, Result};
 
 /// The record cache of a model, declared with
@@ -235,10 +236,7 @@ impl Read {
     }
 
     fn env(&self) -> Result<Environment> {
-        match &self.env {
-            Some(env) => Ok(env.clone()),
-            None => Environment::current(),
-        }
+        Environment::chosen_or_current(self.env.as_ref())
     }
 
     /// Runs `read` (given the environment and the filter) through the
@@ -265,29 +263,60 @@ impl Read {
             let Some(ttl) = self.cached else {
                 return read(env, self.filter).await;
             };
-            let namespace = env.model_scope(M::COLLECTION);
-            let key = env
-                .cache()
-                .key(&namespace, name)
-                .scope(Scope::Model(&namespace))
-                .raw(std::any::type_name::<M>().as_bytes())
-                .arg(&(&self.filter, options))
-                .and_then(earnorm_cache::KeyBuilder::build);
-            match key {
-                Ok(key) => {
-                    let cache = env.cache().clone();
-                    cache
-                        .get_or_compute::<Result<T>, ResultOutput, _>(&key, Some(ttl), read(env, self.filter))
-                        .await
-                }
-                Err(err) => {
-                    debug!(error = %err, "the query does not encode: reading without the cache");
-                    read(env, self.filter).await
-                }
-            }
+            let model = [env.model_scope(M::COLLECTION)];
+            let key = query_key(&env, &model, name, std::any::type_name::<M>(), &(&self.filter, options));
+            read_cached(&env, key, ttl, read(env.clone(), self.filter)).await
         }
         .instrument(span)
         .await
+    }
+}
+
+/// The key of a read in the query cache of the model named `names[0]` (a
+/// model scope name, `DATABASE.COLLECTION`), invalidated by any write to any
+/// of `names`: it is named `name`, and holds `type_name` (what the result
+/// decodes into) and the canonical encoding of `arg`.
+pub(crate) fn query_key<A: Serialize + ?Sized>(
+    env: &Environment,
+    names: &[String],
+    name: &str,
+    type_name: &str,
+    arg: &A,
+) -> std::result::Result<CacheKey, earnorm_cache::CacheError> {
+    let namespace = names.first().map_or("", String::as_str);
+    let mut key = env.cache().key(namespace, name);
+    for name in names {
+        key = key.scope(Scope::Model(name));
+    }
+    key.raw(type_name.as_bytes())
+        .arg(arg)
+        .and_then(earnorm_cache::KeyBuilder::build)
+}
+
+/// The one cached-read path of queries, counts and aggregations: `read`
+/// through the cache under `key` for `ttl` (with every guarantee of
+/// `#[cached]`), or without the cache when the read did not encode into a
+/// key.
+pub(crate) async fn read_cached<T, F>(
+    env: &Environment,
+    key: std::result::Result<CacheKey, earnorm_cache::CacheError>,
+    ttl: Duration,
+    read: F,
+) -> Result<T>
+where
+    T: Serialize + serde::de::DeserializeOwned,
+    F: Future<Output = Result<T>>,
+{
+    match key {
+        Ok(key) => {
+            env.cache()
+                .get_or_compute::<Result<T>, ResultOutput, _>(&key, Some(ttl), read)
+                .await
+        }
+        Err(err) => {
+            debug!(error = %err, "the read does not encode: reading without the cache");
+            read.await
+        }
     }
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 use earnorm_cache::Scope;
 use mongodb::ClientSession;
 
-use crate::model::may_have_written;
 use crate::{Environment, Error, Result};
 
 /// A cache scope a write touched, remembered until the transaction commits.
@@ -119,7 +118,7 @@ const LATE_APPLY: Duration = Duration::from_secs(1);
 /// When a write unit invalidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Invalidate {
-    /// Unless the write surely changed nothing (see `may_have_written`).
+    /// Unless the write surely changed nothing (see `Error::may_have_written`).
     IfWritten,
     /// Whatever the outcome: a batch refused part-way may have written its
     /// first part.
@@ -183,10 +182,10 @@ where
     let unit = async move {
         let result = write.await;
         let touched = found.get();
-        if when == Invalidate::Always || result.as_ref().err().is_none_or(may_have_written) {
+        if when == Invalidate::Always || result.as_ref().err().is_none_or(Error::may_have_written) {
             invalidate(&env, &touched).await;
         }
-        if result.as_ref().is_err_and(may_have_written) {
+        if result.as_ref().is_err_and(Error::may_have_written) {
             // The write failed in a way that says nothing of whether the
             // server applied it (a lost connection, a timeout): it may still
             // do so after the invalidation above, when a reader could cache

@@ -30,7 +30,7 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ReturnDocument;
 
-use crate::model::{raw_collection, to_bson};
+use crate::document::to_bson;
 use crate::transaction::{write_then_invalidate_found, Found, Invalidate, Touched};
 use crate::{Environment, Error, Model, Result};
 
@@ -51,7 +51,7 @@ pub const RETRY_FOR: Duration = Duration::from_secs(5);
 pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Target) -> Result<Option<M>> {
     prepare::<M>(&mut target)?;
     let op = if target.upsert { "upsert_one" } else { "update_one" };
-    let coll = raw_collection::<M>(env);
+    let coll = env.documents(M::COLLECTION);
     let client = env.client().clone();
     // Until the record is known, a failure that may have written
     // invalidates the whole model.
