@@ -197,7 +197,7 @@ async fn main() {
         .get_or_compute::<_, PlainOutput, _>(&key, None, async { profile(1) })
         .await;
     let mut user = User { id: None, n: 1 };
-    user.save_in(&env).await.expect("save");
+    user.save().in_env(&env).await.expect("save");
     env.scope(user.profile()).await.expect("warm");
 
     if std::env::args().any(|a| a == "--micro") {
@@ -458,7 +458,7 @@ async fn main() {
         let mut db = Closure(move || {
             let e = e.clone();
             async move {
-                std::hint::black_box(User::find_by_id_in(&e, id).await.expect("find"));
+                std::hint::black_box(User::find_by_id(id).in_env(&e).await.expect("find"));
             }
         });
         let e = env.clone();
@@ -529,10 +529,10 @@ async fn distributions(env: &Environment, user: &User, id: ObjectId, samples: us
         std::hint::black_box(env.scope(user.profile()).await.expect("hit"));
         cached.push(start.elapsed());
         let start = Instant::now();
-        std::hint::black_box(CachedUser::find_by_id_in(env, id).await.expect("hit"));
+        std::hint::black_box(CachedUser::find_by_id(id).in_env(env).await.expect("hit"));
         record.push(start.elapsed());
         let start = Instant::now();
-        std::hint::black_box(User::find_by_id_in(env, id).await.expect("read"));
+        std::hint::black_box(User::find_by_id(id).in_env(env).await.expect("read"));
         mongo.push(start.elapsed());
     }
     report::series("#[cached] hit (Redis)", "#1f77b4", cached);
@@ -558,14 +558,14 @@ async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_
         let mut orm = Closure(move || {
             let e = e.clone();
             async move {
-                std::hint::black_box(User::find_by_id_in(&e, id).await.expect("find"));
+                std::hint::black_box(User::find_by_id(id).in_env(&e).await.expect("find"));
             }
         });
         let e = env.clone();
         let mut record = Closure(move || {
             let e = e.clone();
             async move {
-                std::hint::black_box(CachedUser::find_by_id_in(&e, id).await.expect("find"));
+                std::hint::black_box(CachedUser::find_by_id(id).in_env(&e).await.expect("find"));
             }
         });
         let e = env.clone();
@@ -618,7 +618,7 @@ async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_
             let e = e.clone();
             async move {
                 let mut user = User { id: Some(id), n: 1 };
-                user.save_in(&e).await.expect("save");
+                user.save().in_env(&e).await.expect("save");
             }
         });
         compare(rounds, per_round / 4, [&mut raw, &mut orm]).await
@@ -641,7 +641,7 @@ async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_
     // preceded by one invalidation round trip (of half the ids, all of
     // them, or an unrelated record), against one `$in` query.
     let mut users: Vec<User> = (0..100).map(|n| User { id: None, n }).collect();
-    User::insert_many_in(env, &mut users).await.expect("insert");
+    User::insert_many(&mut users).in_env(env).await.expect("insert");
     let ids: Arc<Vec<ObjectId>> = Arc::new(users.iter().map(|u| u.id.expect("id")).collect());
     let namespace = env.model_scope(User::COLLECTION);
     let keys: Arc<Vec<String>> = Arc::new(ids.iter().map(|id| id.to_hex()).collect());
@@ -666,7 +666,7 @@ async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_
                 let scopes: Vec<Scope<'_>> = scopes.iter().map(|(m, k)| Scope::Record(m, k)).collect();
                 e.cache().invalidate(&scopes).await;
                 if read {
-                    let found = CachedUser::find_many_by_ids_in(&e, &ids).await.expect("find many");
+                    let found = CachedUser::find_many_by_ids(&ids).in_env(&e).await.expect("find many");
                     assert_eq!(found.len(), 100);
                 }
             }
@@ -752,12 +752,12 @@ async fn feed_group(redis_url: &str, rounds: usize, per_round: usize, quick: boo
             loop {
                 n += 1;
                 let mut user = User { id: None, n };
-                let _ = user.save_in(&env).await;
+                let _ = user.save().in_env(&env).await;
             }
         })
     };
     let mut probe = User { id: None, n: 0 };
-    probe.save_in(&fed).await.expect("save");
+    probe.save().in_env(&fed).await.expect("save");
     let id = probe.id.expect("id");
     let client = redis::Client::open(redis_url).expect("redis url");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
@@ -784,7 +784,7 @@ async fn feed_group(redis_url: &str, rounds: usize, per_round: usize, quick: boo
             let e = e.clone();
             async move {
                 let mut user = User { id: None, n: 1 };
-                user.save_in(&e).await.expect("save");
+                user.save().in_env(&e).await.expect("save");
             }
         });
         let e = plain.clone();
@@ -792,7 +792,7 @@ async fn feed_group(redis_url: &str, rounds: usize, per_round: usize, quick: boo
             let e = e.clone();
             async move {
                 let mut user = User { id: None, n: 1 };
-                user.save_in(&e).await.expect("save");
+                user.save().in_env(&e).await.expect("save");
             }
         });
         compare(rounds, (per_round / 10).max(20), [&mut with, &mut without]).await
@@ -1019,7 +1019,7 @@ async fn feed_takeover(redis_url: &str, quick: bool) {
         }
         let survivor = connect(config).await;
         let mut user = User { id: None, n: 0 };
-        user.save_in(&survivor).await.expect("save");
+        user.save().in_env(&survivor).await.expect("save");
         let id = user.id.expect("id");
         tokio::time::sleep(Duration::from_millis(300)).await;
         let client = redis::Client::open(redis_url).expect("redis url");

@@ -80,13 +80,15 @@ pub async fn workload(env: &Environment) -> earnorm::Result<()> {
         name: "Ada".into(),
         logins: 0,
     };
-    user.save_in(env).await?;
+    user.save().in_env(env).await?;
     let id = user.id.unwrap_or_default();
     for _ in 0..2 {
-        User::find_by_id_in(env, id).await?;
-        User::count_in(env, doc! {}).cached(Duration::from_secs(60)).await?;
+        User::find_by_id(id).in_env(env).await?;
+        User::count(doc! {}).in_env(env).cached(Duration::from_secs(60)).await?;
     }
-    User::update_many_in(env, doc! { "_id": id }, doc! { "$inc": { "logins": 1 } }).await?;
+    User::update_many(doc! { "_id": id }, doc! { "$inc": { "logins": 1 } })
+        .in_env(env)
+        .await?;
     Ok(())
 }
 

@@ -336,7 +336,7 @@ async fn two_environments_on_the_same_services_stay_consistent() {
     let first = connect(config.clone()).await;
     let second = connect(config).await;
     let mut acct = Account::new(&unique_name("shared"), 10);
-    acct.save_in(&first).await.expect("save");
+    acct.save().in_env(&first).await.expect("save");
     let probe = acct.clone();
     let read = |env: &Environment| {
         let (env, acct) = (env.clone(), probe.clone());
@@ -344,7 +344,8 @@ async fn two_environments_on_the_same_services_stay_consistent() {
     };
     assert_eq!(read(&second).await, Some(10));
     assert_eq!(read(&second).await, Some(10));
-    Account::update_many_in(&first, doc! { "name": &acct.name }, doc! { "$set": { "balance": 11 } })
+    Account::update_many(doc! { "name": &acct.name }, doc! { "$set": { "balance": 11 } })
+        .in_env(&first)
         .await
         .expect("update");
     assert_eq!(
@@ -353,7 +354,7 @@ async fn two_environments_on_the_same_services_stay_consistent() {
         "a write through one environment is seen by a cached call in the other"
     );
     acct.balance = 12;
-    acct.save_in(&second).await.expect("save");
+    acct.save().in_env(&second).await.expect("save");
     assert_eq!(read(&first).await, Some(12));
 }
 
@@ -423,14 +424,16 @@ async fn a_transaction_applies_and_invalidates_at_commit_and_abort_discards() {
 
         let mut tx = env.start_transaction().await.expect("transactions are supported");
         a.balance = 10;
-        a.save_tx(&mut tx).await.expect("save in tx");
-        Account::update_many_tx(&mut tx, doc! { "name": &b.name }, doc! { "$set": { "balance": 20 } })
+        a.save().session(&mut tx).await.expect("save in tx");
+        Account::update_many(doc! { "name": &b.name }, doc! { "$set": { "balance": 20 } })
+            .session(&mut tx)
             .await
             .expect("update in tx");
         let mut c = Account::new(&unique_name("tx-c"), 3);
-        c.save_tx(&mut tx).await.expect("insert in tx");
+        c.save().session(&mut tx).await.expect("insert in tx");
         assert_eq!(
-            Account::find_one_tx(&mut tx, doc! { "name": &c.name })
+            Account::find_one(doc! { "name": &c.name })
+                .session(&mut tx)
                 .await
                 .expect("read in tx")
                 .map(|x| x.balance),
@@ -465,8 +468,8 @@ async fn a_transaction_applies_and_invalidates_at_commit_and_abort_discards() {
         let committed = a.clone();
         let mut tx = env.start_transaction().await.expect("transaction");
         a.balance = 99;
-        a.save_tx(&mut tx).await.expect("save in tx");
-        a.delete_tx(&mut tx).await.expect("delete in tx");
+        a.save().session(&mut tx).await.expect("save in tx");
+        a.delete().session(&mut tx).await.expect("delete in tx");
         let before = runs(&format!("{}/stored", a.name));
         tx.abort().await.expect("abort");
         assert_eq!(committed.stored_balance().await, Some(10), "nothing applied");

@@ -66,7 +66,7 @@ async fn a_dropped_insert_many_still_invalidates_after_it_is_written() {
     env.scope(async {
         assert_eq!(BulkItem::total().await.expect("count"), 0);
         let mut records = items(20_000);
-        let write = BulkItem::insert_many_in(&env, &mut records);
+        let write = BulkItem::insert_many(&mut records).in_env(&env);
         let _ = tokio::time::timeout(Duration::from_millis(30), write).await;
         // A reader keeps caching while the server applies the insert.
         let written = tokio::join!(settled_count(&env, doc! {}), async {
@@ -94,7 +94,7 @@ async fn a_dropped_update_many_invalidates_once_the_update_is_done() {
         let mut records = items(20_000);
         BulkItem::insert_many(&mut records).await.expect("insert");
         assert_eq!(BulkItem::flagged_count().await.expect("count"), 0);
-        let write = BulkItem::update_many_in(&env, doc! {}, doc! { "$set": { "flagged": true } });
+        let write = BulkItem::update_many(doc! {}, doc! { "$set": { "flagged": true } }).in_env(&env);
         let _ = tokio::time::timeout(Duration::from_millis(20), write).await;
         let written = tokio::join!(settled_count(&env, doc! { "flagged": true }), async {
             for _ in 0..40 {

@@ -62,7 +62,7 @@ async fn wait_for_leader(env: &Environment, limit: Duration) -> bool {
 /// A record saved and cached by `survivor`, which must not lead the feed.
 async fn cached_while_following(survivor: &Environment) -> Item {
     let item = Item::new("gap", 1);
-    item.clone().save_in(survivor).await.expect("save");
+    item.clone().save().in_env(survivor).await.expect("save");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(survivor.scope(item.stored_qty()).await.expect("read"), Some(1));
     assert!(!survivor.feed_stats().leader, "another environment leads");
@@ -84,17 +84,20 @@ async fn written_in_the_gap(survivor: &Environment, item: &Item, gone: Instant) 
 /// An EarnORM bulk write to the collection that does not touch `id`.
 async fn bulk_write(env: &Environment, kind: usize, id: ObjectId) {
     match kind {
-        0 => Item::insert_many_in(env, &mut [Item::new("other", 9)])
+        0 => Item::insert_many(&mut [Item::new("other", 9)])
+            .in_env(env)
             .await
             .expect("insert_many"),
         1 => {
-            let matched = Item::update_many_in(env, doc! { "name": "nobody" }, doc! { "$set": { "qty": 0 } })
+            let matched = Item::update_many(doc! { "name": "nobody" }, doc! { "$set": { "qty": 0 } })
+                .in_env(env)
                 .await
                 .expect("update_many");
             assert_eq!(matched, 0);
         }
         _ => {
-            let deleted = Item::delete_many_in(env, doc! { "_id": { "$ne": id }, "name": "other" })
+            let deleted = Item::delete_many(doc! { "_id": { "$ne": id }, "name": "other" })
+                .in_env(env)
                 .await
                 .expect("delete_many");
             let _ = deleted;
@@ -116,7 +119,7 @@ async fn an_outside_transaction_committed_after_an_orm_bulk_write_is_invalidated
     for variant in 0..6 {
         let (through_orm, kind) = (variant >= 3, variant % 3);
         let mut item = Item::new("x", 1);
-        item.save_in(&env).await.expect("save");
+        item.save().in_env(&env).await.expect("save");
         let id = item.id.expect("id");
         // Let the save's own event pass.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -146,7 +149,11 @@ async fn an_outside_transaction_committed_after_an_orm_bulk_write_is_invalidated
         // A reader caches the state before the commit.
         assert_eq!(env.scope(cached.stored_qty()).await.expect("read"), Some(1));
         assert_eq!(
-            CachedItem::find_by_id_in(&env, id).await.expect("find").map(|i| i.qty),
+            CachedItem::find_by_id(id)
+                .in_env(&env)
+                .await
+                .expect("find")
+                .map(|i| i.qty),
             Some(1)
         );
         match tx {
@@ -157,7 +164,11 @@ async fn an_outside_transaction_committed_after_an_orm_bulk_write_is_invalidated
         let record = {
             let start = Instant::now();
             loop {
-                let qty = CachedItem::find_by_id_in(&env, id).await.expect("find").map(|i| i.qty);
+                let qty = CachedItem::find_by_id(id)
+                    .in_env(&env)
+                    .await
+                    .expect("find")
+                    .map(|i| i.qty);
                 if qty == Some(2) || start.elapsed() > Duration::from_secs(3) {
                     break (qty == Some(2)).then(|| start.elapsed());
                 }
@@ -196,10 +207,10 @@ async fn an_outside_update_many_of_thousands_is_invalidated_in_few_round_trips()
         assert!(start.elapsed() < Duration::from_secs(20), "{:?}", env.feed_stats());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cached = CachedItem::find_many_by_ids_in(&env, &ids).await.expect("fill");
+    let cached = CachedItem::find_many_by_ids(&ids).in_env(&env).await.expect("fill");
     assert_eq!(cached.len(), RECORDS);
     let hits = env.cache().stats().hits;
-    let again = CachedItem::find_many_by_ids_in(&env, &ids).await.expect("hits");
+    let again = CachedItem::find_many_by_ids(&ids).in_env(&env).await.expect("hits");
     assert_eq!(again.len(), RECORDS);
     assert_eq!(
         env.cache().stats().hits - hits,
@@ -216,7 +227,8 @@ async fn an_outside_update_many_of_thousands_is_invalidated_in_few_round_trips()
     let last = *ids.last().expect("ids");
     let mut fresh_after = None;
     while acked.elapsed() < Duration::from_secs(10) {
-        if CachedItem::find_by_id_in(&env, last)
+        if CachedItem::find_by_id(last)
+            .in_env(&env)
             .await
             .expect("find")
             .map(|i| i.qty)
@@ -238,7 +250,7 @@ async fn an_outside_update_many_of_thousands_is_invalidated_in_few_round_trips()
         "{RECORDS} records: the last one fresh {fresh_after:?} after the acknowledgement, in {round_trips} round trips"
     );
     assert!(fresh_after.is_some(), "invalidated");
-    let all = CachedItem::find_many_by_ids_in(&env, &ids).await.expect("read");
+    let all = CachedItem::find_many_by_ids(&ids).in_env(&env).await.expect("read");
     assert!(all.iter().all(|item| item.qty == 1), "every record is fresh");
     assert!(
         round_trips * 10 <= u64::try_from(RECORDS).unwrap_or(0),
@@ -364,11 +376,11 @@ async fn the_first_reads_after_connect_are_not_wiped_by_the_feed_starting() {
 
     let env = connect(config).await;
     let start = Instant::now();
-    assert!(CachedItem::find_by_id_in(&env, id).await.expect("find").is_some());
+    assert!(CachedItem::find_by_id(id).in_env(&env).await.expect("find").is_some());
     let misses = env.cache().stats().misses;
     let mut reads = 0;
     while start.elapsed() < Duration::from_millis(800) {
-        assert!(CachedItem::find_by_id_in(&env, id).await.expect("find").is_some());
+        assert!(CachedItem::find_by_id(id).in_env(&env).await.expect("find").is_some());
         reads += 1;
         assert_eq!(
             env.cache().stats().misses,

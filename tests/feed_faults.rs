@@ -87,7 +87,7 @@ async fn child_writer() {
                 name: "w".into(),
                 qty,
             };
-            item.save_in(&env).await.expect("save");
+            item.save().in_env(&env).await.expect("save");
             writeln!(out, "acked {qty}").expect("stdout");
         }
         out.flush().expect("flush");
@@ -107,9 +107,9 @@ async fn a_writer_killed_before_invalidating_leaves_nothing_stale() {
         qty: 0,
     };
     let mut seed = item.clone();
-    seed.save_in(&reader).await.expect("seed");
+    seed.save().in_env(&reader).await.expect("seed");
     let probe = Item::new("w", 9);
-    probe.clone().save_in(&reader).await.expect("seed");
+    probe.clone().save().in_env(&reader).await.expect("seed");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(reader.scope(item.stored_qty()).await.expect("read"), Some(0));
     assert_eq!(reader.scope(probe.stored_qty()).await.expect("read"), Some(9));
@@ -164,11 +164,11 @@ async fn a_writer_cut_off_from_redis_alone_does_not_leave_others_stale_beyond_th
     let writer = connect(config(&database, &prefix, proxy.url(), false)).await;
     wait_for_leader(&reader).await;
     let mut written = Item::new("w", 1);
-    written.save_in(&writer).await.expect("seed");
+    written.save().in_env(&writer).await.expect("seed");
     // A copy as it was: record methods key on the record's content too.
     let old = written.clone();
     let other = Item::new("w", 5);
-    other.clone().save_in(&writer).await.expect("seed");
+    other.clone().save().in_env(&writer).await.expect("seed");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(reader.scope(old.stored_qty()).await.expect("read"), Some(1));
     assert_eq!(reader.scope(other.stored_qty()).await.expect("read"), Some(5));
@@ -179,7 +179,7 @@ async fn a_writer_cut_off_from_redis_alone_does_not_leave_others_stale_beyond_th
         "the writer is cut off: its invalidation will wait"
     );
     written.qty = 2;
-    written.save_in(&writer).await.expect("the write itself succeeds");
+    written.save().in_env(&writer).await.expect("the write itself succeeds");
     let acked = Instant::now();
     let took = until_qty(&reader, &old, 2, Duration::from_secs(5)).await;
     println!("a write of a process cut off from Redis was invalidated {took:?} after its acknowledgement");

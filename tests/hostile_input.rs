@@ -213,7 +213,10 @@ async fn a_document_that_does_not_fit_its_model_is_a_decode_error_with_its_cause
         .insert_one(doc! { "_id": id, "name": 5 })
         .await
         .expect("raw insert");
-    let err = Person::find_by_id_in(&env, id).await.expect_err("name is not a string");
+    let err = Person::find_by_id(id)
+        .in_env(&env)
+        .await
+        .expect_err("name is not a string");
     assert!(
         matches!(&err, Error::Decode { model: "people", field: Some(field), .. } if field == "name"),
         "{err:?}"
@@ -235,7 +238,7 @@ async fn an_insert_refused_before_sending_gives_the_id_back() {
         name: "Huge".into(),
         bio: "x".repeat(17 * 1024 * 1024),
     };
-    let err = huge.save_in(&env).await.expect_err("over 16 MiB");
+    let err = huge.save().in_env(&env).await.expect_err("over 16 MiB");
     assert!(huge.id.is_none(), "the generated id was taken back ({err})");
 }
 
@@ -343,14 +346,15 @@ async fn store_overrides_the_return_type_and_typed_receivers_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_and_skips_out_of_range_are_errors_not_panics() {
     let env = test_env("hostile_limit").await;
-    let found = Person::find_in(&env, doc! {}).limit(i64::MIN).await;
+    let found = Person::find(doc! {}).in_env(&env).limit(i64::MIN).await;
     assert!(matches!(found, Err(Error::InvalidQuery { .. })), "{found:?}");
-    let found = Person::find_in(&env, doc! {}).skip(u64::MAX).await;
+    let found = Person::find(doc! {}).in_env(&env).skip(u64::MAX).await;
     assert!(matches!(found, Err(Error::InvalidQuery { .. })), "{found:?}");
     let streamed =
-        earnorm::futures::TryStreamExt::try_next(&mut Person::find_in(&env, doc! {}).limit(i64::MIN).stream()).await;
+        earnorm::futures::TryStreamExt::try_next(&mut Person::find(doc! {}).in_env(&env).limit(i64::MIN).stream())
+            .await;
     assert!(matches!(streamed, Err(Error::InvalidQuery { .. })), "{streamed:?}");
-    let fine = Person::find_in(&env, doc! {}).limit(i64::MIN + 1).skip(0).await;
+    let fine = Person::find(doc! {}).in_env(&env).limit(i64::MIN + 1).skip(0).await;
     assert!(fine.is_ok(), "{fine:?}");
     let _ = env.database().drop().await;
 }

@@ -87,7 +87,7 @@ async fn validation_reports_every_failing_field_and_writes_nothing() {
     let mut bad = User::new("", "not-an-email");
     bad.age = Some(-1);
     bad.reference = Some("XX-1".into());
-    let err = bad.save_in(&env).await.expect_err("invalid");
+    let err = bad.save().in_env(&env).await.expect_err("invalid");
     let Error::Validation(errors) = err else {
         panic!("expected a validation error, got {err}")
     };
@@ -103,25 +103,25 @@ async fn validation_reports_every_failing_field_and_writes_nothing() {
     assert_eq!(errors.errors.len(), 5, "{errors}");
     assert!(bad.id.is_none());
     assert_eq!(
-        User::count_in(&env, doc! {}).await.expect("count"),
+        User::count(doc! {}).in_env(&env).await.expect("count"),
         0,
         "nothing written"
     );
 
     let mut long = User::new(&"x".repeat(41), "a@b.co");
     long.age = Some(151);
-    let Err(Error::Validation(errors)) = long.save_in(&env).await else {
+    let Err(Error::Validation(errors)) = long.save().in_env(&env).await else {
         panic!("invalid")
     };
     assert!(errors.has("name", "max_length") && errors.has("age", "max"));
 
     let mut batch = vec![User::new("Ok", "ok@example.com"), User::new("B", "b@example.com")];
     assert!(matches!(
-        User::insert_many_in(&env, &mut batch).await,
+        User::insert_many(&mut batch).in_env(&env).await,
         Err(Error::Validation(_))
     ));
     assert_eq!(
-        User::count_in(&env, doc! {}).await.expect("count"),
+        User::count(doc! {}).in_env(&env).await.expect("count"),
         0,
         "a batch with one invalid record writes nothing"
     );
@@ -129,7 +129,7 @@ async fn validation_reports_every_failing_field_and_writes_nothing() {
     // Absent optional values pass every rule but `required`.
     let mut minimal = User::new("Mo", "mo@example.com");
     minimal.age = None;
-    minimal.save_in(&env).await.expect("valid");
+    minimal.save().in_env(&env).await.expect("valid");
 }
 
 #[tokio::test]
@@ -137,14 +137,18 @@ async fn unique_indexes_refuse_duplicates_with_a_typed_error() {
     let env = test_env("unique").await;
     User::ensure_indexes_in(&env).await.expect("indexes");
     User::ensure_indexes_in(&env).await.expect("idempotent");
-    User::new("One", "same@example.com").save_in(&env).await.expect("first");
+    User::new("One", "same@example.com")
+        .save()
+        .in_env(&env)
+        .await
+        .expect("first");
     let mut second = User::new("Two", "same@example.com");
-    match second.save_in(&env).await {
+    match second.save().in_env(&env).await {
         Err(Error::DuplicateKey { model, .. }) => assert_eq!(model, "users"),
         other => panic!("expected a duplicate key error, got {other:?}"),
     }
     assert!(second.id.is_none(), "a failed insert leaves the record without an id");
-    assert_eq!(User::count_in(&env, doc! {}).await.expect("count"), 1);
+    assert_eq!(User::count(doc! {}).in_env(&env).await.expect("count"), 1);
 }
 
 #[tokio::test]
@@ -154,23 +158,23 @@ async fn string_and_integer_ids_work_and_must_be_assigned() {
         code: "SKU-1".into(),
         price_cents: 999,
     };
-    sku.save_in(&env).await.expect("save");
+    sku.save().in_env(&env).await.expect("save");
     sku.price_cents = 1099;
-    sku.save_in(&env).await.expect("update");
+    sku.save().in_env(&env).await.expect("update");
     assert_eq!(
-        Sku::find_by_id_in(&env, "SKU-1".into()).await.expect("find"),
+        Sku::find_by_id("SKU-1").in_env(&env).await.expect("find"),
         Some(sku.clone())
     );
-    assert_eq!(Sku::count_in(&env, doc! {}).await.expect("count"), 1);
+    assert_eq!(Sku::count(doc! {}).in_env(&env).await.expect("count"), 1);
 
     let mut counter = Counter { number: None, value: 1 };
     assert!(
-        matches!(counter.save_in(&env).await, Err(Error::Id(_))),
+        matches!(counter.save().in_env(&env).await, Err(Error::Id(_))),
         "integer ids are not generated"
     );
     counter.number = Some(42);
-    counter.save_in(&env).await.expect("save");
-    assert_eq!(Counter::find_by_id_in(&env, 42).await.expect("find"), Some(counter));
+    counter.save().in_env(&env).await.expect("save");
+    assert_eq!(Counter::find_by_id(42).in_env(&env).await.expect("find"), Some(counter));
     assert_eq!(Counter::COLLECTION, "counters");
     assert_eq!(Sku::COLLECTION, "skus", "default collection name");
 }
@@ -189,8 +193,9 @@ async fn unicode_empty_long_nested_and_optional_values_round_trip() {
     };
     user.age = None;
     user.reference = Some("ab-12".into());
-    user.save_in(&env).await.expect("save");
-    let back = User::find_by_id_in(&env, user.id.expect("id"))
+    user.save().in_env(&env).await.expect("save");
+    let back = User::find_by_id(user.id.expect("id"))
+        .in_env(&env)
         .await
         .expect("find")
         .expect("stored");

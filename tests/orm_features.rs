@@ -56,13 +56,13 @@ async fn without_a_version_the_last_save_wins() {
         id: None,
         text: "first".into(),
     };
-    note.save_in(&env).await.expect("save");
+    note.save().in_env(&env).await.expect("save");
     let (mut a, mut b) = (note.clone(), note.clone());
     a.text = "a".into();
     b.text = "b".into();
-    a.save_in(&env).await.expect("save a");
-    b.save_in(&env).await.expect("save b overwrites a's change");
-    let stored = Note::find_by_id_in(&env, note.id.expect("id")).await.expect("find");
+    a.save().in_env(&env).await.expect("save a");
+    b.save().in_env(&env).await.expect("save b overwrites a's change");
+    let stored = Note::find_by_id(note.id.expect("id")).in_env(&env).await.expect("find");
     assert_eq!(
         stored.expect("stored").text,
         "b",
@@ -80,20 +80,23 @@ async fn saving_an_outdated_versioned_copy_is_a_conflict_that_writes_and_invalid
         balance: 100,
         version: 0,
     };
-    account.save_in(&env).await.expect("insert");
+    account.save().in_env(&env).await.expect("insert");
     assert_eq!(account.version, 1, "the first save gives version 1");
     let id = account.id.expect("id");
 
     let (mut a, mut b) = (account.clone(), account.clone());
     a.balance += 50;
-    a.save_in(&env).await.expect("save a");
+    a.save().in_env(&env).await.expect("save a");
     assert_eq!(a.version, 2);
     // Cache the current state, to see that the conflict invalidates nothing.
-    assert_eq!(Account::find_by_id_in(&env, id).await.expect("find"), Some(a.clone()));
+    assert_eq!(
+        Account::find_by_id(id).in_env(&env).await.expect("find"),
+        Some(a.clone())
+    );
     let hits = record_hits(&env);
 
     b.balance -= 30;
-    let err = b.save_in(&env).await.expect_err("b is outdated");
+    let err = b.save().in_env(&env).await.expect_err("b is outdated");
     assert!(
         matches!(
             &err,
@@ -111,25 +114,33 @@ async fn saving_an_outdated_versioned_copy_is_a_conflict_that_writes_and_invalid
         "the copy keeps its version, so that it can be retried after a re-read"
     );
     assert_eq!(
-        Account::find_by_id_in(&env, id).await.expect("find"),
+        Account::find_by_id(id).in_env(&env).await.expect("find"),
         Some(a.clone()),
         "nothing was written"
     );
     assert_eq!(record_hits(&env), hits + 1, "and nothing was invalidated: still a hit");
 
     // Read again, apply, save: fine.
-    let mut fresh = Account::find_by_id_in(&env, id).await.expect("find").expect("stored");
+    let mut fresh = Account::find_by_id(id)
+        .in_env(&env)
+        .await
+        .expect("find")
+        .expect("stored");
     fresh.balance -= 30;
-    fresh.save_in(&env).await.expect("save the re-read copy");
+    fresh.save().in_env(&env).await.expect("save the re-read copy");
     assert_eq!(fresh.version, 3);
-    let stored = Account::find_by_id_in(&env, id).await.expect("find").expect("stored");
+    let stored = Account::find_by_id(id)
+        .in_env(&env)
+        .await
+        .expect("find")
+        .expect("stored");
     assert_eq!((stored.balance, stored.version), (120, 3), "both changes kept");
 
     // A deleted record: its outdated copy does not bring it back.
-    fresh.delete_in(&env).await.expect("delete");
-    let err = a.save_in(&env).await.expect_err("deleted since");
+    fresh.delete().in_env(&env).await.expect("delete");
+    let err = a.save().in_env(&env).await.expect_err("deleted since");
     assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
-    assert_eq!(Account::find_by_id_in(&env, id).await.expect("find"), None);
+    assert_eq!(Account::find_by_id(id).in_env(&env).await.expect("find"), None);
     let _ = env.database().drop().await;
 }
 
@@ -141,19 +152,23 @@ async fn a_versioned_record_with_an_assigned_id_is_inserted_once() {
         stock: 5,
         rev: 0,
     };
-    first.save_in(&env).await.expect("first save inserts");
+    first.save().in_env(&env).await.expect("first save inserts");
     assert_eq!(first.rev, 1);
     let mut second = Sku {
         code: "SKU-1".into(),
         stock: 9,
         rev: 0,
     };
-    let err = second.save_in(&env).await.expect_err("another new copy of the same id");
+    let err = second
+        .save()
+        .in_env(&env)
+        .await
+        .expect_err("another new copy of the same id");
     assert!(matches!(err, Error::Conflict { version: 0, .. }), "{err:?}");
     assert_eq!(second.rev, 0);
     first.stock = 4;
-    first.save_in(&env).await.expect("update");
-    let stored = Sku::find_one_in(&env, doc! { "_id": "SKU-1" }).await.expect("find");
+    first.save().in_env(&env).await.expect("update");
+    let stored = Sku::find_one(doc! { "_id": "SKU-1" }).in_env(&env).await.expect("find");
     assert_eq!(stored.map(|s| (s.stock, s.rev)), Some((4, 2)));
     let _ = env.database().drop().await;
 }
@@ -192,11 +207,11 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
         email: "bob@example.com".into(),
         visits: 0,
     };
-    ada.save_in(&env).await.expect("save");
-    bob.save_in(&env).await.expect("save");
+    ada.save().in_env(&env).await.expect("save");
+    bob.save().in_env(&env).await.expect("save");
     let (a, b) = (ada.id.expect("id"), bob.id.expect("id"));
     for id in [a, b] {
-        Member::find_by_id_in(&env, id).await.expect("cache it");
+        Member::find_by_id(id).in_env(&env).await.expect("cache it");
     }
 
     assert!(ada
@@ -212,8 +227,14 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
         "refreshed from the result"
     );
     let before = member_stats(&env);
-    assert_eq!(Member::find_by_id_in(&env, a).await.expect("find"), Some(ada.clone()));
-    assert_eq!(Member::find_by_id_in(&env, b).await.expect("find"), Some(bob.clone()));
+    assert_eq!(
+        Member::find_by_id(a).in_env(&env).await.expect("find"),
+        Some(ada.clone())
+    );
+    assert_eq!(
+        Member::find_by_id(b).in_env(&env).await.expect("find"),
+        Some(bob.clone())
+    );
     let after = member_stats(&env);
     assert_eq!(
         (after.0 - before.0, after.1 - before.1),
@@ -228,7 +249,7 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
         .expect_err("invalid result");
     assert!(matches!(err, Error::Validation(_)), "{err:?}");
     assert_eq!(ada.email, "ada@lovelace.org", "the copy is unchanged");
-    let stored = earnorm::bypass_cache(Member::find_by_id_in(&env, a))
+    let stored = earnorm::bypass_cache(Member::find_by_id(a).in_env(&env))
         .await
         .expect("find");
     assert_eq!(
@@ -247,7 +268,7 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
     .expect("update_one")
     .expect("matched");
     assert_eq!((updated.id, updated.visits), (Some(b), 1));
-    assert_eq!(Member::find_by_id_in(&env, b).await.expect("find"), Some(updated));
+    assert_eq!(Member::find_by_id(b).in_env(&env).await.expect("find"), Some(updated));
     assert_eq!(
         Member::update_one_in(
             &env,
@@ -277,11 +298,11 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
     .await
     .expect("upsert updates");
     assert_eq!((again.id, again.visits), (carol.id, 2));
-    assert_eq!(Member::count_in(&env, doc! {}).await.expect("count"), 3);
+    assert_eq!(Member::count(doc! {}).in_env(&env).await.expect("count"), 3);
 
     // A record that is gone.
     let mut gone = bob.clone();
-    bob.delete_in(&env).await.expect("delete");
+    bob.delete().in_env(&env).await.expect("delete");
     assert!(!gone
         .update_in(&env, doc! { "$inc": { "visits": 1 } })
         .await
@@ -298,7 +319,7 @@ async fn a_versioned_update_moves_the_version_and_refuses_an_outdated_copy() {
         balance: 10,
         version: 0,
     };
-    account.save_in(&env).await.expect("insert");
+    account.save().in_env(&env).await.expect("insert");
     let mut outdated = account.clone();
     account
         .update_in(&env, doc! { "$inc": { "balance": 5 } })
@@ -310,7 +331,8 @@ async fn a_versioned_update_moves_the_version_and_refuses_an_outdated_copy() {
         .await
         .expect_err("outdated");
     assert!(matches!(err, Error::Conflict { version: 1, .. }), "{err:?}");
-    let stored = Account::find_by_id_in(&env, account.id.expect("id"))
+    let stored = Account::find_by_id(account.id.expect("id"))
+        .in_env(&env)
         .await
         .expect("find");
     assert_eq!(stored.map(|a| (a.balance, a.version)), Some((15, 2)));
@@ -357,9 +379,9 @@ async fn projections_read_some_fields_into_another_type_and_can_be_cached() {
             bio: "a long text".repeat(50),
             age,
         };
-        profile.save_in(&env).await.expect("save");
+        profile.save().in_env(&env).await.expect("save");
     }
-    let find = || Profile::find_in(&env, doc! {}).sort(doc! { "name": 1 });
+    let find = || Profile::find(doc! {}).in_env(&env).sort(doc! { "name": 1 });
     assert_eq!(
         find().project::<NameAndAge>().projection(),
         &doc! { "name": 1, "age": 1, "_id": 0 },
@@ -407,7 +429,7 @@ async fn projections_read_some_fields_into_another_type_and_can_be_cached() {
         bio: String::new(),
         age: 29,
     };
-    carol.save_in(&env).await.expect("save");
+    carol.save().in_env(&env).await.expect("save");
     assert_eq!(
         cached().await.expect("project").len(),
         3,
@@ -449,7 +471,7 @@ async fn authors_and_posts(env: &Environment) -> (Vec<Author>, Vec<Post>) {
             id: None,
             name: name.into(),
         };
-        author.save_in(env).await.expect("save");
+        author.save().in_env(env).await.expect("save");
         authors.push(author);
     }
     let mut posts = Vec::new();
@@ -459,7 +481,7 @@ async fn authors_and_posts(env: &Environment) -> (Vec<Author>, Vec<Post>) {
             title: (*title).into(),
             author: earnorm::Ref::to(&authors[i % 2]).expect("saved"),
         };
-        post.save_in(env).await.expect("save");
+        post.save().in_env(env).await.expect("save");
         posts.push(post);
     }
     (authors, posts)
@@ -471,7 +493,8 @@ async fn a_cached_aggregation_is_invalidated_by_writes_to_every_collection_it_re
 
     let env = test_env("aggregate").await;
     let (mut authors, mut posts) = authors_and_posts(&env).await;
-    let stored = Post::find_by_id_in(&env, posts[0].id.expect("id"))
+    let stored = Post::find_by_id(posts[0].id.expect("id"))
+        .in_env(&env)
         .await
         .expect("find")
         .expect("post");
@@ -493,7 +516,8 @@ async fn a_cached_aggregation_is_invalidated_by_writes_to_every_collection_it_re
         doc! { "$sort": { "name": 1 } },
     ];
     let report = || {
-        Post::aggregate_in(&env, pipeline.clone())
+        Post::aggregate(pipeline.clone())
+            .in_env(&env)
             .typed::<PostsPerAuthor>()
             .cached(Duration::from_secs(60))
     };
@@ -525,11 +549,11 @@ async fn a_cached_aggregation_is_invalidated_by_writes_to_every_collection_it_re
 
     // A write to the looked-up collection invalidates it.
     authors[0].name = "Ada L.".into();
-    authors[0].save_in(&env).await.expect("rename");
+    authors[0].save().in_env(&env).await.expect("rename");
     assert_eq!(report().await.expect("aggregate")[0].name, "Ada L.");
     // So does a write to the model's own collection.
     posts[5].author = earnorm::Ref::to(&authors[2]).expect("saved");
-    posts[5].save_in(&env).await.expect("move a post");
+    posts[5].save().in_env(&env).await.expect("move a post");
     let moved = report().await.expect("aggregate");
     assert_eq!(moved.iter().map(|r| r.posts).collect::<Vec<_>>(), [3, 2, 1]);
     // A write elsewhere does not.
@@ -537,21 +561,23 @@ async fn a_cached_aggregation_is_invalidated_by_writes_to_every_collection_it_re
         id: None,
         text: "unrelated".into(),
     };
-    note.save_in(&env).await.expect("save");
+    note.save().in_env(&env).await.expect("save");
     let (hits, _) = stats("aggregate");
     assert_eq!(report().await.expect("aggregate"), moved);
     assert_eq!(stats("aggregate").0, hits + 1, "still cached");
 
     // Untyped, and a pipeline that writes: never cached, and what it wrote
     // to is invalidated.
-    let docs = Post::aggregate_in(&env, vec![doc! { "$count": "n" }])
+    let docs = Post::aggregate(vec![doc! { "$count": "n" }])
+        .in_env(&env)
         .await
         .expect("count");
     assert_eq!(
         docs[0].get_i32("n").ok().map(i64::from).or(docs[0].get_i64("n").ok()),
         Some(6)
     );
-    let copied = Post::aggregate_in(&env, vec![doc! { "$match": {} }, doc! { "$out": "posts_copy" }])
+    let copied = Post::aggregate(vec![doc! { "$match": {} }, doc! { "$out": "posts_copy" }])
+        .in_env(&env)
         .cached(Duration::from_secs(60))
         .await
         .expect("$out");
@@ -567,7 +593,7 @@ async fn loading_posts_and_their_authors_takes_two_queries_not_one_per_post() {
     let (authors, _) = authors_and_posts(&env).await;
 
     finds.store(0, Ordering::SeqCst);
-    let posts = Post::find_in(&env, doc! {}).await.expect("posts");
+    let posts = Post::find(doc! {}).in_env(&env).await.expect("posts");
     let by_author = earnorm::Ref::fetch_all_in(&env, posts.iter().map(|p| &p.author))
         .await
         .expect("authors");
@@ -648,12 +674,13 @@ async fn timestamps_are_set_by_the_orm_and_hooks_run_around_writes() {
         updated: epoch(),
     };
     let saved = SAVED.load(Ordering::SeqCst);
-    ticket.save_in(&env).await.expect("save");
+    ticket.save().in_env(&env).await.expect("save");
     assert_eq!(ticket.title, "leak in the roof", "before_save changed the record");
     assert_eq!(SAVED.load(Ordering::SeqCst), saved + 1, "after_save ran");
     let created = ticket.created.expect("created_at set on insert");
     assert_eq!(ticket.updated, created, "updated_at too");
-    let stored = Ticket::find_by_id_in(&env, ticket.id.expect("id"))
+    let stored = Ticket::find_by_id(ticket.id.expect("id"))
+        .in_env(&env)
         .await
         .expect("find")
         .expect("stored");
@@ -661,7 +688,7 @@ async fn timestamps_are_set_by_the_orm_and_hooks_run_around_writes() {
 
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     ticket.hits = 1;
-    ticket.save_in(&env).await.expect("save again");
+    ticket.save().in_env(&env).await.expect("save again");
     assert_eq!(ticket.created, Some(created), "created_at kept");
     assert!(ticket.updated > created, "updated_at moved");
 
@@ -684,14 +711,14 @@ async fn timestamps_are_set_by_the_orm_and_hooks_run_around_writes() {
         ..ticket.clone()
     };
     blank.id = None;
-    let err = blank.save_in(&env).await.expect_err("refused");
+    let err = blank.save().in_env(&env).await.expect_err("refused");
     assert_eq!(err.to_string(), "refused by a hook: a ticket needs a title");
-    assert_eq!(Ticket::count_in(&env, doc! {}).await.expect("count"), 2);
+    assert_eq!(Ticket::count(doc! {}).in_env(&env).await.expect("count"), 2);
     let mut kept = ticket.clone();
     kept.title = "keep".into();
-    assert!(kept.delete_in(&env).await.is_err(), "before_delete refused");
+    assert!(kept.delete().in_env(&env).await.is_err(), "before_delete refused");
     let deleted = DELETED.load(Ordering::SeqCst);
-    assert!(ticket.delete_in(&env).await.expect("delete"));
+    assert!(ticket.delete().in_env(&env).await.expect("delete"));
     assert_eq!(DELETED.load(Ordering::SeqCst), deleted + 1, "after_delete ran");
     let _ = env.database().drop().await;
 }
@@ -709,14 +736,14 @@ async fn watch_gives_typed_change_events_of_the_model() {
         email: "ada@example.com".into(),
         visits: 0,
     };
-    member.save_in(&env).await.expect("insert");
+    member.save().in_env(&env).await.expect("insert");
     member
         .update_in(&env, doc! { "$inc": { "visits": 1 } })
         .await
         .expect("update");
     member.visits = 5;
-    member.save_in(&env).await.expect("replace");
-    member.delete_in(&env).await.expect("delete");
+    member.save().in_env(&env).await.expect("replace");
+    member.delete().in_env(&env).await.expect("delete");
     async fn next(events: &mut earnorm::ChangeEvents<Member>) -> earnorm::ChangeEvent<Member> {
         tokio::time::timeout(Duration::from_secs(5), events.next())
             .await
@@ -755,7 +782,11 @@ async fn a_pipeline_writing_into_another_database_invalidates_that_database() {
         ..target_config
     })
     .await;
-    let count = || Note::count_in(&target, doc! {}).cached(std::time::Duration::from_secs(60));
+    let count = || {
+        Note::count(doc! {})
+            .in_env(&target)
+            .cached(std::time::Duration::from_secs(60))
+    };
     assert_eq!(count().await.expect("count"), 0);
     let mut notes = vec![
         Note {
@@ -767,7 +798,7 @@ async fn a_pipeline_writing_into_another_database_invalidates_that_database() {
             text: "b".into(),
         },
     ];
-    Note::insert_many_in(&source, &mut notes).await.expect("insert");
+    Note::insert_many(&mut notes).in_env(&source).await.expect("insert");
     for stage in ["$merge", "$out"] {
         let into = doc! { "db": target.database().name(), "coll": Note::COLLECTION };
         let spec = if stage == "$merge" {
@@ -775,7 +806,8 @@ async fn a_pipeline_writing_into_another_database_invalidates_that_database() {
         } else {
             doc! { "$out": into }
         };
-        Note::aggregate_in(&source, vec![doc! { "$match": {} }, spec])
+        Note::aggregate(vec![doc! { "$match": {} }, spec])
+            .in_env(&source)
             .await
             .expect("write into the other database");
         assert_eq!(
@@ -783,7 +815,10 @@ async fn a_pipeline_writing_into_another_database_invalidates_that_database() {
             2,
             "{stage} invalidated the target's queries"
         );
-        Note::delete_many_in(&target, doc! {}).await.expect("empty the target");
+        Note::delete_many(doc! {})
+            .in_env(&target)
+            .await
+            .expect("empty the target");
         assert_eq!(count().await.expect("count"), 0);
     }
     let _ = source.database().drop().await;

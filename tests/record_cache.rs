@@ -63,7 +63,7 @@ fn raw(env: &Environment) -> earnorm::mongodb::Collection<Document> {
 
 async fn seeded(env: &Environment, books: &mut [Book]) {
     for book in books.iter_mut() {
-        book.save_in(env).await.expect("save");
+        book.save().in_env(env).await.expect("save");
     }
 }
 
@@ -75,53 +75,69 @@ async fn find_by_id_reads_through_the_record_cache_and_writes_invalidate_only_th
     let (a, b) = (books[0].id.expect("id"), books[1].id.expect("id"));
 
     assert_eq!(
-        Book::find_by_id_in(&env, a).await.expect("find"),
+        Book::find_by_id(a).in_env(&env).await.expect("find"),
         Some(books[0].clone())
     );
     assert_eq!(stats(&env, "books", "record"), (0, 1), "a miss first");
     assert_eq!(
-        Book::find_by_id_in(&env, a).await.expect("find"),
+        Book::find_by_id(a).in_env(&env).await.expect("find"),
         Some(books[0].clone())
     );
     assert_eq!(stats(&env, "books", "record"), (1, 1), "then a hit");
     assert_eq!(
-        Book::find_by_id_in(&env, b).await.expect("find"),
+        Book::find_by_id(b).in_env(&env).await.expect("find"),
         Some(books[1].clone())
     );
 
     // A save of one record: that record is read again, the other is still a hit.
     books[0].copies = 2;
-    books[0].save_in(&env).await.expect("save");
-    assert_eq!(Book::find_by_id_in(&env, a).await.expect("find").expect("a").copies, 2);
+    books[0].save().in_env(&env).await.expect("save");
+    assert_eq!(
+        Book::find_by_id(a).in_env(&env).await.expect("find").expect("a").copies,
+        2
+    );
     assert_eq!(stats(&env, "books", "record"), (1, 3), "the saved record missed");
-    assert_eq!(Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies, 5);
+    assert_eq!(
+        Book::find_by_id(b).in_env(&env).await.expect("find").expect("b").copies,
+        5
+    );
     assert_eq!(stats(&env, "books", "record"), (2, 3), "the other one is still cached");
 
     // A bulk write invalidates every record of the model.
-    Book::update_many_in(&env, doc! {}, doc! { "$inc": { "copies": 10 } })
+    Book::update_many(doc! {}, doc! { "$inc": { "copies": 10 } })
+        .in_env(&env)
         .await
         .expect("update_many");
-    assert_eq!(Book::find_by_id_in(&env, a).await.expect("find").expect("a").copies, 12);
-    assert_eq!(Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies, 15);
+    assert_eq!(
+        Book::find_by_id(a).in_env(&env).await.expect("find").expect("a").copies,
+        12
+    );
+    assert_eq!(
+        Book::find_by_id(b).in_env(&env).await.expect("find").expect("b").copies,
+        15
+    );
     assert_eq!(stats(&env, "books", "record"), (2, 5));
 
     // A transaction invalidates at commit.
     let mut tx = env.start_transaction().await.expect("transaction");
     let mut changed = books[1].clone();
     changed.copies = 1;
-    changed.save_tx(&mut tx).await.expect("save in the transaction");
+    changed.save().session(&mut tx).await.expect("save in the transaction");
     assert_eq!(
-        Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies,
+        Book::find_by_id(b).in_env(&env).await.expect("find").expect("b").copies,
         15,
         "not committed yet"
     );
     tx.commit().await.expect("commit");
-    assert_eq!(Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies, 1);
+    assert_eq!(
+        Book::find_by_id(b).in_env(&env).await.expect("find").expect("b").copies,
+        1
+    );
 
     // A delete: the record is gone from the cache too.
-    books[0].delete_in(&env).await.expect("delete");
-    assert_eq!(Book::find_by_id_in(&env, a).await.expect("find"), None);
-    assert_eq!(Book::find_by_id_in(&env, a).await.expect("find"), None);
+    books[0].delete().in_env(&env).await.expect("delete");
+    assert_eq!(Book::find_by_id(a).in_env(&env).await.expect("find"), None);
+    assert_eq!(Book::find_by_id(a).in_env(&env).await.expect("find"), None);
     assert_eq!(
         stats(&env, "books", "record"),
         (3, 8),
@@ -129,6 +145,110 @@ async fn find_by_id_reads_through_the_record_cache_and_writes_invalidate_only_th
          reads after the delete were misses: without `missing`, an absent \
          record is read every time"
     );
+    let _ = env.database().drop().await;
+}
+
+/// Every action takes `.session(&mut tx)`: writes are applied, and
+/// invalidated, at the commit; reads inside the transaction see its writes
+/// and never the cache, while reads outside see the committed state only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_and_write_runs_inside_a_transaction() {
+    let env = test_env("every_tx").await;
+    let mut kept = Book::new("kept", 1);
+    kept.save().in_env(&env).await.expect("save");
+    let kept_id = kept.id.expect("id");
+    // Cached before the transaction: a stale hit after the commit would show.
+    assert_eq!(
+        Book::find_by_id(kept_id).in_env(&env).await.expect("find"),
+        Some(kept.clone())
+    );
+
+    let mut tx = env.start_transaction().await.expect("transaction");
+    let mut books = vec![Book::new("a", 1), Book::new("b", 2)];
+    Book::insert_many(&mut books)
+        .session(&mut tx)
+        .await
+        .expect("insert_many");
+    let mut third = Book::new("c", 3);
+    third.save().session(&mut tx).await.expect("save");
+    let ids: Vec<ObjectId> = books.iter().chain([&third]).map(|b| b.id.expect("id")).collect();
+
+    assert_eq!(
+        Book::find_by_id(ids[0]).session(&mut tx).await.expect("find in tx"),
+        Some(books[0].clone()),
+        "the transaction sees its own insert"
+    );
+    assert_eq!(
+        Book::find_by_id(ids[0]).in_env(&env).await.expect("find outside"),
+        None,
+        "nothing is visible outside before the commit"
+    );
+    let found = Book::find_many_by_ids(&ids).session(&mut tx).await.expect("many in tx");
+    assert_eq!(found.len(), 3);
+    assert_eq!(Book::count(doc! {}).session(&mut tx).await.expect("count in tx"), 4);
+    assert_eq!(Book::count(doc! {}).in_env(&env).await.expect("count outside"), 1);
+    let changed = Book::update_many(doc! {}, doc! { "$inc": { "copies": 10 } })
+        .session(&mut tx)
+        .await
+        .expect("update_many");
+    assert_eq!(changed, 4);
+    assert_eq!(
+        Book::find_one(doc! { "title": "kept" })
+            .session(&mut tx)
+            .await
+            .expect("find_one in tx")
+            .map(|b| b.copies),
+        Some(11)
+    );
+    assert_eq!(
+        Book::find_by_id(kept_id)
+            .in_env(&env)
+            .await
+            .expect("find outside")
+            .map(|b| b.copies),
+        Some(1),
+        "outside, the cached committed state"
+    );
+    let gone = Book::delete_many(doc! { "title": "a" })
+        .session(&mut tx)
+        .await
+        .expect("delete_many");
+    assert_eq!(gone, 1);
+    let stored_b = Book::find_by_id(ids[1])
+        .session(&mut tx)
+        .await
+        .expect("find")
+        .expect("b");
+    assert!(stored_b.delete().session(&mut tx).await.expect("delete"));
+    let left: Vec<String> = Book::find(doc! {})
+        .sort(doc! { "title": 1 })
+        .session(&mut tx)
+        .await
+        .expect("find in tx")
+        .into_iter()
+        .map(|b| b.title)
+        .collect();
+    assert_eq!(left, ["c", "kept"]);
+    tx.commit().await.expect("commit");
+
+    assert_eq!(
+        Book::find_by_id(kept_id)
+            .in_env(&env)
+            .await
+            .expect("find")
+            .map(|b| b.copies),
+        Some(11),
+        "the commit invalidated the cached record"
+    );
+    let after = Book::find_many_by_ids(&ids).in_env(&env).await.expect("many");
+    assert_eq!(after.iter().map(|b| b.title.as_str()).collect::<Vec<_>>(), ["c"]);
+
+    // An aborted transaction writes nothing.
+    let mut tx = env.start_transaction().await.expect("transaction");
+    let mut never = Book::new("never", 1);
+    never.save().session(&mut tx).await.expect("save");
+    tx.abort().await.expect("abort");
+    assert_eq!(Book::count(doc! {}).in_env(&env).await.expect("count"), 2);
     let _ = env.database().drop().await;
 }
 
@@ -148,7 +268,7 @@ async fn a_raw_driver_write_invalidates_the_record_cache_through_the_feed() {
     // Let the feed's echo of the seeding pass, then fill the cache.
     tokio::time::sleep(Duration::from_millis(300)).await;
     for id in [a, b, a, b] {
-        Book::find_by_id_in(&env, id).await.expect("find");
+        Book::find_by_id(id).in_env(&env).await.expect("find");
     }
     let (hits, _) = stats(&env, "books", "record");
     assert_eq!(hits, 2, "both records cached");
@@ -159,7 +279,7 @@ async fn a_raw_driver_write_invalidates_the_record_cache_through_the_feed() {
         .expect("raw update");
     let written = Instant::now();
     loop {
-        let copies = Book::find_by_id_in(&env, a).await.expect("find").expect("a").copies;
+        let copies = Book::find_by_id(a).in_env(&env).await.expect("find").expect("a").copies;
         if copies == 99 {
             break;
         }
@@ -175,7 +295,10 @@ async fn a_raw_driver_write_invalidates_the_record_cache_through_the_feed() {
         written.elapsed()
     );
     let (hits_before, _) = stats(&env, "books", "record");
-    assert_eq!(Book::find_by_id_in(&env, b).await.expect("find").expect("b").copies, 5);
+    assert_eq!(
+        Book::find_by_id(b).in_env(&env).await.expect("find").expect("b").copies,
+        5
+    );
     assert_eq!(
         stats(&env, "books", "record").0,
         hits_before + 1,
@@ -188,8 +311,8 @@ async fn a_raw_driver_write_invalidates_the_record_cache_through_the_feed() {
 async fn missing_records_are_cached_only_when_asked_and_an_insert_invalidates_them() {
     let env = test_env("record_missing").await;
     let id = ObjectId::new();
-    assert_eq!(KnownBook::find_by_id_in(&env, id).await.expect("find"), None);
-    assert_eq!(KnownBook::find_by_id_in(&env, id).await.expect("find"), None);
+    assert_eq!(KnownBook::find_by_id(id).in_env(&env).await.expect("find"), None);
+    assert_eq!(KnownBook::find_by_id(id).in_env(&env).await.expect("find"), None);
     assert_eq!(stats(&env, "books", "record"), (1, 1), "\"no such record\" was cached");
 
     let mut book = KnownBook {
@@ -197,14 +320,14 @@ async fn missing_records_are_cached_only_when_asked_and_an_insert_invalidates_th
         title: "Ulysses".into(),
         copies: 1,
     };
-    book.save_in(&env).await.expect("insert with that id");
+    book.save().in_env(&env).await.expect("insert with that id");
     assert_eq!(
-        KnownBook::find_by_id_in(&env, id).await.expect("find"),
+        KnownBook::find_by_id(id).in_env(&env).await.expect("find"),
         Some(book),
         "the insert invalidated the cached absence"
     );
     // The two types keep separate entries for the same record.
-    let plain = Book::find_by_id_in(&env, id).await.expect("find").expect("found");
+    let plain = Book::find_by_id(id).in_env(&env).await.expect("find").expect("found");
     assert_eq!(plain.title, "Ulysses");
     let _ = env.database().drop().await;
 }
@@ -217,13 +340,14 @@ async fn find_many_by_ids_keeps_order_drops_duplicates_and_missing_and_mixes_hit
     let [a, b, c] = [0, 1, 2].map(|i| books[i].id.expect("id"));
     let nobody = ObjectId::new();
 
-    assert!(Book::find_many_by_ids_in(&env, &[]).await.expect("none").is_empty());
+    assert!(Book::find_many_by_ids(&[]).in_env(&env).await.expect("none").is_empty());
     // Cache two of the three.
-    Book::find_by_id_in(&env, a).await.expect("find");
-    Book::find_by_id_in(&env, b).await.expect("find");
+    Book::find_by_id(a).in_env(&env).await.expect("find");
+    Book::find_by_id(b).in_env(&env).await.expect("find");
     let before = stats(&env, "books", "record");
 
-    let found = Book::find_many_by_ids_in(&env, &[c, nobody, a, b, c, a])
+    let found = Book::find_many_by_ids(&[c, nobody, a, b, c, a])
+        .in_env(&env)
         .await
         .expect("find many");
     let titles: Vec<&str> = found.iter().map(|b| b.title.as_str()).collect();
@@ -240,7 +364,8 @@ async fn find_many_by_ids_keeps_order_drops_duplicates_and_missing_and_mixes_hit
     );
 
     // Now c is cached too; the missing id is not (no `missing` TTL).
-    let again = Book::find_many_by_ids_in(&env, &[a, b, c, nobody])
+    let again = Book::find_many_by_ids(&[a, b, c, nobody])
+        .in_env(&env)
         .await
         .expect("again");
     assert_eq!(again.len(), 3);
@@ -249,8 +374,8 @@ async fn find_many_by_ids_keeps_order_drops_duplicates_and_missing_and_mixes_hit
 
     // A write to one of them is seen.
     books[1].title = "B2".into();
-    books[1].save_in(&env).await.expect("save");
-    let fresh = Book::find_many_by_ids_in(&env, &[a, b, c]).await.expect("fresh");
+    books[1].save().in_env(&env).await.expect("save");
+    let fresh = Book::find_many_by_ids(&[a, b, c]).in_env(&env).await.expect("fresh");
     assert_eq!(fresh[1].title, "B2");
 
     // Without Redis at all, the same answers.
@@ -263,7 +388,8 @@ async fn find_many_by_ids_keeps_order_drops_duplicates_and_missing_and_mixes_hit
     let mut more = [Book::new("X", 1), Book::new("Y", 2)];
     seeded(&plain, &mut more).await;
     let [x, y] = [0, 1].map(|i| more[i].id.expect("id"));
-    let listed = Book::find_many_by_ids_in(&plain, &[y, nobody, x, y])
+    let listed = Book::find_many_by_ids(&[y, nobody, x, y])
+        .in_env(&plain)
         .await
         .expect("plain");
     let titles: Vec<&str> = listed.iter().map(|b| b.title.as_str()).collect();
@@ -279,7 +405,8 @@ async fn the_query_cache_serves_find_find_one_and_count_until_any_write_to_the_c
     seeded(&env, &mut books).await;
     let minute = Duration::from_secs(60);
     let query = || {
-        Book::find_in(&env, doc! { "copies": { "$gte": 2 } })
+        Book::find(doc! { "copies": { "$gte": 2 } })
+            .in_env(&env)
             .sort(doc! { "copies": -1 })
             .limit(5)
             .cached(minute)
@@ -290,7 +417,8 @@ async fn the_query_cache_serves_find_find_one_and_count_until_any_write_to_the_c
     assert_eq!(stats(&env, "books", "find"), (1, 1), "the second was a hit");
 
     // Options are part of the entry: another limit is another query.
-    let one = Book::find_in(&env, doc! { "copies": { "$gte": 2 } })
+    let one = Book::find(doc! { "copies": { "$gte": 2 } })
+        .in_env(&env)
         .sort(doc! { "copies": -1 })
         .limit(1)
         .cached(minute)
@@ -301,14 +429,14 @@ async fn the_query_cache_serves_find_find_one_and_count_until_any_write_to_the_c
 
     // Key order: the same filter with its keys in another order is another
     // entry (MongoDB compares documents with their key order too).
-    let ordered = |filter: Document| Book::count_in(&env, filter).cached(minute);
+    let ordered = |filter: Document| Book::count(filter).in_env(&env).cached(minute);
     assert_eq!(ordered(doc! { "copies": 2, "title": "B" }).await.expect("count"), 1);
     assert_eq!(ordered(doc! { "title": "B", "copies": 2 }).await.expect("count"), 1);
     assert_eq!(stats(&env, "books", "count"), (0, 2), "two entries");
     assert_eq!(ordered(doc! { "title": "B", "copies": 2 }).await.expect("count"), 1);
     assert_eq!(stats(&env, "books", "count"), (1, 2));
 
-    let first = || Book::find_one_in(&env, doc! { "title": "Z" }).cached(minute);
+    let first = || Book::find_one(doc! { "title": "Z" }).in_env(&env).cached(minute);
     assert_eq!(first().await.expect("find_one"), None);
     assert_eq!(first().await.expect("find_one"), None);
     assert_eq!(
@@ -318,12 +446,12 @@ async fn the_query_cache_serves_find_find_one_and_count_until_any_write_to_the_c
     );
 
     // Uncached reads never touch the cache.
-    Book::find_in(&env, doc! {}).await.expect("find");
+    Book::find(doc! {}).in_env(&env).await.expect("find");
     assert_eq!(stats(&env, "books", "find"), (1, 2));
 
     // Any write to the collection invalidates every cached query over it.
     let mut z = Book::new("Z", 7);
-    z.save_in(&env).await.expect("save");
+    z.save().in_env(&env).await.expect("save");
     assert_eq!(first().await.expect("find_one").map(|b| b.title), Some("Z".into()));
     assert_eq!(titles(query().await.expect("find")), ["Z", "C", "B"]);
     assert_eq!(ordered(doc! { "title": "B", "copies": 2 }).await.expect("count"), 1);
@@ -351,11 +479,12 @@ async fn warming_fills_the_record_cache_so_that_reads_are_hits() {
         .expect("warm");
     assert_eq!(warmed, 800, "the matching records");
     let (hits, misses) = stats(&env, "books", "record");
-    let matching: Vec<Book> = Book::find_in(&env, doc! { "copies": { "$gt": 0 } })
+    let matching: Vec<Book> = Book::find(doc! { "copies": { "$gt": 0 } })
+        .in_env(&env)
         .await
         .expect("find");
     for book in &matching {
-        Book::find_by_id_in(&env, book.id.expect("id")).await.expect("read");
+        Book::find_by_id(book.id.expect("id")).in_env(&env).await.expect("read");
     }
     let after = stats(&env, "books", "record");
     assert_eq!(
@@ -364,7 +493,8 @@ async fn warming_fills_the_record_cache_so_that_reads_are_hits() {
         "every warmed record is a hit"
     );
 
-    let ids: Vec<ObjectId> = Book::find_in(&env, doc! { "copies": 0 })
+    let ids: Vec<ObjectId> = Book::find(doc! { "copies": 0 })
+        .in_env(&env)
         .limit(3)
         .await
         .expect("find")
@@ -402,10 +532,10 @@ async fn find_many_by_ids_of_25_000_ids_is_served_from_the_cache() {
         .map(|(i, id)| doc! { "_id": id, "title": format!("t{i}"), "copies": 1_i64 })
         .collect();
     raw(&env).insert_many(documents).await.expect("insert");
-    let first = Book::find_many_by_ids_in(&env, &ids).await.expect("first");
+    let first = Book::find_many_by_ids(&ids).in_env(&env).await.expect("first");
     assert_eq!(first.len(), RECORDS);
     let hits = env.cache().stats().hits;
-    let second = Book::find_many_by_ids_in(&env, &ids).await.expect("second");
+    let second = Book::find_many_by_ids(&ids).in_env(&env).await.expect("second");
     assert_eq!(second, first);
     assert_eq!(
         env.cache().stats().hits - hits,
@@ -426,7 +556,7 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
     let mut books = [Book::new("Dune", 3), Book::new("Emma", 5), Book::new("Ulysses", 7)];
     seeded(&env, &mut books).await;
     let ids: Vec<ObjectId> = books.iter().filter_map(|b| b.id).collect();
-    Book::find_many_by_ids_in(&env, &ids).await.expect("fill");
+    Book::find_many_by_ids(&ids).in_env(&env).await.expect("fill");
 
     // Every cached value of the prefix replaced by bytes no envelope has.
     let client = redis::Client::open(support::redis_url()).expect("redis url");
@@ -461,11 +591,11 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
             .expect("set");
     }
     let before = env.cache().stats().decode_errors;
-    let found = Book::find_many_by_ids_in(&env, &ids).await.expect("read");
+    let found = Book::find_many_by_ids(&ids).in_env(&env).await.expect("read");
     assert_eq!(found.len(), 3, "read from MongoDB instead");
     assert_eq!(env.cache().stats().decode_errors - before, 3, "counted");
     let hits = env.cache().stats().hits;
-    Book::find_many_by_ids_in(&env, &ids).await.expect("read again");
+    Book::find_many_by_ids(&ids).in_env(&env).await.expect("read again");
     assert_eq!(env.cache().stats().hits - hits, 3, "stored again, then hits");
     let _ = env.database().drop().await;
 }

@@ -107,10 +107,10 @@ struct HotRecord {
 async fn the_record_cache_refreshes_in_the_background_and_every_reader_gets_a_hit() {
     let (env, finds) = support::counting_env("refresh_record", "find").await;
     let mut record = HotRecord { id: None, n: 7 };
-    record.save_in(&env).await.expect("save");
+    record.save().in_env(&env).await.expect("save");
     let id = record.id.expect("id");
     finds.store(0, Ordering::SeqCst);
-    HotRecord::find_by_id_in(&env, id).await.expect("the first read");
+    HotRecord::find_by_id(id).in_env(&env).await.expect("the first read");
 
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
@@ -119,7 +119,11 @@ async fn the_record_cache_refreshes_in_the_background_and_every_reader_gets_a_hi
         readers.push(tokio::spawn(async move {
             let mut calls = 0u64;
             while !stop.load(Ordering::SeqCst) {
-                let found = HotRecord::find_by_id_in(&env, id).await.expect("read").expect("exists");
+                let found = HotRecord::find_by_id(id)
+                    .in_env(&env)
+                    .await
+                    .expect("read")
+                    .expect("exists");
                 assert_eq!(found.n, 7);
                 calls += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -174,7 +178,11 @@ async fn a_negative_entry_shorter_than_the_refresh_window_is_not_refreshed_at_ev
     let (env, finds) = support::counting_env("refresh_missing", "find").await;
     let absent = ObjectId::new();
     for _ in 0..100 {
-        assert!(SparseRecord::find_by_id_in(&env, absent).await.expect("read").is_none());
+        assert!(SparseRecord::find_by_id(absent)
+            .in_env(&env)
+            .await
+            .expect("read")
+            .is_none());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;

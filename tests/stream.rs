@@ -42,7 +42,8 @@ async fn a_hundred_thousand_records_stream_in_bounded_memory() {
 
     let before = rss_kib();
     let mut peak = before;
-    let mut stream = Event::find_in(&env, doc! {})
+    let mut stream = Event::find(doc! {})
+        .in_env(&env)
         .sort(doc! { "n": 1 })
         .batch_size(1000)
         .stream();
@@ -58,7 +59,7 @@ async fn a_hundred_thousand_records_stream_in_bounded_memory() {
     let streamed = peak.saturating_sub(before);
 
     let before = rss_kib();
-    let all = Event::find_in(&env, doc! {}).await.expect("collect");
+    let all = Event::find(doc! {}).in_env(&env).await.expect("collect");
     let collected = rss_kib().saturating_sub(before);
     assert_eq!(all.len() as i64, N);
     drop(all);

@@ -55,11 +55,11 @@ async fn orm_operations_and_cached_calls_have_spans_without_secrets() {
         .finish();
     let guard = tracing::subscriber::set_default(subscriber);
     let mut record = Traced { id: None, n: 1 };
-    record.save_in(&env).await.expect("save");
+    record.save().in_env(&env).await.expect("save");
     let id = record.id.expect("id");
-    Traced::find_by_id_in(&env, id).await.expect("miss");
-    Traced::find_by_id_in(&env, id).await.expect("hit");
-    let _ = Traced::find_by_id_in(&with_password, id).await;
+    Traced::find_by_id(id).in_env(&env).await.expect("miss");
+    Traced::find_by_id(id).in_env(&env).await.expect("hit");
+    let _ = Traced::find_by_id(id).in_env(&with_password).await;
     drop(guard);
 
     let output = String::from_utf8(buffer.0.lock().expect("buffer").clone()).expect("text");

@@ -36,7 +36,11 @@ fn raw(env: &Environment) -> earnorm::mongodb::Collection<Document> {
 }
 
 async fn stored(env: &Environment, id: ObjectId) -> Account {
-    Account::find_by_id_in(env, id).await.expect("find").expect("stored")
+    Account::find_by_id(id)
+        .in_env(env)
+        .await
+        .expect("find")
+        .expect("stored")
 }
 
 /// Bug: `upsert_one` stored no version, and the record it created could
@@ -52,7 +56,7 @@ async fn records_created_by_an_upsert_or_stored_without_a_version_can_be_saved()
     assert_eq!(created.version, 1, "an upsert that inserts stores the first version");
     let mut copy = stored(&env, id).await;
     copy.balance = 90;
-    copy.save_in(&env).await.expect("a save of the upserted record");
+    copy.save().in_env(&env).await.expect("a save of the upserted record");
     assert_eq!(copy.version, 2);
     copy.update_in(&env, doc! { "$inc": { "balance": 1 } })
         .await
@@ -68,7 +72,8 @@ async fn records_created_by_an_upsert_or_stored_without_a_version_can_be_saved()
     let mut copy = stored(&env, bare).await;
     assert_eq!(copy.version, 0);
     copy.balance = 6;
-    copy.save_in(&env)
+    copy.save()
+        .in_env(&env)
         .await
         .expect("a save of a record stored without a version");
     assert_eq!(
@@ -83,7 +88,8 @@ async fn records_created_by_an_upsert_or_stored_without_a_version_can_be_saved()
         .insert_one(doc! { "_id": ObjectId::new(), "balance": 5 })
         .await
         .expect("insert");
-    let mut copy = Account::find_one_in(&env, doc! { "balance": 5 })
+    let mut copy = Account::find_one(doc! { "balance": 5 })
+        .in_env(&env)
         .await
         .expect("find")
         .expect("found");
@@ -106,7 +112,7 @@ async fn every_write_path_moves_the_version_so_an_older_copy_conflicts() {
             balance: 100,
             version: 0,
         };
-        account.save_in(&env).await.expect("save");
+        account.save().in_env(&env).await.expect("save");
         let id = account.id.expect("id");
         let mut old = stored(&env, id).await;
         let filter = doc! { "_id": id };
@@ -116,7 +122,7 @@ async fn every_write_path_moves_the_version_so_an_older_copy_conflicts() {
                 Account::update_one_in(&env, filter, update).await.expect(path);
             }
             "update_many" => {
-                Account::update_many_in(&env, filter, update).await.expect(path);
+                Account::update_many(filter, update).in_env(&env).await.expect(path);
             }
             _ => {
                 Account::upsert_one_in(&env, filter, update).await.expect(path);
@@ -128,7 +134,7 @@ async fn every_write_path_moves_the_version_so_an_older_copy_conflicts() {
             "{path} moved the version"
         );
         old.balance -= 10;
-        let saved = old.save_in(&env).await;
+        let saved = old.save().in_env(&env).await;
         assert!(
             matches!(saved, Err(Error::Conflict { .. })),
             "a save of a copy read before {path}: {saved:?}"
@@ -141,7 +147,7 @@ async fn every_write_path_moves_the_version_so_an_older_copy_conflicts() {
         balance: 1,
         version: 0,
     };
-    account.save_in(&env).await.expect("save");
+    account.save().in_env(&env).await.expect("save");
     let refused = Account::update_one_in(&env, doc! { "_id": account.id }, doc! { "$inc": { "version": 5 } }).await;
     assert!(matches!(refused, Err(Error::InvalidUpdate { .. })), "{refused:?}");
     let _ = env.database().drop().await;
@@ -158,7 +164,7 @@ async fn concurrent_partial_updates_of_one_record_all_apply() {
     const EACH: usize = 3;
     let env = Arc::new(test_env("versions_concurrent").await);
     let mut counter = Counter { id: None, balance: 0 };
-    counter.save_in(&env).await.expect("save");
+    counter.save().in_env(&env).await.expect("save");
     let id = counter.id.expect("id");
     let mut tasks = Vec::new();
     for _ in 0..TASKS {
@@ -180,7 +186,8 @@ async fn concurrent_partial_updates_of_one_record_all_apply() {
         failures.extend(task.await.expect("task").into_iter().filter_map(Result::err));
     }
     assert!(failures.is_empty(), "{} failed: {:?}", failures.len(), failures.first());
-    let balance = Counter::find_by_id_in(&env, id)
+    let balance = Counter::find_by_id(id)
+        .in_env(&env)
         .await
         .expect("find")
         .expect("stored")
@@ -194,7 +201,7 @@ async fn concurrent_partial_updates_of_one_record_all_apply() {
         balance: 0,
         version: 0,
     };
-    account.save_in(&env).await.expect("save");
+    account.save().in_env(&env).await.expect("save");
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (env, mut copy) = (Arc::clone(&env), account.clone());
@@ -254,14 +261,14 @@ async fn a_batch_refused_part_way_changes_no_record() {
         version: 0,
     };
     let mut batch = vec![ledger("a"), ledger("b"), ledger("")];
-    let refused = Ledger::insert_many_in(&env, &mut batch).await;
+    let refused = Ledger::insert_many(&mut batch).in_env(&env).await;
     assert!(matches!(refused, Err(Error::Validation(_))), "{refused:?}");
     assert!(
         batch.iter().all(|l| l.version == 0 && l.id.is_none()),
         "nothing changed: {batch:?}"
     );
     batch[2].name = "c".into();
-    Ledger::insert_many_in(&env, &mut batch).await.expect("retry");
+    Ledger::insert_many(&mut batch).in_env(&env).await.expect("retry");
     assert_eq!(batch.iter().map(|l| l.version).collect::<Vec<_>>(), [1, 1, 1]);
     let _ = env.database().drop().await;
 }
@@ -276,15 +283,18 @@ async fn deleting_an_outdated_copy_is_a_conflict() {
         balance: 1,
         version: 0,
     };
-    account.save_in(&env).await.expect("save");
+    account.save().in_env(&env).await.expect("save");
     let outdated = account.clone();
     account.balance = 2;
-    account.save_in(&env).await.expect("save again");
-    let refused = outdated.delete_in(&env).await;
+    account.save().in_env(&env).await.expect("save again");
+    let refused = outdated.delete().in_env(&env).await;
     assert!(matches!(refused, Err(Error::Conflict { .. })), "{refused:?}");
     assert_eq!(stored(&env, account.id.expect("id")).await.balance, 2, "still there");
-    assert!(account.delete_in(&env).await.expect("delete the current copy"));
-    assert!(!account.delete_in(&env).await.expect("gone"), "already deleted: false");
+    assert!(account.delete().in_env(&env).await.expect("delete the current copy"));
+    assert!(
+        !account.delete().in_env(&env).await.expect("gone"),
+        "already deleted: false"
+    );
     let _ = env.database().drop().await;
 }
 
@@ -299,7 +309,7 @@ async fn a_document_that_does_not_decode_names_its_model_and_field() {
         .insert_one(doc! { "_id": id, "balance": "not a number" })
         .await
         .expect("insert");
-    let found = Account::find_by_id_in(&env, id).await;
+    let found = Account::find_by_id(id).in_env(&env).await;
     let Err(err @ Error::Decode { .. }) = found else {
         panic!("a decode error: {found:?}");
     };
@@ -307,7 +317,7 @@ async fn a_document_that_does_not_decode_names_its_model_and_field() {
     assert!(message.contains("accounts") && message.contains("balance"), "{message}");
     let missing = ObjectId::new();
     raw(&env).insert_one(doc! { "_id": missing }).await.expect("insert");
-    let found = Account::find_one_in(&env, doc! { "_id": missing }).await;
+    let found = Account::find_one(doc! { "_id": missing }).in_env(&env).await;
     let message = found.expect_err("a decode error").to_string();
     assert!(message.contains("accounts") && message.contains("balance"), "{message}");
     let _ = env.database().drop().await;

@@ -23,8 +23,9 @@ tokio::task_local! {
 /// Runs `future` with every cached call inside it computing its value
 /// directly, neither reading nor writing the cache (invalidations still
 /// happen). Useful in tests, and for a caller that must see the source.
-pub async fn bypass<F: Future>(future: F) -> F::Output {
-    BYPASS.scope((), future).await
+/// Takes any future, or anything awaitable (an ORM action).
+pub async fn bypass<F: std::future::IntoFuture>(future: F) -> F::Output {
+    BYPASS.scope((), future.into_future()).await
 }
 
 pub(crate) fn bypassed() -> bool {

@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document};
 
-use crate::query::{query_key, read_cached, ActionFuture, Projection};
+use crate::action::ActionFuture;
+use crate::query::{query_key, read_cached, Projection};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched};
 use crate::{Environment, Error, Model, Result};
 

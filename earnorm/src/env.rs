@@ -10,8 +10,8 @@
 //!
 //! So an application calls `init` once; tests (or a multi-tenant service)
 //! build several environments with [`Environment::connect`] and run each
-//! piece of work inside `env.scope(...)`; explicit `*_in(&env, ..)` methods
-//! take one directly.
+//! piece of work inside `env.scope(...)`, or give an action the environment
+//! (`User::find_by_id(id).in_env(&env)`).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};

@@ -2,6 +2,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
+mod action;
 mod aggregate;
 mod config;
 mod document;
@@ -16,11 +17,13 @@ mod transaction;
 mod update;
 pub mod validate;
 mod watch;
+mod write;
 
 #[doc(hidden)]
 #[path = "private.rs"]
 pub mod __private;
 
+pub use action::{ActionFuture, ActionFutureOf, InTransaction};
 pub use aggregate::Aggregate;
 pub use config::Config;
 pub use earnorm_cache::{
@@ -37,10 +40,11 @@ pub use model::{Hooks, IndexSpec, Model, ModelId};
 pub use mongodb;
 pub use mongodb::bson;
 pub use naming::id_key;
-pub use query::{ActionFuture, Count, Find, FindOne, Projected, Projection, RecordCache, RecordStream};
+pub use query::{Count, Find, FindById, FindManyByIds, FindOne, Projected, Projection, RecordCache, RecordStream};
 pub use reference::{Ref, Refs};
 pub use transaction::Transaction;
 pub use watch::{ChangeEvent, ChangeEvents, ChangeKind};
+pub use write::{Delete, DeleteMany, InsertMany, Save, UpdateMany};
 
 /// The span of one ORM operation: `earnorm.op` with the model's collection
 /// and the operation's name (never a filter, a value or an id). Cached reads

@@ -2,34 +2,22 @@
 //! that keeps the cache correct.
 
 use std::fmt::Debug;
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 
-use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
+use mongodb::bson::{doc, oid::ObjectId, Document};
 use mongodb::options::IndexOptions;
-use mongodb::{ClientSession, Collection, IndexModel};
+use mongodb::{Collection, IndexModel};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::aggregate::Aggregate;
-use crate::document::{to_bson, to_document};
-use crate::naming::{id_key, record_id};
-use crate::query::{self, Count, Find, FindOne, RecordCache};
-use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
+use crate::naming::id_key;
+use crate::query::{self, Count, Find, FindById, FindManyByIds, FindOne, RecordCache};
+use crate::transaction::Transaction;
 use crate::update;
 use crate::watch::ChangeEvents;
+use crate::write::{Delete, DeleteMany, InsertMany, Save, UpdateMany};
 use crate::{Environment, Error, Result, ValidationErrors};
 use tracing::Instrument;
-
-/// Awaits a driver action, inside `session` when there is one (the driver's
-/// actions share no trait for it).
-macro_rules! in_session {
-    ($action:expr, $session:expr) => {{
-        let action = $action;
-        match $session {
-            Some(session) => action.session(session).await,
-            None => action.await,
-        }
-    }};
-}
 
 /// An id type a model can use.
 pub trait ModelId: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
@@ -65,8 +53,8 @@ impl ModelId for mongodb::bson::Uuid {
     }
 }
 
-/// Lifecycle hooks, called by `save`, `insert_many` and `delete` (and their
-/// `_in` and `_tx` forms; not by the bulk and partial updates, which never
+/// Lifecycle hooks, called by `save`, `insert_many` and `delete` (wherever
+/// they run: `.in_env`, `.session`); not by the bulk and partial updates, which never
 /// hold the record). `#[derive(Model)]` implements them with the defaults
 /// (doing nothing); write `#[earnorm(hooks)]` on the struct and implement
 /// this trait yourself to run code around writes:
@@ -204,50 +192,22 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     }
 
     /// Inserts the record (giving it an id if it has none and the id type can
-    /// generate one) or replaces the stored one; validates first.
-    fn save(&mut self) -> impl Future<Output = Result<()>> + Send {
-        async move { self.save_in(&Environment::current()?).await }
+    /// generate one) or replaces the stored one; validates first. Await it,
+    /// or configure it first (see [`Save`]): `user.save().session(&mut tx)`.
+    fn save(&mut self) -> Save<'_, Self> {
+        Save::new(self)
     }
 
     /// [`save`](Self::save) in `env`.
+    #[deprecated(note = "use `record.save().in_env(env)`")]
     fn save_in<'a>(&'a mut self, env: &'a Environment) -> impl Future<Output = Result<()>> + Send + 'a {
-        async move {
-            self.before_save()?;
-            let Save {
-                op,
-                touched,
-                generated,
-                previous_version,
-            } = Save::prepare(self)?;
-            let coll = env.documents(Self::COLLECTION);
-            let save = async move { op.run::<Self>(coll, None).await };
-            let result = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, save).await;
-            settle(generated, previous_version, self, result)?;
-            self.after_save();
-            Ok(())
-        }
-        .instrument(crate::op_span(Self::COLLECTION, "save"))
+        self.save().in_env(env).into_future()
     }
 
     /// [`save`](Self::save) inside a transaction: applied and invalidated at commit.
+    #[deprecated(note = "use `record.save().session(tx)`")]
     fn save_tx<'a>(&'a mut self, tx: &'a mut Transaction) -> impl Future<Output = Result<()>> + Send + 'a {
-        async move {
-            self.before_save()?;
-            let Save {
-                op,
-                touched: scope,
-                generated,
-                previous_version,
-            } = Save::prepare(self)?;
-            let (env, session, touched) = tx.parts();
-            // Remembered before sending: a write cancelled half-way may still
-            // commit with the transaction.
-            touched.push(scope);
-            let result = op.run::<Self>(env.documents(Self::COLLECTION), Some(session)).await;
-            settle(generated, previous_version, self, result)?;
-            self.after_save();
-            Ok(())
-        }
+        self.save().session(tx).into_future()
     }
 
     /// Deletes the record. Returns whether it existed.
@@ -257,112 +217,48 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     /// when the stored record has moved past this copy's version (it was
     /// changed since this copy was read): nothing is deleted. Read it again
     /// and decide. A record already deleted is `Ok(false)`.
-    fn delete(&self) -> impl Future<Output = Result<bool>> + Send {
-        async move { self.delete_in(&Environment::current()?).await }
+    fn delete(&self) -> Delete<'_, Self> {
+        Delete::new(self)
     }
 
     /// [`delete`](Self::delete) in `env`.
+    #[deprecated(note = "use `record.delete().in_env(env)`")]
     fn delete_in<'a>(&'a self, env: &'a Environment) -> impl Future<Output = Result<bool>> + Send + 'a {
-        async move {
-            self.before_delete()?;
-            let target = delete_target(self)?;
-            let touched = target.touched.clone();
-            let coll = env.documents(Self::COLLECTION);
-            let delete = async move { delete_one::<Self>(coll, target, None).await };
-            let existed = write_then_invalidate(env, vec![touched], Invalidate::IfWritten, delete).await?;
-            self.after_delete();
-            Ok(existed)
-        }
-        .instrument(crate::op_span(Self::COLLECTION, "delete"))
+        self.delete().in_env(env).into_future()
     }
 
     /// [`delete`](Self::delete) inside a transaction.
+    #[deprecated(note = "use `record.delete().session(tx)`")]
     fn delete_tx<'a>(&'a self, tx: &'a mut Transaction) -> impl Future<Output = Result<bool>> + Send + 'a {
-        async move {
-            self.before_delete()?;
-            let target = delete_target(self)?;
-            let (env, session, touched) = tx.parts();
-            touched.push(target.touched.clone());
-            let existed = delete_one::<Self>(env.documents(Self::COLLECTION), target, Some(session)).await?;
-            self.after_delete();
-            Ok(existed)
-        }
+        self.delete().session(tx).into_future()
     }
 
     /// Inserts many records at once (validating all first; nothing is
     /// written if any fails). Generated ids are set on the records.
-    fn insert_many(records: &mut [Self]) -> impl Future<Output = Result<()>> + Send {
-        async move { Self::insert_many_in(&Environment::current()?, records).await }
+    fn insert_many(records: &mut [Self]) -> InsertMany<'_, Self> {
+        InsertMany::new(records)
     }
 
     /// [`insert_many`](Self::insert_many) in `env`.
+    #[deprecated(note = "use `Model::insert_many(records).in_env(env)`")]
     fn insert_many_in<'a>(
         env: &'a Environment,
         records: &'a mut [Self],
     ) -> impl Future<Output = Result<()>> + Send + 'a {
-        async move {
-            if records.is_empty() {
-                return Ok(());
-            }
-            // Every check first (hooks, validation, ids), so that a batch
-            // refused part-way leaves no record changed: a retry then stores
-            // what a first attempt would have.
-            for record in records.iter_mut() {
-                record.before_save()?;
-            }
-            let mut all = ValidationErrors::new();
-            for record in records.iter() {
-                if let Err(errors) = record.validate() {
-                    all.errors.extend(errors.errors);
-                }
-            }
-            all.into_result()?;
-            if records.iter().any(|record| record.id().is_none()) && <Self::Id as ModelId>::generate().is_none() {
-                return Err(Error::Id(format!(
-                    "{}: this id type is not generated; set ids before inserting",
-                    Self::COLLECTION
-                )));
-            }
-            let now = mongodb::bson::DateTime::now();
-            for record in records.iter_mut() {
-                record.stamp(now, true);
-                if let Some(version) = Self::VERSION_FIELD.and(record.version()) {
-                    record.set_version(version.max(0).saturating_add(1));
-                }
-                if record.id().is_none() {
-                    record.set_id(<Self::Id as ModelId>::generate());
-                }
-            }
-            let documents = records.iter().map(to_document).collect::<Result<Vec<_>>>()?;
-            let coll = env.documents(Self::COLLECTION);
-            let insert = async move {
-                coll.insert_many(documents)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
-            };
-            // Part of a failed batch may have been written: a failure
-            // invalidates too (see `Error::may_have_written`).
-            write_then_invalidate(env, vec![Touched::Model(Self::COLLECTION)], Invalidate::Always, insert).await?;
-            for record in records.iter() {
-                record.after_save();
-            }
-            Ok(())
-        }
-        .instrument(crate::op_span(Self::COLLECTION, "insert_many"))
+        Self::insert_many(records).in_env(env).into_future()
     }
 
     /// The record with this id. With a record cache
     /// (`#[earnorm(cache(ttl = ..))]`), a hit is served from Redis, with
     /// every guarantee of `#[cached]`.
-    fn find_by_id(id: impl Into<Self::Id> + Send) -> impl Future<Output = Result<Option<Self>>> + Send {
-        let id = id.into();
-        async move { Self::find_by_id_in(&Environment::current()?, id).await }
+    fn find_by_id(id: impl Into<Self::Id>) -> FindById<Self> {
+        FindById::new(id.into())
     }
 
     /// [`find_by_id`](Self::find_by_id) in `env`.
-    fn find_by_id_in(env: &Environment, id: Self::Id) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
-        query::find_by_id::<Self>(env, id)
+    #[deprecated(note = "use `Model::find_by_id(id).in_env(env)`")]
+    fn find_by_id_in(env: &Environment, id: Self::Id) -> impl Future<Output = Result<Option<Self>>> + Send + 'static {
+        Self::find_by_id(id).in_env(env).into_future()
     }
 
     /// The records with these ids, each once, in the order its id first
@@ -370,16 +266,17 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     /// cache, one round trip to Redis looks them all up, one `$in` query
     /// reads the misses, and one more round trip stores them; without,
     /// one `$in` query.
-    fn find_many_by_ids(ids: &[Self::Id]) -> impl Future<Output = Result<Vec<Self>>> + Send + '_ {
-        async move { Self::find_many_by_ids_in(&Environment::current()?, ids).await }
+    fn find_many_by_ids(ids: &[Self::Id]) -> FindManyByIds<'_, Self> {
+        FindManyByIds::new(ids)
     }
 
     /// [`find_many_by_ids`](Self::find_many_by_ids) in `env`.
+    #[deprecated(note = "use `Model::find_many_by_ids(ids).in_env(env)`")]
     fn find_many_by_ids_in<'a>(
         env: &'a Environment,
         ids: &'a [Self::Id],
     ) -> impl Future<Output = Result<Vec<Self>>> + Send + 'a {
-        query::find_many_by_ids::<Self>(env, ids)
+        Self::find_many_by_ids(ids).in_env(env).into_future()
     }
 
     /// Fills the record cache with the records matching `filter` (in
@@ -417,8 +314,9 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     }
 
     /// [`find_one`](Self::find_one) in `env`.
+    #[deprecated(note = "use `Model::find_one(filter).in_env(env)`")]
     fn find_one_in(env: &Environment, filter: Document) -> FindOne<Self> {
-        FindOne::new(Some(env.clone()), filter)
+        Self::find_one(filter).in_env(env)
     }
 
     /// Every record matching `filter`: await it, or configure it first
@@ -429,8 +327,9 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     }
 
     /// [`find`](Self::find) in `env`.
+    #[deprecated(note = "use `Model::find(filter).in_env(env)`")]
     fn find_in(env: &Environment, filter: Document) -> Find<Self> {
-        Find::new(Some(env.clone()), filter)
+        Self::find(filter).in_env(env)
     }
 
     /// Runs an aggregation pipeline over the collection: await it for
@@ -441,8 +340,9 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     }
 
     /// [`aggregate`](Self::aggregate) in `env`.
+    #[deprecated(note = "use `Model::aggregate(pipeline).in_env(env)`")]
     fn aggregate_in(env: &Environment, pipeline: Vec<Document>) -> Aggregate<Self> {
-        Aggregate::new(Some(env.clone()), pipeline)
+        Self::aggregate(pipeline).in_env(env)
     }
 
     /// The number of records matching `filter`: await it, or cache it
@@ -452,8 +352,9 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     }
 
     /// [`count`](Self::count) in `env`.
+    #[deprecated(note = "use `Model::count(filter).in_env(env)`")]
     fn count_in(env: &Environment, filter: Document) -> Count<Self> {
-        Count::new(Some(env.clone()), filter)
+        Self::count(filter).in_env(env)
     }
 
     /// Applies `update` (an update document: `doc! {"$set": {"name": "Ada"}}`,
@@ -559,87 +460,54 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     }
 
     /// Applies `update` to every record matching `filter`; returns how many
-    /// were modified. Invalidates the whole model.
-    fn update_many(filter: Document, update: Document) -> impl Future<Output = Result<u64>> + Send {
-        async move { Self::update_many_in(&Environment::current()?, filter, update).await }
+    /// were modified. Invalidates the whole model. Await it, or configure
+    /// it first (see [`UpdateMany`]).
+    fn update_many(filter: Document, update: Document) -> UpdateMany<Self> {
+        UpdateMany::new(filter, update)
     }
 
     /// [`update_many`](Self::update_many) in `env`.
+    #[deprecated(note = "use `Model::update_many(filter, update).in_env(env)`")]
     fn update_many_in(
         env: &Environment,
         filter: Document,
         update: Document,
-    ) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move {
-            let update = update::bulk::<Self>(update)?;
-            let coll = env.documents(Self::COLLECTION);
-            let update = async move { update_many::<Self>(coll, filter, update, None).await };
-            write_then_invalidate(
-                env,
-                vec![Touched::Model(Self::COLLECTION)],
-                Invalidate::IfWritten,
-                update,
-            )
-            .await
-        }
-        .instrument(crate::op_span(Self::COLLECTION, "update_many"))
+    ) -> impl Future<Output = Result<u64>> + Send + 'static {
+        Self::update_many(filter, update).in_env(env).into_future()
     }
 
     /// [`update_many`](Self::update_many) inside a transaction.
+    #[deprecated(note = "use `Model::update_many(filter, update).session(tx)`")]
     fn update_many_tx(
         tx: &mut Transaction,
         filter: Document,
         update: Document,
     ) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move {
-            let update = update::bulk::<Self>(update)?;
-            let (env, session, touched) = tx.parts();
-            touched.push(Touched::Model(Self::COLLECTION));
-            update_many::<Self>(env.documents(Self::COLLECTION), filter, update, Some(session)).await
-        }
+        Self::update_many(filter, update).session(tx).into_future()
     }
 
     /// Deletes every record matching `filter`; returns how many. Invalidates
-    /// the whole model.
-    fn delete_many(filter: Document) -> impl Future<Output = Result<u64>> + Send {
-        async move { Self::delete_many_in(&Environment::current()?, filter).await }
+    /// the whole model. Await it, or configure it first (see [`DeleteMany`]).
+    fn delete_many(filter: Document) -> DeleteMany<Self> {
+        DeleteMany::new(filter)
     }
 
     /// [`delete_many`](Self::delete_many) in `env`.
-    fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move {
-            let coll = env.documents(Self::COLLECTION);
-            let delete = async move { delete_many::<Self>(coll, filter, None).await };
-            write_then_invalidate(
-                env,
-                vec![Touched::Model(Self::COLLECTION)],
-                Invalidate::IfWritten,
-                delete,
-            )
-            .await
-        }
-        .instrument(crate::op_span(Self::COLLECTION, "delete_many"))
+    #[deprecated(note = "use `Model::delete_many(filter).in_env(env)`")]
+    fn delete_many_in(env: &Environment, filter: Document) -> impl Future<Output = Result<u64>> + Send + 'static {
+        Self::delete_many(filter).in_env(env).into_future()
     }
 
     /// [`delete_many`](Self::delete_many) inside a transaction.
+    #[deprecated(note = "use `Model::delete_many(filter).session(tx)`")]
     fn delete_many_tx(tx: &mut Transaction, filter: Document) -> impl Future<Output = Result<u64>> + Send + '_ {
-        async move {
-            let (env, session, touched) = tx.parts();
-            touched.push(Touched::Model(Self::COLLECTION));
-            delete_many::<Self>(env.documents(Self::COLLECTION), filter, Some(session)).await
-        }
+        Self::delete_many(filter).session(tx).into_future()
     }
 
     /// The first record matching `filter`, as the transaction sees it.
+    #[deprecated(note = "use `Model::find_one(filter).session(tx)`")]
     fn find_one_tx(tx: &mut Transaction, filter: Document) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
-        async move {
-            let (env, session, _) = tx.parts();
-            Self::collection_in(env)
-                .find_one(filter)
-                .session(session)
-                .await
-                .map_err(|e| Error::from_mongo(Self::COLLECTION, e))
-        }
+        Self::find_one(filter).session(tx).into_future()
     }
 
     /// Typed change events of the collection, from the moment the stream
@@ -686,232 +554,4 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
             Ok(())
         }
     }
-}
-
-/// The scope a write to the record with this id touches: the record's, or
-/// the whole model's when the id has no key form.
-fn record_scope<M: Model>(id: &M::Id) -> Touched {
-    match record_id::<M>(id) {
-        Ok(key) => Touched::Record(M::COLLECTION, key),
-        Err(_) => Touched::Model(M::COLLECTION),
-    }
-}
-
-/// What `save` sends: an insert of a new record or a replacement by id.
-struct Save {
-    op: SaveOp,
-    touched: Touched,
-    /// The id was generated for this insert (taken back if nothing was written).
-    generated: bool,
-    /// The version of the copy before this save (put back if nothing was
-    /// written), for versioned models.
-    previous_version: Option<i64>,
-}
-
-enum SaveOp {
-    Insert(Document),
-    Replace {
-        filter: Document,
-        document: Document,
-        /// Insert when nothing matches (an unversioned save, or the first
-        /// save of a versioned record with an assigned id).
-        upsert: bool,
-        /// The version the filter expects, for versioned models: nothing
-        /// matching is a [`Error::Conflict`].
-        expected: Option<(String, i64)>,
-    },
-}
-
-impl Save {
-    /// Validates `record`, gives it an id if it needs one, moves a versioned
-    /// record to its next version, and builds the write.
-    fn prepare<M: Model>(record: &mut M) -> Result<Self> {
-        record.validate()?;
-        let generated = record.id().is_none();
-        if generated {
-            let id = <M::Id as ModelId>::generate().ok_or_else(|| {
-                Error::Id(format!(
-                    "{}: this id type is not generated; set the id before saving",
-                    M::COLLECTION
-                ))
-            })?;
-            record.set_id(Some(id));
-        }
-        record.stamp(mongodb::bson::DateTime::now(), generated);
-        let previous_version = M::VERSION_FIELD.map(|_| record.version().unwrap_or(0));
-        if let Some(version) = previous_version {
-            record.set_version(version.saturating_add(1));
-        }
-        let built = (|| {
-            let id = record
-                .id()
-                .ok_or_else(|| Error::Id(format!("{}: no id", M::COLLECTION)))?;
-            let touched = record_scope::<M>(id);
-            let document = to_document(&*record)?;
-            let op = if generated {
-                SaveOp::Insert(document)
-            } else {
-                let mut filter = doc! { "_id": to_bson(id)? };
-                let expected = match (M::VERSION_FIELD, previous_version) {
-                    (Some(field), Some(version)) => {
-                        filter.insert(field, update::version_filter(version));
-                        Some((record_id::<M>(id).unwrap_or_default(), version))
-                    }
-                    _ => None,
-                };
-                SaveOp::Replace {
-                    filter,
-                    document,
-                    upsert: expected.as_ref().is_none_or(|(_, version)| *version == 0),
-                    expected,
-                }
-            };
-            Ok(Self {
-                op,
-                touched,
-                generated,
-                previous_version,
-            })
-        })();
-        if built.is_err() {
-            Self::undo(record, generated, previous_version);
-        }
-        built
-    }
-
-    /// Puts the id and version back as they were before `prepare`.
-    fn undo<M: Model>(record: &mut M, generated: bool, previous_version: Option<i64>) {
-        if generated {
-            record.set_id(None);
-        }
-        if let Some(version) = previous_version {
-            record.set_version(version);
-        }
-    }
-}
-
-/// Takes a `generated` id (and a versioned record's new version) back when
-/// the write surely wrote nothing, so that a retry inserts (or saves the
-/// same version); keeps them when it may have been written, so that a retry
-/// updates that record instead of inserting a second one.
-fn settle<M: Model>(generated: bool, previous_version: Option<i64>, record: &mut M, result: Result<()>) -> Result<()> {
-    if matches!(&result, Err(err) if !err.may_have_written()) {
-        Save::undo(record, generated, previous_version);
-    }
-    result
-}
-
-impl SaveOp {
-    /// Sends the write (owning all it needs, unless it runs in a session).
-    async fn run<M: Model>(self, coll: Collection<Document>, session: Option<&mut ClientSession>) -> Result<()> {
-        match self {
-            SaveOp::Insert(document) => in_session!(coll.insert_one(document), session)
-                .map(|_| ())
-                .map_err(|e| Error::from_mongo(M::COLLECTION, e)),
-            SaveOp::Replace {
-                filter,
-                document,
-                upsert,
-                expected,
-            } => {
-                let result = in_session!(coll.replace_one(filter, document).upsert(upsert), session);
-                let conflict = |(id, version): (String, i64)| Error::Conflict {
-                    model: M::COLLECTION,
-                    id,
-                    version,
-                };
-                match (result.map_err(|e| Error::from_mongo(M::COLLECTION, e)), expected) {
-                    (Ok(done), Some(expected)) if done.matched_count == 0 && done.upserted_id.is_none() => {
-                        Err(conflict(expected))
-                    }
-                    (Ok(_), _) => Ok(()),
-                    // A first save of a versioned record whose id is taken:
-                    // someone saved it first.
-                    (Err(Error::DuplicateKey { .. }), Some(expected)) => Err(conflict(expected)),
-                    (Err(err), _) => Err(err),
-                }
-            }
-        }
-    }
-}
-
-/// What deleting `record` sends: by id, and for a versioned model only
-/// over the copy's own version.
-struct DeleteTarget {
-    filter: Document,
-    touched: Touched,
-    /// A versioned copy's id key and version: a delete that matches nothing
-    /// while the record exists is a conflict.
-    expected: Option<(String, i64)>,
-}
-
-/// The filter and scope of deleting `record`.
-fn delete_target<M: Model>(record: &M) -> Result<DeleteTarget> {
-    let id = record
-        .id()
-        .ok_or_else(|| Error::Id(format!("{}: cannot delete a record without an id", M::COLLECTION)))?;
-    let mut filter = doc! { "_id": to_bson(id)? };
-    let mut expected = None;
-    if let Some(field) = M::VERSION_FIELD {
-        let version = record.version().unwrap_or(0);
-        filter.insert(field, update::version_filter(version));
-        expected = Some((record_id::<M>(id).unwrap_or_default(), version));
-    }
-    Ok(DeleteTarget {
-        filter,
-        touched: record_scope::<M>(id),
-        expected,
-    })
-}
-
-/// Deletes by `target`; whether it deleted. A versioned copy that deleted
-/// nothing while its record still exists is outdated: `Conflict`.
-async fn delete_one<M: Model>(
-    coll: Collection<Document>,
-    target: DeleteTarget,
-    mut session: Option<&mut ClientSession>,
-) -> Result<bool> {
-    let mongo = |e| Error::from_mongo(M::COLLECTION, e);
-    let DeleteTarget { filter, expected, .. } = target;
-    let id = filter.get("_id").cloned().unwrap_or(Bson::Null);
-    let deleted = in_session!(coll.delete_one(filter), session.as_deref_mut())
-        .map_err(mongo)?
-        .deleted_count
-        > 0;
-    match expected {
-        Some((key, version)) if !deleted => {
-            let exists = in_session!(coll.count_documents(doc! { "_id": id }), session).map_err(mongo)? > 0;
-            if exists {
-                Err(Error::Conflict {
-                    model: M::COLLECTION,
-                    id: key,
-                    version,
-                })
-            } else {
-                Ok(false)
-            }
-        }
-        _ => Ok(deleted),
-    }
-}
-
-async fn update_many<M: Model>(
-    coll: Collection<Document>,
-    filter: Document,
-    update: Document,
-    session: Option<&mut ClientSession>,
-) -> Result<u64> {
-    in_session!(coll.update_many(filter, update), session)
-        .map(|r| r.modified_count)
-        .map_err(|e| Error::from_mongo(M::COLLECTION, e))
-}
-
-async fn delete_many<M: Model>(
-    coll: Collection<Document>,
-    filter: Document,
-    session: Option<&mut ClientSession>,
-) -> Result<u64> {
-    in_session!(coll.delete_many(filter), session)
-        .map(|r| r.deleted_count)
-        .map_err(|e| Error::from_mongo(M::COLLECTION, e))
 }

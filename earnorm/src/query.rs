@@ -14,9 +14,10 @@ use mongodb::bson::{doc, Document};
 use serde::Serialize;
 use tracing::{debug, Instrument};
 
+use crate::action::{placed, ActionFuture, ActionFutureOf, InTransaction};
 use crate::document::to_bson;
 use crate::ModelId;
-use crate::{Environment, Error, Model, Result};
+use crate::{Environment, Error, Model, Result, Transaction};
 
 /// The record cache of a model, declared with
 /// `#[earnorm(collection = "..", cache(ttl = 300))]`: `find_by_id` and
@@ -130,7 +131,9 @@ pub(crate) async fn find_many_by_ids<M: Model>(env: &Environment, ids: &[M::Id])
         .await
 }
 
-async fn find_many_inner<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<Vec<M>> {
+/// Each distinct id of `ids` once, in the order it first appears, with its
+/// key form (ids without one are kept as they come).
+fn unique_ids<M: Model>(ids: &[M::Id]) -> Vec<(&M::Id, Option<String>)> {
     let mut seen = HashSet::new();
     let mut unique: Vec<(&M::Id, Option<String>)> = Vec::with_capacity(ids.len());
     for id in ids {
@@ -143,6 +146,25 @@ async fn find_many_inner<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<V
             unique.push((id, key));
         }
     }
+    unique
+}
+
+/// `found` in the order of `wanted` (`None` where there is none).
+fn in_order<M: Model>(found: Vec<M>, wanted: &[&(&M::Id, Option<String>)]) -> Vec<Option<M>> {
+    let mut by_key: std::collections::HashMap<String, M> = std::collections::HashMap::with_capacity(found.len());
+    for record in found {
+        if let Some(key) = record.id_key() {
+            by_key.insert(key, record);
+        }
+    }
+    wanted
+        .iter()
+        .map(|(_, key)| key.as_ref().and_then(|key| by_key.remove(key)))
+        .collect()
+}
+
+async fn find_many_inner<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<Vec<M>> {
+    let unique = unique_ids::<M>(ids);
     let fetch = |positions: Vec<usize>| {
         let wanted: Vec<&(&M::Id, Option<String>)> = positions.iter().map(|&p| &unique[p]).collect();
         async move { fetch_by_ids::<M>(env, &wanted).await }
@@ -176,16 +198,7 @@ async fn fetch_by_ids<M: Model>(env: &Environment, wanted: &[&(&M::Id, Option<St
         .try_collect()
         .await
         .map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
-    let mut by_key: std::collections::HashMap<String, M> = std::collections::HashMap::with_capacity(found.len());
-    for record in found {
-        if let Some(key) = record.id_key() {
-            by_key.insert(key, record);
-        }
-    }
-    Ok(wanted
-        .iter()
-        .map(|(_, key)| key.as_ref().and_then(|key| by_key.remove(key)))
-        .collect())
+    Ok(in_order(found, wanted))
 }
 
 /// One record read from MongoDB, with an optional sort.
@@ -213,9 +226,6 @@ async fn find_one_in_db<M: Model>(env: &Environment, filter: Document, sort: Opt
         other => other,
     }
 }
-
-/// The future an action becomes when awaited.
-pub type ActionFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send>>;
 
 /// What every read action shares: where it runs, its filter, and whether
 /// (and for how long) its result is cached.
@@ -326,6 +336,12 @@ macro_rules! read_action_common {
         pub fn in_env(mut self, env: &Environment) -> Self {
             self.read.env = Some(env.clone());
             self
+        }
+
+        /// Reads inside `tx`: sees the transaction's own writes, and never
+        /// the cache (`cached` is ignored).
+        pub fn session(self, tx: &mut Transaction) -> InTransaction<'_, Self> {
+            InTransaction::new(self, tx)
         }
 
         /// Caches the result for `ttl` in the query cache of the model:
@@ -679,6 +695,156 @@ impl<M: Model> IntoFuture for Count<M> {
         })
     }
 }
+
+/// The record with an id: `User::find_by_id(id)` (see
+/// [`Model::find_by_id`]), awaited as it is or configured first.
+#[must_use = "an action does nothing until it is awaited"]
+pub struct FindById<M: Model> {
+    id: M::Id,
+    env: Option<Environment>,
+}
+
+impl<M: Model> std::fmt::Debug for FindById<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FindById").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl<M: Model> FindById<M> {
+    pub(crate) fn new(id: M::Id) -> Self {
+        Self { id, env: None }
+    }
+
+    placed!();
+}
+
+impl<M: Model> IntoFuture for FindById<M> {
+    type Output = Result<Option<M>>;
+    type IntoFuture = ActionFuture<Option<M>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let env = Environment::chosen_or_current(self.env.as_ref())?;
+            find_by_id::<M>(&env, self.id).await
+        })
+    }
+}
+
+/// The records with these ids: `User::find_many_by_ids(&ids)` (see
+/// [`Model::find_many_by_ids`]), awaited as it is or configured first.
+#[must_use = "an action does nothing until it is awaited"]
+pub struct FindManyByIds<'a, M: Model> {
+    ids: &'a [M::Id],
+    env: Option<Environment>,
+}
+
+impl<M: Model> std::fmt::Debug for FindManyByIds<'_, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FindManyByIds")
+            .field("ids", &self.ids)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, M: Model> FindManyByIds<'a, M> {
+    pub(crate) fn new(ids: &'a [M::Id]) -> Self {
+        Self { ids, env: None }
+    }
+
+    placed!();
+}
+
+impl<'a, M: Model> IntoFuture for FindManyByIds<'a, M> {
+    type Output = Result<Vec<M>>;
+    type IntoFuture = ActionFutureOf<'a, Vec<M>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let env = Environment::chosen_or_current(self.env.as_ref())?;
+            find_many_by_ids::<M>(&env, self.ids).await
+        })
+    }
+}
+
+/// `IntoFuture` for a read inside a transaction: `$body` reads with the
+/// action, the model's collection and the transaction's session, as the
+/// closure-like head names them; driver errors are the model's.
+macro_rules! read_in_transaction {
+    ([$($generics:tt)*] $ty:ty => $out:ty, $name:literal, |$action:ident, $coll:ident, $session:ident| $body:expr) => {
+        impl<'t, $($generics)*> IntoFuture for InTransaction<'t, $ty> {
+            type Output = Result<$out>;
+            type IntoFuture = ActionFutureOf<'t, $out>;
+
+            fn into_future(self) -> Self::IntoFuture {
+                let InTransaction { action: $action, tx } = self;
+                Box::pin(
+                    async move {
+                        let (env, $session, _) = tx.parts();
+                        let $coll = M::collection_in(env);
+                        let read: std::result::Result<$out, ReadError> = $body;
+                        read.map_err(|e| e.of::<M>())
+                    }
+                    .instrument(crate::op_span(M::COLLECTION, $name)),
+                )
+            }
+        }
+    };
+}
+
+/// What a read inside a transaction can fail with.
+enum ReadError {
+    Driver(mongodb::error::Error),
+    Orm(Error),
+}
+
+impl ReadError {
+    fn of<M: Model>(self) -> Error {
+        match self {
+            ReadError::Driver(e) => Error::from_mongo(M::COLLECTION, e),
+            ReadError::Orm(e) => e,
+        }
+    }
+}
+
+impl From<mongodb::error::Error> for ReadError {
+    fn from(e: mongodb::error::Error) -> Self {
+        ReadError::Driver(e)
+    }
+}
+
+impl From<Error> for ReadError {
+    fn from(e: Error) -> Self {
+        ReadError::Orm(e)
+    }
+}
+
+read_in_transaction!([M: Model] FindById<M> => Option<M>, "find_by_id", |action, coll, session| async {
+    Ok(coll.find_one(doc! { "_id": to_bson(&action.id)? }).session(session).await?)
+}.await);
+
+read_in_transaction!(['a: 't, M: Model] FindManyByIds<'a, M> => Vec<M>, "find_many_by_ids", |action, coll, session| async {
+    let unique = unique_ids::<M>(action.ids);
+    let wanted: Vec<&(&M::Id, Option<String>)> = unique.iter().collect();
+    let ids = unique.iter().map(|(id, _)| to_bson(*id)).collect::<Result<Vec<_>>>()?;
+    let mut cursor = coll.find(doc! { "_id": { "$in": ids } }).session(&mut *session).await?;
+    let found: Vec<M> = cursor.stream(session).try_collect().await?;
+    Ok(in_order(found, &wanted).into_iter().flatten().collect())
+}.await);
+
+read_in_transaction!([M: Model] Find<M> => Vec<M>, "find", |action, coll, session| async {
+    let options = action.options(None)?;
+    let mut cursor = coll.find(action.read.filter).with_options(options).session(&mut *session).await?;
+    Ok(cursor.stream(session).try_collect().await?)
+}.await);
+
+read_in_transaction!([M: Model] FindOne<M> => Option<M>, "find_one", |action, coll, session| async {
+    let options = mongodb::options::FindOneOptions::builder().sort(action.sort).build();
+    Ok(coll.find_one(action.read.filter).with_options(options).session(session).await?)
+}.await);
+
+read_in_transaction!([M: Model] Count<M> => u64, "count", |action, coll, session| async {
+    Ok(coll.count_documents(action.read.filter).session(session).await?)
+}.await);
 
 /// How many ids one round of warming reads (one cache round trip, one `$in`).
 const WARM_BATCH: usize = 500;

@@ -52,7 +52,7 @@ impl<M: Model> Ref<M> {
     /// # Errors
     /// As [`Model::find_by_id`].
     pub async fn fetch_in(&self, env: &Environment) -> Result<Option<M>> {
-        M::find_by_id_in(env, self.id.clone()).await
+        M::find_by_id(self.id.clone()).in_env(env).await
     }
 
     /// The records of all `refs`, with one `find_many_by_ids`, by id: look
@@ -70,7 +70,7 @@ impl<M: Model> Ref<M> {
     /// As [`Model::find_many_by_ids`].
     pub async fn fetch_all_in<'a>(env: &Environment, refs: impl IntoIterator<Item = &'a Self>) -> Result<Refs<M>> {
         let ids: Vec<M::Id> = refs.into_iter().map(|r| r.id.clone()).collect();
-        let records = M::find_many_by_ids_in(env, &ids).await?;
+        let records = M::find_many_by_ids(&ids).in_env(env).await?;
         Ok(Refs {
             by_id: records
                 .into_iter()

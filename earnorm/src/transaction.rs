@@ -24,7 +24,7 @@ pub(crate) enum Touched {
 }
 
 /// A MongoDB transaction (the server must support them: a replica set or a
-/// sharded cluster). Writes made with the models' `*_tx` methods are applied
+/// sharded cluster). Writes given the transaction (`.session(&mut tx)`) are applied
 /// on [`commit`](Self::commit), which then invalidates what they made stale;
 /// [`abort`](Self::abort), or dropping the transaction, discards them and
 /// invalidates nothing.
@@ -33,8 +33,8 @@ pub(crate) enum Touched {
 /// # use earnorm::{Environment, Model};
 /// # async fn demo<M: Model>(env: &Environment, a: &mut M, b: &mut M) -> earnorm::Result<()> {
 /// let mut tx = env.start_transaction().await?;
-/// a.save_tx(&mut tx).await?;
-/// b.save_tx(&mut tx).await?;
+/// a.save().session(&mut tx).await?;
+/// b.save().session(&mut tx).await?;
 /// tx.commit().await?; // both writes, then the cache invalidations
 /// # Ok(()) }
 /// ```

@@ -544,7 +544,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
         let seq = shared.next_seq();
         let started = Instant::now();
         let mut item = shared.item(slot, seq);
-        item.save_in(&envs[0]).await.expect("seed a record");
+        item.save().in_env(&envs[0]).await.expect("seed a record");
         shared.record_write(slot, seq, State::Present(seq), started, Instant::now());
     }
 
@@ -749,7 +749,7 @@ async fn record_child_writes(shared: &Shared, env: &Environment, lines: &[Line],
     }
     for (seq, (slot, started)) in sent {
         let Some(&id) = shared.ids.get(slot) else { continue };
-        let stored = Item::find_by_id_in(env, id).await.ok().flatten();
+        let stored = Item::find_by_id(id).in_env(env).await.ok().flatten();
         if stored.is_some_and(|item| item.version == seq) {
             shared.record_as(CRASH_WRITER, slot, seq, State::Present(seq), started, killed, true);
         }
@@ -773,7 +773,7 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
             let seq = shared.next_seq();
             let started = Instant::now();
             let mut item = shared.item(slot, seq);
-            match item.save_in(env).await {
+            match item.save().in_env(env).await {
                 Ok(()) => {
                     *exists = true;
                     shared.record(slot, seq, State::Present(seq), started, Instant::now(), lagged());
@@ -791,7 +791,10 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
             let seq = shared.next_seq();
             let started = Instant::now();
             let filter = doc! { "slot": { "$in": slots.iter().map(|s| *s as i64).collect::<Vec<_>>() } };
-            match Item::update_many_in(env, filter, doc! { "$set": { "version": seq } }).await {
+            match Item::update_many(filter, doc! { "$set": { "version": seq } })
+                .in_env(env)
+                .await
+            {
                 Ok(_) => {
                     let acked = Instant::now();
                     let lagged = lagged();
@@ -812,7 +815,7 @@ async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
             let seq = shared.next_seq();
             let started = Instant::now();
             let item = shared.item(slot, 0);
-            match item.delete_in(env).await {
+            match item.delete().in_env(env).await {
                 Ok(_) => {
                     *exists = false;
                     shared.record(slot, seq, State::Deleted, started, Instant::now(), lagged());
@@ -924,7 +927,7 @@ impl Tallies {
                 count: 0,
                 revision: 0,
             };
-            tally.save_in(env).await.expect("seed a tally");
+            tally.save().in_env(env).await.expect("seed a tally");
         }
         Self {
             incremented: ids[0],
@@ -965,11 +968,11 @@ impl Tallies {
     /// again on `Conflict`. Whether a save was acknowledged.
     async fn save_one_more(&self, env: &Environment) -> earnorm::Result<bool> {
         loop {
-            let Some(mut tally) = Tally::find_by_id_in(env, self.saved).await? else {
+            let Some(mut tally) = Tally::find_by_id(self.saved).in_env(env).await? else {
                 return Ok(false);
             };
             tally.count += 1;
-            match tally.save_in(env).await {
+            match tally.save().in_env(env).await {
                 Ok(()) => return Ok(true),
                 Err(earnorm::Error::Conflict { .. }) => {
                     self.conflicts.fetch_add(1, Ordering::SeqCst);
@@ -982,7 +985,7 @@ impl Tallies {
     /// The counts stored at the end, beside the acknowledged writes.
     async fn check(&self, env: &Environment, report: &mut Report) {
         let stored = |id: ObjectId| async move {
-            earnorm::bypass_cache(Tally::find_by_id_in(env, id))
+            earnorm::bypass_cache(Tally::find_by_id(id).in_env(env))
                 .await
                 .ok()
                 .flatten()
@@ -1059,13 +1062,15 @@ async fn unrelated_bulk_write(env: &Environment, kind: usize, work: Duration) {
                 slot: -1,
                 version: 0,
             }];
-            let _ = Item::insert_many_in(env, &mut junk).await;
+            let _ = Item::insert_many(&mut junk).in_env(env).await;
         }
         1 => {
-            let _ = Item::delete_many_in(env, doc! { "slot": -1 }).await;
+            let _ = Item::delete_many(doc! { "slot": -1 }).in_env(env).await;
         }
         2 => {
-            let _ = Item::update_many_in(env, doc! { "slot": -2 }, doc! { "$set": { "version": 0 } }).await;
+            let _ = Item::update_many(doc! { "slot": -2 }, doc! { "$set": { "version": 0 } })
+                .in_env(env)
+                .await;
         }
         _ => {}
     }
@@ -1082,11 +1087,11 @@ async fn cancelled_bulk_update(shared: &Shared, env: &Environment, rng: &mut Rng
     let started = Instant::now();
     let deferred = env.cache().stats().invalidations_deferred;
     let in_slots = slots.iter().map(|s| *s as i64).collect::<Vec<_>>();
-    let update = Item::update_many_in(
-        env,
+    let update = Item::update_many(
         doc! { "slot": { "$in": &in_slots } },
         doc! { "$set": { "version": seq } },
-    );
+    )
+    .in_env(env);
     let patience = Duration::from_micros(rng.below(3000) as u64);
     let cancelled = match tokio::time::timeout(patience, update).await {
         Ok(Ok(_)) => false,
@@ -1100,7 +1105,7 @@ async fn cancelled_bulk_update(shared: &Shared, env: &Environment, rng: &mut Rng
     let deadline = Instant::now() + Duration::from_secs(2);
     let applied = loop {
         let filter = doc! { "slot": { "$in": &in_slots }, "version": seq };
-        match Item::count_in(env, filter).await {
+        match Item::count(filter).in_env(env).await {
             Ok(count) if count >= existing => break true,
             _ if Instant::now() > deadline => break false,
             _ => tokio::time::sleep(Duration::from_millis(1)).await,
@@ -1140,11 +1145,13 @@ async fn reader(shared: &Shared, env: &Environment, rng: &mut Rng, naive: bool) 
         let result = match (naive, kind) {
             (false, 0) => copies[slot].stored_version(jitter).await,
             (false, 1) => Item::version_of(slot as i64, jitter).await,
-            (false, 2) => Item::find_by_id_in(env, shared.ids[slot])
+            (false, 2) => Item::find_by_id(shared.ids[slot])
+                .in_env(env)
                 .await
                 .map(|found| found.map(|item| item.version))
                 .map_err(|e| e.to_string()),
-            (false, _) => Item::find_one_in(env, doc! { "slot": slot as i64 })
+            (false, _) => Item::find_one(doc! { "slot": slot as i64 })
+                .in_env(env)
                 .cached(Duration::from_secs(60))
                 .await
                 .map(|found| found.map(|item| item.version))

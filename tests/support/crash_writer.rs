@@ -215,7 +215,7 @@ pub async fn crash_writer_child() -> bool {
             slot: i64::try_from(slot).unwrap_or(-1),
             version: seq,
         };
-        if item.save_in(&env).await.is_ok() {
+        if item.save().in_env(&env).await.is_ok() {
             let lagged = env.cache().stats().invalidations_deferred > deferred;
             say(format!("A {slot} {seq} {} {}", unix_ns(), u8::from(lagged)));
         }
