@@ -7,28 +7,45 @@ use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::spanned::Spanned;
 use syn::{FnArg, GenericParam, Ident, ItemFn, LitInt, LitStr, Pat, ReturnType, Type};
 
-use crate::ctxt::Ctxt;
+use crate::ctxt::{refresh_not_shorter, Attr, Ctxt};
+use crate::shape::last_segment;
 
 /// The attribute's options.
-#[derive(Default)]
 struct Options {
     /// Whether `ttl` was written at all (valid or not).
     ttl_given: bool,
-    ttl: Option<u64>,
+    ttl: Attr<u64>,
     /// `refresh = N`: refresh ahead of the expiry, in the last N seconds.
-    refresh: Option<(syn::Ident, u64)>,
-    key: Option<LitStr>,
-    version: Option<u32>,
-    scope: Option<LitStr>,
+    refresh: Attr<u64>,
+    key: Attr<LitStr>,
+    version: Attr<u32>,
+    scope: Attr<LitStr>,
     depends_on: Vec<syn::Path>,
     tags: Vec<LitStr>,
     /// `store = "all" | "ok" | "some"`: which results are cached, overriding
     /// what the return type suggests.
-    store: Option<(OutputKind, LitStr)>,
+    store: Attr<OutputKind>,
 }
 
-/// Where the function sits.
-enum Receiver {
+impl Default for Options {
+    fn default() -> Self {
+        const OPTION: &str = "#[cached] option";
+        Self {
+            ttl_given: false,
+            ttl: Attr::none(OPTION),
+            refresh: Attr::none(OPTION),
+            key: Attr::none(OPTION),
+            version: Attr::none(OPTION),
+            scope: Attr::none(OPTION),
+            depends_on: Vec::new(),
+            tags: Vec::new(),
+            store: Attr::none(OPTION),
+        }
+    }
+}
+
+/// Whose function it is: a record's, a model's, or neither.
+enum Owner {
     /// `&self` (or `self: &Self`) of a model.
     Record,
     /// An associated function of a model.
@@ -59,21 +76,14 @@ pub(crate) fn expand(args: TokenStream, item: &ItemFn) -> Result<TokenStream, Ve
             "missing `ttl`: write #[cached(ttl = SECONDS)]",
         ));
     }
-    if let (Some(ttl), Some((key, refresh))) = (options.ttl, &options.refresh) {
-        if *refresh >= ttl {
-            cx.error_spanned_by(
-                key,
-                "`refresh` must be shorter than `ttl`: it is the last part of the TTL",
-            );
-        }
-    }
-    let receiver = receiver(&cx, item, &options);
+    refresh_not_shorter(&cx, &options.ttl, &options.refresh);
+    let owner = owner(&cx, item, &options);
     let args = arguments(&cx, item);
     cx.check()?;
-    let (Some(receiver), Some(args)) = (receiver, args) else {
+    let (Some(owner), Some(args)) = (owner, args) else {
         return Err(vec![syn::Error::new(Span::call_site(), "#[cached]: invalid function")]);
     };
-    Ok(generate(item, &options, &receiver, &args))
+    Ok(generate(item, &options, &owner, &args))
 }
 
 fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
@@ -83,19 +93,17 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
             return Err(meta.error("unknown #[cached] option"));
         };
         let name = key.to_string();
-        let option = "#[cached] option";
         match name.as_str() {
-            "ttl" => {
-                options.ttl_given = true;
+            "ttl" | "refresh" => {
+                options.ttl_given |= name == "ttl";
                 let value: syn::Expr = meta.value()?.parse()?;
-                if let Some(n) = cx.seconds("ttl", &value) {
-                    cx.set_once(&mut options.ttl, &key, option, n);
-                }
-            }
-            "refresh" => {
-                let value: syn::Expr = meta.value()?.parse()?;
-                if let Some(n) = cx.seconds("refresh", &value) {
-                    cx.set_once(&mut options.refresh, &key, option, (key.clone(), n));
+                if let Some(n) = cx.seconds(&name, &value) {
+                    let slot = if name == "ttl" {
+                        &mut options.ttl
+                    } else {
+                        &mut options.refresh
+                    };
+                    slot.set(cx, &key, quote!(#key = #value), n);
                 }
             }
             "key" | "scope" => {
@@ -108,7 +116,7 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                 } else {
                     &mut options.scope
                 };
-                cx.set_once(slot, &key, option, lit);
+                slot.set(cx, &key, quote!(#key = #lit), lit.clone());
             }
             "store" => {
                 let lit: LitStr = meta.value()?.parse()?;
@@ -125,13 +133,13 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                     }
                 };
                 if let Some(kind) = kind {
-                    cx.set_once(&mut options.store, &key, option, (kind, lit));
+                    options.store.set(cx, &key, quote!(#key = #lit), kind);
                 }
             }
             "version" => {
                 let lit: LitInt = meta.value()?.parse()?;
                 match lit.base10_parse::<u32>() {
-                    Ok(n) => cx.set_once(&mut options.version, &key, option, n),
+                    Ok(n) => options.version.set(cx, &key, quote!(#key = #lit), n),
                     Err(_) => cx.error_spanned_by(&lit, "`version` must be a non-negative integer"),
                 }
             }
@@ -167,7 +175,7 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
     options
 }
 
-fn receiver(cx: &Ctxt, item: &ItemFn, options: &Options) -> Option<Receiver> {
+fn owner(cx: &Ctxt, item: &ItemFn, options: &Options) -> Option<Owner> {
     match item.sig.inputs.first() {
         Some(FnArg::Receiver(r)) => {
             let shared = if r.colon_token.is_some() {
@@ -188,17 +196,17 @@ fn receiver(cx: &Ctxt, item: &ItemFn, options: &Options) -> Option<Receiver> {
                 };
                 cx.error_spanned_by(r, message);
                 None
-            } else if let Some(scope) = &options.scope {
+            } else if let Some(scope) = options.scope.get() {
                 cx.error_spanned_by(
                     scope,
                     "`scope` is for functions without `self`; a `&self` method is cached per record",
                 );
                 None
             } else {
-                Some(Receiver::Record)
+                Some(Owner::Record)
             }
         }
-        _ => Some(options.scope.clone().map_or(Receiver::Model, Receiver::Scoped)),
+        _ => Some(options.scope.get().cloned().map_or(Owner::Model, Owner::Scoped)),
     }
 }
 
@@ -236,58 +244,41 @@ fn output(sig: &syn::Signature, store: Option<OutputKind>) -> (OutputKind, Type)
     let ReturnType::Type(_, ty) = &sig.output else {
         return (OutputKind::Plain, syn::parse_quote!(()));
     };
-    let first_arg = |ty: &Type| match ty {
-        Type::Path(path) => path.path.segments.last().and_then(|segment| match &segment.arguments {
-            syn::PathArguments::AngleBracketed(args) => args.args.iter().find_map(|a| match a {
-                syn::GenericArgument::Type(t) => Some(t.clone()),
-                _ => None,
-            }),
-            _ => None,
-        }),
-        _ => None,
-    };
+    let shape = last_segment(ty);
     match store {
         Some(OutputKind::Plain) => return (OutputKind::Plain, (**ty).clone()),
-        Some(kind) => return (kind, first_arg(ty).unwrap_or_else(|| (**ty).clone())),
+        Some(kind) => {
+            let inner = shape.and_then(|(_, inner)| inner.cloned());
+            return (kind, inner.unwrap_or_else(|| (**ty).clone()));
+        }
         None => {}
     }
-    if let Type::Path(path) = &**ty {
-        if let Some(segment) = path.path.segments.last() {
-            let first_arg = match &segment.arguments {
-                syn::PathArguments::AngleBracketed(args) => args.args.iter().find_map(|a| match a {
-                    syn::GenericArgument::Type(t) => Some(t.clone()),
-                    _ => None,
-                }),
-                _ => None,
-            };
-            if let Some(inner) = first_arg {
-                // `Result`, or an alias named like one (`AppResult<T>`).
-                if segment.ident.to_string().ends_with("Result") {
-                    return (OutputKind::Result, inner);
-                }
-                if segment.ident == "Option" {
-                    return (OutputKind::Option, inner);
-                }
-            }
+    if let Some((name, Some(inner))) = shape {
+        // `Result`, or an alias named like one (`AppResult<T>`).
+        if name.ends_with("Result") {
+            return (OutputKind::Result, inner.clone());
+        }
+        if name == "Option" {
+            return (OutputKind::Option, inner.clone());
         }
     }
     (OutputKind::Plain, (**ty).clone())
 }
 
-fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ident, &Type)]) -> TokenStream {
+fn generate(item: &ItemFn, options: &Options, owner: &Owner, args: &[(&Ident, &Type)]) -> TokenStream {
     let ItemFn { attrs, vis, sig, block } = item;
     let name = &sig.ident;
     let uncached = format_ident!("{}_uncached", name);
-    let key_name = options.key.as_ref().map_or_else(|| name.to_string(), LitStr::value);
-    let version = options.version.unwrap_or(0);
-    let ttl = options.ttl.unwrap_or(1);
-    let refresh = match &options.refresh {
-        Some((_, seconds)) => quote!(::earnorm::__private::ttl(#seconds)),
+    let key_name = options.key.get().map_or_else(|| name.to_string(), LitStr::value);
+    let version = options.version.get().copied().unwrap_or(0);
+    let ttl = options.ttl.get().copied().unwrap_or(1);
+    let refresh = match options.refresh.get() {
+        Some(seconds) => quote!(::earnorm::__private::ttl(#seconds)),
         None => quote!(::earnorm::__private::Option::None),
     };
     let private = quote!(::earnorm::__private);
 
-    let (kind, value_ty) = output(sig, options.store.as_ref().map(|(kind, _)| *kind));
+    let (kind, value_ty) = output(sig, options.store.get().copied());
     let value_span = match &sig.output {
         ReturnType::Type(_, ty) => ty.span(),
         ReturnType::Default => sig.ident.span(),
@@ -309,7 +300,7 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
         .map(|p| quote_spanned!(p.span()=> #private::Dep::Model(<#p as ::earnorm::Model>::COLLECTION)))
         .collect();
     deps.extend(options.tags.iter().map(|t| quote!(#private::Dep::Tag(#t))));
-    if let Receiver::Scoped(scope) = receiver {
+    if let Owner::Scoped(scope) = owner {
         deps.push(quote!(#private::Dep::Tag(#scope)));
     }
 
@@ -355,27 +346,27 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
         GenericParam::Const(c) => Some(&c.ident),
         _ => None,
     });
-    let self_name = match receiver {
-        Receiver::Scoped(_) => quote!(),
-        Receiver::Record | Receiver::Model => quote!(::core::any::type_name::<#self_ty>(),),
+    let self_name = match owner {
+        Owner::Scoped(_) => quote!(),
+        Owner::Record | Owner::Model => quote!(::core::any::type_name::<#self_ty>(),),
     };
     let identity = quote!(&[#self_name #(#type_names,)* ::core::any::type_name::<#return_ty>()]);
     let key_args = quote!(&(#(&#arg_names,)* #(&#const_values,)*));
 
-    let (model_check, key_call, body_call) = match receiver {
-        Receiver::Record => (
+    let (model_check, key_call, body_call) = match owner {
+        Owner::Record => (
             quote_spanned!(self_span=> #private::assert_model::<Self>();),
             quote!(#private::record_method_key::<#self_ty, _>(self, #key_name, #version, #identity, &[#(#deps),*], #key_args)),
             quote!(self.#uncached #turbofish(#(#arg_names),*)),
         ),
-        Receiver::Model => (
+        Owner::Model => (
             quote_spanned!(self_span=> #private::assert_model::<Self>();),
             quote!(#private::model_key::<#self_ty, _>(#key_name, #version, #identity, &[#(#deps),*], #key_args)),
             quote!(<#self_ty>::#uncached #turbofish(#(#arg_names),*)),
         ),
         // Free or associated: the body is written out in place, since
         // nothing here says whether it needs `Self::` to be called.
-        Receiver::Scoped(_) => {
+        Owner::Scoped(_) => {
             let rebind = sig.inputs.iter().filter_map(|input| match input {
                 FnArg::Typed(pat_type) => match &*pat_type.pat {
                     Pat::Ident(pat) if pat.mutability.is_some() => {
@@ -396,16 +387,16 @@ fn generate(item: &ItemFn, options: &Options, receiver: &Receiver, args: &[(&Ide
 
     let mut uncached_sig = sig.clone();
     uncached_sig.ident = uncached.clone();
-    let uncached_doc = match receiver {
-        Receiver::Scoped(_) => format!("`{name}` without the cache: always runs the body."),
-        Receiver::Record | Receiver::Model => {
+    let uncached_doc = match owner {
+        Owner::Scoped(_) => format!("`{name}` without the cache: always runs the body."),
+        Owner::Record | Owner::Model => {
             format!("[`{name}`](Self::{name}) without the cache: always runs the body.")
         }
     };
 
     // Two cached functions of one impl (or module) with the same key would
     // share entries: this item makes that a compile error at the key.
-    let key_span = options.key.as_ref().map_or_else(|| sig.ident.span(), LitStr::span);
+    let key_span = options.key.get().map_or_else(|| sig.ident.span(), LitStr::span);
     let marker = format_ident!("__earnorm_cached_key_{}", identifier_part(&key_name), span = key_span);
     // The user's lint levels apply to the body, wherever it is generated.
     let lint_attrs = attrs.iter().filter(|attr| {

@@ -80,6 +80,64 @@ impl Drop for Ctxt {
     }
 }
 
+/// An attribute's value with the tokens it was written as (`ttl = 60`), as
+/// serde_derive's `Attr` keeps them: every error about the attribute (a
+/// duplicate, a clash with another one) can point at what the user wrote.
+pub(crate) struct Attr<T> {
+    /// What the attribute is, for messages: "#[cached] option".
+    what: &'static str,
+    tokens: TokenStream,
+    value: Option<T>,
+}
+
+impl<T> Attr<T> {
+    /// No value yet.
+    pub(crate) fn none(what: &'static str) -> Self {
+        Self {
+            what,
+            tokens: TokenStream::new(),
+            value: None,
+        }
+    }
+
+    /// Sets the value of `key`, written as `tokens` (the key and its
+    /// value); a second value is reported as a duplicate, at its key.
+    pub(crate) fn set(&mut self, cx: &Ctxt, key: &syn::Ident, tokens: impl ToTokens, value: T) {
+        if self.value.is_none() {
+            self.tokens = tokens.into_token_stream();
+        }
+        cx.set_once(&mut self.value, key, self.what, value);
+    }
+
+    /// The value, if one was set.
+    pub(crate) fn get(&self) -> Option<&T> {
+        self.value.as_ref()
+    }
+
+    /// The tokens the value was written as (empty when none was).
+    pub(crate) fn tokens(&self) -> &TokenStream {
+        &self.tokens
+    }
+
+    /// The value, dropping its tokens.
+    pub(crate) fn into_inner(self) -> Option<T> {
+        self.value
+    }
+}
+
+/// Reports that `refresh` is not shorter than `ttl`, at both.
+pub(crate) fn refresh_not_shorter(cx: &Ctxt, ttl: &Attr<u64>, refresh: &Attr<u64>) {
+    if let (Some(ttl_value), Some(refresh_value)) = (ttl.get(), refresh.get()) {
+        if refresh_value >= ttl_value {
+            cx.error_spanned_by(
+                refresh.tokens(),
+                "`refresh` must be shorter than `ttl`: it is the last part of the TTL",
+            );
+            cx.error_spanned_by(ttl.tokens(), "the `ttl` that `refresh` must be shorter than");
+        }
+    }
+}
+
 /// The errors as `compile_error!` invocations.
 pub(crate) fn to_compile_errors(errors: Vec<syn::Error>) -> TokenStream {
     let errors = errors.iter().map(syn::Error::to_compile_error);

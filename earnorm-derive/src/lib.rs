@@ -10,6 +10,7 @@ mod cached;
 mod ctxt;
 mod model;
 mod pattern;
+mod shape;
 
 use proc_macro::TokenStream;
 

@@ -6,12 +6,10 @@ use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
-use syn::{
-    Data, DeriveInput, Expr, ExprLit, ExprUnary, Fields, GenericArgument, Ident, Lit, LitStr, Meta, PathArguments,
-    Token, Type, UnOp,
-};
+use syn::{Data, DeriveInput, Expr, ExprLit, ExprUnary, Fields, Ident, Lit, LitStr, Meta, Token, Type, UnOp};
 
-use crate::ctxt::Ctxt;
+use crate::ctxt::{refresh_not_shorter, Attr, Ctxt};
+use crate::shape::last_segment;
 
 /// The struct, as far as the derive cares.
 struct Container<'a> {
@@ -234,52 +232,43 @@ fn parse_record_cache(
     key: &Ident,
     meta: &syn::meta::ParseNestedMeta<'_>,
 ) -> syn::Result<Option<RecordCacheAttr>> {
-    let (mut ttl, mut missing, mut refresh) = (None, None, None);
+    const OPTION: &str = "record cache option";
+    let (mut ttl, mut missing, mut refresh) = (Attr::none(OPTION), Attr::none(OPTION), Attr::none(OPTION));
     let mut ttl_given = false;
     meta.parse_nested_meta(|inner| {
         let Some(name) = inner.path.get_ident().cloned() else {
             return Err(inner.error("unknown record cache option (expected `ttl`, `missing` or `refresh`)"));
         };
         let value: Expr = inner.value()?.parse()?;
-        match name.to_string().as_str() {
+        let option = name.to_string();
+        let slot = match option.as_str() {
             "ttl" => {
                 ttl_given = true;
-                if let Some(n) = cx.seconds("ttl", &value) {
-                    cx.set_once(&mut ttl, &name, "record cache option", n);
-                }
+                &mut ttl
             }
-            "missing" => {
-                if let Some(n) = cx.seconds("missing", &value) {
-                    cx.set_once(&mut missing, &name, "record cache option", n);
-                }
+            "missing" => &mut missing,
+            "refresh" => &mut refresh,
+            other => {
+                cx.error_spanned_by(
+                    &name,
+                    format!("unknown record cache option `{other}` (expected `ttl`, `missing` or `refresh`)"),
+                );
+                return Ok(());
             }
-            "refresh" => {
-                if let Some(n) = cx.seconds("refresh", &value) {
-                    cx.set_once(&mut refresh, &name, "record cache option", (name.clone(), n));
-                }
-            }
-            other => cx.error_spanned_by(
-                &name,
-                format!("unknown record cache option `{other}` (expected `ttl`, `missing` or `refresh`)"),
-            ),
+        };
+        if let Some(n) = cx.seconds(&option, &value) {
+            slot.set(cx, &name, quote!(#name = #value), n);
         }
         Ok(())
     })?;
     if !ttl_given {
         cx.error_spanned_by(key, "missing `ttl`: write cache(ttl = SECONDS)");
     }
-    if let (Some(ttl), Some((name, refresh))) = (ttl, &refresh) {
-        if *refresh >= ttl {
-            cx.error_spanned_by(
-                name,
-                "`refresh` must be shorter than `ttl`: it is the last part of the TTL",
-            );
-        }
-    }
-    Ok(ttl.map(|ttl| RecordCacheAttr {
+    refresh_not_shorter(cx, &ttl, &refresh);
+    Ok(ttl.into_inner().map(|ttl| RecordCacheAttr {
         ttl,
-        missing,
-        refresh: refresh.map(|(_, n)| n),
+        missing: missing.into_inner(),
+        refresh: refresh.into_inner(),
     }))
 }
 
@@ -590,20 +579,6 @@ fn is_text(ty: &Type) -> bool {
         name == "String"
             || (name == "Option" && inner.is_some_and(|t| last_segment(t).is_some_and(|(n, _)| n == "String")))
     })
-}
-
-/// The last path segment's name and its first type argument.
-fn last_segment(ty: &Type) -> Option<(String, Option<&Type>)> {
-    let Type::Path(path) = ty else { return None };
-    let segment = path.path.segments.last()?;
-    let inner = match &segment.arguments {
-        PathArguments::AngleBracketed(args) => args.args.iter().find_map(|a| match a {
-            GenericArgument::Type(t) => Some(t),
-            _ => None,
-        }),
-        _ => None,
-    };
-    Some((segment.ident.to_string(), inner))
 }
 
 fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
