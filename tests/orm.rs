@@ -249,3 +249,73 @@ async fn ids_are_generated_only_for_object_ids() {
     };
     assert_eq!(user.id_key(), Some(id.to_hex()));
 }
+
+/// Partial updates take `.session(&mut tx)` like every other write: applied
+/// in the transaction (visible inside it, not outside, until the commit).
+/// One whose result fails validation cannot be taken back alone, so it
+/// dooms the transaction: its commit aborts, and nothing is applied.
+#[tokio::test]
+async fn partial_updates_run_inside_a_transaction_and_a_failed_one_aborts_it() {
+    let env = test_env("partial_tx").await;
+    let mut ada = User::new("Ada", "ada@example.com");
+    ada.age = Some(36);
+    ada.save().in_env(&env).await.expect("save");
+    let id = ada.id.expect("id");
+
+    let mut tx = env.start_transaction().await.expect("transaction");
+    assert!(ada
+        .update(doc! { "$inc": { "age": 1 } })
+        .session(&mut tx)
+        .await
+        .expect("update in tx"));
+    assert_eq!(ada.age, Some(37), "the record is refreshed from the transaction");
+    let bob = User::upsert_one(
+        doc! { "email": "bob@example.com" },
+        doc! { "$set": { "name": "Bob", "age": 20 } },
+    )
+    .session(&mut tx)
+    .await
+    .expect("upsert in tx");
+    let renamed = User::update_one(doc! { "_id": id }, doc! { "$set": { "name": "Ada L." } })
+        .session(&mut tx)
+        .await
+        .expect("update_one in tx")
+        .expect("matched");
+    assert_eq!((renamed.name.as_str(), renamed.age), ("Ada L.", Some(37)));
+    let outside = User::find_by_id(id).in_env(&env).await.expect("find").expect("ada");
+    assert_eq!(
+        (outside.name.as_str(), outside.age),
+        ("Ada", Some(36)),
+        "not committed yet"
+    );
+    tx.commit().await.expect("commit");
+    let stored = User::find_by_id(id).in_env(&env).await.expect("find").expect("ada");
+    assert_eq!((stored.name.as_str(), stored.age), ("Ada L.", Some(37)));
+    assert!(User::find_by_id(bob.id.expect("id"))
+        .in_env(&env)
+        .await
+        .expect("find")
+        .is_some());
+
+    // A result that fails validation (age over 150): refused, and the
+    // transaction with it.
+    let mut tx = env.start_transaction().await.expect("transaction");
+    User::update_one(doc! { "_id": id }, doc! { "$set": { "name": "Ada Lovelace" } })
+        .session(&mut tx)
+        .await
+        .expect("a valid update first");
+    let err = User::update_one(doc! { "_id": id }, doc! { "$set": { "age": 200 } })
+        .session(&mut tx)
+        .await
+        .expect_err("age 200 fails validation");
+    assert!(matches!(err, Error::Validation(_)), "{err:?}");
+    let err = tx.commit().await.expect_err("a doomed transaction does not commit");
+    assert!(matches!(err, Error::TransactionAborted { .. }), "{err:?}");
+    let stored = User::find_by_id(id).in_env(&env).await.expect("find").expect("ada");
+    assert_eq!(
+        (stored.name.as_str(), stored.age),
+        ("Ada L.", Some(37)),
+        "nothing of the aborted transaction was applied"
+    );
+    let _ = env.database().drop().await;
+}

@@ -215,10 +215,8 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
     }
 
     assert!(ada
-        .update_in(
-            &env,
-            doc! { "$inc": { "visits": 2 }, "$set": { "email": "ada@lovelace.org" } }
-        )
+        .update(doc! { "$inc": { "visits": 2 }, "$set": { "email": "ada@lovelace.org" } })
+        .in_env(&env)
         .await
         .expect("update"));
     assert_eq!(
@@ -244,7 +242,8 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
 
     // An update whose result fails validation writes nothing.
     let err = ada
-        .update_in(&env, doc! { "$set": { "email": "not an address" } })
+        .update(doc! { "$set": { "email": "not an address" } })
+        .in_env(&env)
         .await
         .expect_err("invalid result");
     assert!(matches!(err, Error::Validation(_)), "{err:?}");
@@ -259,44 +258,32 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
     );
 
     // By filter: the record found is returned and invalidated.
-    let updated = Member::update_one_in(
-        &env,
-        doc! { "email": "bob@example.com" },
-        doc! { "$inc": { "visits": 1 } },
-    )
-    .await
-    .expect("update_one")
-    .expect("matched");
+    let updated = Member::update_one(doc! { "email": "bob@example.com" }, doc! { "$inc": { "visits": 1 } })
+        .in_env(&env)
+        .await
+        .expect("update_one")
+        .expect("matched");
     assert_eq!((updated.id, updated.visits), (Some(b), 1));
     assert_eq!(Member::find_by_id(b).in_env(&env).await.expect("find"), Some(updated));
     assert_eq!(
-        Member::update_one_in(
-            &env,
-            doc! { "email": "nobody@example.com" },
-            doc! { "$inc": { "visits": 1 } }
-        )
-        .await
-        .expect("update_one"),
+        Member::update_one(doc! { "email": "nobody@example.com" }, doc! { "$inc": { "visits": 1 } })
+            .in_env(&env)
+            .await
+            .expect("update_one"),
         None,
         "nothing matched"
     );
 
     // Upsert: inserted when absent, updated when present.
-    let carol = Member::upsert_one_in(
-        &env,
-        doc! { "email": "carol@example.com" },
-        doc! { "$inc": { "visits": 1 } },
-    )
-    .await
-    .expect("upsert inserts");
+    let carol = Member::upsert_one(doc! { "email": "carol@example.com" }, doc! { "$inc": { "visits": 1 } })
+        .in_env(&env)
+        .await
+        .expect("upsert inserts");
     assert_eq!(carol.visits, 1);
-    let again = Member::upsert_one_in(
-        &env,
-        doc! { "email": "carol@example.com" },
-        doc! { "$inc": { "visits": 1 } },
-    )
-    .await
-    .expect("upsert updates");
+    let again = Member::upsert_one(doc! { "email": "carol@example.com" }, doc! { "$inc": { "visits": 1 } })
+        .in_env(&env)
+        .await
+        .expect("upsert updates");
     assert_eq!((again.id, again.visits), (carol.id, 2));
     assert_eq!(Member::count(doc! {}).in_env(&env).await.expect("count"), 3);
 
@@ -304,7 +291,8 @@ async fn update_applies_to_one_record_validates_the_result_and_invalidates_only_
     let mut gone = bob.clone();
     bob.delete().in_env(&env).await.expect("delete");
     assert!(!gone
-        .update_in(&env, doc! { "$inc": { "visits": 1 } })
+        .update(doc! { "$inc": { "visits": 1 } })
+        .in_env(&env)
         .await
         .expect("update"));
     let _ = env.database().drop().await;
@@ -322,12 +310,14 @@ async fn a_versioned_update_moves_the_version_and_refuses_an_outdated_copy() {
     account.save().in_env(&env).await.expect("insert");
     let mut outdated = account.clone();
     account
-        .update_in(&env, doc! { "$inc": { "balance": 5 } })
+        .update(doc! { "$inc": { "balance": 5 } })
+        .in_env(&env)
         .await
         .expect("update");
     assert_eq!((account.balance, account.version), (15, 2));
     let err = outdated
-        .update_in(&env, doc! { "$set": { "balance": 0 } })
+        .update(doc! { "$set": { "balance": 0 } })
+        .in_env(&env)
         .await
         .expect_err("outdated");
     assert!(matches!(err, Error::Conflict { version: 1, .. }), "{err:?}");
@@ -695,12 +685,14 @@ async fn timestamps_are_set_by_the_orm_and_hooks_run_around_writes() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let before = ticket.updated;
     ticket
-        .update_in(&env, doc! { "$inc": { "hits": 1 } })
+        .update(doc! { "$inc": { "hits": 1 } })
+        .in_env(&env)
         .await
         .expect("update");
     assert!(ticket.updated > before, "update sets updated_at (server time)");
     assert_eq!((ticket.hits, ticket.created), (2, Some(created)));
-    let upserted = Ticket::upsert_one_in(&env, doc! { "title": "new" }, doc! { "$set": { "hits": 0 } })
+    let upserted = Ticket::upsert_one(doc! { "title": "new" }, doc! { "$set": { "hits": 0 } })
+        .in_env(&env)
         .await
         .expect("upsert");
     assert!(upserted.created.is_some(), "an upsert that inserts sets created_at");
@@ -738,7 +730,8 @@ async fn watch_gives_typed_change_events_of_the_model() {
     };
     member.save().in_env(&env).await.expect("insert");
     member
-        .update_in(&env, doc! { "$inc": { "visits": 1 } })
+        .update(doc! { "$inc": { "visits": 1 } })
+        .in_env(&env)
         .await
         .expect("update");
     member.visits = 5;

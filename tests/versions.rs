@@ -50,7 +50,8 @@ async fn stored(env: &Environment, id: ObjectId) -> Account {
 async fn records_created_by_an_upsert_or_stored_without_a_version_can_be_saved() {
     let env = test_env("versions_upsert").await;
     let id = ObjectId::new();
-    let created = Account::upsert_one_in(&env, doc! { "_id": id }, doc! { "$set": { "balance": 100 } })
+    let created = Account::upsert_one(doc! { "_id": id }, doc! { "$set": { "balance": 100 } })
+        .in_env(&env)
         .await
         .expect("upsert");
     assert_eq!(created.version, 1, "an upsert that inserts stores the first version");
@@ -58,7 +59,8 @@ async fn records_created_by_an_upsert_or_stored_without_a_version_can_be_saved()
     copy.balance = 90;
     copy.save().in_env(&env).await.expect("a save of the upserted record");
     assert_eq!(copy.version, 2);
-    copy.update_in(&env, doc! { "$inc": { "balance": 1 } })
+    copy.update(doc! { "$inc": { "balance": 1 } })
+        .in_env(&env)
         .await
         .expect("an update of it");
     assert_eq!((copy.balance, copy.version), (91, 3));
@@ -94,7 +96,8 @@ async fn records_created_by_an_upsert_or_stored_without_a_version_can_be_saved()
         .expect("find")
         .expect("found");
     assert!(copy
-        .update_in(&env, doc! { "$inc": { "balance": 1 } })
+        .update(doc! { "$inc": { "balance": 1 } })
+        .in_env(&env)
         .await
         .expect("an update of a record stored without a version"));
     assert_eq!((copy.balance, copy.version), (6, 1));
@@ -119,13 +122,13 @@ async fn every_write_path_moves_the_version_so_an_older_copy_conflicts() {
         let update = doc! { "$inc": { "balance": 1000 } };
         match path {
             "update_one" => {
-                Account::update_one_in(&env, filter, update).await.expect(path);
+                Account::update_one(filter, update).in_env(&env).await.expect(path);
             }
             "update_many" => {
                 Account::update_many(filter, update).in_env(&env).await.expect(path);
             }
             _ => {
-                Account::upsert_one_in(&env, filter, update).await.expect(path);
+                Account::upsert_one(filter, update).in_env(&env).await.expect(path);
             }
         }
         assert_eq!(
@@ -148,7 +151,9 @@ async fn every_write_path_moves_the_version_so_an_older_copy_conflicts() {
         version: 0,
     };
     account.save().in_env(&env).await.expect("save");
-    let refused = Account::update_one_in(&env, doc! { "_id": account.id }, doc! { "$inc": { "version": 5 } }).await;
+    let refused = Account::update_one(doc! { "_id": account.id }, doc! { "$inc": { "version": 5 } })
+        .in_env(&env)
+        .await;
     assert!(matches!(refused, Err(Error::InvalidUpdate { .. })), "{refused:?}");
     let _ = env.database().drop().await;
 }
@@ -173,7 +178,8 @@ async fn concurrent_partial_updates_of_one_record_all_apply() {
             let mut results = Vec::new();
             for _ in 0..EACH {
                 results.push(
-                    Counter::update_one_in(&env, doc! { "_id": id }, doc! { "$inc": { "balance": 1 } })
+                    Counter::update_one(doc! { "_id": id }, doc! { "$inc": { "balance": 1 } })
+                        .in_env(&env)
                         .await
                         .map(|_| ()),
                 );
@@ -206,7 +212,7 @@ async fn concurrent_partial_updates_of_one_record_all_apply() {
     for _ in 0..8 {
         let (env, mut copy) = (Arc::clone(&env), account.clone());
         tasks.push(tokio::spawn(async move {
-            copy.update_in(&env, doc! { "$inc": { "balance": 1 } }).await
+            copy.update(doc! { "$inc": { "balance": 1 } }).in_env(&env).await
         }));
     }
     let (mut ok, mut conflicts) = (0, 0);
@@ -225,7 +231,9 @@ async fn concurrent_partial_updates_of_one_record_all_apply() {
     for _ in 0..TASKS {
         let env = Arc::clone(&env);
         tasks.push(tokio::spawn(async move {
-            Account::upsert_one_in(&env, doc! { "_id": key }, doc! { "$inc": { "balance": 1 } }).await
+            Account::upsert_one(doc! { "_id": key }, doc! { "$inc": { "balance": 1 } })
+                .in_env(&env)
+                .await
         }));
     }
     for task in tasks {

@@ -22,22 +22,63 @@ pub type ActionFutureOf<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send +
 /// environment in a field `env: Option<Environment>`.
 macro_rules! placed {
     () => {
-        /// Runs in `env` instead of [`Environment::current`].
-        pub fn in_env(mut self, env: &Environment) -> Self {
+        /// Runs in `env` instead of [`Environment::current`](crate::Environment::current).
+        pub fn in_env(mut self, env: &$crate::Environment) -> Self {
             self.env = Some(env.clone());
             self
         }
 
-        /// Runs inside `tx` (see [`InTransaction`]): a write is applied,
+        /// Runs inside `tx` (see [`InTransaction`](crate::InTransaction)): a write is applied,
         /// and what it makes stale invalidated, when the transaction
         /// commits; a read sees the transaction's own writes and never the
         /// cache.
-        pub fn session(self, tx: &mut Transaction) -> InTransaction<'_, Self> {
-            InTransaction::new(self, tx)
+        pub fn session(self, tx: &mut $crate::Transaction) -> $crate::action::InTransaction<'_, Self> {
+            $crate::action::InTransaction::new(self, tx)
         }
     };
 }
 pub(crate) use placed;
+
+/// `placed!` and `IntoFuture` for write actions, awaited where they were
+/// placed and traced as the operation named: each `$ty` has a field
+/// `env: Option<Environment>` and a method `run(self, Place) -> Result<$out>`.
+macro_rules! actions {
+    ($($ty:ident$(<$lt:lifetime>)?: $out:ty = $name:literal;)*) => {$(
+        impl<$($lt,)? M: $crate::Model> $ty<$($lt,)? M> {
+            $crate::action::placed!();
+        }
+
+        impl<$($lt,)? M: $crate::Model> ::std::future::IntoFuture for $ty<$($lt,)? M> {
+            type Output = $crate::Result<$out>;
+            type IntoFuture = $crate::action::actions!(@future $($lt)?, $out);
+
+            fn into_future(self) -> Self::IntoFuture {
+                let run = async move {
+                    let env = $crate::Environment::chosen_or_current(self.env.as_ref())?;
+                    self.run($crate::action::Place::Env(env)).await
+                };
+                let span = $crate::op_span(<M as $crate::Model>::COLLECTION, $name);
+                Box::pin(::tracing::Instrument::instrument(run, span))
+            }
+        }
+
+        impl<'t, $($lt: 't,)? M: $crate::Model> ::std::future::IntoFuture
+            for $crate::action::InTransaction<'t, $ty<$($lt,)? M>>
+        {
+            type Output = $crate::Result<$out>;
+            type IntoFuture = $crate::action::ActionFutureOf<'t, $out>;
+
+            fn into_future(self) -> Self::IntoFuture {
+                let run = self.action.run($crate::action::Place::Tx(self.tx));
+                let span = $crate::op_span(<M as $crate::Model>::COLLECTION, $name);
+                Box::pin(::tracing::Instrument::instrument(run, span))
+            }
+        }
+    )*};
+    (@future $lt:lifetime, $out:ty) => { $crate::action::ActionFutureOf<$lt, $out> };
+    (@future , $out:ty) => { $crate::action::ActionFutureOf<'static, $out> };
+}
+pub(crate) use actions;
 
 /// Where an action runs.
 pub(crate) enum Place<'t> {

@@ -99,6 +99,15 @@ pub enum Error {
     /// been applied.
     #[error("the write was cancelled by the runtime shutting down; it may or may not have been applied")]
     Cancelled,
+    /// A transaction that could not commit: a write inside it changed the
+    /// transaction's data and then failed (a partial update whose result
+    /// failed validation), so it was aborted at `commit`: nothing it wrote
+    /// was applied. Run the whole transaction again, without that write.
+    #[error("the transaction was aborted: {reason}")]
+    TransactionAborted {
+        /// Why.
+        reason: String,
+    },
     /// The configuration is unusable (an invalid database name, for example).
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -121,7 +130,8 @@ impl Error {
             | Error::InvalidUpdate { .. }
             | Error::Id(_)
             | Error::Serialization(_)
-            | Error::Decode { .. } => false,
+            | Error::Decode { .. }
+            | Error::TransactionAborted { .. } => false,
             // Refused by the driver before sending (a document over 16 MiB).
             Error::Mongo(e) => !matches!(e.kind.as_ref(), mongodb::error::ErrorKind::InvalidArgument { .. }),
             _ => true,

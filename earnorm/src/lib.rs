@@ -43,6 +43,7 @@ pub use naming::id_key;
 pub use query::{Count, Find, FindById, FindManyByIds, FindOne, Projected, Projection, RecordCache, RecordStream};
 pub use reference::{Ref, Refs};
 pub use transaction::Transaction;
+pub use update::{Update, UpdateOne, UpsertOne};
 pub use watch::{ChangeEvent, ChangeEvents, ChangeKind};
 pub use write::{Delete, DeleteMany, InsertMany, Save, UpdateMany};
 

@@ -13,11 +13,10 @@ use crate::aggregate::Aggregate;
 use crate::naming::id_key;
 use crate::query::{self, Count, Find, FindById, FindManyByIds, FindOne, RecordCache};
 use crate::transaction::Transaction;
-use crate::update;
+use crate::update::{Update, UpdateOne, UpsertOne};
 use crate::watch::ChangeEvents;
 use crate::write::{Delete, DeleteMany, InsertMany, Save, UpdateMany};
 use crate::{Environment, Error, Result, ValidationErrors};
-use tracing::Instrument;
 
 /// An id type a model can use.
 pub trait ModelId: Serialize + DeserializeOwned + Clone + Debug + Send + Sync + 'static {
@@ -367,66 +366,48 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     /// this copy has, and moves it to the next: an outdated copy is
     /// [`Error::Conflict`], as with `save`. The update runs in a
     /// transaction of its own, for the validation (see the crate docs,
-    /// "Partial updates"): the server must support transactions.
+    /// "Partial updates"): the server must support transactions. Given a
+    /// transaction (`.session(&mut tx)`), it runs in that one instead: a
+    /// result that fails validation then dooms the transaction, whose
+    /// `commit` aborts it ([`Error::TransactionAborted`]).
     ///
     /// # Errors
     /// [`Error::Validation`] when the resulting record fails validation
     /// (nothing is written), [`Error::Conflict`], or MongoDB's errors.
-    fn update(&mut self, update: Document) -> impl Future<Output = Result<bool>> + Send + '_ {
-        async move { self.update_in(&Environment::current()?, update).await }
+    fn update(&mut self, update: Document) -> Update<'_, Self> {
+        Update::new(self, update)
     }
 
     /// [`update`](Self::update) in `env`.
+    #[deprecated(note = "use `record.update(update).in_env(env)`")]
     fn update_in<'a>(
         &'a mut self,
         env: &'a Environment,
         update: Document,
     ) -> impl Future<Output = Result<bool>> + Send + 'a {
-        async move {
-            let target = update::record_target(self, update)?;
-            match update::update_validated::<Self>(env, target).await? {
-                Some(updated) => {
-                    *self = updated;
-                    Ok(true)
-                }
-                None => match (Self::VERSION_FIELD, self.version(), self.id_key()) {
-                    (Some(_), Some(version), Some(id)) => Err(Error::Conflict {
-                        model: Self::COLLECTION,
-                        id,
-                        version,
-                    }),
-                    _ => Ok(false),
-                },
-            }
-        }
-        .instrument(crate::op_span(Self::COLLECTION, "update"))
+        self.update(update).in_env(env).into_future()
     }
 
     /// Applies `update` to the first record matching `filter`, validates
     /// the result before it commits (as [`update`](Self::update) does), and
     /// invalidates that record's scope. Returns the record as updated, or
-    /// `None` when nothing matched.
+    /// `None` when nothing matched. Await it, or configure it first (see
+    /// [`UpdateOne`]).
     ///
     /// # Errors
     /// [`Error::Validation`] (nothing written) or MongoDB's errors.
-    fn update_one(filter: Document, update: Document) -> impl Future<Output = Result<Option<Self>>> + Send {
-        async move { Self::update_one_in(&Environment::current()?, filter, update).await }
+    fn update_one(filter: Document, update: Document) -> UpdateOne<Self> {
+        UpdateOne::new(filter, update)
     }
 
     /// [`update_one`](Self::update_one) in `env`.
+    #[deprecated(note = "use `Model::update_one(filter, update).in_env(env)`")]
     fn update_one_in(
         env: &Environment,
         filter: Document,
         update: Document,
-    ) -> impl Future<Output = Result<Option<Self>>> + Send + '_ {
-        update::update_validated::<Self>(
-            env,
-            update::Target {
-                filter,
-                update,
-                upsert: false,
-            },
-        )
+    ) -> impl Future<Output = Result<Option<Self>>> + Send + 'static {
+        Self::update_one(filter, update).in_env(env).into_future()
     }
 
     /// [`update_one`](Self::update_one), inserting a record built from
@@ -435,28 +416,18 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     ///
     /// # Errors
     /// [`Error::Validation`] (nothing written) or MongoDB's errors.
-    fn upsert_one(filter: Document, update: Document) -> impl Future<Output = Result<Self>> + Send {
-        async move { Self::upsert_one_in(&Environment::current()?, filter, update).await }
+    fn upsert_one(filter: Document, update: Document) -> UpsertOne<Self> {
+        UpsertOne::new(filter, update)
     }
 
     /// [`upsert_one`](Self::upsert_one) in `env`.
+    #[deprecated(note = "use `Model::upsert_one(filter, update).in_env(env)`")]
     fn upsert_one_in(
         env: &Environment,
         filter: Document,
         update: Document,
-    ) -> impl Future<Output = Result<Self>> + Send + '_ {
-        async move {
-            update::update_validated::<Self>(
-                env,
-                update::Target {
-                    filter,
-                    update,
-                    upsert: true,
-                },
-            )
-            .await?
-            .ok_or_else(|| Error::Id(format!("{}: the upsert returned no record", Self::COLLECTION)))
-        }
+    ) -> impl Future<Output = Result<Self>> + Send + 'static {
+        Self::upsert_one(filter, update).in_env(env).into_future()
     }
 
     /// Applies `update` to every record matching `filter`; returns how many

@@ -42,6 +42,9 @@ pub struct Transaction {
     env: Environment,
     session: ClientSession,
     touched: Vec<Touched>,
+    /// Why the transaction may not commit, once a write inside it failed
+    /// after changing its data.
+    doomed: Option<String>,
 }
 
 impl fmt::Debug for Transaction {
@@ -64,6 +67,7 @@ impl Environment {
             env: self.clone(),
             session,
             touched: Vec::new(),
+            doomed: None,
         })
     }
 }
@@ -84,18 +88,32 @@ impl Transaction {
         (&self.env, &mut self.session, &mut self.touched)
     }
 
+    /// Marks the transaction as one that may not commit: a write inside it
+    /// changed its data and then failed, and MongoDB cannot take back one
+    /// statement of a transaction. `commit` aborts it instead.
+    pub(crate) fn doom(&mut self, reason: String) {
+        self.doomed.get_or_insert(reason);
+    }
+
     /// Commits, then invalidates every scope the transaction's writes touched.
     /// If the commit fails, they are invalidated all the same: a commit whose
     /// answer was lost may have been applied, and invalidating costs only misses.
     ///
     /// # Errors
-    /// When the commit fails.
+    /// When the commit fails, and [`Error::TransactionAborted`] (nothing
+    /// applied) when a write inside the transaction failed after changing
+    /// its data (a partial update whose result failed validation).
     pub async fn commit(self) -> Result<()> {
         let Transaction {
             env,
             mut session,
             touched,
+            doomed,
         } = self;
+        if let Some(reason) = doomed {
+            session.abort_transaction().await.map_err(Error::Mongo)?;
+            return Err(Error::TransactionAborted { reason });
+        }
         let commit = async move { session.commit_transaction().await.map_err(Error::Mongo) };
         // A failed commit invalidates too (an `Error::Mongo` may have
         // written): one whose answer was lost may have been applied.

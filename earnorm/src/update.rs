@@ -30,15 +30,23 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::ReturnDocument;
 
+use crate::action::{actions, Place};
 use crate::document::to_bson;
 use crate::transaction::{write_then_invalidate_found, Found, Invalidate, Touched};
-use crate::{Environment, Error, Model, Result};
+use crate::{Environment, Error, Model, Result, Transaction};
 
 /// What an update targets and how.
+#[derive(Debug)]
 pub(crate) struct Target {
     pub(crate) filter: Document,
     pub(crate) update: Document,
     pub(crate) upsert: bool,
+}
+
+impl Target {
+    pub(crate) fn new(filter: Document, update: Document, upsert: bool) -> Self {
+        Self { filter, update, upsert }
+    }
 }
 
 /// How long, at most, a partial update keeps running its transaction again
@@ -50,7 +58,6 @@ pub const RETRY_FOR: Duration = Duration::from_secs(5);
 /// written). Transient transaction errors are retried (see the module docs).
 pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Target) -> Result<Option<M>> {
     prepare::<M>(&mut target)?;
-    let op = if target.upsert { "upsert_one" } else { "update_one" };
     let coll = env.documents(M::COLLECTION);
     let client = env.client().clone();
     // Until the record is known, a failure that may have written
@@ -80,11 +87,155 @@ pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Ta
             pause = (pause * 2).min(Duration::from_millis(100));
         }
     };
-    tracing::Instrument::instrument(
-        write_then_invalidate_found(env, found, Invalidate::IfWritten, write),
-        crate::op_span(M::COLLECTION, op),
-    )
-    .await
+    write_then_invalidate_found(env, found, Invalidate::IfWritten, write).await
+}
+
+/// Runs `target` inside the caller's transaction `tx`: applied by the
+/// server in its session, the result read back and validated; returns the
+/// record as it is now in the transaction, or `None` when nothing matched.
+/// Its scope is invalidated at the commit. A result that fails validation
+/// (or does not decode) cannot be taken back alone, since MongoDB has no
+/// partial rollback: the transaction is doomed, and its `commit` aborts it
+/// (`Error::TransactionAborted`). Transient errors are not retried here:
+/// they are the caller's transaction's to run again.
+pub(crate) async fn update_in_transaction<M: Model>(tx: &mut Transaction, mut target: Target) -> Result<Option<M>> {
+    prepare::<M>(&mut target)?;
+    let (env, session, touched) = tx.parts();
+    // Until the record is known, a write cancelled half-way may still
+    // commit: the whole model is remembered first.
+    touched.push(Touched::Model(M::COLLECTION));
+    let updated = env
+        .documents(M::COLLECTION)
+        .find_one_and_update(target.filter, target.update)
+        .upsert(target.upsert)
+        .return_document(ReturnDocument::After)
+        .session(session)
+        .await
+        .map_err(|e| Error::from_mongo(M::COLLECTION, e))?;
+    let Some(document) = updated else {
+        touched.pop();
+        return Ok(None);
+    };
+    let decoded = mongodb::bson::deserialize_from_document::<M>(document.clone())
+        .map_err(|e| Error::decode(M::COLLECTION, e).locate::<M>(Some(document)));
+    let checked = decoded.and_then(|record| {
+        if let Some(id) = record.id_key() {
+            touched.pop();
+            touched.push(Touched::Record(M::COLLECTION, id));
+        }
+        record.validate().map(|()| record).map_err(Error::Validation)
+    });
+    if let Err(err) = &checked {
+        tx.doom(format!("{}: a partial update inside it failed: {err}", M::COLLECTION));
+    }
+    checked.map(Some)
+}
+
+/// Applying an update document to one record: `record.update(update)`
+/// (see [`Model::update`]).
+#[must_use = "an action does nothing until it is awaited"]
+#[derive(Debug)]
+pub struct Update<'a, M> {
+    record: &'a mut M,
+    update: Document,
+    env: Option<Environment>,
+}
+
+/// Applying an update document to the first record matching a filter:
+/// `User::update_one(filter, update)` (see [`Model::update_one`]).
+#[must_use = "an action does nothing until it is awaited"]
+#[derive(Debug)]
+pub struct UpdateOne<M> {
+    target: Target,
+    env: Option<Environment>,
+    model: std::marker::PhantomData<fn() -> M>,
+}
+
+/// [`UpdateOne`], inserting when nothing matches: `User::upsert_one(filter,
+/// update)` (see [`Model::upsert_one`]).
+#[must_use = "an action does nothing until it is awaited"]
+#[derive(Debug)]
+pub struct UpsertOne<M> {
+    target: Target,
+    env: Option<Environment>,
+    model: std::marker::PhantomData<fn() -> M>,
+}
+
+actions! {
+    Update<'a>: bool = "update";
+    UpdateOne: Option<M> = "update_one";
+    UpsertOne: M = "upsert_one";
+}
+
+/// Runs `target` where `place` says.
+async fn run_at<M: Model>(place: Place<'_>, target: Target) -> Result<Option<M>> {
+    match place {
+        Place::Env(env) => update_validated::<M>(&env, target).await,
+        Place::Tx(tx) => update_in_transaction::<M>(tx, target).await,
+    }
+}
+
+impl<'a, M: Model> Update<'a, M> {
+    pub(crate) fn new(record: &'a mut M, update: Document) -> Self {
+        Self {
+            record,
+            update,
+            env: None,
+        }
+    }
+
+    async fn run(self, place: Place<'_>) -> Result<bool> {
+        let record = self.record;
+        let target = record_target(&*record, self.update)?;
+        match run_at::<M>(place, target).await? {
+            Some(updated) => {
+                *record = updated;
+                Ok(true)
+            }
+            None => match (M::VERSION_FIELD, record.version(), record.id_key()) {
+                (Some(_), Some(version), Some(id)) => Err(Error::Conflict {
+                    model: M::COLLECTION,
+                    id,
+                    version,
+                }),
+                _ => Ok(false),
+            },
+        }
+    }
+}
+
+impl<M: Model> UpdateOne<M> {
+    pub(crate) fn new(filter: Document, update: Document) -> Self {
+        let target = Target::new(filter, update, false);
+        let model = std::marker::PhantomData;
+        Self {
+            target,
+            env: None,
+            model,
+        }
+    }
+
+    async fn run(self, place: Place<'_>) -> Result<Option<M>> {
+        run_at::<M>(place, self.target).await
+    }
+}
+
+impl<M: Model> UpsertOne<M> {
+    pub(crate) fn new(filter: Document, update: Document) -> Self {
+        let target = Target::new(filter, update, true);
+        let model = std::marker::PhantomData;
+        Self {
+            target,
+            env: None,
+            model,
+        }
+    }
+
+    async fn run(self, place: Place<'_>) -> Result<M> {
+        run_at::<M>(place, self.target)
+            .await?
+            .ok_or_else(|| Error::Id(format!("{}: the upsert returned no record", M::COLLECTION)))
+    }
 }
 
 /// How one run of an update's transaction failed.

@@ -13,16 +13,15 @@
 //! the commit. Partial updates (`update`, `update_one`, `upsert_one`) have
 //! their own room, `update.rs`: they validate the record the server made.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::{ClientSession, Collection};
-use tracing::Instrument;
 
-use crate::action::{placed, ActionFutureOf, InTransaction, Place};
+use crate::action::{actions, Place};
 use crate::document::{to_bson, to_document};
 use crate::naming::record_id;
-use crate::transaction::{write_then_invalidate, Invalidate, Touched, Transaction};
+use crate::transaction::{write_then_invalidate, Invalidate, Touched};
 use crate::update;
 use crate::{Environment, Error, Model, ModelId, Result, ValidationErrors};
 
@@ -73,43 +72,6 @@ async fn run_op<M: Model, O: Op>(
             op.send::<M>(env.documents(M::COLLECTION), Some(session)).await
         }
     }
-}
-
-/// The `IntoFuture` of an action, and of the action inside a transaction:
-/// `$ty` is awaited in its environment (`.in_env`, else the current one)
-/// and traced as the operation `$name`.
-macro_rules! actions {
-    ($($ty:ident$(<$lt:lifetime>)?: $out:ty = $name:literal;)*) => {$(
-        impl<$($lt,)? M: Model> $ty<$($lt,)? M> {
-            placed!();
-        }
-
-        impl<$($lt,)? M: Model> IntoFuture for $ty<$($lt,)? M> {
-            type Output = Result<$out>;
-            type IntoFuture = actions!(@future $($lt)?, $out);
-
-            fn into_future(self) -> Self::IntoFuture {
-                Box::pin(
-                    async move {
-                        let env = Environment::chosen_or_current(self.env.as_ref())?;
-                        self.run(Place::Env(env)).await
-                    }
-                    .instrument(crate::op_span(M::COLLECTION, $name)),
-                )
-            }
-        }
-
-        impl<'t, $($lt: 't,)? M: Model> IntoFuture for InTransaction<'t, $ty<$($lt,)? M>> {
-            type Output = Result<$out>;
-            type IntoFuture = ActionFutureOf<'t, $out>;
-
-            fn into_future(self) -> Self::IntoFuture {
-                Box::pin(self.action.run(Place::Tx(self.tx)).instrument(crate::op_span(M::COLLECTION, $name)))
-            }
-        }
-    )*};
-    (@future $lt:lifetime, $out:ty) => { ActionFutureOf<$lt, $out> };
-    (@future , $out:ty) => { ActionFutureOf<'static, $out> };
 }
 
 actions! {
@@ -243,26 +205,26 @@ impl<'a, M: Model> InsertMany<'a, M> {
 #[must_use = "an action does nothing until it is awaited"]
 #[derive(Debug)]
 pub struct UpdateMany<M> {
-    filter: Document,
-    update: Document,
+    target: update::Target,
     env: Option<Environment>,
     model: std::marker::PhantomData<fn() -> M>,
 }
 
 impl<M: Model> UpdateMany<M> {
     pub(crate) fn new(filter: Document, update: Document) -> Self {
+        let target = update::Target::new(filter, update, false);
+        let model = std::marker::PhantomData;
         Self {
-            filter,
-            update,
+            target,
             env: None,
-            model: std::marker::PhantomData,
+            model,
         }
     }
 
     async fn run(self, place: Place<'_>) -> Result<u64> {
         let op = Bulk::Update {
-            filter: self.filter,
-            update: update::bulk::<M>(self.update)?,
+            filter: self.target.filter,
+            update: update::bulk::<M>(self.target.update)?,
         };
         run_op::<M, _>(place, vec![Touched::Model(M::COLLECTION)], Invalidate::IfWritten, op).await
     }

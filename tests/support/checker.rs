@@ -943,7 +943,8 @@ impl Tallies {
     async fn write(&self, shared: &Shared, env: &Environment, task: usize) {
         while !shared.stop.load(Ordering::SeqCst) {
             let written = if task.is_multiple_of(2) {
-                Tally::update_one_in(env, doc! { "_id": self.incremented }, doc! { "$inc": { "count": 1 } })
+                Tally::update_one(doc! { "_id": self.incremented }, doc! { "$inc": { "count": 1 } })
+                    .in_env(env)
                     .await
                     .map(|found| found.is_some())
             } else {
