@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, Instrument};
 
 use crate::codec::{Envelope, Output};
-use crate::flight::{self, Follower, Leader, Outcome, Role};
+use crate::flight::{Follower, Leader, Next, Outcome, Role};
 use crate::generations::{Expected, Generations, Lookup};
 use crate::key::CacheKey;
 use crate::lease::{Lease, LeaseGuard};
@@ -35,13 +35,6 @@ const LEASE_POLL: Duration = Duration::from_millis(16);
 pub(crate) struct Call {
     began: Instant,
     budget: Duration,
-}
-
-/// What a follower does next.
-pub(crate) enum Next<R> {
-    Use(R),
-    Retry,
-    Compute,
 }
 
 /// What waiting on another caller's lease gave.
@@ -219,17 +212,17 @@ impl CacheManager {
     async fn follow<R, O: Output<R>>(&self, key: &CacheKey, follower: Follower, call: &mut Call) -> Next<R> {
         let deadline = call.began + self.config().lease_wait;
         match follower.wait(call.began, deadline, &mut call.budget).await {
-            flight::Next::Use(payload) => match O::decode(&payload) {
+            Next::Use(payload) => match O::decode(&payload) {
                 Ok(value) => {
                     self.connection().counters.count(key.named.get(), Event::Coalesced);
                     Next::Use(value)
                 }
                 Err(_) => Next::Retry,
             },
-            flight::Next::Retry => Next::Retry,
+            Next::Retry => Next::Retry,
             // The leader's result was not cacheable (an `Err`, a `None`), or
             // it took longer than this caller may wait.
-            flight::Next::Compute => Next::Compute,
+            Next::Compute => Next::Compute,
         }
     }
 

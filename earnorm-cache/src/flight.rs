@@ -47,11 +47,13 @@ pub(crate) enum Outcome {
     Uncacheable,
 }
 
-/// What a follower does after waiting.
+/// What a follower does after waiting: use what the leader has (its
+/// payload here; the value decoded from it in the cache-aside call), look
+/// up again, or compute directly.
 #[derive(Debug)]
-pub(crate) enum Next {
-    /// Use this payload.
-    Use(Arc<[u8]>),
+pub(crate) enum Next<T = Arc<[u8]>> {
+    /// Use this.
+    Use(T),
     /// Look up again.
     Retry,
     /// Compute directly.
