@@ -68,23 +68,31 @@ pub struct CacheStats {
     pub status: ConnectionStatus,
 }
 
-/// The live counters.
+/// The live counters: one per [`Event`] of the cached calls, and those of
+/// the connection.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) coalesced: AtomicU64,
-    pub(crate) sets: AtomicU64,
-    pub(crate) stale_sets_refused: AtomicU64,
+    events: EventCounts,
     pub(crate) invalidations: AtomicU64,
     pub(crate) invalidations_deferred: AtomicU64,
     pub(crate) errors: AtomicU64,
-    pub(crate) fallbacks: AtomicU64,
     pub(crate) decode_errors: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) reconnects: AtomicU64,
-    pub(crate) lease_waits: AtomicU64,
-    pub(crate) refreshes: AtomicU64,
+}
+
+/// One count per [`Event`].
+#[derive(Debug, Default)]
+struct EventCounts([AtomicU64; Event::ALL.len()]);
+
+impl EventCounts {
+    fn add(&self, event: Event) {
+        self.0[event as usize].fetch_add(1, Relaxed);
+    }
+
+    fn get(&self, event: Event) -> u64 {
+        self.0[event as usize].load(Relaxed)
+    }
 }
 
 impl Counters {
@@ -101,21 +109,22 @@ impl Counters {
     }
 
     pub(crate) fn snapshot(&self, status: ConnectionStatus) -> CacheStats {
+        let events = &self.events;
         CacheStats {
-            hits: self.hits.load(Relaxed),
-            misses: self.misses.load(Relaxed),
-            coalesced: self.coalesced.load(Relaxed),
-            sets: self.sets.load(Relaxed),
-            stale_sets_refused: self.stale_sets_refused.load(Relaxed),
+            hits: events.get(Event::Hit),
+            misses: events.get(Event::Miss),
+            coalesced: events.get(Event::Coalesced),
+            sets: events.get(Event::Set),
+            stale_sets_refused: events.get(Event::StaleSetRefused),
             invalidations: self.invalidations.load(Relaxed),
             invalidations_deferred: self.invalidations_deferred.load(Relaxed),
             errors: self.errors.load(Relaxed),
-            fallbacks: self.fallbacks.load(Relaxed),
+            fallbacks: events.get(Event::Fallback),
             decode_errors: self.decode_errors.load(Relaxed),
             store_errors: self.store_errors.load(Relaxed),
             reconnects: self.reconnects.load(Relaxed),
-            lease_waits: self.lease_waits.load(Relaxed),
-            refreshes: self.refreshes.load(Relaxed),
+            lease_waits: events.get(Event::LeaseWait),
+            refreshes: events.get(Event::Refresh),
             status,
         }
     }
@@ -160,36 +169,16 @@ pub struct NamedStats {
 /// The live counters of one name.
 #[derive(Debug)]
 pub(crate) struct NamedCounters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    coalesced: AtomicU64,
-    sets: AtomicU64,
-    stale_sets_refused: AtomicU64,
-    lease_waits: AtomicU64,
-    fallbacks: AtomicU64,
-    refreshes: AtomicU64,
+    events: EventCounts,
     /// The namespace and name, for traces.
     pub(crate) namespace: Arc<str>,
     pub(crate) name: Arc<str>,
-    /// The same counts, through the `metrics` facade.
-    exported: Exported,
-}
-
-/// Handles of the `metrics` facade for one name, registered when the name is
-/// first used (so with the recorder installed then: install it before
-/// connecting).
-#[derive(Debug)]
-struct Exported {
-    hits: metrics::Counter,
-    misses: metrics::Counter,
-    coalesced: metrics::Counter,
-    sets: metrics::Counter,
-    stale_sets_refused: metrics::Counter,
-    lease_waits: metrics::Counter,
-    fallbacks: metrics::Counter,
-    refreshes: metrics::Counter,
+    /// The same counts, through the `metrics` facade: handles registered
+    /// when the name is first used (so with the recorder installed then:
+    /// install it before connecting).
+    exported: [metrics::Counter; Event::ALL.len()],
     /// Call durations, by how the call was served (see [`Served`]).
-    durations: [metrics::Histogram; 5],
+    durations: [metrics::Histogram; Served::ALL.len()],
 }
 
 /// How a cached call was served, for its duration's label and its span.
@@ -209,6 +198,14 @@ pub(crate) enum Served {
 }
 
 impl Served {
+    const ALL: [Served; 5] = [
+        Served::Hit,
+        Served::Miss,
+        Served::Coalesced,
+        Served::Fallback,
+        Served::Refresh,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Served::Hit => "hit",
@@ -231,51 +228,22 @@ impl NamedCounters {
             metrics::histogram!("earnorm_cache_call_seconds", &labels)
         };
         Self {
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            coalesced: AtomicU64::new(0),
-            sets: AtomicU64::new(0),
-            stale_sets_refused: AtomicU64::new(0),
-            lease_waits: AtomicU64::new(0),
-            fallbacks: AtomicU64::new(0),
-            refreshes: AtomicU64::new(0),
+            events: EventCounts::default(),
             namespace: namespace.into(),
             name: name.into(),
-            exported: Exported {
-                hits: counter("earnorm_cache_hits_total"),
-                misses: counter("earnorm_cache_misses_total"),
-                coalesced: counter("earnorm_cache_coalesced_total"),
-                sets: counter("earnorm_cache_stores_total"),
-                stale_sets_refused: counter("earnorm_cache_stores_refused_total"),
-                lease_waits: counter("earnorm_cache_lease_waits_total"),
-                fallbacks: counter("earnorm_cache_fallbacks_total"),
-                refreshes: counter("earnorm_cache_refreshes_total"),
-                durations: [
-                    Served::Hit,
-                    Served::Miss,
-                    Served::Coalesced,
-                    Served::Fallback,
-                    Served::Refresh,
-                ]
-                .map(duration),
-            },
+            exported: Event::ALL.map(|event| counter(event.metric())),
+            durations: Served::ALL.map(duration),
         }
     }
 
     /// Records how long a call took and how it was served.
     pub(crate) fn call(&self, served: Served, took: std::time::Duration) {
-        let i = match served {
-            Served::Hit => 0,
-            Served::Miss => 1,
-            Served::Coalesced => 2,
-            Served::Fallback => 3,
-            Served::Refresh => 4,
-        };
-        self.exported.durations[i].record(took.as_secs_f64());
+        self.durations[served as usize].record(took.as_secs_f64());
     }
 }
 
-/// Something a cached call did, counted globally and for its name.
+/// Something a cached call did, counted globally and for its name. The
+/// one list of these counts: the live counters are indexed by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Event {
     Hit,
@@ -288,33 +256,41 @@ pub(crate) enum Event {
     Refresh,
 }
 
+impl Event {
+    const ALL: [Event; 8] = [
+        Event::Hit,
+        Event::Miss,
+        Event::Coalesced,
+        Event::Set,
+        Event::StaleSetRefused,
+        Event::LeaseWait,
+        Event::Fallback,
+        Event::Refresh,
+    ];
+
+    /// The `metrics` counter of this event, per name.
+    fn metric(self) -> &'static str {
+        match self {
+            Event::Hit => "earnorm_cache_hits_total",
+            Event::Miss => "earnorm_cache_misses_total",
+            Event::Coalesced => "earnorm_cache_coalesced_total",
+            Event::Set => "earnorm_cache_stores_total",
+            Event::StaleSetRefused => "earnorm_cache_stores_refused_total",
+            Event::LeaseWait => "earnorm_cache_lease_waits_total",
+            Event::Fallback => "earnorm_cache_fallbacks_total",
+            Event::Refresh => "earnorm_cache_refreshes_total",
+        }
+    }
+}
+
 impl Counters {
     /// Counts `event`, and for `named` too when the key has a name.
     pub(crate) fn count(&self, named: Option<&NamedCounters>, event: Event) {
-        let global = match event {
-            Event::Hit => &self.hits,
-            Event::Miss => &self.misses,
-            Event::Coalesced => &self.coalesced,
-            Event::Set => &self.sets,
-            Event::StaleSetRefused => &self.stale_sets_refused,
-            Event::LeaseWait => &self.lease_waits,
-            Event::Fallback => &self.fallbacks,
-            Event::Refresh => &self.refreshes,
-        };
-        global.fetch_add(1, Relaxed);
-        let Some(named) = named else { return };
-        let (own, exported) = match event {
-            Event::Hit => (&named.hits, &named.exported.hits),
-            Event::Miss => (&named.misses, &named.exported.misses),
-            Event::Coalesced => (&named.coalesced, &named.exported.coalesced),
-            Event::Set => (&named.sets, &named.exported.sets),
-            Event::StaleSetRefused => (&named.stale_sets_refused, &named.exported.stale_sets_refused),
-            Event::LeaseWait => (&named.lease_waits, &named.exported.lease_waits),
-            Event::Fallback => (&named.fallbacks, &named.exported.fallbacks),
-            Event::Refresh => (&named.refreshes, &named.exported.refreshes),
-        };
-        own.fetch_add(1, Relaxed);
-        exported.increment(1);
+        self.events.add(event);
+        if let Some(named) = named {
+            named.events.add(event);
+            named.exported[event as usize].increment(1);
+        }
     }
 }
 
@@ -393,14 +369,14 @@ impl Names {
                 names.iter().map(move |(name, c)| NamedStats {
                     namespace: namespace.clone(),
                     name: name.clone(),
-                    hits: c.hits.load(Relaxed),
-                    misses: c.misses.load(Relaxed),
-                    coalesced: c.coalesced.load(Relaxed),
-                    sets: c.sets.load(Relaxed),
-                    stale_sets_refused: c.stale_sets_refused.load(Relaxed),
-                    lease_waits: c.lease_waits.load(Relaxed),
-                    fallbacks: c.fallbacks.load(Relaxed),
-                    refreshes: c.refreshes.load(Relaxed),
+                    hits: c.events.get(Event::Hit),
+                    misses: c.events.get(Event::Miss),
+                    coalesced: c.events.get(Event::Coalesced),
+                    sets: c.events.get(Event::Set),
+                    stale_sets_refused: c.events.get(Event::StaleSetRefused),
+                    lease_waits: c.events.get(Event::LeaseWait),
+                    fallbacks: c.events.get(Event::Fallback),
+                    refreshes: c.events.get(Event::Refresh),
                 })
             })
             .collect();
@@ -459,6 +435,16 @@ pub(crate) async fn export_status(mut status: tokio::sync::watch::Receiver<Conne
 #[cfg(test)]
 mod label_tests {
     use super::*;
+
+    #[test]
+    fn the_lists_of_events_and_of_ways_served_are_in_index_order() {
+        for (i, event) in Event::ALL.into_iter().enumerate() {
+            assert_eq!(event as usize, i, "{event:?}");
+        }
+        for (i, served) in Served::ALL.into_iter().enumerate() {
+            assert_eq!(served as usize, i, "{served:?}");
+        }
+    }
 
     #[test]
     fn namespaces_of_a_database_are_labelled_by_collection() {
