@@ -5,7 +5,10 @@
 #[path = "models.rs"]
 mod models;
 
+use std::future::IntoFuture;
+
 use earnorm::bson::{doc, oid::ObjectId};
+use earnorm::futures::FutureExt;
 use earnorm::{Environment, Error, Model};
 use models::{Address, Counter, Profile, Sku, User};
 use support::test_env;
@@ -317,5 +320,22 @@ async fn partial_updates_run_inside_a_transaction_and_a_failed_one_aborts_it() {
         ("Ada L.", Some(37)),
         "nothing of the aborted transaction was applied"
     );
+
+    // A partial update dropped before it finished (a timeout, say) may
+    // have been applied in the transaction without its result being
+    // validated: the transaction may not commit.
+    let mut tx = env.start_transaction().await.expect("transaction");
+    let update = User::update_one(doc! { "_id": id }, doc! { "$set": { "name": "Ada B." } }).session(&mut tx);
+    assert!(
+        update.into_future().now_or_never().is_none(),
+        "still running after one poll"
+    );
+    let err = tx
+        .commit()
+        .await
+        .expect_err("a transaction with an unchecked write does not commit");
+    assert!(matches!(err, Error::TransactionAborted { .. }), "{err:?}");
+    let stored = User::find_by_id(id).in_env(&env).await.expect("find").expect("ada");
+    assert_eq!(stored.name, "Ada L.");
     let _ = env.database().drop().await;
 }

@@ -5,8 +5,9 @@
 //! outbox when no connection can take it). The rest has rooms of its own:
 //!
 //! * `link.rs`: the one published connection, and every call on it bounded
-//!   by `operation_timeout`; a timeout, a refused or reset connection drops
-//!   it, and calls then skip Redis at once.
+//!   by `operation_timeout`; a refused or reset connection drops it (calls
+//!   then skip Redis at once until a new one is published), a timeout makes
+//!   it suspect until a `PING` on it says whether Redis is slow or gone.
 //! * `supervisor.rs`: the one task that reconnects (back-off, health checks,
 //!   for ever), replays the outbox and checks a server before its connection
 //!   is published.

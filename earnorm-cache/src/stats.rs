@@ -22,7 +22,9 @@ pub enum ConnectionStatus {
     /// reconnecting with invalidations to replay), or another manager
     /// sharing the prefix has missed its heartbeats and may hold
     /// invalidations it could not send; it ends when that one is back or
-    /// forgotten.
+    /// forgotten. Or a call got no answer within `operation_timeout`, and
+    /// a `PING` is telling whether Redis is only slow (back to `Connected`)
+    /// or gone (`Down`).
     Recovering,
     /// Known down: calls skip the cache without waiting while it reconnects.
     Down,

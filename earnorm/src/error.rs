@@ -52,10 +52,11 @@ pub enum Error {
         #[source]
         source: Box<mongodb::bson::error::Error>,
     },
-    /// `save` of a versioned record (`#[earnorm(version)]`) whose copy is
-    /// outdated: the stored record was saved (or deleted) since this copy
-    /// was read. Nothing was written and nothing invalidated; read the
-    /// record again, apply the change, and save that.
+    /// `save`, `update` or `delete` of a versioned record
+    /// (`#[earnorm(version)]`) whose copy is outdated: the stored record was
+    /// written (or deleted) since this copy was read. Nothing was written
+    /// and nothing invalidated; read the record again, apply the change,
+    /// and write that.
     #[error("`{model}`: record {id} was changed or deleted since this copy (version {version}) was read")]
     Conflict {
         /// The model's collection.

@@ -93,7 +93,9 @@ pub trait Hooks {
     fn before_save(&mut self) -> Result<()> {
         Ok(())
     }
-    /// After `save` wrote and invalidated.
+    /// After `save` wrote and invalidated; inside a transaction, after it
+    /// wrote in the transaction, before the commit (which may still fail or
+    /// be aborted).
     fn after_save(&self) {}
     /// Before `delete`: an error stops it (nothing deleted).
     ///
@@ -103,7 +105,7 @@ pub trait Hooks {
         Ok(())
     }
     /// After `delete` deleted and invalidated (also when there was nothing
-    /// to delete).
+    /// to delete); inside a transaction, before the commit.
     fn after_delete(&self) {}
 }
 
@@ -119,8 +121,11 @@ pub struct IndexSpec {
 /// A struct stored in a MongoDB collection. Derive it with
 /// `#[derive(Model)]`; the provided methods are the CRUD.
 ///
-/// Every method has an `_in` form that takes an explicit [`Environment`];
-/// the plain form uses [`Environment::current`].
+/// Reads and writes return actions: awaited as they are, they run in
+/// [`Environment::current`]; `.in_env(&env)` runs one in another
+/// environment and `.session(&mut tx)` inside a transaction (see
+/// [`InTransaction`](crate::InTransaction)). The `_in` and `_tx` forms of
+/// earlier releases are deprecated forwards to those.
 ///
 /// Writes invalidate the cache after they commit: `save` and `delete`
 /// invalidate the record's scope (its cached methods, and cached queries over

@@ -95,6 +95,17 @@ impl Transaction {
         self.doomed.get_or_insert(reason);
     }
 
+    /// Whether the transaction is doomed.
+    pub(crate) fn is_doomed(&self) -> bool {
+        self.doomed.is_some()
+    }
+
+    /// Lifts a doom that its own caller set (see [`doom`](Self::doom)),
+    /// once the write it guarded turned out well.
+    pub(crate) fn lift_doom(&mut self) {
+        self.doomed = None;
+    }
+
     /// Commits, then invalidates every scope the transaction's writes touched.
     /// If the commit fails, they are invalidated all the same: a commit whose
     /// answer was lost may have been applied, and invalidating costs only misses.
@@ -111,7 +122,9 @@ impl Transaction {
             doomed,
         } = self;
         if let Some(reason) = doomed {
-            session.abort_transaction().await.map_err(Error::Mongo)?;
+            // Not committed either way: a failed abort leaves the server to
+            // drop the transaction when the session ends.
+            let _ = session.abort_transaction().await;
             return Err(Error::TransactionAborted { reason });
         }
         let commit = async move { session.commit_transaction().await.map_err(Error::Mongo) };

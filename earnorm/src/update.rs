@@ -100,6 +100,30 @@ pub(crate) async fn update_validated<M: Model>(env: &Environment, mut target: Ta
 /// they are the caller's transaction's to run again.
 pub(crate) async fn update_in_transaction<M: Model>(tx: &mut Transaction, mut target: Target) -> Result<Option<M>> {
     prepare::<M>(&mut target)?;
+    // Doomed until its result is validated: a caller that stops waiting
+    // between the update and the validation leaves an unchecked write in
+    // the transaction, which must then not commit.
+    let doomed_before = tx.is_doomed();
+    tx.doom(format!(
+        "{}: a partial update inside it was stopped before its result was validated",
+        M::COLLECTION
+    ));
+    let checked = update_then_validate::<M>(tx, target).await;
+    match &checked {
+        Ok(_) if !doomed_before => tx.lift_doom(),
+        Ok(_) => {}
+        Err(err) => {
+            if !doomed_before {
+                tx.lift_doom();
+            }
+            tx.doom(format!("{}: a partial update inside it failed: {err}", M::COLLECTION));
+        }
+    }
+    checked
+}
+
+/// The update of [`update_in_transaction`], sent and its result checked.
+async fn update_then_validate<M: Model>(tx: &mut Transaction, target: Target) -> Result<Option<M>> {
     let (env, session, touched) = tx.parts();
     // Until the record is known, a write cancelled half-way may still
     // commit: the whole model is remembered first.
@@ -125,9 +149,6 @@ pub(crate) async fn update_in_transaction<M: Model>(tx: &mut Transaction, mut ta
         }
         record.validate().map(|()| record).map_err(Error::Validation)
     });
-    if let Err(err) = &checked {
-        tx.doom(format!("{}: a partial update inside it failed: {err}", M::COLLECTION));
-    }
     checked.map(Some)
 }
 

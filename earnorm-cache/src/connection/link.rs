@@ -116,6 +116,8 @@ impl Connection {
     pub(super) fn publish(&self, id: u64, conn: MultiplexedConnection) {
         let mut live = self.link.live.write().unwrap_or_else(PoisonError::into_inner);
         self.stop_serving();
+        // A suspicion of an earlier connection does not carry over either.
+        self.link.suspect.store(0, Ordering::Release);
         *live = Some(Live { id, conn });
     }
 
@@ -196,7 +198,10 @@ impl Connection {
         match err {
             CacheError::Redis(e) if is_connection_error(e) => self.drop_connection(id, e),
             CacheError::Redis(e) => debug!(error = %e, "Redis command failed"),
-            CacheError::Timeout(limit) if *limit >= self.config.operation_timeout && self.link.suspect_first(id) => {
+            CacheError::Timeout(limit)
+                if *limit >= self.config.operation_timeout
+                    && self.while_published(id, || self.link.suspect_first(id)) == Some(true) =>
+            {
                 debug!(url = %self.url, "no answer within {limit:?}: checking whether Redis is slow or gone");
                 // Connected, but serving nothing until the check is over.
                 self.status.send_if_modified(|status| {
@@ -223,6 +228,11 @@ impl Connection {
             Some(mut live) => match bounded(limit, redis::cmd("PING").query_async::<()>(&mut live.conn)).await {
                 Ok(()) => {
                     debug!(url = %self.url, "Redis answered: it was slow, not gone");
+                    true
+                }
+                // An error reply (BUSY, LOADING, no permission) is an answer too.
+                Err(CacheError::Redis(err)) if !is_connection_error(&err) => {
+                    debug!(url = %self.url, error = %err, "Redis answered with an error: it was slow, not gone");
                     true
                 }
                 Err(err) => {

@@ -370,8 +370,10 @@ impl Connection {
     pub(crate) async fn leave(&self) {
         let key = self.keys().members();
         let member = self.presence.member.clone();
+        // Sent even on a suspect connection: a heartbeat left behind would
+        // stop the other managers' hits until it is forgotten.
         let _ = self
-            .call(|mut conn| async move {
+            .send(|mut conn| async move {
                 redis::cmd("ZREM")
                     .arg(key)
                     .arg(member)

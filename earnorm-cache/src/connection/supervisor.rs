@@ -241,7 +241,8 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
     while !conn.is_closed() {
         if conn.is_connected() {
             if let Some(id) = conn.link.suspect() {
-                if conn.check_suspect(id).await {
+                conn.check_suspect(id).await;
+                if conn.is_connected() {
                     // Decides the status again, at once.
                     conn.beat().await;
                 }
