@@ -186,6 +186,16 @@ async fn every_read_and_write_runs_inside_a_transaction() {
     let found = Book::find_many_by_ids(&ids).session(&mut tx).await.expect("many in tx");
     assert_eq!(found.len(), 3);
     assert_eq!(Book::count(doc! {}).session(&mut tx).await.expect("count in tx"), 4);
+    let counted = Book::aggregate(vec![doc! { "$count": "n" }])
+        .session(&mut tx)
+        .await
+        .expect("aggregate in tx");
+    assert_eq!(counted[0].get_i32("n").expect("n"), 4, "{counted:?}");
+    let err = Book::aggregate(vec![doc! { "$out": "elsewhere" }])
+        .session(&mut tx)
+        .await
+        .expect_err("a writing pipeline is refused in a transaction");
+    assert!(matches!(err, earnorm::Error::InvalidQuery { .. }), "{err:?}");
     assert_eq!(Book::count(doc! {}).in_env(&env).await.expect("count outside"), 1);
     let changed = Book::update_many(doc! {}, doc! { "$inc": { "copies": 10 } })
         .session(&mut tx)

@@ -1,9 +1,10 @@
 //! Actions: what a read or a write call returns, awaited as it is (in the
 //! current environment) or configured first, in the style of the MongoDB
 //! driver. What this module alone owns: where an action runs. Every action
-//! has `.in_env(&env)`, to run in another environment, and every one but
-//! `aggregate` has `.session(&mut tx)`, to run inside a transaction
-//! ([`InTransaction`]); the reads are in `query.rs`, the writes in
+//! has `.in_env(&env)`, to run in another environment, and `.session(&mut
+//! tx)`, to run inside a transaction ([`InTransaction`]; an aggregation
+//! that writes, with `$out` or `$merge`, is refused there); the reads are
+//! in `query.rs` and `aggregate.rs`, the writes in
 //! `write.rs` and, for partial updates, `update.rs`.
 
 use std::fmt;

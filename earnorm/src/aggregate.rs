@@ -59,11 +59,7 @@ impl<M: Model, T: Projection> Aggregate<M, T> {
         }
     }
 
-    /// Runs in `env` instead of [`Environment::current`].
-    pub fn in_env(mut self, env: &Environment) -> Self {
-        self.env = Some(env.clone());
-        self
-    }
+    crate::action::placed!();
 
     /// Caches the result for `ttl`, until a write to the model's collection
     /// or to any collection the pipeline reads.
@@ -76,6 +72,11 @@ impl<M: Model, T: Projection> Aggregate<M, T> {
     pub fn depends_on(mut self, collection: &str) -> Self {
         self.depends_on.push(collection.to_owned());
         self
+    }
+
+    /// The pipeline.
+    pub fn pipeline(&self) -> &[Document] {
+        &self.pipeline
     }
 
     /// The collections the result depends on: the model's, those the
@@ -200,6 +201,14 @@ impl Written {
             collection: spec.get_str("coll").ok()?.to_owned(),
         })
     }
+}
+
+/// Whether the pipeline ends with a writing stage (`$out`, `$merge`),
+/// well-formed or not.
+pub(crate) fn writes(pipeline: &[Document]) -> bool {
+    pipeline
+        .last()
+        .is_some_and(|stage| stage.contains_key("$out") || stage.contains_key("$merge"))
 }
 
 /// The collection a writing stage (`$out`, `$merge`) writes to, if any.

@@ -842,6 +842,24 @@ read_in_transaction!([M: Model] FindOne<M> => Option<M>, "find_one", |action, co
     Ok(coll.find_one(action.read.filter).with_options(options).session(session).await?)
 }.await);
 
+read_in_transaction!([M: Model, T: Projection] crate::Aggregate<M, T> => Vec<T>, "aggregate", |action, coll, session| async {
+    // What it would write could not be invalidated at the commit (nor does
+    // MongoDB take `$out` in a transaction).
+    if crate::aggregate::writes(action.pipeline()) {
+        return Err(Error::InvalidQuery {
+            model: M::COLLECTION,
+            reason: "a pipeline that writes ($out, $merge) cannot run inside a transaction".into(),
+        }
+        .into());
+    }
+    let mut cursor = coll
+        .aggregate(action.pipeline().to_vec())
+        .with_type::<T>()
+        .session(&mut *session)
+        .await?;
+    Ok(cursor.stream(session).try_collect().await?)
+}.await);
+
 read_in_transaction!([M: Model] Count<M> => u64, "count", |action, coll, session| async {
     Ok(coll.count_documents(action.read.filter).session(session).await?)
 }.await);
