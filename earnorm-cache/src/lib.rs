@@ -30,9 +30,12 @@
 //!
 //! **Fail open, bounded.** Every Redis operation runs under
 //! `operation_timeout`; any failure (refused, reset, timeout, corrupt value)
-//! makes [`CacheManager::get_or_compute`] compute instead. A failure drops
-//! the connection and later calls skip Redis without waiting until the
-//! background supervisor has reconnected (`connection/link.rs`, `connection/supervisor.rs`).
+//! makes [`CacheManager::get_or_compute`] compute instead. A refused or
+//! reset connection is dropped, and later calls skip Redis without waiting
+//! until the background supervisor has reconnected; a timeout makes the
+//! connection suspect (calls skip it too) until a `PING` on it tells a slow
+//! Redis, kept without a reconnect, from a gone one, dropped
+//! (`connection/link.rs`, `connection/supervisor.rs`).
 //!
 //! **Invalidation in O(1) round trips, no scanning.** Each value depends on
 //! one or two *generation* keys (its record and its model, or its model's
