@@ -21,7 +21,6 @@ mod presence;
 mod supervisor;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tracing::warn;
@@ -91,7 +90,8 @@ impl Connection {
         } else {
             ConnectionStatus::Disabled
         };
-        let mut connection = Self {
+        Self {
+            presence: Presence::new(&config),
             namespace: config.namespace(),
             config,
             client,
@@ -100,16 +100,11 @@ impl Connection {
             status: watch::Sender::new(status),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
-            presence: Presence::new(Duration::ZERO),
             can_store: AtomicBool::new(true),
             store_error_reported: AtomicBool::new(false),
             counters: Counters::default(),
             outbox: Outbox::default(),
-        };
-        // A member's name carries its bound for being forgotten, which
-        // depends on the settings.
-        connection.presence = Presence::new(connection.forget_after());
-        connection
+        }
     }
 
     /// A connection that never connects: caching is off.

@@ -9,7 +9,7 @@ use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document};
 
 use crate::action::ActionFuture;
-use crate::query::{query_key, read_cached, Projection};
+use crate::query::{query_key, read_cached, read_in_transaction, Projection};
 use crate::transaction::{write_then_invalidate, Invalidate, Touched};
 use crate::{Environment, Error, Model, Result};
 
@@ -74,11 +74,6 @@ impl<M: Model, T: Projection> Aggregate<M, T> {
         self
     }
 
-    /// The pipeline.
-    pub fn pipeline(&self) -> &[Document] {
-        &self.pipeline
-    }
-
     /// The collections the result depends on: the model's, those the
     /// pipeline reads, and those declared; each once.
     pub fn collections(&self) -> Vec<String> {
@@ -135,6 +130,20 @@ impl<M: Model, T: Projection> IntoFuture for Aggregate<M, T> {
         ))
     }
 }
+
+read_in_transaction!([M: Model, T: Projection] Aggregate<M, T> => Vec<T>, "aggregate", |action, coll, session| async {
+    // What it would write could not be invalidated at the commit (nor does
+    // MongoDB take `$out` in a transaction).
+    if writes(&action.pipeline) {
+        return Err(Error::InvalidQuery {
+            model: M::COLLECTION,
+            reason: "a pipeline that writes ($out, $merge) cannot run inside a transaction".into(),
+        }
+        .into());
+    }
+    let mut cursor = coll.aggregate(action.pipeline).with_type::<T>().session(&mut *session).await?;
+    Ok(cursor.stream(session).try_collect().await?)
+}.await);
 
 /// Adds to `found` the collections `pipeline` reads from, sub-pipelines
 /// included.
@@ -205,7 +214,7 @@ impl Written {
 
 /// Whether the pipeline ends with a writing stage (`$out`, `$merge`),
 /// well-formed or not.
-pub(crate) fn writes(pipeline: &[Document]) -> bool {
+fn writes(pipeline: &[Document]) -> bool {
     pipeline
         .last()
         .is_some_and(|stage| stage.contains_key("$out") || stage.contains_key("$merge"))

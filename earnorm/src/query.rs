@@ -771,34 +771,34 @@ impl<'a, M: Model> IntoFuture for FindManyByIds<'a, M> {
 /// closure-like head names them; driver errors are the model's.
 macro_rules! read_in_transaction {
     ([$($generics:tt)*] $ty:ty => $out:ty, $name:literal, |$action:ident, $coll:ident, $session:ident| $body:expr) => {
-        impl<'t, $($generics)*> IntoFuture for InTransaction<'t, $ty> {
-            type Output = Result<$out>;
-            type IntoFuture = ActionFutureOf<'t, $out>;
+        impl<'t, $($generics)*> ::std::future::IntoFuture for $crate::action::InTransaction<'t, $ty> {
+            type Output = $crate::Result<$out>;
+            type IntoFuture = $crate::action::ActionFutureOf<'t, $out>;
 
             fn into_future(self) -> Self::IntoFuture {
-                let InTransaction { action: $action, tx } = self;
-                Box::pin(
-                    async move {
-                        let (env, $session, _) = tx.parts();
-                        let $coll = M::collection_in(env);
-                        let read: std::result::Result<$out, ReadError> = $body;
-                        read.map_err(|e| e.of::<M>())
-                    }
-                    .instrument(crate::op_span(M::COLLECTION, $name)),
-                )
+                let $crate::action::InTransaction { action: $action, tx } = self;
+                let read = async move {
+                    let (env, $session, _) = tx.parts();
+                    let $coll = <M as $crate::Model>::collection_in(env);
+                    let read: ::std::result::Result<$out, $crate::query::ReadError> = $body;
+                    read.map_err(|e| e.of::<M>())
+                };
+                let span = $crate::op_span(<M as $crate::Model>::COLLECTION, $name);
+                Box::pin(::tracing::Instrument::instrument(read, span))
             }
         }
     };
 }
+pub(crate) use read_in_transaction;
 
 /// What a read inside a transaction can fail with.
-enum ReadError {
+pub(crate) enum ReadError {
     Driver(mongodb::error::Error),
     Orm(Error),
 }
 
 impl ReadError {
-    fn of<M: Model>(self) -> Error {
+    pub(crate) fn of<M: Model>(self) -> Error {
         match self {
             ReadError::Driver(e) => Error::from_mongo(M::COLLECTION, e),
             ReadError::Orm(e) => e,
@@ -840,24 +840,6 @@ read_in_transaction!([M: Model] Find<M> => Vec<M>, "find", |action, coll, sessio
 read_in_transaction!([M: Model] FindOne<M> => Option<M>, "find_one", |action, coll, session| async {
     let options = mongodb::options::FindOneOptions::builder().sort(action.sort).build();
     Ok(coll.find_one(action.read.filter).with_options(options).session(session).await?)
-}.await);
-
-read_in_transaction!([M: Model, T: Projection] crate::Aggregate<M, T> => Vec<T>, "aggregate", |action, coll, session| async {
-    // What it would write could not be invalidated at the commit (nor does
-    // MongoDB take `$out` in a transaction).
-    if crate::aggregate::writes(action.pipeline()) {
-        return Err(Error::InvalidQuery {
-            model: M::COLLECTION,
-            reason: "a pipeline that writes ($out, $merge) cannot run inside a transaction".into(),
-        }
-        .into());
-    }
-    let mut cursor = coll
-        .aggregate(action.pipeline().to_vec())
-        .with_type::<T>()
-        .session(&mut *session)
-        .await?;
-    Ok(cursor.stream(session).try_collect().await?)
 }.await);
 
 read_in_transaction!([M: Model] Count<M> => u64, "count", |action, coll, session| async {

@@ -218,32 +218,21 @@ impl Connection {
     }
 
     /// Settles the suspicion of connection `id` (see the module docs): a
-    /// `PING` on it answered within `connect_timeout` clears it; anything
-    /// else drops the connection. Says whether Redis answered on it. Run by
-    /// the supervisor.
-    pub(super) async fn check_suspect(&self, id: u64) -> bool {
+    /// `PING` on it answered within `connect_timeout` (an error reply is an
+    /// answer too) clears it; anything else drops the connection. Run by the
+    /// supervisor.
+    pub(super) async fn check_suspect(&self, id: u64) {
         let limit = self.config.connect_timeout;
-        let live = self.live().ok().filter(|live| live.id == id);
-        let answered = match live {
-            Some(mut live) => match bounded(limit, redis::cmd("PING").query_async::<()>(&mut live.conn)).await {
-                Ok(()) => {
-                    debug!(url = %self.url, "Redis answered: it was slow, not gone");
-                    true
-                }
-                // An error reply (BUSY, LOADING, no permission) is an answer too.
+        if let Some(mut live) = self.live().ok().filter(|live| live.id == id) {
+            match bounded(limit, redis::cmd("PING").query_async::<()>(&mut live.conn)).await {
+                Ok(()) => debug!(url = %self.url, "Redis answered: it was slow, not gone"),
                 Err(CacheError::Redis(err)) if !is_connection_error(&err) => {
                     debug!(url = %self.url, error = %err, "Redis answered with an error: it was slow, not gone");
-                    true
                 }
-                Err(err) => {
-                    self.drop_connection(id, &format!("no answer within the operation timeout, then {err}"));
-                    false
-                }
-            },
-            None => false,
-        };
+                Err(err) => self.drop_connection(id, &format!("no answer within the operation timeout, then {err}")),
+            }
+        }
         self.link.clear_suspicion(id);
-        answered
     }
 
     /// Unpublishes connection `id` (if it is still the published one), stops

@@ -42,6 +42,7 @@ use tracing::{debug, info};
 use super::Connection;
 use crate::stats::ConnectionStatus;
 use crate::token::new_token;
+use crate::CacheConfig;
 
 /// Writes this manager's heartbeat, forgets managers silent for longer than
 /// their own settings allow, and counts those that have missed their
@@ -134,12 +135,37 @@ pub(super) struct Presence {
     feed_scopes: RwLock<Option<Arc<str>>>,
 }
 
+/// A manager whose heartbeat is older than this is missing.
+fn missing_after(config: &CacheConfig) -> Duration {
+    config
+        .heartbeat_interval
+        .saturating_mul(2)
+        .saturating_add(config.operation_timeout)
+}
+
+/// How long a live manager can take to reconnect (and replay) once Redis
+/// answers again: the quarantine after an outage.
+fn quarantine(config: &CacheConfig) -> Duration {
+    let attempts = config.max_retries.max(1);
+    config
+        .health_check_interval
+        .max(config.backoff().longest_step(attempts))
+        .saturating_add(config.connect_timeout)
+        .saturating_add(config.operation_timeout)
+}
+
+/// A manager silent for longer than this is forgotten: it was missing for
+/// longer than any live manager takes to come back.
+fn forget_after(config: &CacheConfig) -> Duration {
+    missing_after(config).saturating_add(quarantine(config))
+}
+
 impl Presence {
-    /// The presence of a manager that forgets silent members after
-    /// `forget_after` (its name carries that bound to the others).
-    pub(super) fn new(forget_after: Duration) -> Self {
+    /// The presence of a manager with these settings: its name carries its
+    /// bound for being forgotten to the others.
+    pub(super) fn new(config: &CacheConfig) -> Self {
         Self {
-            member: format!("{}:{}", millis(forget_after), new_token()),
+            member: format!("{}:{}", millis(forget_after(config)), new_token()),
             heartbeat: Script::new(HEARTBEAT_SCRIPT),
             beaten: AtomicBool::new(false),
             serving: AtomicBool::new(false),
@@ -209,27 +235,19 @@ impl Connection {
 
     /// A manager whose heartbeat is older than this is missing.
     fn missing_after(&self) -> Duration {
-        self.config
-            .heartbeat_interval
-            .saturating_mul(2)
-            .saturating_add(self.config.operation_timeout)
+        missing_after(&self.config)
     }
 
     /// How long a live manager can take to reconnect (and replay) once
     /// Redis answers again: the quarantine after an outage.
     pub(crate) fn quarantine(&self) -> Duration {
-        let attempts = self.config.max_retries.max(1);
-        self.config
-            .health_check_interval
-            .max(self.config.backoff().longest_step(attempts))
-            .saturating_add(self.config.connect_timeout)
-            .saturating_add(self.config.operation_timeout)
+        quarantine(&self.config)
     }
 
     /// A manager silent for longer than this is forgotten: it was missing
     /// for longer than any live manager takes to come back.
     pub(crate) fn forget_after(&self) -> Duration {
-        self.missing_after().saturating_add(self.quarantine())
+        forget_after(&self.config)
     }
 
     /// Writes the heartbeat and decides whether hits are served: only when
