@@ -60,6 +60,12 @@ impl User {
         Ok(profile(u64::try_from(self.n).unwrap_or(0)))
     }
 
+    /// One distinct key per `i`: how the in-process tier's bound is measured.
+    #[cached(ttl = 600)]
+    pub async fn square(&self, i: u64) -> u64 {
+        i.wrapping_mul(i)
+    }
+
     /// Model scope, wrapping a database read.
     #[cached(ttl = 600)]
     pub async fn by_id_cached(id: ObjectId) -> earnorm::Result<Option<User>> {
@@ -154,6 +160,12 @@ async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, per_round) = if quick { (5, 200) } else { (41, 1000) };
     let redis = RedisServer::start();
+    if std::env::args().any(|a| a == "--local") {
+        // The in-process tier's group alone (group 9), printed, not written.
+        println!("| benchmark | median | notes |\n|---|---|---|");
+        local_group(&redis, rounds, per_round, quick).await;
+        return;
+    }
     if std::env::args().any(|a| a == "--feed") {
         // The database feed's group alone (group 7), printed, not written.
         println!("| benchmark | median | notes |\n|---|---|---|");
@@ -208,13 +220,16 @@ async fn main() {
                 env.scope(async {
                     earnorm::__private::record_method_key::<User, _>(
                         &user,
-                        "profile",
-                        0,
-                        &[
-                            std::any::type_name::<User>(),
-                            std::any::type_name::<earnorm::Result<Profile>>(),
-                        ],
-                        &[],
+                        &earnorm::__private::Method {
+                            name: "profile",
+                            version: 0,
+                            local: true,
+                            identity: &[
+                                std::any::type_name::<User>(),
+                                std::any::type_name::<earnorm::Result<Profile>>(),
+                            ],
+                            deps: &[],
+                        },
                         &(),
                     )
                 })
@@ -481,6 +496,9 @@ async fn main() {
 
     // 7. The database feed.
     run_feed_groups(redis.url(), rounds, per_round, quick);
+
+    // 9. The in-process tier.
+    local_group(&redis, rounds, per_round, quick).await;
 
     let stats = cache.stats();
     println!(
@@ -1092,6 +1110,129 @@ async fn concurrent_hits(env: &Environment, user: &User, tasks: usize, length: D
     #[allow(clippy::cast_precision_loss)]
     let n = done.load(Ordering::Relaxed) as f64;
     n / start.elapsed().as_secs_f64()
+}
+
+/// Group 9, the in-process tier: a `#[cached]` hit served in process against
+/// a bare `moka::future::Cache::get` of the same value; 64 tasks on
+/// in-process hits against 64 on Redis hits; and resident memory through
+/// 1M distinct keys in a 10,000-entry tier.
+async fn local_group(redis: &RedisServer, rounds: usize, per_round: usize, quick: bool) {
+    // The embedded default: no Redis at all.
+    let mut config = test_config("bench_local");
+    config.redis_uri = None;
+    let embedded = connect(config).await;
+    let mut user = User { id: None, n: 1 };
+    user.save().in_env(&embedded).await.expect("save");
+    embedded.scope(user.profile()).await.expect("warm");
+    let peer: moka::future::Cache<u64, Profile> = moka::future::Cache::new(10_000);
+    peer.insert(1, profile(1)).await;
+
+    let hits = {
+        let (e, u) = (embedded.clone(), Arc::new(user.clone()));
+        let mut ours = Closure(move || {
+            let (e, u) = (e.clone(), Arc::clone(&u));
+            async move {
+                std::hint::black_box(e.scope(u.profile()).await.expect("hit"));
+            }
+        });
+        let p = peer.clone();
+        let mut theirs = Closure(move || {
+            let p = p.clone();
+            async move {
+                std::hint::black_box(p.get(&1).await.expect("hit"));
+            }
+        });
+        compare(rounds, per_round * 10, [&mut ours, &mut theirs]).await
+    };
+    row(
+        "9a. `#[cached]` hit in process (record method)",
+        &format!("{:.0} ns", hits.median(0).as_secs_f64() * 1e9),
+        &format!("{} of 9b (bar: <= 2.0x, and <= 1 us)", hits.ratio(0, 1)),
+    );
+    row(
+        "9b. bare `moka::future::Cache::get` of the same value",
+        &format!("{:.0} ns", hits.median(1).as_secs_f64() * 1e9),
+        "peer: a clone of the value out of moka",
+    );
+
+    // 64 tasks: in process (Redis beside, the tier on) against Redis hits
+    // (the tier off), on the same server.
+    let mut tiered_config = test_config("bench_tiered");
+    tiered_config.redis_uri = Some(redis.url());
+    tiered_config.cache_config.local.with_redis = true;
+    let tiered = connect(tiered_config).await;
+    let mut strict_config = test_config("bench_strict");
+    strict_config.redis_uri = Some(redis.url());
+    let strict = connect(strict_config).await;
+    let mut users = Vec::new();
+    for env in [&tiered, &strict] {
+        let mut user = User { id: None, n: 1 };
+        user.save().in_env(env).await.expect("save");
+        for _ in 0..3 {
+            env.scope(user.profile()).await.expect("warm");
+        }
+        users.push(user);
+    }
+    let length = Duration::from_secs(if quick { 1 } else { 3 });
+    let local_rps = concurrent_hits(&tiered, &users[0], 64, length).await;
+    let redis_rps = concurrent_hits(&strict, &users[1], 64, length).await;
+    row(
+        "9c. `#[cached]` hits in process, 64 tasks",
+        &format!("{local_rps:.0} calls/s"),
+        &format!("{:.1}x 9d (bar: >= 10x)", local_rps / redis_rps),
+    );
+    row(
+        "9d. `#[cached]` hits from Redis, 64 tasks",
+        &format!("{redis_rps:.0} calls/s"),
+        "the tier off (the default beside Redis)",
+    );
+
+    // Memory: 1M distinct keys through the default 10,000-entry tier.
+    let keys: u64 = if quick { 100_000 } else { 1_000_000 };
+    let resident_before = resident_bytes();
+    embedded
+        .scope(async {
+            for i in 0..keys {
+                std::hint::black_box(user.square(i).await);
+            }
+        })
+        .await;
+    let resident_after = resident_bytes();
+    #[allow(clippy::cast_precision_loss)]
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    row(
+        &format!("9e. resident memory through {keys} distinct keys"),
+        &format!("{:.1} MiB -> {:.1} MiB", mib(resident_before), mib(resident_after)),
+        &format!(
+            "the tier holds {} entries (capacity 10,000)",
+            embedded.cache().local_entries()
+        ),
+    );
+    let stats = embedded.cache().stats();
+    println!(
+        "\nin-process tier (embedded): {} of {} hits served in process",
+        stats.local_hits, stats.hits
+    );
+
+    let mut samples = Vec::new();
+    for _ in 0..if quick { 300 } else { 3000 } {
+        let start = Instant::now();
+        std::hint::black_box(embedded.scope(user.profile()).await.expect("hit"));
+        samples.push(start.elapsed());
+    }
+    report::series("#[cached] hit (in process)", "#9467bd", samples);
+    for env in [&embedded, &tiered, &strict] {
+        let _ = env.database().drop().await;
+    }
+}
+
+/// This process's resident memory, from `/proc/self/statm` (0 where there
+/// is none).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }
 
 /// `redis-benchmark -c 50 -t get -d 256` requests per second on `redis`.

@@ -3,9 +3,11 @@
 //! invalidates), read it through the record cache and a cached query, and
 //! print the cache statistics.
 //!
-//! Run with `scripts/demo.sh` (starts MongoDB and Redis if needed), or
-//! `cargo run --example quickstart` against servers at `MONGODB_URI` and
-//! `REDIS_URL`.
+//! Run with `scripts/demo.sh` (starts MongoDB and Redis if needed, and runs
+//! it with Redis, then without), or `cargo run --example quickstart` against
+//! servers at `MONGODB_URI` and `REDIS_URL`. With `-- --no-redis` it runs
+//! with `redis_uri: None`: the embedded mode, where the in-process tier
+//! caches with no server at all.
 
 use std::time::{Duration, Instant};
 
@@ -45,10 +47,14 @@ impl User {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> earnorm::Result<()> {
+    let embedded = std::env::args().any(|arg| arg == "--no-redis");
+    let redis_uri =
+        (!embedded).then(|| std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://localhost:6379/0".into()));
     let config = Config {
         mongo_uri: std::env::var("MONGODB_URI").unwrap_or_else(|_| "mongodb://localhost:27017".into()),
         database: "earnorm_quickstart".into(),
-        redis_uri: Some(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://localhost:6379/0".into())),
+        redis_uri, // None: the in-process tier alone
+
         cache_config: CacheConfig {
             ttl: Duration::from_secs(3600),
             prefix: "earnorm-quickstart:".into(),
@@ -60,7 +66,11 @@ async fn main() -> earnorm::Result<()> {
         ..Default::default()
     };
     let env = earnorm::init(config).await?;
-    println!("cache: {:?}", earnorm::cache().status());
+    println!(
+        "cache: {} (Redis {:?})",
+        if embedded { "in process only" } else { "Redis" },
+        earnorm::cache().status()
+    );
 
     User::delete_many(doc! {}).await?;
     let mut user = User {
@@ -115,8 +125,15 @@ async fn main() -> earnorm::Result<()> {
 
     let stats = earnorm::cache().stats();
     println!(
-        "stats: hits={} misses={} sets={} invalidations={} errors={} fallbacks={} status={:?}",
-        stats.hits, stats.misses, stats.sets, stats.invalidations, stats.errors, stats.fallbacks, stats.status
+        "stats: hits={} (in process: {}) misses={} sets={} invalidations={} errors={} fallbacks={} status={:?}",
+        stats.hits,
+        stats.local_hits,
+        stats.misses,
+        stats.sets,
+        stats.invalidations,
+        stats.errors,
+        stats.fallbacks,
+        stats.status
     );
     // Leave cleanly: other processes on this Redis keep serving hits, and
     // one of them takes the database feed over at once.

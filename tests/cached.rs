@@ -1,35 +1,13 @@
 //! `#[cached]` end to end against a real MongoDB and Redis: executions are
 //! counted, scopes checked, and faults injected on a private redis-server.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use earnorm::bson::{doc, oid::ObjectId};
 use earnorm::prelude::*;
 use earnorm::{ConnectionStatus, Environment};
 use serde::{Deserialize, Serialize};
-use support::{connect, fast_cache_config, test_config, test_env, unique_name, RedisServer};
-
-/// How many times each body ran, by "record/method".
-static RUNS: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
-
-fn ran(what: &str) {
-    *RUNS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get_or_insert_with(HashMap::new)
-        .entry(what.to_owned())
-        .or_default() += 1;
-}
-
-fn runs(what: &str) -> usize {
-    RUNS.lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-        .and_then(|m| m.get(what).copied())
-        .unwrap_or(0)
-}
+use support::{connect, fast_cache_config, ran, runs, test_config, test_env, unique_name, RedisServer};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
 #[earnorm(collection = "accounts")]

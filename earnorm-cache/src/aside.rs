@@ -17,6 +17,7 @@ use crate::flight::{Follower, Leader, Next, Outcome, Role};
 use crate::generations::{Expected, Generations, Lookup};
 use crate::key::CacheKey;
 use crate::lease::{Lease, LeaseGuard};
+use crate::local::{Kept, Local, Noted};
 use crate::manager::bypassed;
 use crate::stats::{Event, Served};
 use crate::token::new_token;
@@ -35,6 +36,20 @@ const LEASE_POLL: Duration = Duration::from_millis(16);
 pub(crate) struct Call {
     began: Instant,
     budget: Duration,
+    /// Whether the value the call returns was shown current by Redis (a
+    /// hit, or a store the compare-and-set accepted): only such a value is
+    /// kept in the in-process tier.
+    verified: bool,
+}
+
+impl Call {
+    fn new(budget: Duration) -> Self {
+        Self {
+            began: Instant::now(),
+            budget,
+            verified: false,
+        }
+    }
 }
 
 /// What waiting on another caller's lease gave.
@@ -64,17 +79,17 @@ impl CacheManager {
         let Role::Leader(leader) = self.inner.flights.join(key.as_str()) else {
             return;
         };
-        let mut call = Call {
-            began: Instant::now(),
-            budget: self.connection().config.operation_timeout,
-        };
+        let mut call = Call::new(self.connection().config.operation_timeout);
         let _ = self
             .refresh_ahead::<R, O, T, RFut>(&key, refresh, &ttl_of, compute, leader, seen, &mut call)
             .await;
     }
 
     /// A cached call, in its span and timed; `on_due`, when given, takes
-    /// a refresh in the background (returning whether it did).
+    /// a refresh in the background (returning whether it did). Served from
+    /// the in-process tier when it holds a current value; a value Redis
+    /// showed current (a hit, or a store the compare-and-set accepted) is
+    /// kept there.
     pub(crate) async fn call<R, O, T, Fut>(
         &self,
         key: &CacheKey,
@@ -84,12 +99,22 @@ impl CacheManager {
         compute: Fut,
     ) -> R
     where
+        R: 'static,
         O: Output<R>,
         T: Fn(&R) -> Option<Duration>,
         Fut: Future<Output = R>,
     {
+        if bypassed() {
+            return compute.await;
+        }
+        let local = self.local_for(key);
+        if let Some(local) = local {
+            if let Some(value) = self.local_hit::<R, O>(local, key) {
+                return value;
+            }
+        }
         let conn = self.connection();
-        if !conn.is_enabled() || bypassed() {
+        if !conn.is_enabled() && local.is_none() {
             return compute.await;
         }
         let named = key.named.get();
@@ -103,11 +128,28 @@ impl CacheManager {
         // On the heap: the call's states (looking up, leading, refreshing,
         // each holding the computation) would otherwise all be part of the
         // caller's future, which nested cached calls multiply.
-        let (value, served) = Box::pin(
-            self.serve::<R, O, T, Fut>(key, ttl_of, refresh, on_due, compute)
-                .instrument(span.clone()),
-        )
-        .await;
+        let (value, served) = match local {
+            Some(local) if !conn.is_enabled() => {
+                Box::pin(
+                    self.serve_in_process::<R, O, T, Fut>(local, key, &ttl_of, compute)
+                        .instrument(span.clone()),
+                )
+                .await
+            }
+            _ => {
+                let noted = local.map(|local| local.note(key));
+                let mut call = Call::new(conn.config.operation_timeout);
+                let (value, served) = Box::pin(
+                    self.serve::<R, O, &T, Fut>(key, &ttl_of, refresh, on_due, compute, &mut call)
+                        .instrument(span.clone()),
+                )
+                .await;
+                if let (Some(local), Some(noted), true) = (local, noted, call.verified) {
+                    keep_in_process::<R, O>(local, key, noted, &value, &ttl_of);
+                }
+                (value, served)
+            }
+        };
         span.record("outcome", served.as_str());
         if let Some(named) = named {
             named.call(served, began.elapsed());
@@ -115,7 +157,77 @@ impl CacheManager {
         value
     }
 
-    /// The cache-aside call itself; says how it was served.
+    /// The value the in-process tier holds for `key`, counted as a hit.
+    /// Beside Redis, only while this manager serves hits from Redis too
+    /// (not while another manager may hold invalidations it could not send).
+    fn local_hit<R: 'static, O: Output<R>>(&self, local: &Local, key: &CacheKey) -> Option<R> {
+        let conn = self.connection();
+        if conn.is_enabled() && !conn.serves(key) {
+            return None;
+        }
+        let kept = local.get(key)?;
+        let value = match &kept {
+            Kept::Value(_) => key.keeper.0.and_then(|keeper| keeper.restore::<R>(&kept)),
+            Kept::Payload(payload) => O::decode(payload).ok(),
+        }?;
+        let counters = &conn.counters;
+        counters.count(key.named.get(), Event::Hit);
+        counters.count(key.named.get(), Event::LocalHit);
+        Some(value)
+    }
+
+    /// A cached call without Redis (the embedded mode): single flight in
+    /// this process, and the in-process tier. The leader notes the tier's
+    /// generations before computing and keeps its value under them; its
+    /// followers then look the tier up again, so that none is served a
+    /// value an invalidation made stale while it was computed.
+    async fn serve_in_process<R, O, T, Fut>(
+        &self,
+        local: &Local,
+        key: &CacheKey,
+        ttl_of: &T,
+        compute: Fut,
+    ) -> (R, Served)
+    where
+        R: 'static,
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        let began = Instant::now();
+        let deadline = began + self.config().lease_wait;
+        let mut budget = self.config().operation_timeout;
+        for round in 0..MAX_ROUNDS {
+            if round > 0 {
+                if let Some(value) = self.local_hit::<R, O>(local, key) {
+                    return (value, Served::Coalesced);
+                }
+            }
+            match self.inner.flights.join(key.as_str()) {
+                Role::Leader(leader) => {
+                    self.connection().counters.count(key.named.get(), Event::Miss);
+                    let noted = local.note(key);
+                    let value = compute.await;
+                    let kept = keep_in_process::<R, O>(local, key, noted, &value, ttl_of);
+                    // Followers look the tier up again: they find the value
+                    // when it was kept and is still current.
+                    leader.complete(match kept {
+                        Some(_) => Outcome::Retry,
+                        None => Outcome::Uncacheable,
+                    });
+                    return (value, Served::Miss);
+                }
+                Role::Follower(follower) => match follower.wait(began, deadline, &mut budget).await {
+                    Next::Use(_) | Next::Retry => {}
+                    Next::Compute => break,
+                },
+            }
+        }
+        (compute.await, Served::Fallback)
+    }
+
+    /// The cache-aside call itself; says how it was served (and, in
+    /// `call`, whether Redis showed the value current).
     async fn serve<R, O, T, Fut>(
         &self,
         key: &CacheKey,
@@ -123,19 +235,15 @@ impl CacheManager {
         refresh: Option<Duration>,
         mut on_due: Option<&mut (dyn FnMut(Generations) -> bool + Send)>,
         compute: Fut,
+        call: &mut Call,
     ) -> (R, Served)
     where
         O: Output<R>,
         T: Fn(&R) -> Option<Duration>,
         Fut: Future<Output = R>,
     {
-        let conn = self.connection();
-        let mut call = Call {
-            began: Instant::now(),
-            budget: conn.config.operation_timeout,
-        };
         for _ in 0..MAX_ROUNDS {
-            let generations = match self.try_hit::<R, O>(key, refresh, &ttl_of, &mut call).await {
+            let generations = match self.try_hit::<R, O>(key, refresh, &ttl_of, call).await {
                 Ok((value, None)) => return (value, Served::Hit),
                 Ok((value, Some(seen))) => {
                     // Close to its expiry: refreshed in the background when
@@ -151,7 +259,7 @@ impl CacheManager {
                             // `compute` is used at most once: by the refresh
                             // here, or (when it is skipped) not at all.
                             match self
-                                .refresh_ahead::<R, O, T, Fut>(key, refresh, &ttl_of, compute, leader, seen, &mut call)
+                                .refresh_ahead::<R, O, T, Fut>(key, refresh, &ttl_of, compute, leader, seen, call)
                                 .await
                             {
                                 Some(fresh) => (fresh, Served::Refresh),
@@ -166,10 +274,10 @@ impl CacheManager {
             match self.inner.flights.join(key.as_str()) {
                 Role::Leader(leader) => {
                     return self
-                        .lead::<R, O, T, Fut>(key, &ttl_of, compute, leader, generations, &mut call)
+                        .lead::<R, O, T, Fut>(key, &ttl_of, compute, leader, generations, call)
                         .await
                 }
-                Role::Follower(follower) => match self.follow::<R, O>(key, follower, &mut call).await {
+                Role::Follower(follower) => match self.follow::<R, O>(key, follower, call).await {
                     Next::Use(value) => return (value, Served::Coalesced),
                     Next::Retry => {}
                     Next::Compute => break,
@@ -197,6 +305,7 @@ impl CacheManager {
         match lookup {
             Lookup::Hit(bytes, generations) => match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
                 Some(value) => {
+                    call.verified = true;
                     let window = refresh.and_then(|refresh| refresh_window(refresh, ttl_of(&value)));
                     let due = matches!((window, left), (Some(window), Some(left)) if left < window);
                     Ok((value, due.then_some(generations)))
@@ -273,6 +382,7 @@ impl CacheManager {
                 conn.counters.count(named, Event::LeaseWait);
                 match self.await_holder::<R, O>(key, call).await {
                     Awaited::Value(value, payload, looked) => {
+                        call.verified = true;
                         // Current when it was looked up: as good as a store
                         // sent then (see `crate::flight`).
                         leader.complete(Outcome::Stored(payload, looked));
@@ -322,6 +432,7 @@ impl CacheManager {
         Fut: Future<Output = R>,
     {
         let conn = self.connection();
+        call.verified = false;
         let value = compute.await;
         let payload = match ttl_of(&value).and_then(|ttl| O::encode(&value).map(|payload| (ttl, payload))) {
             Some((ttl, Ok(payload))) => (ttl, payload),
@@ -343,7 +454,7 @@ impl CacheManager {
         };
         leader.storing();
         let store_sent = Instant::now();
-        let outcome = match self
+        let stored = self
             .store(
                 key,
                 Expected::Seen(&generations),
@@ -352,8 +463,9 @@ impl CacheManager {
                 lease,
                 &mut call.budget,
             )
-            .await
-        {
+            .await;
+        call.verified = matches!(stored, Ok(true));
+        let outcome = match stored {
             Ok(true) if serving_before && conn.serves(key) => Outcome::Stored(payload.into(), store_sent),
             Ok(true) => Outcome::Computed(payload.into()),
             // An invalidation happened during the computation: the value
@@ -454,6 +566,25 @@ impl CacheManager {
             }
         }
     }
+}
+
+/// Keeps `value` in the in-process tier under `noted` (by value when the
+/// key has a keeper for its type, else as its payload), for as long as
+/// `ttl_of` says. Returns whether the value is one to cache at all (`None`:
+/// not cached, like an `Err`), and if so whether it was kept.
+fn keep_in_process<R: 'static, O: Output<R>>(
+    local: &Local,
+    key: &CacheKey,
+    noted: Noted,
+    value: &R,
+    ttl_of: &impl Fn(&R) -> Option<Duration>,
+) -> Option<bool> {
+    let ttl = ttl_of(value)?;
+    let kept = match key.keeper.0.and_then(|keeper| keeper.keep(value)) {
+        Some(kept) => kept,
+        None => Kept::Payload(O::encode(value)?.ok()?.into()),
+    };
+    Some(local.keep(key, noted, kept, ttl))
 }
 
 /// How long before its expiry a hit is refreshed: `refresh`, or, for a

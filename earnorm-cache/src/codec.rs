@@ -175,6 +175,49 @@ impl<T: Serialize + DeserializeOwned> Output<Option<T>> for OptionOutput {
     }
 }
 
+/// The part of a result an [`Output`] stores (the `T` of a `Result<T, E>`
+/// or of an `Option<T>`, the whole value otherwise), and the result a
+/// stored part stands for: what lets the in-process tier keep that part by
+/// value (see [`Keeper`](crate::Keeper)).
+pub trait Stored<R>: Output<R> {
+    /// The part stored.
+    type Value;
+    /// The part of `result` that is stored, or `None` when it is not cached.
+    fn value(result: &R) -> Option<&Self::Value>;
+    /// The result a stored part stands for.
+    fn result(value: Self::Value) -> R;
+}
+
+impl<T: Serialize + DeserializeOwned> Stored<T> for PlainOutput {
+    type Value = T;
+    fn value(result: &T) -> Option<&T> {
+        Some(result)
+    }
+    fn result(value: T) -> T {
+        value
+    }
+}
+
+impl<T: Serialize + DeserializeOwned, E> Stored<Result<T, E>> for ResultOutput {
+    type Value = T;
+    fn value(result: &Result<T, E>) -> Option<&T> {
+        result.as_ref().ok()
+    }
+    fn result(value: T) -> Result<T, E> {
+        Ok(value)
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> Stored<Option<T>> for OptionOutput {
+    type Value = T;
+    fn value(result: &Option<T>) -> Option<&T> {
+        result.as_ref()
+    }
+    fn result(value: T) -> Option<T> {
+        Some(value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

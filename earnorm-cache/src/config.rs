@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::backoff::Backoff;
+use crate::local::LocalConfig;
 use crate::CacheError;
 
 /// How the cache behaves: key prefix, default TTL, reconnection and time limits.
@@ -88,6 +89,11 @@ pub struct CacheConfig {
     /// by the code, whatever the number of databases (tenants); turn this
     /// on to tell databases apart, at one set of series per database.
     pub metrics_database_label: bool,
+    /// The in-process tier: values kept in this process's memory and served
+    /// with no round trip. On by default without a Redis URL (the embedded
+    /// mode: caching with no server at all); beside Redis, turn it on with
+    /// `with_redis` (see [`LocalConfig`]).
+    pub local: LocalConfig,
 }
 
 impl Default for CacheConfig {
@@ -106,6 +112,7 @@ impl Default for CacheConfig {
             connect_timeout: Duration::from_secs(2),
             enabled: true,
             metrics_database_label: false,
+            local: LocalConfig::default(),
         }
     }
 }

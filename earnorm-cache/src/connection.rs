@@ -13,12 +13,15 @@
 //!   is published.
 //! * `presence.rs`: heartbeats among the managers of a prefix, the
 //!   quarantine after an outage, and whether hits are served.
+//! * `tracking.rs`: the in-process tier's invalidation channel beside
+//!   Redis, and the rule that the tier serves nothing through a gap in it.
 //! * `crate::outbox`: invalidations that could not be sent, and the rule
 //!   that none waits while a connection is published.
 
 mod link;
 mod presence;
 mod supervisor;
+mod tracking;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -35,6 +38,7 @@ use link::Link;
 use presence::Presence;
 
 pub(crate) use supervisor::supervise;
+pub(crate) use tracking::track;
 
 /// Connection state shared by every handle and the supervisor.
 pub(crate) struct Connection {

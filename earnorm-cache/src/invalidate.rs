@@ -27,6 +27,7 @@ impl CacheManager {
     /// [`invalidate`](Self::invalidate), counted (in the exported metrics)
     /// as coming from `source`.
     pub async fn invalidate_from(&self, scopes: &[Scope<'_>], source: InvalidationSource) {
+        self.invalidate_in_process(scopes);
         self.forget_flights();
         debug!(scopes = scopes.len(), source = source.as_str(), "invalidating");
         self.connection().invalidate(scopes, source).await;
@@ -36,7 +37,8 @@ impl CacheManager {
     /// generation under its prefix (found with `SCAN`, in batches). Unlike
     /// [`invalidate`](Self::invalidate), its cost grows with the keyspace:
     /// it is for administration, not for ordinary writes. Returns the number
-    /// of generations deleted.
+    /// of generations deleted. Drops every value of the in-process tier too
+    /// (without Redis, that is all it does, and it returns 0).
     ///
     /// Correct against computations in flight: a computation only starts under
     /// generations that exist, so every one of them is found and deleted.
@@ -52,8 +54,13 @@ impl CacheManager {
     /// # Errors
     /// As [`invalidate_all`](Self::invalidate_all).
     pub async fn invalidate_all_from(&self, source: InvalidationSource) -> Result<u64, CacheError> {
+        self.clear_in_process();
         self.forget_flights();
         self.connection().counters.invalidated(source);
+        if !self.connection().is_enabled() && self.inner.local.is_some() {
+            // The embedded mode: there is nothing in Redis to delete.
+            return Ok(0);
+        }
         self.unlink_matching(&self.connection().keys().generations_glob()).await
     }
 
@@ -78,10 +85,39 @@ impl CacheManager {
     /// When the cache is disabled, unavailable or fails part-way (keys deleted
     /// before the failure stay deleted).
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
+        // Which kept values a pattern matches is not known in process.
+        self.clear_in_process();
         let full = self.connection().keys().glob(pattern);
         let deleted = self.unlink_matching(&full).await?;
         debug!(pattern = %full, deleted, "pattern deletion");
         Ok(deleted)
+    }
+
+    /// Drops from the in-process tier every value that depends on a
+    /// generation a write to `scopes` replaces, before the write's caller
+    /// goes on: this process never reads what it just made stale.
+    fn invalidate_in_process(&self, scopes: &[Scope<'_>]) {
+        let Some(local) = &self.inner.local else {
+            return;
+        };
+        let keys = self.connection().keys();
+        let mut names = Vec::with_capacity(2 * scopes.len());
+        for scope in scopes {
+            keys.written_generations(*scope, &mut names);
+        }
+        let prefix = self.connection().namespace.len();
+        local.invalidate(
+            names
+                .iter()
+                .map(|name| name.as_bytes().get(prefix..).unwrap_or(name.as_bytes())),
+        );
+    }
+
+    /// Drops every value of the in-process tier.
+    pub(crate) fn clear_in_process(&self) {
+        if let Some(local) = &self.inner.local {
+            local.clear();
+        }
     }
 
     /// Forgets the computations in flight: callers arriving after a write

@@ -15,10 +15,11 @@
 use std::fmt::Write as _;
 
 use serde::Serialize;
-use xxhash_rust::xxh3::Xxh3;
+use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
 use crate::key_encoding::KeyEncoder;
 use crate::keyspace::Keyspace;
+use crate::local::{stripe, Keeper};
 use crate::scope::Scope;
 use crate::stats::NamedCounters;
 use crate::CacheError;
@@ -36,7 +37,26 @@ pub struct CacheKey {
     pub(crate) feed_covered: bool,
     /// The counters of the key's namespace and name.
     pub(crate) named: Named,
+    /// The key of the value in the in-process tier (a hash of `value`).
+    pub(crate) local: u128,
+    /// The in-process stripe of each generation in `generations`, in order.
+    pub(crate) stripes: Vec<u32>,
+    /// Whether the value may be kept in the in-process tier.
+    pub(crate) in_process: bool,
+    /// How the value is kept there (by default, as its encoded payload).
+    pub(crate) keeper: Keeping,
 }
+
+/// The [`Keeper`] of a key, if any; keys compare equal whatever they hold.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Keeping(pub(crate) Option<Keeper>);
+
+impl PartialEq for Keeping {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Keeping {}
 
 /// The counters of a key's name; keys compare equal whatever they hold.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +85,15 @@ impl CacheKey {
     pub fn generations(&self) -> &[String] {
         &self.generations
     }
+
+    /// Keeps this key's value in the in-process tier as `keeper` says (by
+    /// value, cloned out on a hit) instead of as its encoded payload. A
+    /// keeper made for another result type than the call's is ignored.
+    #[must_use]
+    pub fn kept_by(mut self, keeper: Keeper) -> Self {
+        self.keeper = Keeping(Some(keeper));
+        self
+    }
 }
 
 /// Builds a [`CacheKey`]; get one from [`CacheManager::key`](crate::CacheManager::key).
@@ -79,6 +108,7 @@ pub struct KeyBuilder {
     /// Whether every scope so far is one the feed covers.
     feed_covered: bool,
     named: Named,
+    in_process: bool,
     hasher: Xxh3,
 }
 
@@ -109,6 +139,7 @@ impl KeyBuilder {
             feed_covered: feed_scopes.is_some(),
             feed_scopes,
             named: Named(named),
+            in_process: true,
             hasher: Xxh3::new(),
         }
     }
@@ -129,6 +160,16 @@ impl KeyBuilder {
         };
         self.feed_covered &= covered;
         Keyspace::new(&self.value[..self.prefix_len]).read_generations(scope, &mut self.generations);
+        self
+    }
+
+    /// Whether the value may be kept in the in-process tier (when the
+    /// manager has one; on by default). Off: every read of it goes to
+    /// Redis, which no other process's write can leave stale (what
+    /// `#[cached(local = false)]` does).
+    #[must_use]
+    pub fn local(mut self, allowed: bool) -> Self {
+        self.in_process = allowed;
         self
     }
 
@@ -166,11 +207,20 @@ impl KeyBuilder {
         }
         self.value.push_str(self.id.as_deref().unwrap_or("_"));
         let _ = write!(self.value, ":{:032x}", self.hasher.digest128());
+        let prefix_len = self.prefix_len;
         Ok(CacheKey {
+            local: xxh3_128(self.value.as_bytes()),
+            stripes: self
+                .generations
+                .iter()
+                .map(|name| stripe(name.as_bytes().get(prefix_len..).unwrap_or(name.as_bytes())))
+                .collect(),
             value: self.value,
             generations: self.generations,
             feed_covered: self.feed_covered,
             named: self.named,
+            in_process: self.in_process,
+            keeper: Keeping::default(),
         })
     }
 }

@@ -80,6 +80,12 @@ impl<'p> Keyspace<'p> {
         }
     }
 
+    /// The start of every generation key (`P g:`): what the in-process
+    /// tier's invalidation channel subscribes to.
+    pub(crate) fn generations_prefix(&self) -> String {
+        format!("{}g:", self.prefix)
+    }
+
     /// The glob matching every generation under the prefix.
     pub(crate) fn generations_glob(&self) -> String {
         self.glob("g:*")

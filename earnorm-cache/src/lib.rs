@@ -117,9 +117,18 @@
 //! (see [`CacheConfig::validate`]): an empty prefix, zero timeouts or
 //! intervals, a jitter outside 0..=1.
 //!
-//! **Without Redis.** A manager built with no URL caches nothing: every call
-//! computes. (There is no in-process tier: it could not be kept coherent
-//! across processes.)
+//! **The in-process tier** ([`LocalConfig`]) keeps values in this process's
+//! memory and serves them with no round trip. Without a Redis URL it is on
+//! by default (the embedded mode: single flight and invalidation work in
+//! process). Beside Redis it is opt-in (`with_redis`): its invalidation
+//! channel (`CLIENT TRACKING` pushes over RESP3) reaches other processes
+//! after a delivery lag, during which they may serve a value another
+//! process's write made stale; the writer's own process never does. A lost
+//! channel drops the tier until it is subscribed again. The argument is in
+//! the `local` module (fenced loads, the striped generation counters) and
+//! in `connection/tracking.rs` (no serving through a gap). A manager with
+//! no URL and the tier off (`capacity: 0`), or `enabled: false`, caches
+//! nothing: every call computes.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 
@@ -152,6 +161,8 @@ mod meta;
 mod keyspace;
 // Keys of cached values.
 mod key;
+// The in-process tier and its generations.
+mod local;
 // What a value depends on and what a write invalidates.
 mod scope;
 // The canonical encoding of key arguments.
@@ -171,12 +182,13 @@ mod stats;
 // Fresh random tokens.
 mod token;
 
-pub use codec::{OptionOutput, Output, PlainOutput, ResultOutput};
+pub use codec::{OptionOutput, Output, PlainOutput, ResultOutput, Stored};
 pub use config::CacheConfig;
 pub use error::CacheError;
 pub use key::{CacheKey, KeyBuilder, MAX_DEPENDENCIES};
 pub use key_encoding::KeyArgumentError;
 pub use keyspace::escape_glob;
+pub use local::{Keeper, LocalConfig};
 pub use manager::{bypass, CacheManager};
 pub use redact::redact_url;
 pub use scope::Scope;

@@ -9,10 +9,11 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::codec::{self, Output};
-use crate::connection::{supervise, Connection};
+use crate::connection::{supervise, track, Connection};
 use crate::flight::Flights;
 use crate::generations::{Expected, Generations, Lookup};
 use crate::key::{CacheKey, KeyBuilder};
+use crate::local::Local;
 use crate::stats::{CacheStats, ConnectionStatus, Event, NamedStats, Names};
 use crate::{CacheConfig, CacheError};
 
@@ -63,6 +64,8 @@ pub(crate) struct Inner {
     /// forgotten by `invalidate.rs` alone.
     pub(crate) flights: Flights,
     names: Names,
+    /// The in-process tier, when it is on (see `crate::local`).
+    pub(crate) local: Option<Arc<Local>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -112,7 +115,11 @@ impl CacheManager {
                 connection.namespace.clone(),
             ));
         }
-        Ok(Self::from_connection(connection))
+        let manager = Self::from_connection(Arc::clone(&connection));
+        if let (true, Some(local)) = (connection.is_enabled(), &manager.inner.local) {
+            tokio::spawn(track(connection, Arc::clone(local)));
+        }
+        Ok(manager)
     }
 
     /// A manager that caches nothing: every call computes its value.
@@ -125,13 +132,35 @@ impl CacheManager {
     }
 
     fn from_connection(connection: Arc<Connection>) -> Self {
+        let config = &connection.config;
+        let tier = config.enabled && config.local.capacity > 0 && (!connection.is_enabled() || config.local.with_redis);
+        let local = tier.then(|| Arc::new(Local::new(config.local.capacity, connection.is_enabled())));
         Self {
             inner: Arc::new(Inner {
                 connection,
                 flights: Flights::default(),
                 names: Names::default(),
+                local,
             }),
         }
+    }
+
+    /// The in-process tier, when it is on and `key` may be kept there.
+    pub(crate) fn local_for(&self, key: &CacheKey) -> Option<&Local> {
+        self.inner.local.as_deref().filter(|_| key.in_process)
+    }
+
+    /// The number of values held in the in-process tier now (0 when it is
+    /// off). Bounded by [`LocalConfig::capacity`](crate::LocalConfig::capacity)
+    /// whatever the number of distinct keys.
+    pub fn local_entries(&self) -> u64 {
+        self.inner.local.as_deref().map_or(0, Local::len)
+    }
+
+    /// Whether calls can be served from a cache at all: Redis, or the
+    /// in-process tier (without Redis, the embedded mode).
+    pub fn caches(&self) -> bool {
+        self.connection().is_enabled() || self.inner.local.is_some()
     }
 
     pub(crate) fn connection(&self) -> &Connection {
@@ -160,7 +189,11 @@ impl CacheManager {
 
     /// A snapshot of the counters and the status.
     pub fn stats(&self) -> CacheStats {
-        self.connection().counters.snapshot(self.status())
+        let mut stats = self.connection().counters.snapshot(self.status());
+        if let Some(local) = &self.inner.local {
+            stats.local_resets = local.resets.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        stats
     }
 
     /// The counters of each kind of cached value (each namespace and name
@@ -241,6 +274,7 @@ impl CacheManager {
     /// (at most `lease_wait`, see [`CacheConfig::lease_wait`](crate::CacheConfig::lease_wait)).
     pub async fn get_or_compute<R, O, Fut>(&self, key: &CacheKey, ttl: Option<Duration>, compute: Fut) -> R
     where
+        R: 'static,
         O: Output<R>,
         Fut: Future<Output = R>,
     {
@@ -268,6 +302,7 @@ impl CacheManager {
         compute: Fut,
     ) -> R
     where
+        R: 'static,
         O: Output<R>,
         T: Fn(&R) -> Option<Duration>,
         Fut: Future<Output = R>,
@@ -337,7 +372,9 @@ impl CacheManager {
     /// Stores a value under the current generations of its scopes. Unlike
     /// [`get_or_compute`](Self::get_or_compute), a plain `set` cannot know
     /// when its value was read, so it cannot refuse a stale one: prefer
-    /// `get_or_compute` for values derived from a database.
+    /// `get_or_compute` for values derived from a database. It works on
+    /// Redis alone: it drops this process's in-process copy of the value,
+    /// not other processes' (invalidate a scope to reach those).
     ///
     /// # Errors
     /// When the value does not encode, or the cache is disabled, unavailable or fails.
@@ -347,6 +384,9 @@ impl CacheManager {
         value: &T,
         ttl: Option<Duration>,
     ) -> Result<(), CacheError> {
+        if let Some(local) = &self.inner.local {
+            local.remove(key);
+        }
         let payload = codec::encode(value)?;
         let ttl = ttl.unwrap_or(self.config().ttl);
         let mut budget = self.config().operation_timeout;
@@ -355,11 +395,16 @@ impl CacheManager {
             .map(|_| ())
     }
 
-    /// Deletes one value. Returns whether it existed.
+    /// Deletes one value from Redis, and this process's in-process copy of
+    /// it (not other processes': invalidate a scope to reach those).
+    /// Returns whether it existed in Redis.
     ///
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn delete(&self, key: &CacheKey) -> Result<bool, CacheError> {
+        if let Some(local) = &self.inner.local {
+            local.remove(key);
+        }
         let mut budget = self.config().operation_timeout;
         self.delete_within(key, &mut budget).await
     }

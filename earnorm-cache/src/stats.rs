@@ -34,8 +34,13 @@ pub enum ConnectionStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct CacheStats {
-    /// Lookups answered from the cache.
+    /// Lookups answered from the cache (from Redis or from the in-process tier).
     pub hits: u64,
+    /// Of `hits`, those answered from the in-process tier, with no round trip.
+    pub local_hits: u64,
+    /// Times the in-process tier was dropped because its invalidation
+    /// channel beside Redis was lost (it serves again once subscribed anew).
+    pub local_resets: u64,
     /// Lookups that found nothing current and computed the value.
     pub misses: u64,
     /// Callers that waited for another caller's computation of the same key.
@@ -114,6 +119,8 @@ impl Counters {
         let events = &self.events;
         CacheStats {
             hits: events.get(Event::Hit),
+            local_hits: events.get(Event::LocalHit),
+            local_resets: 0,
             misses: events.get(Event::Miss),
             coalesced: events.get(Event::Coalesced),
             sets: events.get(Event::Set),
@@ -149,8 +156,10 @@ pub struct NamedStats {
     /// The name given to `key`.
     pub name: String,
     /// Lookups answered from the cache (including values another process
-    /// stored while this one waited on its lease).
+    /// stored while this one waited on its lease, and the in-process tier's).
     pub hits: u64,
+    /// Of `hits`, those answered from the in-process tier.
+    pub local_hits: u64,
     /// Lookups that found nothing current and computed the value.
     pub misses: u64,
     /// Callers that waited for another caller's computation in this process.
@@ -249,6 +258,7 @@ impl NamedCounters {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Event {
     Hit,
+    LocalHit,
     Miss,
     Coalesced,
     Set,
@@ -259,8 +269,9 @@ pub(crate) enum Event {
 }
 
 impl Event {
-    const ALL: [Event; 8] = [
+    const ALL: [Event; 9] = [
         Event::Hit,
+        Event::LocalHit,
         Event::Miss,
         Event::Coalesced,
         Event::Set,
@@ -274,6 +285,7 @@ impl Event {
     fn metric(self) -> &'static str {
         match self {
             Event::Hit => "earnorm_cache_hits_total",
+            Event::LocalHit => "earnorm_cache_local_hits_total",
             Event::Miss => "earnorm_cache_misses_total",
             Event::Coalesced => "earnorm_cache_coalesced_total",
             Event::Set => "earnorm_cache_stores_total",
@@ -372,6 +384,7 @@ impl Names {
                     namespace: namespace.clone(),
                     name: name.clone(),
                     hits: c.events.get(Event::Hit),
+                    local_hits: c.events.get(Event::LocalHit),
                     misses: c.events.get(Event::Miss),
                     coalesced: c.events.get(Event::Coalesced),
                     sets: c.events.get(Event::Set),

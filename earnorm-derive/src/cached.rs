@@ -25,6 +25,8 @@ struct Options {
     /// `store = "all" | "ok" | "some"`: which results are cached, overriding
     /// what the return type suggests.
     store: Attr<OutputKind>,
+    /// `local = false`: kept out of the in-process tier.
+    local: Attr<bool>,
 }
 
 impl Default for Options {
@@ -40,6 +42,7 @@ impl Default for Options {
             depends_on: Vec::new(),
             tags: Vec::new(),
             store: Attr::none(OPTION),
+            local: Attr::none(OPTION),
         }
     }
 }
@@ -136,6 +139,10 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
                     options.store.set(cx, &key, quote!(#key = #lit), kind);
                 }
             }
+            "local" => {
+                let lit: syn::LitBool = meta.value()?.parse()?;
+                options.local.set(cx, &key, quote!(#key = #lit), lit.value);
+            }
             "version" => {
                 let lit: LitInt = meta.value()?.parse()?;
                 match lit.base10_parse::<u32>() {
@@ -156,7 +163,7 @@ fn parse_options(cx: &Ctxt, args: TokenStream) -> Options {
             other => {
                 cx.error_spanned_by(
                     &key,
-                    format!("unknown #[cached] option `{other}` (expected ttl, refresh, key, version, scope, store, depends_on, tags)"),
+                    format!("unknown #[cached] option `{other}` (expected ttl, refresh, key, version, scope, store, depends_on, tags, local)"),
                 );
                 // Skip its value so that the rest of the options still parse.
                 if meta.input.peek(syn::Token![=]) {
@@ -352,16 +359,26 @@ fn generate(item: &ItemFn, options: &Options, owner: &Owner, args: &[(&Ident, &T
     };
     let identity = quote!(&[#self_name #(#type_names,)* ::core::any::type_name::<#return_ty>()]);
     let key_args = quote!(&(#(&#arg_names,)* #(&#const_values,)*));
+    let local = options.local.get().copied().unwrap_or(true);
+    let method = quote! {
+        &#private::Method {
+            name: #key_name,
+            version: #version,
+            local: #local,
+            identity: #identity,
+            deps: &[#(#deps),*],
+        }
+    };
 
     let (model_check, key_call, body_call) = match owner {
         Owner::Record => (
             quote_spanned!(self_span=> #private::assert_model::<Self>();),
-            quote!(#private::record_method_key::<#self_ty, _>(self, #key_name, #version, #identity, &[#(#deps),*], #key_args)),
+            quote!(#private::record_method_key::<#self_ty, _>(self, #method, #key_args)),
             quote!(self.#uncached #turbofish(#(#arg_names),*)),
         ),
         Owner::Model => (
             quote_spanned!(self_span=> #private::assert_model::<Self>();),
-            quote!(#private::model_key::<#self_ty, _>(#key_name, #version, #identity, &[#(#deps),*], #key_args)),
+            quote!(#private::model_key::<#self_ty, _>(#method, #key_args)),
             quote!(<#self_ty>::#uncached #turbofish(#(#arg_names),*)),
         ),
         // Free or associated: the body is written out in place, since
@@ -379,7 +396,7 @@ fn generate(item: &ItemFn, options: &Options, owner: &Owner, args: &[(&Ident, &T
             });
             (
                 quote!(),
-                quote!(#private::free_key(::core::module_path!(), #key_name, #version, #identity, &[#(#deps),*], #key_args)),
+                quote!(#private::free_key(::core::module_path!(), #method, #key_args)),
                 quote!(async move { #(#rebind)* #block }),
             )
         }
@@ -428,6 +445,14 @@ fn generate(item: &ItemFn, options: &Options, owner: &Owner, args: &[(&Ident, &T
             #model_check
             match #key_call {
                 #private::Option::Some((__earnorm_cache, __earnorm_key)) => {
+                    // Kept in process by value when the cached part of the
+                    // return type is `Clone` (cloned out on a hit), else as
+                    // its payload (decoded on a hit).
+                    let __earnorm_key = #private::kept(__earnorm_key, {
+                        #[allow(unused_imports)]
+                        use #private::{KeepByClone as _, KeepByPayload as _};
+                        (&#private::Pick::<#return_ty, #mode>::new()).keeper()
+                    });
                     __earnorm_cache
                         .get_or_compute_by::<#return_ty, #mode, _, _>(
                             &__earnorm_key,

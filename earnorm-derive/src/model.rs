@@ -15,7 +15,7 @@ use crate::shape::last_segment;
 struct Container<'a> {
     input: &'a DeriveInput,
     collection: Option<LitStr>,
-    /// `cache(ttl = N, missing = M, refresh = R)`: the record cache, in seconds.
+    /// `cache(ttl = N, missing = M, refresh = R, local = false)`: the record cache, in seconds.
     cache: Option<RecordCacheAttr>,
     /// `hooks`: the user implements `earnorm::Hooks`.
     hooks: bool,
@@ -135,6 +135,8 @@ struct RecordCacheAttr {
     ttl: u64,
     missing: Option<u64>,
     refresh: Option<u64>,
+    /// `local = false`: kept out of the in-process tier.
+    local: Option<bool>,
 }
 
 fn parse_container_attrs(cx: &Ctxt, input: &DeriveInput) -> ContainerAttrs {
@@ -234,13 +236,19 @@ fn parse_record_cache(
 ) -> syn::Result<Option<RecordCacheAttr>> {
     const OPTION: &str = "record cache option";
     let (mut ttl, mut missing, mut refresh) = (Attr::none(OPTION), Attr::none(OPTION), Attr::none(OPTION));
+    let mut local = Attr::none(OPTION);
     let mut ttl_given = false;
     meta.parse_nested_meta(|inner| {
         let Some(name) = inner.path.get_ident().cloned() else {
-            return Err(inner.error("unknown record cache option (expected `ttl`, `missing` or `refresh`)"));
+            return Err(inner.error("unknown record cache option (expected `ttl`, `missing`, `refresh` or `local`)"));
         };
-        let value: Expr = inner.value()?.parse()?;
         let option = name.to_string();
+        if option == "local" {
+            let value: syn::LitBool = inner.value()?.parse()?;
+            local.set(cx, &name, quote!(#name = #value), value.value);
+            return Ok(());
+        }
+        let value: Expr = inner.value()?.parse()?;
         let slot = match option.as_str() {
             "ttl" => {
                 ttl_given = true;
@@ -251,7 +259,7 @@ fn parse_record_cache(
             other => {
                 cx.error_spanned_by(
                     &name,
-                    format!("unknown record cache option `{other}` (expected `ttl`, `missing` or `refresh`)"),
+                    format!("unknown record cache option `{other}` (expected `ttl`, `missing`, `refresh` or `local`)"),
                 );
                 return Ok(());
             }
@@ -269,6 +277,7 @@ fn parse_record_cache(
         ttl,
         missing: missing.into_inner(),
         refresh: refresh.into_inner(),
+        local: local.into_inner(),
     }))
 }
 
@@ -601,18 +610,26 @@ fn generate(container: &Container<'_>, id: &Field<'_>) -> TokenStream {
         .as_ref()
         .map_or_else(|| default_collection(&ident.to_string()), LitStr::value);
 
-    let record_cache = container.cache.map(|RecordCacheAttr { ttl, missing, refresh }| {
-        let seconds = |value: Option<u64>| match value {
-            Some(seconds) => quote!(::earnorm::__private::ttl(#seconds)),
-            None => quote!(::earnorm::__private::Option::None),
-        };
-        let (missing, refresh) = (seconds(missing), seconds(refresh));
-        quote! {
-            const CACHE: ::earnorm::__private::Option<::earnorm::RecordCache> = ::earnorm::__private::Option::Some(
-                ::earnorm::RecordCache::new(#ttl, #missing).refreshing(#refresh),
-            );
-        }
-    });
+    let record_cache = container.cache.map(
+        |RecordCacheAttr {
+             ttl,
+             missing,
+             refresh,
+             local,
+         }| {
+            let seconds = |value: Option<u64>| match value {
+                Some(seconds) => quote!(::earnorm::__private::ttl(#seconds)),
+                None => quote!(::earnorm::__private::Option::None),
+            };
+            let (missing, refresh) = (seconds(missing), seconds(refresh));
+            let local = local.unwrap_or(true);
+            quote! {
+                const CACHE: ::earnorm::__private::Option<::earnorm::RecordCache> = ::earnorm::__private::Option::Some(
+                    ::earnorm::RecordCache::new(#ttl, #missing).refreshing(#refresh).in_process(#local),
+                );
+            }
+        },
+    );
     let version = container.fields.iter().find(|f| f.version.is_some()).map(|f| {
         let (name, ident) = (&f.bson_name, f.ident);
         quote! {

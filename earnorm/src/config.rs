@@ -13,7 +13,7 @@ use earnorm_cache::{redact_url, CacheConfig};
 /// let config = Config {
 ///     mongo_uri: "mongodb://localhost:27017".into(),
 ///     database: "shop".into(),
-///     redis_uri: None, // no cache: every cached call computes
+///     redis_uri: None, // cached in this process only (the in-process tier)
 ///     cache_config: CacheConfig { prefix: "shop:".into(), ..Default::default() },
 ///     ..Default::default()
 /// };
@@ -25,7 +25,8 @@ pub struct Config {
     pub mongo_uri: String,
     /// Database name.
     pub database: String,
-    /// Redis URL; `None` runs without a cache.
+    /// Redis URL; `None` runs without Redis: values are then cached in this
+    /// process only (the in-process tier, see [`CacheConfig::local`]).
     pub redis_uri: Option<String>,
     /// Cache behaviour.
     pub cache_config: CacheConfig,

@@ -27,7 +27,8 @@ pub use action::{ActionFuture, ActionFutureOf, InTransaction};
 pub use aggregate::Aggregate;
 pub use config::Config;
 pub use earnorm_cache::{
-    self as cache_layer, bypass as bypass_cache, CacheConfig, CacheManager, CacheStats, ConnectionStatus, NamedStats,
+    self as cache_layer, bypass as bypass_cache, CacheConfig, CacheManager, CacheStats, ConnectionStatus, LocalConfig,
+    NamedStats,
 };
 pub use earnorm_derive::{cached, Model};
 pub use env::{cache, init, shutdown, Environment};

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use earnorm_cache::{CacheKey, CacheManager, KeyBuilder, Scope};
+use std::marker::PhantomData;
+
+use earnorm_cache::{CacheKey, CacheManager, Keeper, KeyBuilder, Scope, Stored};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
@@ -45,14 +47,24 @@ fn add_deps(mut builder: KeyBuilder, database: &str, deps: &[Dep]) -> KeyBuilder
     builder
 }
 
-fn finish<A: Serialize + ?Sized>(
-    mut builder: KeyBuilder,
-    version: u32,
-    identity: &[&str],
-    args: &A,
-) -> Option<CacheKey> {
-    builder = builder.raw(&version.to_le_bytes());
-    for name in identity {
+/// What identifies a cached function, as `#[cached]` writes it out.
+#[derive(Debug, Clone, Copy)]
+pub struct Method<'a> {
+    /// The key's name (the function's, or `key = ".."`).
+    pub name: &'a str,
+    /// `version = N`.
+    pub version: u32,
+    /// Whether its values may be kept in the in-process tier (`local`).
+    pub local: bool,
+    /// The type names of `Self`, of its type parameters and of its return type.
+    pub identity: &'a [&'a str],
+    /// `depends_on(..)` and `tags(..)`.
+    pub deps: &'a [Dep],
+}
+
+fn finish<A: Serialize + ?Sized>(mut builder: KeyBuilder, method: &Method<'_>, args: &A) -> Option<CacheKey> {
+    builder = builder.raw(&method.version.to_le_bytes());
+    for name in method.identity {
         builder = builder.raw(name.as_bytes());
     }
     match builder.arg(args).and_then(KeyBuilder::build) {
@@ -66,66 +78,33 @@ fn finish<A: Serialize + ?Sized>(
 
 /// Key of a record-scope method: the model, the record id, the method, the
 /// record's own content (so an outdated copy uses another entry), what
-/// identifies the function (`identity`: the type names of `Self`, of its type
-/// parameters and of its return type) and the arguments. `None` (call
-/// uncached) without an environment or an id.
+/// identifies the function and the arguments. `None` (call uncached)
+/// without an environment or an id.
 pub fn record_method_key<M: Model, A: Serialize + ?Sized>(
     record: &M,
-    name: &str,
-    version: u32,
-    identity: &[&str],
-    deps: &[Dep],
+    method: &Method<'_>,
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
     let id = record.id_key()?;
-    key(
-        Namespace::Model(M::COLLECTION),
-        name,
-        version,
-        identity,
-        deps,
-        args,
-        |builder, model| builder.scope(Scope::Record(model, &id)).arg(record).ok(),
-    )
+    key(Namespace::Model(M::COLLECTION), method, args, |builder, model| {
+        builder.scope(Scope::Record(model, &id)).arg(record).ok()
+    })
 }
 
 /// Key of a model-scope associated function.
-pub fn model_key<M: Model, A: Serialize + ?Sized>(
-    name: &str,
-    version: u32,
-    identity: &[&str],
-    deps: &[Dep],
-    args: &A,
-) -> Option<(CacheManager, CacheKey)> {
-    key(
-        Namespace::Model(M::COLLECTION),
-        name,
-        version,
-        identity,
-        deps,
-        args,
-        |builder, model| Some(builder.scope(Scope::Model(model))),
-    )
+pub fn model_key<M: Model, A: Serialize + ?Sized>(method: &Method<'_>, args: &A) -> Option<(CacheManager, CacheKey)> {
+    key(Namespace::Model(M::COLLECTION), method, args, |builder, model| {
+        Some(builder.scope(Scope::Model(model)))
+    })
 }
 
 /// Key of a function with an explicit scope (`namespace` is its module path).
 pub fn free_key<A: Serialize + ?Sized>(
     namespace: &str,
-    name: &str,
-    version: u32,
-    identity: &[&str],
-    deps: &[Dep],
+    method: &Method<'_>,
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
-    key(
-        Namespace::Free(namespace),
-        name,
-        version,
-        identity,
-        deps,
-        args,
-        |builder, _| Some(builder),
-    )
+    key(Namespace::Free(namespace), method, args, |builder, _| Some(builder))
 }
 
 /// Where a cached function lives.
@@ -141,10 +120,7 @@ enum Namespace<'a> {
 /// arguments.
 fn key<A: Serialize + ?Sized>(
     namespace: Namespace<'_>,
-    name: &str,
-    version: u32,
-    identity: &[&str],
-    deps: &[Dep],
+    method: &Method<'_>,
     args: &A,
     scope: impl FnOnce(KeyBuilder, &str) -> Option<KeyBuilder>,
 ) -> Option<(CacheManager, CacheKey)> {
@@ -153,10 +129,67 @@ fn key<A: Serialize + ?Sized>(
             Namespace::Model(collection) => model_scope(database, collection),
             Namespace::Free(module) => model_scope(database, module),
         };
-        let builder = scope(cache.key(&namespace, name), &namespace)?;
-        let builder = add_deps(builder, database, deps);
-        Some((cache.clone(), finish(builder, version, identity, args)?))
+        let builder = scope(cache.key(&namespace, method.name).local(method.local), &namespace)?;
+        let builder = add_deps(builder, database, method.deps);
+        Some((cache.clone(), finish(builder, method, args)?))
     })?
+}
+
+/// Picks how a result of type `R`, cached as output `O` says, is kept in
+/// the in-process tier: by value when the part stored is `Clone`
+/// ([`KeepByClone`]), else as its payload ([`KeepByPayload`]). Call
+/// `(&Pick::<R, O>::new()).keeper()` with both traits in scope: method
+/// resolution takes the first where it applies.
+pub struct Pick<R, O>(PhantomData<fn() -> (R, O)>);
+
+impl<R, O> Pick<R, O> {
+    /// The picker.
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<R, O> std::fmt::Debug for Pick<R, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pick")
+    }
+}
+
+/// Kept by value: the part stored is `Clone`.
+pub trait KeepByClone {
+    /// The keeper.
+    fn keeper(&self) -> Option<Keeper>;
+}
+
+impl<R: 'static, O> KeepByClone for Pick<R, O>
+where
+    O: Stored<R>,
+    O::Value: Clone + Send + Sync + 'static,
+{
+    fn keeper(&self) -> Option<Keeper> {
+        Some(Keeper::cloned::<R, O>())
+    }
+}
+
+/// Kept as its payload: any other type.
+pub trait KeepByPayload {
+    /// No keeper.
+    fn keeper(&self) -> Option<Keeper>;
+}
+
+impl<R, O> KeepByPayload for &Pick<R, O> {
+    fn keeper(&self) -> Option<Keeper> {
+        None
+    }
+}
+
+/// `key`, kept in process as `keeper` says when there is one.
+pub fn kept(key: CacheKey, keeper: Option<Keeper>) -> CacheKey {
+    match keeper {
+        Some(keeper) => key.kept_by(keeper),
+        None => key,
+    }
 }
 
 /// A TTL in seconds.

@@ -37,6 +37,9 @@ pub struct RecordCache {
     /// than this left to live reads it again (one caller per process and
     /// key, one process at a time) before it expires.
     pub refresh: Option<Duration>,
+    /// Whether records may be kept in the in-process tier, when the cache
+    /// has one (`cache(local = false)`: off, every read goes to Redis).
+    pub local: bool,
 }
 
 impl RecordCache {
@@ -47,7 +50,14 @@ impl RecordCache {
             ttl: Duration::from_secs(ttl_seconds),
             missing,
             refresh: None,
+            local: true,
         }
+    }
+
+    /// The same, kept in the in-process tier or not (see [`local`](Self::local)).
+    pub const fn in_process(mut self, local: bool) -> Self {
+        self.local = local;
+        self
     }
 
     /// The same, refreshing ahead of the expiry in the last `refresh`.
@@ -68,7 +78,7 @@ impl RecordCache {
 /// The key of `id`'s record in the record cache of `M`, when `M` has one,
 /// the cache is on and the id has a key form.
 fn record_cache_key<M: Model>(env: &Environment, id: &M::Id) -> Option<CacheKey> {
-    M::CACHE?;
+    let record_cache = M::CACHE?;
     let cache = env.cache();
     if !cache.config().enabled {
         return None;
@@ -80,6 +90,7 @@ fn record_cache_key<M: Model>(env: &Environment, id: &M::Id) -> Option<CacheKey>
         .scope(Scope::Record(&namespace, &id))
         // Two types stored in one collection never read each other's entries.
         .raw(std::any::type_name::<M>().as_bytes())
+        .local(record_cache.local)
         .build()
         .ok()
 }
@@ -263,7 +274,7 @@ impl Read {
         read: impl FnOnce(Environment, Document) -> F,
     ) -> Result<T>
     where
-        T: Serialize + serde::de::DeserializeOwned,
+        T: Serialize + serde::de::DeserializeOwned + 'static,
         Q: Serialize,
         F: Future<Output = Result<T>>,
     {
@@ -314,7 +325,7 @@ pub(crate) async fn read_cached<T, F>(
     read: F,
 ) -> Result<T>
 where
-    T: Serialize + serde::de::DeserializeOwned,
+    T: Serialize + serde::de::DeserializeOwned + 'static,
     F: Future<Output = Result<T>>,
 {
     match key {

@@ -461,3 +461,26 @@ impl Drop for ChildTest {
         self.kill();
     }
 }
+
+/// How many times each cached body ran, by name: bodies call [`ran`],
+/// tests read [`runs`] (one table per test binary).
+static RUNS: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>> = std::sync::Mutex::new(None);
+
+/// Counts one run of the body named `what`.
+pub fn ran(what: &str) {
+    *RUNS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get_or_insert_with(std::collections::HashMap::new)
+        .entry(what.to_owned())
+        .or_default() += 1;
+}
+
+/// How many times the body named `what` ran.
+pub fn runs(what: &str) -> usize {
+    RUNS.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+        .and_then(|m| m.get(what).copied())
+        .unwrap_or(0)
+}

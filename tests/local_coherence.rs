@@ -1,0 +1,219 @@
+//! The in-process tier beside Redis, across environments that stand in for
+//! processes: another process's write reaches the tier within the push's
+//! delivery lag, the writer's own process never reads its old value, and a
+//! lost invalidation channel (killed, or Redis restarted) drops the tier
+//! until it is subscribed again.
+
+use std::time::{Duration, Instant};
+
+use earnorm::bson::{doc, oid::ObjectId};
+use earnorm::prelude::*;
+use earnorm::{Config, ConnectionStatus, Environment, LocalConfig};
+use serde::{Deserialize, Serialize};
+use support::{connect, ran, test_config, RedisServer};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "counters")]
+pub struct Counter {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<ObjectId>,
+    pub name: String,
+    pub value: i64,
+}
+
+impl Counter {
+    /// Reads the stored record, not this copy.
+    #[cached(ttl = 300)]
+    pub async fn stored(&self) -> earnorm::Result<i64> {
+        ran(&self.name);
+        let id = self.id.ok_or(earnorm::Error::NotInitialized)?;
+        Ok(earnorm::bypass_cache(Counter::find_by_id(id))
+            .await?
+            .map_or(-1, |c| c.value))
+    }
+}
+
+/// Two environments on one database and prefix, as two processes would
+/// be: `reader` keeps values in process, `writer` too unless `writer_tier`
+/// is false.
+async fn pair(tag: &str, redis: Option<String>, writer_tier: bool) -> (Environment, Environment, Config) {
+    let mut config = test_config(tag);
+    if let Some(url) = redis {
+        config.redis_uri = Some(url);
+    }
+    config.cache_config.local = LocalConfig {
+        capacity: 1_000,
+        with_redis: true,
+    };
+    let reader = connect(config.clone()).await;
+    let mut writer_config = config.clone();
+    writer_config.cache_config.local.with_redis = writer_tier;
+    let writer = connect(writer_config).await;
+    (reader, writer, config)
+}
+
+/// Waits until `env`'s tier serves (its channel is subscribed and Redis
+/// serves hits), by reading `counter` until a read is a local hit.
+async fn until_local_hits(env: &Environment, counter: &Counter) {
+    let limit = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = env.cache().stats().local_hits;
+        let _ = env.scope(counter.stored()).await;
+        if env.cache().stats().local_hits > before {
+            return;
+        }
+        assert!(
+            Instant::now() < limit,
+            "the tier never served: {:?}",
+            env.cache().stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn saved(env: &Environment, name: &str, value: i64) -> Counter {
+    let mut counter = Counter {
+        id: None,
+        name: name.to_owned(),
+        value,
+    };
+    counter.save().in_env(env).await.expect("save");
+    counter
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_s_write_reaches_the_tier_within_the_push_lag() {
+    let (reader, writer, _) = pair("coherent", None, true).await;
+    let copy = saved(&writer, "c1", 1).await;
+    until_local_hits(&reader, &copy).await;
+    until_local_hits(&writer, &copy).await;
+
+    let mut changed = copy.clone();
+    changed.value = 2;
+    changed.save().in_env(&writer).await.expect("save");
+    let acknowledged = Instant::now();
+    // The writer's own process never reads its old value.
+    assert_eq!(writer.scope(copy.stored()).await.expect("writer"), 2);
+    // The other one reads it for the push's delivery lag at most.
+    let mut stale = 0u32;
+    loop {
+        match reader.scope(copy.stored()).await.expect("reader") {
+            2 => break,
+            1 => stale += 1,
+            other => panic!("read {other}"),
+        }
+        assert!(
+            acknowledged.elapsed() < Duration::from_secs(2),
+            "the reader still serves the old value {:?} after the write ({stale} stale reads)",
+            acknowledged.elapsed()
+        );
+        tokio::task::yield_now().await;
+    }
+    // The window: from the write's acknowledgement to the reader's first
+    // read of the new value.
+    eprintln!(
+        "cross-process window: {:?}, {stale} stale reads in it",
+        acknowledged.elapsed()
+    );
+    // Kept again, and served in process.
+    until_local_hits(&reader, &copy).await;
+    assert_eq!(reader.scope(copy.stored()).await.expect("reader"), 2);
+    let _ = writer.database().drop().await;
+}
+
+/// The generation key of `counter`'s record scope, as the keyspace names it.
+fn record_generation(config: &Config, counter: &Counter) -> String {
+    let prefix = &config.cache_config.prefix;
+    let id = counter.id.expect("id").to_hex();
+    format!("{prefix}g:r:{}.counters:{id}", config.database)
+}
+
+/// The ids of the clients named `name` on `server`.
+fn clients_named(server: &RedisServer, name: &str) -> Vec<String> {
+    server
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|line| line.split(' ').any(|field| field == format!("name={name}")))
+        .filter_map(|line| {
+            line.split(' ')
+                .find_map(|field| field.strip_prefix("id="))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_channel_drops_the_tier_so_a_write_in_the_gap_is_not_missed() {
+    let server = RedisServer::start();
+    let (reader, writer, config) = pair("channel_kill", Some(server.url()), false).await;
+    let counter = saved(&writer, "k1", 1).await;
+    until_local_hits(&reader, &counter).await;
+    let channels = clients_named(&server, "earnorm-tracking");
+    assert_eq!(channels.len(), 1, "the reader's channel alone");
+
+    // Another process's write lands in the database, and its invalidation
+    // reaches Redis right after the reader's channel is killed: no push
+    // will ever tell the reader.
+    writer
+        .database()
+        .collection::<earnorm::bson::Document>("counters")
+        .update_one(doc! { "_id": counter.id }, doc! { "$set": { "value": 2 } })
+        .await
+        .expect("raw write");
+    let generation = record_generation(&config, &counter);
+    let mut redis = redis::Client::open(server.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let (): () = redis::pipe()
+        .cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&channels[0])
+        .ignore()
+        .cmd("DEL")
+        .arg(&generation)
+        .ignore()
+        .query_async(&mut redis)
+        .await
+        .expect("kill and invalidate");
+
+    // Once the reader knows its channel is lost, it serves nothing it kept.
+    let limit = Instant::now() + Duration::from_secs(5);
+    while reader.cache().stats().local_resets == 0 {
+        assert!(Instant::now() < limit, "the loss was never noticed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(reader.scope(counter.stored()).await.expect("read"), 2);
+    // And it subscribes again: hits in process resume.
+    until_local_hits(&reader, &counter).await;
+    assert_eq!(reader.scope(counter.stored()).await.expect("read"), 2);
+    let _ = writer.database().drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_drops_the_tier() {
+    let mut server = RedisServer::start();
+    let (reader, writer, _) = pair("channel_restart", Some(server.url()), false).await;
+    let counter = saved(&writer, "r1", 1).await;
+    until_local_hits(&reader, &counter).await;
+
+    server.kill();
+    // Written while Redis is down: the writer queues its invalidation, and
+    // Redis comes back empty.
+    let mut changed = counter.clone();
+    changed.value = 2;
+    changed.save().in_env(&writer).await.expect("save");
+    server.restart();
+    assert!(
+        reader
+            .cache()
+            .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(20))
+            .await,
+        "the reader reconnects"
+    );
+    assert!(reader.cache().stats().local_resets >= 1);
+    assert_eq!(reader.scope(counter.stored()).await.expect("read"), 2);
+    let _ = writer.database().drop().await;
+}
