@@ -17,7 +17,7 @@ use crate::flight::{Follower, Leader, Next, Outcome, Role};
 use crate::generations::{Expected, Generations, Lookup};
 use crate::key::CacheKey;
 use crate::lease::{Lease, LeaseGuard};
-use crate::local::{Kept, Local, Noted};
+use crate::local::{Keeper, Kept, Local, Noted};
 use crate::manager::bypassed;
 use crate::stats::{Event, Served};
 use crate::token::new_token;
@@ -109,7 +109,7 @@ impl CacheManager {
         }
         let local = self.local_for(key);
         if let Some(local) = local {
-            if let Some(value) = self.local_hit::<R, O>(local, key) {
+            if let Some(value) = self.local_hit_of::<R, O>(local, key) {
                 return value;
             }
         }
@@ -157,23 +157,33 @@ impl CacheManager {
         value
     }
 
-    /// The value the in-process tier holds for `key`, counted as a hit.
-    /// Beside Redis, only while this manager serves hits from Redis too
-    /// (not while another manager may hold invalidations it could not send).
-    fn local_hit<R: 'static, O: Output<R>>(&self, local: &Local, key: &CacheKey) -> Option<R> {
+    /// The value the in-process tier holds under `id`, restored with
+    /// `keeper` (or decoded as `O`), counted as a hit. Beside Redis, only
+    /// while this manager serves hits from Redis too (not while another
+    /// manager may hold invalidations it could not send).
+    pub(crate) fn local_hit_by<R: 'static, O: Output<R>>(
+        &self,
+        local: &Local,
+        id: u128,
+        keeper: Option<Keeper>,
+    ) -> Option<R> {
+        let held = local.get(id)?;
         let conn = self.connection();
-        if conn.is_enabled() && !conn.serves(key) {
+        if conn.is_enabled() && !conn.serves_covered(held.feed_covered) {
             return None;
         }
-        let kept = local.get(key)?;
-        let value = match &kept {
-            Kept::Value(_) => key.keeper.0.and_then(|keeper| keeper.restore::<R>(&kept)),
+        let value = match &held.kept {
+            Kept::Value(_) => keeper.and_then(|keeper| keeper.restore::<R>(&held.kept)),
             Kept::Payload(payload) => O::decode(payload).ok(),
         }?;
         let counters = &conn.counters;
-        counters.count(key.named.get(), Event::Hit);
-        counters.count(key.named.get(), Event::LocalHit);
+        counters.count(held.named.get(), Event::Hit);
+        counters.count(held.named.get(), Event::LocalHit);
         Some(value)
+    }
+
+    fn local_hit_of<R: 'static, O: Output<R>>(&self, local: &Local, key: &CacheKey) -> Option<R> {
+        self.local_hit_by::<R, O>(local, key.local, key.keeper.0)
     }
 
     /// A cached call without Redis (the embedded mode): single flight in
@@ -195,11 +205,11 @@ impl CacheManager {
         Fut: Future<Output = R>,
     {
         let began = Instant::now();
-        let deadline = began + self.config().lease_wait;
+        let deadline = wait_until(began, self.config().lease_wait);
         let mut budget = self.config().operation_timeout;
         for round in 0..MAX_ROUNDS {
             if round > 0 {
-                if let Some(value) = self.local_hit::<R, O>(local, key) {
+                if let Some(value) = self.local_hit_of::<R, O>(local, key) {
                     return (value, Served::Coalesced);
                 }
             }
@@ -319,7 +329,7 @@ impl CacheManager {
 
     /// Waits for the leader of this key's flight (see [`crate::flight`]).
     async fn follow<R, O: Output<R>>(&self, key: &CacheKey, follower: Follower, call: &mut Call) -> Next<R> {
-        let deadline = call.began + self.config().lease_wait;
+        let deadline = wait_until(call.began, self.config().lease_wait);
         match follower.wait(call.began, deadline, &mut call.budget).await {
             Next::Use(payload) => match O::decode(&payload) {
                 Ok(value) => {
@@ -464,7 +474,8 @@ impl CacheManager {
                 &mut call.budget,
             )
             .await;
-        call.verified = matches!(stored, Ok(true));
+        // Kept in process only when it could be served from Redis too.
+        call.verified = matches!(stored, Ok(true)) && serving_before && conn.serves(key);
         let outcome = match stored {
             Ok(true) if serving_before && conn.serves(key) => Outcome::Stored(payload.into(), store_sent),
             Ok(true) => Outcome::Computed(payload.into()),
@@ -532,7 +543,7 @@ impl CacheManager {
     /// over if it can. Gives up when time runs out or the cache cannot be
     /// read: the caller then computes without the lease.
     async fn await_holder<R, O: Output<R>>(&self, key: &CacheKey, call: &mut Call) -> Awaited<R> {
-        let deadline = call.began + self.config().lease_wait;
+        let deadline = wait_until(call.began, self.config().lease_wait);
         let lease = self.lease_key(key);
         let mut pause = Duration::from_millis(1);
         loop {
@@ -585,6 +596,15 @@ fn keep_in_process<R: 'static, O: Output<R>>(
         None => Kept::Payload(O::encode(value)?.ok()?.into()),
     };
     Some(local.keep(key, noted, kept, ttl))
+}
+
+/// `began` plus `wait`, for a wait the settings may make too long to add
+/// (a deserialized `lease_wait` of `Duration::MAX`): then a year.
+fn wait_until(began: Instant, wait: Duration) -> Instant {
+    began
+        .checked_add(wait)
+        .or_else(|| began.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(began)
 }
 
 /// How long before its expiry a hit is refreshed: `refresh`, or, for a

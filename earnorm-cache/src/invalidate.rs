@@ -27,7 +27,13 @@ impl CacheManager {
     /// [`invalidate`](Self::invalidate), counted (in the exported metrics)
     /// as coming from `source`.
     pub async fn invalidate_from(&self, scopes: &[Scope<'_>], source: InvalidationSource) {
+        // In process before and after Redis: a call that noted the tier's
+        // counters between the first bump and the generations' deletion
+        // could still read the old value from Redis and keep it; the second
+        // bump (made even if this call is cancelled) drops it before the
+        // writer goes on.
         self.invalidate_in_process(scopes);
+        let _after = OnDrop(|| self.invalidate_in_process(scopes));
         self.forget_flights();
         debug!(scopes = scopes.len(), source = source.as_str(), "invalidating");
         self.connection().invalidate(scopes, source).await;
@@ -54,7 +60,9 @@ impl CacheManager {
     /// # Errors
     /// As [`invalidate_all`](Self::invalidate_all).
     pub async fn invalidate_all_from(&self, source: InvalidationSource) -> Result<u64, CacheError> {
+        // Before and after Redis, as in `invalidate_from`.
         self.clear_in_process();
+        let _after = OnDrop(|| self.clear_in_process());
         self.forget_flights();
         self.connection().counters.invalidated(source);
         if !self.connection().is_enabled() && self.inner.local.is_some() {
@@ -85,8 +93,10 @@ impl CacheManager {
     /// When the cache is disabled, unavailable or fails part-way (keys deleted
     /// before the failure stay deleted).
     pub async fn delete_pattern(&self, pattern: &str) -> Result<u64, CacheError> {
-        // Which kept values a pattern matches is not known in process.
+        // Which kept values a pattern matches is not known in process:
+        // all go, before and after Redis (as in `invalidate_from`).
         self.clear_in_process();
+        let _after = OnDrop(|| self.clear_in_process());
         let full = self.connection().keys().glob(pattern);
         let deleted = self.unlink_matching(&full).await?;
         debug!(pattern = %full, deleted, "pattern deletion");
@@ -124,5 +134,15 @@ impl CacheManager {
     /// must not join a computation that began before it.
     pub(crate) fn forget_flights(&self) {
         self.inner.flights.clear();
+    }
+}
+
+/// Runs its closure when dropped: at the end of the scope, or when the
+/// future holding it is cancelled.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }

@@ -15,11 +15,11 @@
 use std::fmt::Write as _;
 
 use serde::Serialize;
-use xxhash_rust::xxh3::{xxh3_128, Xxh3};
+use xxhash_rust::xxh3::{xxh3_128_with_seed, Xxh3};
 
 use crate::key_encoding::KeyEncoder;
 use crate::keyspace::Keyspace;
-use crate::local::{stripe, Keeper};
+use crate::local::{seed, stripe, Keeper};
 use crate::scope::Scope;
 use crate::stats::NamedCounters;
 use crate::CacheError;
@@ -37,7 +37,8 @@ pub struct CacheKey {
     pub(crate) feed_covered: bool,
     /// The counters of the key's namespace and name.
     pub(crate) named: Named,
-    /// The key of the value in the in-process tier (a hash of `value`).
+    /// The key of the value in the in-process tier: a hash of `value`, or
+    /// the caller's [`Fingerprint`], with a seed random per process.
     pub(crate) local: u128,
     /// The in-process stripe of each generation in `generations`, in order.
     pub(crate) stripes: Vec<u32>,
@@ -96,6 +97,46 @@ impl CacheKey {
     }
 }
 
+/// A 128-bit hash of what makes a key, computed without building it: how a
+/// caller names a value in the in-process tier cheaply (see
+/// [`KeyBuilder::local_id`] and [`CacheManager::local_hit`](crate::CacheManager::local_hit)).
+/// The same canonical encoding as the key's own hash, written into a
+/// buffer and hashed at once, with a seed random per process; the caller
+/// mixes in everything the key is built from (namespace, name, scopes,
+/// arguments), each part self-delimiting.
+#[derive(Debug, Clone, Default)]
+pub struct Fingerprint(Vec<u8>);
+
+impl Fingerprint {
+    /// Mixes raw bytes in, length first.
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.0.extend_from_slice(bytes);
+        self
+    }
+
+    /// Mixes a value in by its canonical encoding (see [`KeyBuilder::arg`]).
+    ///
+    /// # Errors
+    /// [`CacheError::KeyArgument`] when the value cannot be serialized.
+    pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<&mut Self, CacheError> {
+        value
+            .serialize(&mut KeyEncoder(&mut self.0))
+            .map_err(CacheError::KeyArgument)?;
+        Ok(self)
+    }
+
+    /// Empties it, for another key (its buffer is kept).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// The 128-bit id.
+    pub fn finish(&self) -> u128 {
+        xxh3_128_with_seed(&self.0, seed())
+    }
+}
+
 /// Builds a [`CacheKey`]; get one from [`CacheManager::key`](crate::CacheManager::key).
 pub struct KeyBuilder {
     /// `PREFIX v:NAMESPACE:NAME:` so far; the id and hash are appended by `build`.
@@ -109,6 +150,9 @@ pub struct KeyBuilder {
     feed_covered: bool,
     named: Named,
     in_process: bool,
+    /// The key's identity in the in-process tier, when the caller computed
+    /// it itself (see [`Fingerprint`]).
+    local_id: Option<u128>,
     hasher: Xxh3,
 }
 
@@ -140,6 +184,7 @@ impl KeyBuilder {
             feed_scopes,
             named: Named(named),
             in_process: true,
+            local_id: None,
             hasher: Xxh3::new(),
         }
     }
@@ -170,6 +215,17 @@ impl KeyBuilder {
     #[must_use]
     pub fn local(mut self, allowed: bool) -> Self {
         self.in_process = allowed;
+        self
+    }
+
+    /// Names the value in the in-process tier by `id` (a [`Fingerprint`] of
+    /// everything that makes this key) instead of by a hash of the finished
+    /// key, so that [`CacheManager::local_hit`](crate::CacheManager::local_hit)
+    /// finds it without the key being built. Two keys that differ must have
+    /// different ids.
+    #[must_use]
+    pub fn local_id(mut self, id: u128) -> Self {
+        self.local_id = Some(id);
         self
     }
 
@@ -209,7 +265,9 @@ impl KeyBuilder {
         let _ = write!(self.value, ":{:032x}", self.hasher.digest128());
         let prefix_len = self.prefix_len;
         Ok(CacheKey {
-            local: xxh3_128(self.value.as_bytes()),
+            local: self
+                .local_id
+                .unwrap_or_else(|| xxh3_128_with_seed(self.value.as_bytes(), seed())),
             stripes: self
                 .generations
                 .iter()

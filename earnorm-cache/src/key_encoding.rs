@@ -61,9 +61,30 @@ mod tag {
 }
 
 /// Writes values into a hash.
-pub(crate) struct KeyEncoder<'a>(pub(crate) &'a mut Xxh3);
+pub(crate) struct KeyEncoder<'a, S: Sink = Xxh3>(pub(crate) &'a mut S);
 
-impl KeyEncoder<'_> {
+/// Where the encoding goes: streamed into a hasher, or written into a
+/// buffer that is hashed at once (cheaper for short encodings).
+pub(crate) trait Sink {
+    fn update(&mut self, bytes: &[u8]);
+}
+
+impl Sink for Xxh3 {
+    #[inline]
+    fn update(&mut self, bytes: &[u8]) {
+        Xxh3::update(self, bytes);
+    }
+}
+
+impl Sink for Vec<u8> {
+    #[inline]
+    fn update(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl<S: Sink> KeyEncoder<'_, S> {
+    #[inline]
     fn tag(&mut self, tag: u8) {
         self.0.update(&[tag]);
     }
@@ -107,7 +128,7 @@ macro_rules! widen {
     )*};
 }
 
-impl<'a, 'b> ser::Serializer for &'a mut KeyEncoder<'b> {
+impl<'a, 'b, S: Sink> ser::Serializer for &'a mut KeyEncoder<'b, S> {
     type Ok = ();
     type Error = KeyArgumentError;
     type SerializeSeq = Self;
@@ -252,7 +273,7 @@ impl<'a, 'b> ser::Serializer for &'a mut KeyEncoder<'b> {
 /// element is self-delimiting; the end tag closes the value.
 macro_rules! elements {
     ($($trait:ident :: $method:ident),*) => {$(
-        impl<'a, 'b> ser::$trait for &'a mut KeyEncoder<'b> {
+        impl<'a, 'b, S: Sink> ser::$trait for &'a mut KeyEncoder<'b, S> {
             type Ok = ();
             type Error = KeyArgumentError;
             fn $method<T: ?Sized + Serialize>(&mut self, value: &T) -> Result {
@@ -272,7 +293,7 @@ elements!(
     SerializeTupleVariant::serialize_field
 );
 
-impl<'a, 'b> ser::SerializeMap for &'a mut KeyEncoder<'b> {
+impl<'a, 'b, S: Sink> ser::SerializeMap for &'a mut KeyEncoder<'b, S> {
     type Ok = ();
     type Error = KeyArgumentError;
     fn serialize_key<T: ?Sized + Serialize>(&mut self, key: &T) -> Result {
@@ -291,7 +312,7 @@ impl<'a, 'b> ser::SerializeMap for &'a mut KeyEncoder<'b> {
 /// left out by `skip_serializing_if` is named as skipped.
 macro_rules! fields {
     ($($trait:ident),*) => {$(
-        impl<'a, 'b> ser::$trait for &'a mut KeyEncoder<'b> {
+        impl<'a, 'b, S: Sink> ser::$trait for &'a mut KeyEncoder<'b, S> {
             type Ok = ();
             type Error = KeyArgumentError;
             fn serialize_field<T: ?Sized + Serialize>(&mut self, name: &'static str, value: &T) -> Result {

@@ -185,7 +185,7 @@ mod token;
 pub use codec::{OptionOutput, Output, PlainOutput, ResultOutput, Stored};
 pub use config::CacheConfig;
 pub use error::CacheError;
-pub use key::{CacheKey, KeyBuilder, MAX_DEPENDENCIES};
+pub use key::{CacheKey, Fingerprint, KeyBuilder, MAX_DEPENDENCIES};
 pub use key_encoding::KeyArgumentError;
 pub use keyspace::escape_glob;
 pub use local::{Keeper, LocalConfig};

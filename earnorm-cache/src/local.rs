@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::key::CacheKey;
+use crate::key::{CacheKey, Named};
 
 /// Number of generation stripes (a power of two).
 const STRIPES: usize = 1 << 16;
@@ -149,6 +149,10 @@ impl Keeper {
 /// One kept value, with what it was computed under.
 struct Entry {
     kept: Kept,
+    /// The counters of the key's name, and whether a database feed covers
+    /// every scope it depends on (what serving it checks, without the key).
+    named: Named,
+    feed_covered: bool,
     /// Each stripe the value depends on, and its count before the
     /// computation started.
     seen: Box<[(u32, u64)]>,
@@ -156,6 +160,13 @@ struct Entry {
     epoch: u64,
     /// When the value's time to live ends.
     expires: Instant,
+}
+
+/// A current value the tier holds, with what counting and serving it need.
+pub(crate) struct Held {
+    pub(crate) kept: Kept,
+    pub(crate) named: Named,
+    pub(crate) feed_covered: bool,
 }
 
 /// What a computation noted before it started: the counts to keep its
@@ -220,19 +231,24 @@ impl Local {
         self.stripes[stripe as usize].load(Ordering::SeqCst)
     }
 
-    /// The value kept for `key`, when it is current and alive.
-    pub(crate) fn get(&self, key: &CacheKey) -> Option<Kept> {
+    /// The value kept under `id` (a key's [`CacheKey::local`]), when it is
+    /// current and alive.
+    pub(crate) fn get(&self, id: u128) -> Option<Held> {
         if !self.serving.load(Ordering::SeqCst) {
             return None;
         }
-        let entry = self.entries.get(&key.local)?;
+        let entry = self.entries.get(&id)?;
         let current = entry.epoch == self.epoch.load(Ordering::SeqCst)
             && entry.seen.iter().all(|&(stripe, count)| self.count(stripe) == count)
             && Instant::now() < entry.expires;
         if current {
-            Some(entry.kept.clone())
+            Some(Held {
+                kept: entry.kept.clone(),
+                named: entry.named.clone(),
+                feed_covered: entry.feed_covered,
+            })
         } else {
-            self.entries.invalidate(&key.local);
+            self.entries.invalidate(&id);
             None
         }
     }
@@ -259,6 +275,8 @@ impl Local {
         };
         let entry = Entry {
             kept,
+            named: key.named.clone(),
+            feed_covered: key.feed_covered,
             seen: noted.seen,
             epoch: noted.epoch,
             expires,
@@ -300,6 +318,15 @@ impl Local {
     }
 }
 
+/// The seed of this process's in-process ids ([`CacheKey::local`],
+/// `Fingerprint`): random per process, so that nobody who controls key
+/// arguments (record ids, say) can craft two keys with one id; the tier is
+/// never shared with another process, so its ids need not agree with theirs.
+pub(crate) fn seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(crate::token::random_u64)
+}
+
 /// The stripe of the generation key `name` (relative to the prefix).
 pub(crate) fn stripe(name: &[u8]) -> u32 {
     // The mask keeps 16 bits: the cast cannot truncate.
@@ -323,8 +350,8 @@ mod tests {
         Kept::Payload(Arc::from(text.as_bytes()))
     }
 
-    fn held(kept: Option<Kept>) -> Option<Vec<u8>> {
-        match kept? {
+    fn held(held: Option<Held>) -> Option<Vec<u8>> {
+        match held?.kept {
             Kept::Payload(bytes) => Some(bytes.to_vec()),
             Kept::Value(_) => None,
         }
@@ -340,8 +367,8 @@ mod tests {
         local.invalidate([&b"g:r:users:1"[..]]);
         assert!(!local.keep(&one, noted, payload("old"), Duration::from_secs(60)));
         assert!(local.keep(&two, noted_two, payload("two"), Duration::from_secs(60)));
-        assert_eq!(held(local.get(&one)), None);
-        assert_eq!(held(local.get(&two)).as_deref(), Some(&b"two"[..]));
+        assert_eq!(held(local.get(one.local)), None);
+        assert_eq!(held(local.get(two.local)).as_deref(), Some(&b"two"[..]));
     }
 
     #[test]
@@ -350,17 +377,17 @@ mod tests {
         let one = key("1");
         let noted = local.note(&one);
         assert!(local.keep(&one, noted, payload("v1"), Duration::from_secs(60)));
-        assert!(local.get(&one).is_some());
+        assert!(local.get(one.local).is_some());
         local.invalidate([&b"g:r:users:1"[..]]);
-        assert!(local.get(&one).is_none(), "the record's write drops it");
+        assert!(local.get(one.local).is_none(), "the record's write drops it");
         let noted = local.note(&one);
         assert!(local.keep(&one, noted, payload("v2"), Duration::from_secs(60)));
         local.invalidate([&b"g:m:users"[..]]);
-        assert!(local.get(&one).is_none(), "a bulk write to the model drops it");
+        assert!(local.get(one.local).is_none(), "a bulk write to the model drops it");
         let noted = local.note(&one);
         assert!(local.keep(&one, noted, payload("v3"), Duration::from_secs(60)));
         local.clear();
-        assert!(local.get(&one).is_none(), "so does clearing everything");
+        assert!(local.get(one.local).is_none(), "so does clearing everything");
     }
 
     #[test]
@@ -375,12 +402,12 @@ mod tests {
         local.regain();
         let noted = local.note(&one);
         assert!(local.keep(&one, noted, payload("v"), Duration::from_secs(60)));
-        assert!(local.get(&one).is_some());
+        assert!(local.get(one.local).is_some());
         let noted_before = local.note(&one);
         local.lose();
-        assert!(local.get(&one).is_none(), "nothing is served through the gap");
+        assert!(local.get(one.local).is_none(), "nothing is served through the gap");
         local.regain();
-        assert!(local.get(&one).is_none(), "what was kept before the loss is gone");
+        assert!(local.get(one.local).is_none(), "what was kept before the loss is gone");
         assert!(
             !local.keep(&one, noted_before, payload("v"), Duration::from_secs(60)),
             "a computation noted before the gap may have missed a write in it"
@@ -394,9 +421,9 @@ mod tests {
         let one = key("1");
         let noted = local.note(&one);
         assert!(local.keep(&one, noted, payload("v"), Duration::from_millis(20)));
-        assert!(local.get(&one).is_some());
+        assert!(local.get(one.local).is_some());
         std::thread::sleep(Duration::from_millis(30));
-        assert!(local.get(&one).is_none());
+        assert!(local.get(one.local).is_none());
     }
 
     #[test]

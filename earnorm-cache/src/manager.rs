@@ -48,8 +48,10 @@ pub(crate) fn bypassed() -> bool {
 /// * **No stale sets.** A value is stored only if no write invalidated its
 ///   scopes since its computation began.
 /// * **Single flight.** Concurrent misses on one key compute once per process.
-/// * **Optional.** A manager built with no URL (or `enabled = false`) is
-///   disabled: every call computes, nothing is stored.
+/// * **Optional.** A manager built with no URL caches in this process only
+///   (the in-process tier, see [`LocalConfig`](crate::LocalConfig)); with
+///   `enabled = false`, or no URL and the tier off, it is disabled: every
+///   call computes, nothing is stored.
 ///
 /// Dropping the last handle stops the background reconnection task.
 #[derive(Clone, Debug)]
@@ -86,8 +88,9 @@ impl Drop for Inner {
 impl CacheManager {
     /// Connects to Redis at `url` (`redis://[user:password@]host[:port][/db]`,
     /// or `rediss://` for TLS, verified against the system's root certificates
-    /// unless the URL ends in `#insecure`), or builds a disabled manager for
-    /// `None`.
+    /// unless the URL ends in `#insecure`), or, for `None`, builds a manager
+    /// without Redis: it caches in the in-process tier (on by default,
+    /// [`LocalConfig`](crate::LocalConfig)), or not at all when that is off.
     ///
     /// Makes one connection attempt (bounded by `connect_timeout`) before
     /// returning; if Redis is not there, the manager starts
@@ -100,6 +103,10 @@ impl CacheManager {
     /// [`CacheError::NoRuntime`] outside a Tokio runtime; an unreachable
     /// Redis is not an error.
     pub async fn connect(url: Option<&str>, config: CacheConfig) -> Result<Self, CacheError> {
+        if url.is_none() && config.enabled && config.local.capacity > 0 {
+            // The embedded mode uses the settings too (`lease_wait`, `ttl`).
+            config.validate()?;
+        }
         let connection = Arc::new(Connection::new(url, config)?);
         if connection.is_enabled() {
             if tokio::runtime::Handle::try_current().is_err() {
@@ -155,6 +162,27 @@ impl CacheManager {
     /// whatever the number of distinct keys.
     pub fn local_entries(&self) -> u64 {
         self.inner.local.as_deref().map_or(0, Local::len)
+    }
+
+    /// Whether this manager has an in-process tier (see
+    /// [`LocalConfig`](crate::LocalConfig)).
+    pub fn has_local(&self) -> bool {
+        self.inner.local.is_some()
+    }
+
+    /// The value the in-process tier holds under `id`, when it is current:
+    /// a hit with no round trip and no key built. `id` is the
+    /// [`Fingerprint`](crate::Fingerprint) the key was built with (see
+    /// [`KeyBuilder::local_id`]); `keeper` restores a value kept by value
+    /// (see [`Keeper`](crate::Keeper)), values kept as payloads decode as
+    /// `O`. `None` when the tier is off or does not hold a current value,
+    /// and inside [`bypass`]. Counted as a hit (and a local hit).
+    pub fn local_hit<R: 'static, O: Output<R>>(&self, id: u128, keeper: Option<crate::Keeper>) -> Option<R> {
+        let local = self.inner.local.as_deref()?;
+        if bypassed() {
+            return None;
+        }
+        self.local_hit_by::<R, O>(local, id, keeper)
     }
 
     /// Whether calls can be served from a cache at all: Redis, or the
@@ -390,9 +418,12 @@ impl CacheManager {
         let payload = codec::encode(value)?;
         let ttl = ttl.unwrap_or(self.config().ttl);
         let mut budget = self.config().operation_timeout;
-        self.store(key, Expected::Any, &payload, ttl, None, &mut budget)
-            .await
-            .map(|_| ())
+        let stored = self.store(key, Expected::Any, &payload, ttl, None, &mut budget).await;
+        // Again: a lookup during the store may have kept the old value.
+        if let Some(local) = &self.inner.local {
+            local.remove(key);
+        }
+        stored.map(|_| ())
     }
 
     /// Deletes one value from Redis, and this process's in-process copy of
@@ -406,7 +437,12 @@ impl CacheManager {
             local.remove(key);
         }
         let mut budget = self.config().operation_timeout;
-        self.delete_within(key, &mut budget).await
+        let deleted = self.delete_within(key, &mut budget).await;
+        // Again: a lookup during the deletion may have kept the old value.
+        if let Some(local) = &self.inner.local {
+            local.remove(key);
+        }
+        deleted
     }
 
     async fn delete_within(&self, key: &CacheKey, budget: &mut Duration) -> Result<bool, CacheError> {

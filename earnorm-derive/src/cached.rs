@@ -370,15 +370,21 @@ fn generate(item: &ItemFn, options: &Options, owner: &Owner, args: &[(&Ident, &T
         }
     };
 
-    let (model_check, key_call, body_call) = match owner {
+    let (model_check, (key_call, hit_call), body_call) = match owner {
         Owner::Record => (
             quote_spanned!(self_span=> #private::assert_model::<Self>();),
-            quote!(#private::record_method_key::<#self_ty, _>(self, #method, #key_args)),
+            (
+                quote!(#private::record_method_key::<#self_ty, _>(self, __earnorm_method, #key_args)),
+                quote!(#private::record_method_hit::<#self_ty, #return_ty, #mode, _>(self, __earnorm_method, #key_args, __earnorm_keeper)),
+            ),
             quote!(self.#uncached #turbofish(#(#arg_names),*)),
         ),
         Owner::Model => (
             quote_spanned!(self_span=> #private::assert_model::<Self>();),
-            quote!(#private::model_key::<#self_ty, _>(#method, #key_args)),
+            (
+                quote!(#private::model_key::<#self_ty, _>(__earnorm_method, #key_args)),
+                quote!(#private::model_hit::<#self_ty, #return_ty, #mode, _>(__earnorm_method, #key_args, __earnorm_keeper)),
+            ),
             quote!(<#self_ty>::#uncached #turbofish(#(#arg_names),*)),
         ),
         // Free or associated: the body is written out in place, since
@@ -396,7 +402,10 @@ fn generate(item: &ItemFn, options: &Options, owner: &Owner, args: &[(&Ident, &T
             });
             (
                 quote!(),
-                quote!(#private::free_key(::core::module_path!(), #method, #key_args)),
+                (
+                    quote!(#private::free_key(::core::module_path!(), __earnorm_method, #key_args)),
+                    quote!(#private::free_hit::<#return_ty, #mode, _>(::core::module_path!(), __earnorm_method, #key_args, __earnorm_keeper)),
+                ),
                 quote!(async move { #(#rebind)* #block }),
             )
         }
@@ -443,16 +452,22 @@ fn generate(item: &ItemFn, options: &Options, owner: &Owner, args: &[(&Ident, &T
             #value_check
             #(#arg_checks)*
             #model_check
+            let __earnorm_method = #method;
+            // Kept in process by value when the cached part of the return
+            // type is `Clone` (cloned out on a hit), else as its payload
+            // (decoded on a hit).
+            let __earnorm_keeper = {
+                #[allow(unused_imports)]
+                use #private::{KeepByClone as _, KeepByPayload as _};
+                (&#private::Pick::<#return_ty, #mode>::new()).keeper()
+            };
+            // An in-process hit, found without building the key.
+            if let #private::Option::Some(__earnorm_hit) = #hit_call {
+                return __earnorm_hit;
+            }
             match #key_call {
                 #private::Option::Some((__earnorm_cache, __earnorm_key)) => {
-                    // Kept in process by value when the cached part of the
-                    // return type is `Clone` (cloned out on a hit), else as
-                    // its payload (decoded on a hit).
-                    let __earnorm_key = #private::kept(__earnorm_key, {
-                        #[allow(unused_imports)]
-                        use #private::{KeepByClone as _, KeepByPayload as _};
-                        (&#private::Pick::<#return_ty, #mode>::new()).keeper()
-                    });
+                    let __earnorm_key = #private::kept(__earnorm_key, __earnorm_keeper);
                     __earnorm_cache
                         .get_or_compute_by::<#return_ty, #mode, _, _>(
                             &__earnorm_key,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use std::marker::PhantomData;
 
-use earnorm_cache::{CacheKey, CacheManager, Keeper, KeyBuilder, Scope, Stored};
+use earnorm_cache::{CacheKey, CacheManager, Fingerprint, Keeper, KeyBuilder, Scope, Stored};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
@@ -57,7 +57,7 @@ pub struct Method<'a> {
     /// Whether its values may be kept in the in-process tier (`local`).
     pub local: bool,
     /// The type names of `Self`, of its type parameters and of its return type.
-    pub identity: &'a [&'a str],
+    pub identity: &'a [&'static str],
     /// `depends_on(..)` and `tags(..)`.
     pub deps: &'a [Dep],
 }
@@ -86,14 +86,18 @@ pub fn record_method_key<M: Model, A: Serialize + ?Sized>(
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
     let id = record.id_key()?;
-    key(Namespace::Model(M::COLLECTION), method, args, |builder, model| {
-        builder.scope(Scope::Record(model, &id)).arg(record).ok()
-    })
+    key(
+        Namespace::Model(M::COLLECTION),
+        method,
+        record,
+        args,
+        |builder, model| builder.scope(Scope::Record(model, &id)).arg(record).ok(),
+    )
 }
 
 /// Key of a model-scope associated function.
 pub fn model_key<M: Model, A: Serialize + ?Sized>(method: &Method<'_>, args: &A) -> Option<(CacheManager, CacheKey)> {
-    key(Namespace::Model(M::COLLECTION), method, args, |builder, model| {
+    key(Namespace::Model(M::COLLECTION), method, &(), args, |builder, model| {
         Some(builder.scope(Scope::Model(model)))
     })
 }
@@ -104,7 +108,122 @@ pub fn free_key<A: Serialize + ?Sized>(
     method: &Method<'_>,
     args: &A,
 ) -> Option<(CacheManager, CacheKey)> {
-    key(Namespace::Free(namespace), method, args, |builder, _| Some(builder))
+    key(Namespace::Free(namespace), method, &(), args, |builder, _| {
+        Some(builder)
+    })
+}
+
+/// The in-process hit of a record-scope method: its value, when the current
+/// environment's in-process tier holds a current one, found without
+/// building its key ([`record_method_key`] names it by the same
+/// fingerprint).
+pub fn record_method_hit<M: Model, R: 'static, O: Output<R>, A: Serialize + ?Sized>(
+    record: &M,
+    method: &Method<'_>,
+    args: &A,
+    keeper: Option<Keeper>,
+) -> Option<R> {
+    hit::<R, O, _, _>(Namespace::Model(M::COLLECTION), method, record, args, keeper)
+}
+
+/// The in-process hit of a model-scope associated function.
+pub fn model_hit<M: Model, R: 'static, O: Output<R>, A: Serialize + ?Sized>(
+    method: &Method<'_>,
+    args: &A,
+    keeper: Option<Keeper>,
+) -> Option<R> {
+    hit::<R, O, _, _>(Namespace::Model(M::COLLECTION), method, &(), args, keeper)
+}
+
+/// The in-process hit of a function with an explicit scope.
+pub fn free_hit<R: 'static, O: Output<R>, A: Serialize + ?Sized>(
+    namespace: &str,
+    method: &Method<'_>,
+    args: &A,
+    keeper: Option<Keeper>,
+) -> Option<R> {
+    hit::<R, O, _, _>(Namespace::Free(namespace), method, &(), args, keeper)
+}
+
+fn hit<R: 'static, O: Output<R>, S: Serialize + ?Sized, A: Serialize + ?Sized>(
+    namespace: Namespace<'_>,
+    method: &Method<'_>,
+    owner: &S,
+    args: &A,
+    keeper: Option<Keeper>,
+) -> Option<R> {
+    if !method.local {
+        return None;
+    }
+    with_current(|cache, database| {
+        if !cache.has_local() {
+            return None;
+        }
+        let id = fingerprint(&namespace, database, method, owner, args)?;
+        cache.local_hit::<R, O>(id, keeper)
+    })?
+}
+
+/// What names a cached function's value in the in-process tier: everything
+/// its key is built from (namespace and database, the method, its scopes'
+/// sources, the arguments), hashed without building the key. `owner` is the
+/// record of a record method (its id and content), `()` otherwise.
+fn fingerprint<S: Serialize + ?Sized, A: Serialize + ?Sized>(
+    namespace: &Namespace<'_>,
+    database: &str,
+    method: &Method<'_>,
+    owner: &S,
+    args: &A,
+) -> Option<u128> {
+    let (kind, name) = match namespace {
+        Namespace::Model(collection) => (b"m", *collection),
+        Namespace::Free(module) => (b"f", *module),
+    };
+    // One buffer per thread, reused: hashing it at once costs less than
+    // streaming the parts into a hasher.
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Fingerprint> = std::cell::RefCell::new(Fingerprint::default());
+    }
+    BUFFER.with(|buffer| {
+        let Ok(mut print) = buffer.try_borrow_mut() else {
+            return fingerprint_into(&mut Fingerprint::default(), kind, name, database, method, owner, args);
+        };
+        fingerprint_into(&mut print, kind, name, database, method, owner, args)
+    })
+}
+
+fn fingerprint_into<S: Serialize + ?Sized, A: Serialize + ?Sized>(
+    print: &mut Fingerprint,
+    kind: &[u8],
+    name: &str,
+    database: &str,
+    method: &Method<'_>,
+    owner: &S,
+    args: &A,
+) -> Option<u128> {
+    print.clear();
+    print
+        .raw(kind)
+        .raw(database.as_bytes())
+        .raw(name.as_bytes())
+        .raw(method.name.as_bytes())
+        .raw(&method.version.to_le_bytes());
+    // The type names come from `type_name`: static strings, told apart by
+    // where they are and how long, in this process (which is all the
+    // tier's ids need; equal places and lengths are equal names).
+    for name in method.identity {
+        print
+            .raw(&(name.as_ptr() as usize).to_le_bytes())
+            .raw(&name.len().to_le_bytes());
+    }
+    for dep in method.deps {
+        match *dep {
+            Dep::Model(model) => print.raw(b"m").raw(model.as_bytes()),
+            Dep::Tag(tag) => print.raw(b"t").raw(tag.as_bytes()),
+        };
+    }
+    print.arg(owner).ok()?.arg(args).ok()?;
+    Some(print.finish())
 }
 
 /// Where a cached function lives.
@@ -117,19 +236,24 @@ enum Namespace<'a> {
 
 /// Builds a key in the current environment: the namespace, then `scope`
 /// adds the function's own scope, then the declared dependencies and the
-/// arguments.
-fn key<A: Serialize + ?Sized>(
+/// arguments; in the in-process tier it is named by its fingerprint.
+fn key<S: Serialize + ?Sized, A: Serialize + ?Sized>(
     namespace: Namespace<'_>,
     method: &Method<'_>,
+    owner: &S,
     args: &A,
     scope: impl FnOnce(KeyBuilder, &str) -> Option<KeyBuilder>,
 ) -> Option<(CacheManager, CacheKey)> {
     with_current(|cache, database| {
-        let namespace = match namespace {
+        let named = match namespace {
             Namespace::Model(collection) => model_scope(database, collection),
             Namespace::Free(module) => model_scope(database, module),
         };
-        let builder = scope(cache.key(&namespace, method.name).local(method.local), &namespace)?;
+        let mut builder = cache.key(&named, method.name).local(method.local);
+        if cache.has_local() && method.local {
+            builder = builder.local_id(fingerprint(&namespace, database, method, owner, args)?);
+        }
+        let builder = scope(builder, &named)?;
         let builder = add_deps(builder, database, method.deps);
         Some((cache.clone(), finish(builder, method, args)?))
     })?

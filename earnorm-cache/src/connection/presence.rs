@@ -194,7 +194,12 @@ impl Connection {
     /// value may be, or when the database feed vouches for values without
     /// tags.
     pub(crate) fn serves(&self, key: &crate::CacheKey) -> bool {
-        self.is_serving() || (key.feed_covered && self.presence.feed_serving.load(Ordering::Acquire))
+        self.serves_covered(key.feed_covered)
+    }
+
+    /// [`serves`](Self::serves) for a value the feed covers or not.
+    pub(crate) fn serves_covered(&self, feed_covered: bool) -> bool {
+        self.is_serving() || (feed_covered && self.presence.feed_serving.load(Ordering::Acquire))
     }
 
     /// Serves nothing until the next heartbeat decides otherwise.

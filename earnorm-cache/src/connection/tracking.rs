@@ -60,6 +60,11 @@ pub(crate) async fn track(conn: Arc<Connection>, local: Arc<Local>) {
                 local.lose();
                 warn!(url = %conn.url, "invalidation channel lost: in-process tier dropped until it is back");
             }
+            Err(err) if attempt == 0 => {
+                // Said once per outage: a Redis that refuses RESP3 or
+                // CLIENT TRACKING (an ACL, say) leaves the tier off for good.
+                warn!(url = %conn.url, error = %err, "invalidation channel not subscribed: the in-process tier serves nothing until it is");
+            }
             Err(err) => {
                 debug!(url = %conn.url, attempt = attempt + 1, error = %err, "invalidation channel not subscribed");
             }
