@@ -217,3 +217,51 @@ async fn a_restarted_redis_drops_the_tier() {
     assert_eq!(reader.scope(counter.stored()).await.expect("read"), 2);
     let _ = writer.database().drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_lives_in_process_no_longer_than_in_redis() {
+    use earnorm::cache_layer::{CacheManager, PlainOutput, Scope};
+    let config = test_config("local_ttl");
+    let url = config.redis_uri.clone().expect("redis");
+    let strict = CacheManager::connect(Some(&url), config.cache_config.clone())
+        .await
+        .expect("connect");
+    let mut tiered_config = config.cache_config.clone();
+    tiered_config.local.with_redis = true;
+    let tiered = CacheManager::connect(Some(&url), tiered_config).await.expect("connect");
+    let key = |cache: &CacheManager| cache.key("ttl", "value").scope(Scope::Tag("ttl")).build().expect("key");
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let compute = || async {
+        runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        7u32
+    };
+    // Stored for one second by a process without the tier.
+    let stored = Instant::now();
+    let _: u32 = strict
+        .get_or_compute::<_, PlainOutput, _>(&key(&strict), Some(Duration::from_secs(1)), compute())
+        .await;
+    // Read from Redis late in its life, and kept in process.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let limit = Instant::now() + Duration::from_secs(5);
+    while tiered.stats().local_hits == 0 {
+        let _: u32 = tiered
+            .get_or_compute::<_, PlainOutput, _>(&key(&tiered), Some(Duration::from_secs(60)), compute())
+            .await;
+        assert!(
+            Instant::now() < limit && stored.elapsed() < Duration::from_millis(900),
+            "never served in process"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Once Redis has let it expire, this process has too.
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(stored.elapsed()) + Duration::from_millis(100)).await;
+    let _: u32 = tiered
+        .get_or_compute::<_, PlainOutput, _>(&key(&tiered), Some(Duration::from_secs(60)), compute())
+        .await;
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "kept in process past its expiry in Redis"
+    );
+}

@@ -40,6 +40,9 @@ pub(crate) struct Call {
     /// hit, or a store the compare-and-set accepted): only such a value is
     /// kept in the in-process tier.
     verified: bool,
+    /// With the tier on, a hit's time left to live in Redis: kept in
+    /// process no longer than that.
+    left: Option<Duration>,
 }
 
 impl Call {
@@ -48,6 +51,7 @@ impl Call {
             began: Instant::now(),
             budget,
             verified: false,
+            left: None,
         }
     }
 }
@@ -145,6 +149,10 @@ impl CacheManager {
                 )
                 .await;
                 if let (Some(local), Some(noted), true) = (local, noted, call.verified) {
+                    let ttl_of = |value: &R| match (ttl_of(value), call.left) {
+                        (Some(ttl), Some(left)) => Some(ttl.min(left)),
+                        (ttl, _) => ttl,
+                    };
                     keep_in_process::<R, O>(local, key, noted, &value, &ttl_of);
                 }
                 (value, served)
@@ -311,11 +319,15 @@ impl CacheManager {
         ttl_of: &impl Fn(&R) -> Option<Duration>,
         call: &mut Call,
     ) -> Result<(R, Option<Generations>), Option<Generations>> {
-        let (lookup, _, left) = self.lookup(key, None, refresh.is_some(), &mut call.budget).await;
+        // With the tier on, the time left too: a value kept in process
+        // lives no longer than in Redis.
+        let want_ttl = refresh.is_some() || self.local_for(key).is_some();
+        let (lookup, _, left) = self.lookup(key, None, want_ttl, &mut call.budget).await;
         match lookup {
             Lookup::Hit(bytes, generations) => match self.open_hit(key, &bytes, O::decode, &mut call.budget).await {
                 Some(value) => {
                     call.verified = true;
+                    call.left = left;
                     let window = refresh.and_then(|refresh| refresh_window(refresh, ttl_of(&value)));
                     let due = matches!((window, left), (Some(window), Some(left)) if left < window);
                     Ok((value, due.then_some(generations)))
@@ -443,6 +455,7 @@ impl CacheManager {
     {
         let conn = self.connection();
         call.verified = false;
+        call.left = None;
         let value = compute.await;
         let payload = match ttl_of(&value).and_then(|ttl| O::encode(&value).map(|payload| (ttl, payload))) {
             Some((ttl, Ok(payload))) => (ttl, payload),

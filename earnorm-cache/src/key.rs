@@ -88,8 +88,14 @@ impl CacheKey {
     }
 
     /// Keeps this key's value in the in-process tier as `keeper` says (by
-    /// value, cloned out on a hit) instead of as its encoded payload. A
-    /// keeper made for another result type than the call's is ignored.
+    /// value, cloned out on a hit) instead of as its encoded payload. Make
+    /// the keeper for the call's result type and output
+    /// (`Keeper::cloned::<R, O>()`): one made for another result type is
+    /// ignored, but one made for another output of the same type decides
+    /// what is kept (a `PlainOutput` keeper would keep `None`s that an
+    /// `OptionOutput` call does not cache). A value kept by value is shared
+    /// by the hits that clone it: interior mutability (an `Arc<Mutex<_>>`
+    /// inside) is shared too, where decoded payloads are fresh copies.
     #[must_use]
     pub fn kept_by(mut self, keeper: Keeper) -> Self {
         self.keeper = Keeping(Some(keeper));
