@@ -66,11 +66,11 @@ async fn main() -> earnorm::Result<()> {
         ..Default::default()
     };
     let env = earnorm::init(config).await?;
-    println!(
-        "cache: {} (Redis {:?})",
-        if embedded { "in process only" } else { "Redis" },
-        earnorm::cache().status()
-    );
+    if embedded {
+        println!("cache: in process only (no Redis)");
+    } else {
+        println!("cache: Redis, {:?}", earnorm::cache().status());
+    }
 
     User::delete_many(doc! {}).await?;
     let mut user = User {

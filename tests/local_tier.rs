@@ -255,3 +255,41 @@ async fn beside_redis_the_tier_is_off_unless_asked_for() {
     .await;
     let _ = env.database().drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_database_feed_invalidates_writes_made_outside_the_orm() {
+    let mut config = embedded_config("local_feed");
+    config.feed = true;
+    let env = connect(config).await;
+    assert!(env.feed_stats().enabled, "the feed runs without Redis");
+    env.scope(async {
+        let wallet = saved(&env, "fi", 1).await;
+        // Let the feed pass the save's own event, so that the value below
+        // is kept.
+        assert!(env.wait_for_feed(Duration::from_secs(5)).await);
+        assert_eq!(wallet.stored_cents().await.expect("read"), 1);
+        assert_eq!(wallet.stored_cents().await.expect("hit"), 1);
+        assert_eq!(runs("fi/stored"), 1);
+
+        // Another service writes with the driver: no ORM invalidation.
+        env.database()
+            .collection::<earnorm::bson::Document>("wallets")
+            .update_one(doc! { "_id": wallet.id }, doc! { "$set": { "cents": 2 } })
+            .await
+            .expect("raw write");
+        let written = std::time::Instant::now();
+        loop {
+            if wallet.stored_cents().await.expect("read") == 2 {
+                break;
+            }
+            assert!(
+                written.elapsed() < Duration::from_secs(5),
+                "the feed never invalidated the raw write"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        eprintln!("raw write invalidated in process after {:?}", written.elapsed());
+    })
+    .await;
+    let _ = env.database().drop().await;
+}

@@ -107,11 +107,16 @@ impl CacheManager {
     /// Takes the lease `name` for `holder`, or renews it if `holder` holds
     /// it, for `ttl`; returns whether `holder` holds it now. Leases elect one
     /// worker among processes sharing this prefix (the database feed's
-    /// leader, for one); they live at `PREFIX lease:NAME`.
+    /// leader, for one); they live at `PREFIX lease:NAME`. Without Redis
+    /// (the in-process tier alone) they live in this manager's memory: each
+    /// process caches for itself, so each elects its own.
     ///
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, CacheError> {
+        if let Some(book) = &self.inner.book {
+            return Ok(book.lease(name, holder, ttl));
+        }
         let mut invocation = lease_script().key(self.connection().keys().lease(name));
         invocation.arg(holder).arg(expiry_ms(ttl));
         let held: i64 = self
@@ -126,6 +131,10 @@ impl CacheManager {
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn release(&self, name: &str, holder: &str) -> Result<(), CacheError> {
+        if let Some(book) = &self.inner.book {
+            book.release(name, holder);
+            return Ok(());
+        }
         let mut invocation = release_script().key(self.connection().keys().lease(name));
         invocation.arg(holder);
         self.connection()

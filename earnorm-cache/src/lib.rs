@@ -157,6 +157,8 @@ mod bounded;
 mod backoff;
 // Bookkeeping values and the database feed's caught-up marker.
 mod meta;
+// The same bookkeeping in memory, without Redis.
+mod book;
 // Every key's name, and glob escaping.
 mod keyspace;
 // Keys of cached values.

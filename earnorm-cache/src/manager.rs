@@ -8,6 +8,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::watch;
 use tracing::warn;
 
+use crate::book::Book;
 use crate::codec::{self, Output};
 use crate::connection::{supervise, track, Connection};
 use crate::flight::Flights;
@@ -68,6 +69,9 @@ pub(crate) struct Inner {
     names: Names,
     /// The in-process tier, when it is on (see `crate::local`).
     pub(crate) local: Option<Arc<Local>>,
+    /// Leases and bookkeeping values when there is no Redis to keep them
+    /// (the embedded mode; see `crate::book`).
+    pub(crate) book: Option<Book>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -142,11 +146,13 @@ impl CacheManager {
         let config = &connection.config;
         let tier = config.enabled && config.local.capacity > 0 && (!connection.is_enabled() || config.local.with_redis);
         let local = tier.then(|| Arc::new(Local::new(config.local.capacity, connection.is_enabled())));
+        let book = (local.is_some() && !connection.is_enabled()).then(Book::default);
         Self {
             inner: Arc::new(Inner {
                 connection,
                 flights: Flights::default(),
                 names: Names::default(),
+                book,
                 local,
             }),
         }

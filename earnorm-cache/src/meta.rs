@@ -4,7 +4,8 @@
 //! against. What this module alone owns: the marker's script, which never
 //! records a time later than the server's now and only moves forward.
 //! (How a manager uses the marker to decide whether it serves is presence,
-//! in `connection.rs`.)
+//! in `connection.rs`.) Without Redis, all of these live in memory
+//! (`crate::book`), against this process's clock.
 
 use std::sync::OnceLock;
 
@@ -59,6 +60,9 @@ impl CacheManager {
     /// feed passes to [`mark_caught_up`](Self::mark_caught_up) for the moment
     /// it starts reading its stream.
     pub fn server_time_at_least(&self) -> Option<i64> {
+        if self.inner.book.is_some() {
+            return Some(crate::book::now_ms());
+        }
         self.connection().server_time_at_least()
     }
 
@@ -67,6 +71,9 @@ impl CacheManager {
     /// compare with a caught-up marker to learn whether everything written
     /// until now is invalidated.
     pub fn server_time_at_most(&self) -> Option<i64> {
+        if self.inner.book.is_some() {
+            return Some(crate::book::now_ms());
+        }
         self.connection().server_time_at_most()
     }
 
@@ -80,6 +87,10 @@ impl CacheManager {
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn mark_caught_up(&self, marker: &str, at: i64) -> Result<(), CacheError> {
+        if let Some(book) = &self.inner.book {
+            book.mark(marker, at);
+            return Ok(());
+        }
         let conn = self.connection();
         let deadline = conn
             .server_time_at_least()
@@ -98,6 +109,9 @@ impl CacheManager {
     /// # Errors
     /// When the cache is disabled, unavailable or fails.
     pub async fn get_meta(&self, name: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        if let Some(book) = &self.inner.book {
+            return Ok(book.get(name));
+        }
         let key = self.connection().keys().meta(name);
         self.connection()
             .call(|mut conn| async move { redis::cmd("GET").arg(key).query_async(&mut conn).await })
@@ -110,6 +124,10 @@ impl CacheManager {
     /// When the cache is disabled, unavailable or fails (Redis out of memory
     /// under `noeviction` refuses it).
     pub async fn set_meta(&self, name: &str, value: &[u8]) -> Result<(), CacheError> {
+        if let Some(book) = &self.inner.book {
+            book.set(name, value);
+            return Ok(());
+        }
         let key = self.connection().keys().meta(name);
         let value = value.to_vec();
         self.connection()

@@ -34,8 +34,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Whether to invalidate from MongoDB's change streams (the database
     /// feed, see the crate docs), so that writes made outside EarnORM are
-    /// invalidated too. On by default; it stays off by itself without Redis
-    /// or on a server without change streams (a standalone `mongod`).
+    /// invalidated too. On by default; it stays off by itself when nothing
+    /// is cached (no Redis and the in-process tier off) or on a server
+    /// without change streams (a standalone `mongod`). Without Redis, each
+    /// process follows the feed for its own in-process tier.
     pub feed: bool,
 }
 

@@ -17,7 +17,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use earnorm_cache::{redact_url, CacheManager, ConnectionStatus};
+use earnorm_cache::{redact_url, CacheManager};
 use mongodb::bson::{doc, Document};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection, Database};
@@ -115,7 +115,9 @@ impl Environment {
         let counters = Arc::new(feed::Counters::default());
         let (stop, stopped) = watch::channel(());
         let mut feed_task = None;
-        if config.feed && cache.status() != ConnectionStatus::Disabled {
+        // Without Redis too, when the in-process tier caches: each process
+        // then follows the feed for itself.
+        if config.feed && cache.caches() {
             let (feed, mut ready) = feed::Feed::new(database.clone(), cache.clone(), Arc::clone(&counters), stopped);
             cache.follow_feed(&feed::marker_name(database.name()), &model_scope(database.name(), ""));
             feed_task = Some(tokio::spawn(feed.run()));

@@ -162,7 +162,8 @@ pub(crate) struct Counters {
 #[non_exhaustive]
 pub struct FeedStats {
     /// Whether this environment runs a feed at all (on by default; off when
-    /// `Config::feed` is false, without Redis, or without change streams).
+    /// `Config::feed` is false, when nothing is cached, or without change
+    /// streams).
     pub enabled: bool,
     /// Whether this environment is the leader of its prefix and database
     /// and reads the change stream (set once the stream is open, and a reset
