@@ -265,3 +265,111 @@ async fn a_value_lives_in_process_no_longer_than_in_redis() {
         "kept in process past its expiry in Redis"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_drops_the_tier_until_it_thaws() {
+    let mut server = RedisServer::start();
+    let (reader, writer, _) = pair("channel_freeze", Some(server.url()), false).await;
+    let counter = saved(&writer, "z1", 1).await;
+    until_local_hits(&reader, &counter).await;
+
+    server.freeze();
+    // The channel's PING goes unanswered: the tier is dropped.
+    let limit = Instant::now() + Duration::from_secs(5);
+    while reader.cache().stats().local_resets == 0 {
+        assert!(Instant::now() < limit, "a frozen Redis was never noticed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Written meanwhile: the writer's invalidation waits in its outbox.
+    let mut changed = counter.clone();
+    changed.value = 2;
+    changed.save().in_env(&writer).await.expect("save");
+    assert_eq!(reader.scope(counter.stored()).await.expect("read"), 2);
+
+    server.thaw();
+    assert!(
+        reader
+            .cache()
+            .wait_for_status(ConnectionStatus::Connected, Duration::from_secs(20))
+            .await,
+        "the reader is back"
+    );
+    until_local_hits(&reader, &counter).await;
+    assert_eq!(reader.scope(counter.stored()).await.expect("read"), 2);
+    let _ = writer.database().drop().await;
+}
+
+/// What the writer process of the test below is told: where to connect and
+/// which counter to set to what.
+const WRITER_VAR: &str = "EARNORM_LOCAL_WRITER";
+
+/// The writer of `another_os_process_s_write_reaches_the_tier`, an OS
+/// process of its own: saves one counter through EarnORM (the tier off) and
+/// exits. Run only as that child process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the writer child process of another_os_process_s_write_reaches_the_tier"]
+async fn local_writer_child() {
+    let spec = std::env::var(WRITER_VAR).expect("run as the writer child process");
+    let fields: Vec<&str> = spec.split('\n').collect();
+    let [mongo_uri, database, redis, prefix, id, value] = fields[..] else {
+        panic!("{WRITER_VAR} is malformed");
+    };
+    let mut config = test_config("unused");
+    config.mongo_uri = mongo_uri.to_owned();
+    config.database = database.to_owned();
+    config.redis_uri = Some(redis.to_owned());
+    config.cache_config.prefix = prefix.to_owned();
+    let env = connect(config).await;
+    let id = ObjectId::parse_str(id).expect("id");
+    let mut counter = Counter::find_by_id(id)
+        .in_env(&env)
+        .await
+        .expect("find")
+        .expect("there");
+    counter.value = value.parse().expect("value");
+    counter.save().in_env(&env).await.expect("save");
+    env.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_os_process_s_write_reaches_the_tier() {
+    let (reader, _, config) = pair("os_process", None, false).await;
+    let counter = saved(&reader, "p1", 1).await;
+    until_local_hits(&reader, &counter).await;
+
+    let spec = [
+        config.mongo_uri.clone(),
+        config.database.clone(),
+        config.redis_uri.clone().expect("redis"),
+        config.cache_config.prefix.clone(),
+        counter.id.expect("id").to_hex(),
+        "2".to_owned(),
+    ]
+    .join("\n");
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--ignored", "--exact", "local_writer_child", "--quiet"])
+            .env(WRITER_VAR, spec)
+            .stdout(std::process::Stdio::null())
+            .status()
+    })
+    .await
+    .expect("the writer task")
+    .expect("the writer process");
+    assert!(status.success(), "the writer failed: {status}");
+    // Its save is acknowledged: the other process may serve the old value
+    // for the push's delivery lag only.
+    let acknowledged = Instant::now();
+    let mut stale = 0u32;
+    while reader.scope(counter.stored()).await.expect("read") != 2 {
+        stale += 1;
+        assert!(
+            acknowledged.elapsed() < Duration::from_secs(2),
+            "still the old value {:?} after the other process's write ({stale} stale reads)",
+            acknowledged.elapsed()
+        );
+        tokio::task::yield_now().await;
+    }
+    eprintln!("another OS process: {stale} stale reads after its write was acknowledged");
+    let _ = reader.database().drop().await;
+}
