@@ -609,3 +609,45 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
     assert_eq!(env.cache().stats().hits - hits, 3, "stored again, then hits");
     let _ = env.database().drop().await;
 }
+
+/// A batch stores its values without the compare-and-set (each carries the
+/// generations its computation began under): one that a write made stale
+/// while it was computed is stored, but never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_value_computed_across_a_write_is_never_served() {
+    use earnorm::cache_layer::Scope;
+    let env = test_env("batch_across_write").await;
+    let cache = env.cache().clone();
+    let keys: Vec<_> = ["1", "2"]
+        .iter()
+        .map(|id| {
+            cache
+                .key("batch", "value")
+                .scope(Scope::Record("batch", id))
+                .build()
+                .expect("key")
+        })
+        .collect();
+    let minute = |_: &u32| Some(Duration::from_secs(60));
+    // The computation reads "old" values, then a write to record 1 lands
+    // and invalidates before the batch stores.
+    let first: Result<Vec<u32>, ()> = cache
+        .get_many_or_compute(&keys, minute, |missed| {
+            let cache = cache.clone();
+            async move {
+                cache.invalidate(&[Scope::Record("batch", "1")]).await;
+                Ok(missed.iter().map(|_| 1).collect())
+            }
+        })
+        .await;
+    assert_eq!(first, Ok(vec![1, 1]));
+    // Record 2's value is served; record 1's is computed again.
+    let again: Result<Vec<u32>, ()> = cache
+        .get_many_or_compute(&keys, minute, |missed| async move {
+            assert_eq!(missed, [0], "only the value computed across the write");
+            Ok(vec![2])
+        })
+        .await;
+    assert_eq!(again, Ok(vec![2, 1]));
+    let _ = env.database().drop().await;
+}

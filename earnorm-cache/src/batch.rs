@@ -9,7 +9,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
 use crate::codec::{self, Envelope};
-use crate::generations::{create_generations, created, Expected, Generations, StoreCall};
+use crate::generations::{create_generations, created, Generations, PlainStores};
 use crate::key::CacheKey;
 use crate::manager::bypassed;
 use crate::stats::Event;
@@ -121,16 +121,20 @@ impl CacheManager {
                     .collect()
             })
             .collect();
-        let mut cmd = redis::cmd("MGET");
-        for key in keys {
-            cmd.arg(&key.value);
-        }
-        cmd.arg(&names);
-        let read = conn
-            .call_within(budget, |mut c| async move {
-                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
-            })
-            .await;
+        // One round trip: the values, and each generation read and, when
+        // absent, created (`SET NX GET`), so that the misses can be computed
+        // and stored at once. Where creating is refused (Redis out of memory,
+        // say), the values and generations are read alone, and nothing is
+        // stored.
+        let (read, storable) = match self.read_creating(keys, &names, budget).await {
+            Ok(replies) => (Ok(replies), true),
+            Err(err)
+                if *budget > Duration::ZERO && !matches!(err, CacheError::Timeout(_) | CacheError::Unavailable) =>
+            {
+                (self.read_only(keys, &names, budget).await, false)
+            }
+            Err(err) => (Err(err), false),
+        };
         let mut replies = match read {
             Ok(replies) if replies.len() == keys.len() + names.len() => replies,
             _ => {
@@ -147,7 +151,7 @@ impl CacheManager {
                 };
             }
         };
-        let mut generations: Vec<Option<Vec<u8>>> = replies.split_off(keys.len());
+        let generations: Vec<Option<Vec<u8>>> = replies.split_off(keys.len());
         let mut missed = Vec::new();
         let mut undecodable = Vec::new();
         for (i, (key, stored)) in keys.iter().zip(replies).enumerate() {
@@ -178,12 +182,6 @@ impl CacheManager {
         }
         let undecodable: Vec<(&CacheKey, &CacheError)> = undecodable.iter().map(|(key, err)| (*key, err)).collect();
         self.discard_all(&undecodable, budget).await;
-        // As for one key: no computation starts under an absent generation.
-        let storable = missed.is_empty()
-            || self
-                .create_absent(&names, &positions, &missed, &mut generations, budget)
-                .await
-                .is_ok();
         Chunk {
             base,
             positions,
@@ -193,43 +191,64 @@ impl CacheManager {
         }
     }
 
-    /// Creates the absent generations the missed keys depend on (`SET NX
-    /// GET`, one round trip) and fills in their tokens.
-    async fn create_absent(
+    /// Reads the values of `keys` and the generations `names`, creating
+    /// each absent generation with a fresh token (`SET NX GET`), in one
+    /// pipeline. Returns the values, then each generation's token.
+    async fn read_creating(
         &self,
+        keys: &[CacheKey],
         names: &[&str],
-        positions: &[Vec<usize>],
-        missed: &[usize],
-        generations: &mut [Option<Vec<u8>>],
         budget: &mut Duration,
-    ) -> Result<(), CacheError> {
-        let mut absent: Vec<usize> = missed
-            .iter()
-            .flat_map(|&i| positions[i].iter().copied())
-            .filter(|&g| generations[g].is_none())
-            .collect();
-        absent.sort_unstable();
-        absent.dedup();
-        if absent.is_empty() {
-            return Ok(());
-        }
+    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
         let mut pipe = redis::pipe();
-        let fresh = create_generations(&mut pipe, absent.iter().map(|&g| names[g]), self.config());
-        let previous: Vec<Option<Vec<u8>>> = self
+        let mut mget = redis::cmd("MGET");
+        for key in keys {
+            mget.arg(&key.value);
+        }
+        pipe.add_command(mget);
+        let fresh = create_generations(&mut pipe, names.iter().copied(), self.config());
+        let replies: Vec<redis::Value> = self
             .connection()
             .call_within(budget, |mut c| async move { pipe.query_async(&mut c).await })
             .await?;
-        if previous.len() != absent.len() {
-            return Err(CacheError::Unavailable);
+        let mut replies = replies.into_iter();
+        let values = replies
+            .next()
+            .map(redis::from_redis_value::<Vec<Option<Vec<u8>>>>)
+            .ok_or(CacheError::Unavailable)?
+            .map_err(|err| CacheError::Redis(err.into()))?;
+        let mut out = values;
+        for (token, previous) in fresh.into_iter().zip(replies) {
+            let previous =
+                redis::from_redis_value::<Option<Vec<u8>>>(previous).map_err(|err| CacheError::Redis(err.into()))?;
+            out.push(Some(created(token, previous)));
         }
-        for ((g, token), previous) in absent.into_iter().zip(fresh).zip(previous) {
-            generations[g] = Some(created(token, previous));
-        }
-        Ok(())
+        Ok(out)
     }
 
-    /// Stores the computed values of a chunk's misses under the
-    /// compare-and-set, all in one script call.
+    /// Reads the values of `keys` and the generations `names` alone (one
+    /// `MGET`).
+    async fn read_only(
+        &self,
+        keys: &[CacheKey],
+        names: &[&str],
+        budget: &mut Duration,
+    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        let mut cmd = redis::cmd("MGET");
+        for key in keys {
+            cmd.arg(&key.value);
+        }
+        cmd.arg(names);
+        self.connection()
+            .call_within(budget, |mut c| async move {
+                cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
+            })
+            .await
+    }
+
+    /// Stores the computed values of a chunk's misses, each with the tokens
+    /// its computation began under, all in one pipeline (see
+    /// `PlainStores`: a value a write made stale meanwhile is never served).
     async fn store_many<T: Serialize>(
         &self,
         keys: &[CacheKey],
@@ -244,7 +263,7 @@ impl CacheManager {
             missed,
             ..
         } = chunk;
-        let mut call = StoreCall::new(None);
+        let mut stores = PlainStores::new();
         for (&i, value) in missed.iter().zip(computed) {
             let Some(ttl) = ttl_of(value) else { continue };
             let payload = match codec::encode(value) {
@@ -255,11 +274,11 @@ impl CacheManager {
                 }
             };
             let seen: Generations = positions[i].iter().map(|&g| generations[g].clone()).collect();
-            call.add(self.config(), &keys[i], Expected::Seen(&seen), &payload, ttl);
+            stores.add(self.config(), &keys[i], &seen, &payload, ttl);
         }
-        if !call.is_empty() {
-            // A refusal is counted by `run_store`; the values are returned all the same.
-            let _ = self.run_store(call, budget).await;
+        if !stores.is_empty() {
+            // A refusal is counted by `run`; the values are returned all the same.
+            let _ = stores.run(self, budget).await;
         }
     }
 }

@@ -62,6 +62,12 @@
 //! * if the reader noted tokens after the invalidation, its database read
 //!   also started after the commit, so its value is not stale.
 //!
+//! A batch ([`CacheManager::get_many_or_compute`]) stores without the
+//! script, in one pipeline of plain `SET`s: each value carries the tokens
+//! its computation began under (absent ones are created in the lookup's
+//! round trip), so one that a write made stale meanwhile is stored but
+//! never served (every lookup compares the tokens), and expires by its TTL.
+//!
 //! An absent token (expired, evicted, Redis restarted empty) never matches:
 //! neither a stored value (which only carries real tokens) nor a store's
 //! expectation. So eviction and restarts can cost misses, never staleness.
