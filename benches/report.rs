@@ -126,9 +126,9 @@ fn svg(series: &[Series], header: &str) -> String {
     let (width, height) = (760.0, 400.0 + legend);
     let (left, right, top, bottom) = (70.0, 20.0, 40.0, 60.0 + legend);
     let (plot_w, plot_h) = (width - left - right, height - top - bottom);
-    // 1 us to 10 ms.
-    let (lo, hi) = (0.0_f64, 4.0_f64);
-    let x = |us: f64| left + (us.max(1.0).log10().clamp(lo, hi) - lo) / (hi - lo) * plot_w;
+    // 100 ns (in-process hits) to 10 ms.
+    let (lo, hi) = (-1.0_f64, 4.0_f64);
+    let x = |us: f64| left + (us.max(0.1).log10().clamp(lo, hi) - lo) / (hi - lo) * plot_w;
     let y = |p: f64| top + (1.0 - p) * plot_h;
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
@@ -137,10 +137,11 @@ fn svg(series: &[Series], header: &str) -> String {
         out,
         "<text x=\"{left}\" y=\"22\" font-size=\"14\">Latency of one read, by where it is served (cumulative share of calls)</text>"
     );
-    for decade in 0..=4 {
+    for decade in -1..=4 {
         let us = 10f64.powi(decade);
         let gx = x(us);
         let label = match decade {
+            -1 => "100 ns".to_owned(),
             0 => "1 us".to_owned(),
             1 => "10 us".to_owned(),
             2 => "100 us".to_owned(),
