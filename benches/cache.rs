@@ -1209,6 +1209,31 @@ async fn local_group(redis: &RedisServer, rounds: usize, per_round: usize, quick
         "the tier off (the default beside Redis)",
     );
 
+    // A Redis hit with the generations known in process (one GET) against
+    // the tier off (one MGET of value and generations), the `cached`
+    // crate's hit and a bare GET, on the same value and server.
+    let known = redis_hits_with_known_generations(redis, rounds, per_round).await;
+    row(
+        "9f. `CacheManager::get` hit, generations known in process",
+        &us(known.median(0)),
+        &format!(
+            "{} of 9h, the `cached` crate (bar: <= 1.00x); {} of a bare GET + decode ({})",
+            known.ratio(0, 2),
+            known.ratio(0, 3),
+            us(known.median(3))
+        ),
+    );
+    row(
+        "9g. `CacheManager::get` hit, the tier off",
+        &us(known.median(1)),
+        &format!("{} of a bare GET + decode (bar: <= 1.10x)", known.ratio(1, 3)),
+    );
+    row(
+        "9h. `cached` crate `AsyncRedisCache` hit",
+        &us(known.median(2)),
+        "peer",
+    );
+
     // Memory: 1M distinct keys through the default 10,000-entry tier.
     let keys: u64 = if quick { 100_000 } else { 1_000_000 };
     let resident_before = resident_bytes();
@@ -1246,6 +1271,100 @@ async fn local_group(redis: &RedisServer, rounds: usize, per_round: usize, quick
     for env in [&embedded, &tiered, &strict] {
         let _ = env.database().drop().await;
     }
+}
+
+/// Group 9f-9h: `get` of one value by a manager whose tier knows its
+/// generation (a GET), by one without the tier (an MGET), by the `cached`
+/// crate, and a bare GET + decode, round by round.
+async fn redis_hits_with_known_generations(redis: &RedisServer, rounds: usize, per_round: usize) -> Samples<4> {
+    let config = |with_redis: bool| earnorm::CacheConfig {
+        prefix: "bench-known:".into(),
+        operation_timeout: Duration::from_secs(2),
+        local: earnorm::LocalConfig {
+            capacity: 10_000,
+            with_redis,
+        },
+        ..Default::default()
+    };
+    let strict = CacheManager::connect(Some(&redis.url()), config(false)).await.expect("connect");
+    let tiered = CacheManager::connect(Some(&redis.url()), config(true)).await.expect("connect");
+    let key = |cache: &CacheManager, n: u32| {
+        cache
+            .key("bench", "known")
+            .scope(Scope::Tag("known"))
+            .arg(&n)
+            .and_then(earnorm_cache::KeyBuilder::build)
+            .expect("key")
+    };
+    // The value, stored by the strict manager; the tiered one learns the
+    // generation by reading another value of the same scope until it
+    // serves that one in process.
+    for n in [0, 1] {
+        let _: Profile = strict
+            .get_or_compute::<_, PlainOutput, _>(&key(&strict, n), None, async { profile(1) })
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tiered.stats().local_hits == 0 && Instant::now() < deadline {
+        let _: Profile = tiered
+            .get_or_compute::<_, PlainOutput, _>(&key(&tiered, 0), None, async { profile(1) })
+            .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (known_key, strict_key) = (key(&tiered, 1), key(&strict, 1));
+    let peer: AsyncRedisCache<String, Profile> = AsyncRedisCache::builder("bench-known-peer")
+        .connection_string(&redis.url())
+        .ttl(Duration::from_secs(600))
+        .build()
+        .await
+        .expect("cached store");
+    peer.async_cache_set("k".to_owned(), profile(1)).await.expect("set");
+    let peer = Arc::new(peer);
+    let mut raw = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let payload = rmp_serde::to_vec_named(&profile(1)).expect("encode");
+    redis::cmd("SET")
+        .arg("bench:known:raw")
+        .arg(&payload)
+        .query_async::<()>(&mut raw)
+        .await
+        .expect("set");
+    let (c, k) = (tiered.clone(), known_key);
+    let mut known = Closure(move || {
+        let (c, k) = (c.clone(), k.clone());
+        async move {
+            std::hint::black_box(c.get::<Profile>(&k).await.expect("get").expect("hit"));
+        }
+    });
+    let (c, k) = (strict.clone(), strict_key);
+    let mut unknown = Closure(move || {
+        let (c, k) = (c.clone(), k.clone());
+        async move {
+            std::hint::black_box(c.get::<Profile>(&k).await.expect("get").expect("hit"));
+        }
+    });
+    let p = Arc::clone(&peer);
+    let mut theirs = Closure(move || {
+        let p = Arc::clone(&p);
+        async move {
+            std::hint::black_box(p.async_cache_get(&"k".to_owned()).await.expect("get").expect("hit"));
+        }
+    });
+    let mut bare = Closure(move || {
+        let mut conn = raw.clone();
+        async move {
+            let bytes: Vec<u8> = redis::cmd("GET")
+                .arg("bench:known:raw")
+                .query_async(&mut conn)
+                .await
+                .expect("get");
+            std::hint::black_box(rmp_serde::from_slice::<Profile>(&bytes).expect("decode"));
+        }
+    });
+    compare(rounds, per_round, [&mut known, &mut unknown, &mut theirs, &mut bare]).await
 }
 
 /// This process's resident memory, from `/proc/self/statm` (0 where there

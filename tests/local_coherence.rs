@@ -373,3 +373,77 @@ async fn another_os_process_s_write_reaches_the_tier() {
     eprintln!("another OS process: {stale} stale reads after its write was acknowledged");
     let _ = reader.database().drop().await;
 }
+
+/// How many times `command` ran on `server` (`INFO commandstats`).
+fn calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_hit_with_known_generations_reads_one_key() {
+    use earnorm::cache_layer::{CacheManager, PlainOutput, Scope};
+    let server = RedisServer::start();
+    let mut config = test_config("known_generations").cache_config;
+    let strict = CacheManager::connect(Some(&server.url()), config.clone())
+        .await
+        .expect("connect");
+    config.local.with_redis = true;
+    let tiered = CacheManager::connect(Some(&server.url()), config)
+        .await
+        .expect("connect");
+    let key = |cache: &CacheManager, n: u32| {
+        cache
+            .key("known", "value")
+            .scope(Scope::Tag("rates"))
+            .arg(&n)
+            .and_then(earnorm::cache_layer::KeyBuilder::build)
+            .expect("key")
+    };
+    let minute = Some(Duration::from_secs(60));
+    let read = |cache: CacheManager, n: u32, value: u32| async move {
+        cache
+            .get_or_compute::<u32, PlainOutput, _>(&key(&cache, n), minute, async move { value })
+            .await
+    };
+    // Stored by the strict process; the tiered one reads the first value
+    // (learning the tag's generation) until it serves it in process.
+    for n in [1, 2] {
+        assert_eq!(read(strict.clone(), n, 10 + n).await, 10 + n);
+    }
+    let limit = Instant::now() + Duration::from_secs(5);
+    while tiered.stats().local_hits == 0 {
+        assert_eq!(read(tiered.clone(), 1, 0).await, 11);
+        assert!(Instant::now() < limit, "the tier never served");
+    }
+    // The second value is in Redis, not in process; its generation is
+    // known: one GET (with its PTTL), no MGET.
+    let (mget, get) = (calls(&server, "mget"), calls(&server, "get"));
+    let before = tiered.stats();
+    assert_eq!(read(tiered.clone(), 2, 0).await, 12);
+    let after = tiered.stats();
+    assert_eq!((after.hits - before.hits, after.local_hits - before.local_hits), (1, 0));
+    assert_eq!(calls(&server, "mget"), mget, "no MGET");
+    assert_eq!(calls(&server, "get"), get + 1, "one GET");
+
+    // Another process's write replaces the generation: the pushed
+    // invalidation makes it unknown again, and the new value is read.
+    strict.invalidate(&[Scope::Tag("rates")]).await;
+    assert_eq!(read(strict.clone(), 3, 13).await, 13);
+    let limit = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mget = calls(&server, "mget");
+        if read(tiered.clone(), 3, 99).await == 13 && calls(&server, "mget") == mget + 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < limit,
+            "the invalidated generation is still taken as known"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -209,8 +209,81 @@ impl CacheManager {
     /// Reads the value and its generations in one `MGET`, with `extra`
     /// (a lease) when given, and the value's time left to live (`PTTL`, in
     /// the same round trip) when `want_ttl`. Also says whether `extra`
-    /// exists.
+    /// exists. Beside Redis with the in-process tier subscribed, when every
+    /// generation's token is known in process, reads the value alone and
+    /// checks it against them (see `lookup_known`); the tokens it reads
+    /// are learned.
     pub(crate) async fn lookup(
+        &self,
+        key: &CacheKey,
+        extra: Option<&str>,
+        want_ttl: bool,
+        budget: &mut Duration,
+    ) -> (Lookup, bool, Option<Duration>) {
+        let local = self.local_for(key);
+        if let (Some(local), None) = (local, extra) {
+            if let Some(known) = local.known(key) {
+                let (lookup, left) = self.lookup_known(key, known, want_ttl, budget).await;
+                return (lookup, false, left);
+            }
+        }
+        let noted = local.map(|local| local.note(key));
+        let (lookup, extra, left) = self.lookup_all(key, extra, want_ttl, budget).await;
+        if let (Some(local), Some(noted), Lookup::Hit(_, tokens) | Lookup::Miss(tokens)) = (local, &noted, &lookup) {
+            local.learn(key, noted, tokens);
+        }
+        (lookup, extra, left)
+    }
+
+    /// A lookup of the value alone (`GET`, and `PTTL` when `want_ttl`), its
+    /// envelope checked against the generation tokens `known` in process.
+    /// Those are current but for invalidations whose pushes are still on
+    /// their way: the in-process tier's own window, and only where it is on.
+    async fn lookup_known(
+        &self,
+        key: &CacheKey,
+        known: Generations,
+        want_ttl: bool,
+        budget: &mut Duration,
+    ) -> (Lookup, Option<Duration>) {
+        let read = self
+            .connection()
+            .call_within(budget, |mut conn| async move {
+                if want_ttl {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("GET").arg(&key.value).cmd("PTTL").arg(&key.value);
+                    pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut conn)
+                        .await
+                        .map(|(value, left)| (value, Some(left)))
+                } else {
+                    redis::cmd("GET")
+                        .arg(&key.value)
+                        .query_async::<Option<Vec<u8>>>(&mut conn)
+                        .await
+                        .map(|value| (value, None))
+                }
+            })
+            .await;
+        let Ok((value, left)) = read else {
+            return (Lookup::Unavailable, None);
+        };
+        let left = left.and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis);
+        let lookup = match value {
+            Some(bytes) => match Envelope::open(&bytes) {
+                Ok(env) if env.is_current(&known) && self.connection().serves(key) => Lookup::Hit(bytes, known),
+                Ok(_) => Lookup::Miss(known),
+                Err(err) => {
+                    self.discard(key, &err, budget).await;
+                    Lookup::Miss(known)
+                }
+            },
+            None => Lookup::Miss(known),
+        };
+        (lookup, left)
+    }
+
+    /// [`lookup`](Self::lookup) of the value and every generation (`MGET`).
+    async fn lookup_all(
         &self,
         key: &CacheKey,
         extra: Option<&str>,

@@ -187,6 +187,21 @@ pub(crate) struct Local {
     serving: AtomicBool,
     /// Times the tier was dropped because its invalidation channel was lost.
     pub(crate) resets: AtomicU64,
+    /// Whether the tier is beside Redis (kept coherent by its channel).
+    tracked: bool,
+    /// Generation tokens learned from Redis (beside it), by a seeded hash of
+    /// the generation's name: what lets a lookup read one key. Each is
+    /// current while its stripe and the epoch are unchanged.
+    known: moka::sync::Cache<u128, Arc<Known>>,
+}
+
+/// A generation's token as Redis gave it, with the count of its stripe and
+/// the epoch noted before it was read.
+struct Known {
+    token: Vec<u8>,
+    stripe: u32,
+    count: u64,
+    epoch: u64,
 }
 
 impl std::fmt::Debug for Local {
@@ -207,7 +222,49 @@ impl Local {
             epoch: AtomicU64::new(0),
             serving: AtomicBool::new(!tracked),
             resets: AtomicU64::new(0),
+            tracked,
+            known: moka::sync::Cache::new(if tracked {
+                capacity.saturating_mul(4).max(1_024)
+            } else {
+                0
+            }),
         }
+    }
+
+    /// Learns the generation tokens a lookup of `key` read, under what was
+    /// `noted` before it was sent (a push that arrived since makes them
+    /// unknown again).
+    pub(crate) fn learn(&self, key: &CacheKey, noted: &Noted, tokens: &[Option<Vec<u8>>]) {
+        if !self.tracked || !self.serving.load(Ordering::SeqCst) || tokens.len() != key.generations.len() {
+            return;
+        }
+        for ((name, &(stripe, count)), token) in key.generations.iter().zip(noted.seen.iter()).zip(tokens) {
+            if let Some(token) = token {
+                let known = Known {
+                    token: token.clone(),
+                    stripe,
+                    count,
+                    epoch: noted.epoch,
+                };
+                self.known.insert(name_id(name), Arc::new(known));
+            }
+        }
+    }
+
+    /// The current token of every generation of `key`, when all are known
+    /// and no invalidation, push or loss happened since they were read.
+    pub(crate) fn known(&self, key: &CacheKey) -> Option<Vec<Option<Vec<u8>>>> {
+        if !self.tracked || !self.serving.load(Ordering::SeqCst) {
+            return None;
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        key.generations
+            .iter()
+            .map(|name| {
+                let known = self.known.get(&name_id(name))?;
+                (known.epoch == epoch && self.count(known.stripe) == known.count).then(|| Some(known.token.clone()))
+            })
+            .collect()
     }
 
     /// The invalidation channel is lost: drops every kept value, and serves
@@ -304,10 +361,11 @@ impl Local {
         self.entries.invalidate(&key.local);
     }
 
-    /// Drops every kept value.
+    /// Drops every kept value (and every known token).
     pub(crate) fn clear(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.entries.invalidate_all();
+        self.known.invalidate_all();
     }
 
     /// The number of values kept now (expired and superseded ones included
@@ -325,6 +383,12 @@ impl Local {
 pub(crate) fn seed() -> u64 {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *SEED.get_or_init(crate::token::random_u64)
+}
+
+/// A generation's id among the known tokens: its name hashed with this
+/// process's seed.
+fn name_id(name: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128_with_seed(name.as_bytes(), seed())
 }
 
 /// The stripe of the generation key `name` (relative to the prefix).
