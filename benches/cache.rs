@@ -1228,11 +1228,7 @@ async fn local_group(redis: &RedisServer, rounds: usize, per_round: usize, quick
         &us(known.median(1)),
         &format!("{} of a bare GET + decode (bar: <= 1.10x)", known.ratio(1, 3)),
     );
-    row(
-        "9h. `cached` crate `AsyncRedisCache` hit",
-        &us(known.median(2)),
-        "peer",
-    );
+    row("9h. `cached` crate `AsyncRedisCache` hit", &us(known.median(2)), "peer");
 
     // Memory: 1M distinct keys through the default 10,000-entry tier.
     let keys: u64 = if quick { 100_000 } else { 1_000_000 };
@@ -1286,8 +1282,12 @@ async fn redis_hits_with_known_generations(redis: &RedisServer, rounds: usize, p
         },
         ..Default::default()
     };
-    let strict = CacheManager::connect(Some(&redis.url()), config(false)).await.expect("connect");
-    let tiered = CacheManager::connect(Some(&redis.url()), config(true)).await.expect("connect");
+    let strict = CacheManager::connect(Some(&redis.url()), config(false))
+        .await
+        .expect("connect");
+    let tiered = CacheManager::connect(Some(&redis.url()), config(true))
+        .await
+        .expect("connect");
     let key = |cache: &CacheManager, n: u32| {
         cache
             .key("bench", "known")

@@ -8,7 +8,8 @@
 //!
 //! Options: `--seconds N` (default 10), `--records N` (8), `--readers N` (8),
 //! `--writers N` (2, through EarnORM), `--outside-writers N` (1, raw driver),
-//! `--no-feed` (no database feed, and no crash writer process), `--no-faults`, `--naive`, `--seed N`,
+//! `--no-feed` (no database feed, and no crash writer process), `--no-faults`, `--naive`,
+//! `--two-tier` (both environments keep values in process beside Redis), `--seed N`,
 //! `--health-check-ms N` (500), `--json PATH` (also write the report there).
 //! Prints a one-line summary and the JSON report; exits 1 when it finds a
 //! stale read of an EarnORM write or a failed call (reads stale against
@@ -55,6 +56,7 @@ fn main() {
             "--health-check-ms" => config.health_check_interval = Duration::from_millis(number("--health-check-ms")),
             "--no-faults" => config.faults = false,
             "--naive" => config.naive = true,
+            "--two-tier" => config.local = true,
             "--json" => json_path = Some(args.next().unwrap_or_else(|| fail("--json needs a path"))),
             other => fail(&format!("unknown option {other}")),
         }

@@ -175,3 +175,39 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
         naive.to_json()
     );
 }
+
+/// The two-tier mode: both environments keep values in process beside
+/// Redis, with Redis killed, restarted, frozen and flushed under them (each
+/// a loss of the invalidation channel). A read is never older than a write
+/// its own environment made; the other environment may read the old value
+/// for the invalidation's delivery lag only, never through a lost channel
+/// (which would last until the TTL of 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_two_tier_mode_never_serves_a_writer_its_old_value_and_bounds_the_others() {
+    let report = run_checker(&CheckerConfig {
+        duration: Duration::from_secs(8),
+        local: true,
+        ..CheckerConfig::default()
+    })
+    .await;
+    println!("{}", report.summary());
+    println!("{}", report.to_json());
+    assert!(
+        report.reads > 1000 && report.writes > 100 && report.hits > 0,
+        "the workload ran: {}",
+        report.summary()
+    );
+    assert_eq!(report.failed_calls, 0, "{}", report.to_json());
+    assert_eq!(
+        report.stale_reads,
+        0,
+        "in the writer's own process: {}",
+        report.to_json()
+    );
+    assert!(
+        report.cross_window_max_us <= 1_000_000,
+        "another process served an old value for {} us: {}",
+        report.cross_window_max_us,
+        report.to_json()
+    );
+}

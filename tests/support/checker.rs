@@ -146,6 +146,12 @@ pub struct CheckerConfig {
     /// it is SIGKILLed while Redis is frozen (see `crash_writer_child`).
     /// `None`: no such process, and no leader is killed.
     pub crash_writer: Option<ChildCommand>,
+    /// The two-tier mode: both environments keep values in process beside
+    /// Redis (`LocalConfig::with_redis`). A read stale against an ORM write
+    /// of the *other* environment is then allowed for the invalidation's
+    /// delivery lag (counted, and its window measured); one in the writer's
+    /// own environment never is.
+    pub local: bool,
 }
 
 impl Default for CheckerConfig {
@@ -166,6 +172,7 @@ impl Default for CheckerConfig {
             health_check_interval: Duration::from_millis(500),
             feed: true,
             crash_writer: None,
+            local: false,
         }
     }
 }
@@ -175,6 +182,8 @@ impl Default for CheckerConfig {
 pub struct Report {
     /// Naive mode?
     pub naive: bool,
+    /// The two-tier mode?
+    pub local: bool,
     /// Seconds the workload ran.
     pub seconds: f64,
     /// Reads + writes.
@@ -185,13 +194,29 @@ pub struct Report {
     pub writes: u64,
     /// Cache hits, both environments.
     pub hits: u64,
+    /// Of `hits`, those served in process (the two-tier mode).
+    pub local_hits: u64,
     /// Cache misses, both environments.
     pub misses: u64,
     /// Calls that computed because the cache was unavailable.
     pub fallbacks: u64,
     /// Reads older than a write made through EarnORM, whose invalidation
-    /// went out with it, and acknowledged before they began: never allowed.
+    /// went out with it, and acknowledged before they began: never allowed
+    /// (in the two-tier mode: in the writer's own environment).
     pub stale_reads: u64,
+    /// The two-tier mode: reads older than an ORM write of the other
+    /// environment acknowledged before they began (allowed for the
+    /// invalidation's delivery lag).
+    pub cross_stale_reads: u64,
+    /// For every ORM write in the two-tier mode: microseconds from its
+    /// acknowledgement to the end of the last read of the other environment
+    /// that was stale against it (0 when none was): median, 99th percentile
+    /// and maximum.
+    pub cross_window_p50_us: u64,
+    /// 99th percentile.
+    pub cross_window_p99_us: u64,
+    /// Maximum.
+    pub cross_window_max_us: u64,
     /// Reads older than a write only the database feed invalidates (made
     /// with the raw driver, or through EarnORM by a process that could not
     /// reach Redis) acknowledged before they began: allowed within the
@@ -256,16 +281,21 @@ impl Report {
     }
 
     fn mode(&self) -> &'static str {
-        if self.naive {
-            "naive"
-        } else {
-            "earnorm"
+        match (self.naive, self.local) {
+            (true, _) => "naive",
+            (false, true) => "two-tier",
+            (false, false) => "earnorm",
         }
     }
 
     /// The figures, named, in report order (shared by the JSON and the summary).
-    fn figures(&self) -> [(&'static str, u64); 27] {
+    fn figures(&self) -> [(&'static str, u64); 32] {
         [
+            ("local_hits", self.local_hits),
+            ("cross_stale_reads", self.cross_stale_reads),
+            ("cross_window_p50_us", self.cross_window_p50_us),
+            ("cross_window_p99_us", self.cross_window_p99_us),
+            ("cross_window_max_us", self.cross_window_max_us),
             ("tally_incs", self.tally_incs),
             ("tally_incs_stored", self.tally_incs_stored),
             ("tally_saves", self.tally_saves),
@@ -469,6 +499,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
     let mut cache_config = fast_cache_config(&name);
     cache_config.health_check_interval = config.health_check_interval;
     cache_config.connect_timeout = Duration::from_millis(100);
+    cache_config.local.with_redis = config.local;
     let env_config = earnorm::Config {
         mongo_uri: require_mongo(),
         database: name.clone(),
@@ -679,7 +710,8 @@ pub async fn run(config: &CheckerConfig) -> Report {
         mongo_proxy.cut();
     }
 
-    let mut report = check(&shared);
+    let mut report = check(&shared, config.local);
+    report.local = config.local;
     tallies.check(&envs[0], &mut report).await;
     report.naive = config.naive;
     report.seconds = seconds;
@@ -690,6 +722,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
     for env in &envs {
         let stats = env.cache().stats();
         report.hits += stats.hits + stats.coalesced;
+        report.local_hits += stats.local_hits;
         report.misses += stats.misses;
         report.fallbacks += stats.fallbacks;
     }
@@ -1217,7 +1250,7 @@ async fn naive_read(env: &Environment, item: &Item, record_scope: bool, jitter: 
 }
 
 /// Checks every read against the write history.
-fn check(shared: &Shared) -> Report {
+fn check(shared: &Shared, local: bool) -> Report {
     let writes = shared.writes.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let reads = shared.reads.lock().unwrap_or_else(PoisonError::into_inner).clone();
     let mut latencies = shared.latencies.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -1261,6 +1294,9 @@ fn check(shared: &Shared) -> Report {
     };
     // Per outside write (slot, seq): when its last stale read ended.
     let mut windows: std::collections::HashMap<(usize, i64), Duration> = std::collections::HashMap::new();
+    // The same for ORM writes read stale by the other environment, in the
+    // two-tier mode.
+    let mut cross: std::collections::HashMap<(usize, i64), Duration> = std::collections::HashMap::new();
     for read in &reads {
         let history = &writes[read.slot];
         let acked_before = || history.iter().filter(|w| w.acked < read.started);
@@ -1268,7 +1304,21 @@ fn check(shared: &Shared) -> Report {
             continue;
         };
         let last_orm = acked_before().filter(|w| !w.outside).max_by_key(|w| w.seq);
-        if let Some(orm) = last_orm.filter(|orm| stale_against(read, orm, history)) {
+        // In the two-tier mode, a read is stale in its own environment only
+        // against that environment's own latest ORM write.
+        let own_orm = acked_before()
+            .filter(|w| !w.outside && w.env == read.env)
+            .max_by_key(|w| w.seq);
+        let stale_orm = if local { own_orm } else { last_orm };
+        if local {
+            for write in acked_before().filter(|w| !w.outside && w.env != read.env && stale_against(read, w, history)) {
+                report.cross_stale_reads += 1;
+                let window = read.ended.saturating_duration_since(write.acked);
+                let entry = cross.entry((read.slot, write.seq)).or_default();
+                *entry = (*entry).max(window);
+            }
+        }
+        if let Some(orm) = stale_orm.filter(|orm| stale_against(read, orm, history)) {
             report.stale_reads += 1;
             if report.examples.len() < 5 {
                 report.examples.push(format!(
@@ -1309,5 +1359,31 @@ fn check(shared: &Shared) -> Report {
     report.outside_window_p50_ms = at(0.50);
     report.outside_window_p99_ms = at(0.99);
     report.outside_window_max_ms = all.last().copied().unwrap_or(0);
+    if local {
+        let mut all: Vec<u64> = writes
+            .iter()
+            .enumerate()
+            .flat_map(|(slot, history)| history.iter().filter(|w| !w.outside).map(move |w| (slot, w.seq)))
+            .map(|key| {
+                cross
+                    .get(&key)
+                    .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            })
+            .collect();
+        all.sort_unstable();
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let at = |p: f64| {
+            all.get(((all.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        report.cross_window_p50_us = at(0.50);
+        report.cross_window_p99_us = at(0.99);
+        report.cross_window_max_us = all.last().copied().unwrap_or(0);
+    }
     report
 }
