@@ -9,7 +9,8 @@
 //! Options: `--seconds N` (default 10), `--records N` (8), `--readers N` (8),
 //! `--writers N` (2, through EarnORM), `--outside-writers N` (1, raw driver),
 //! `--no-feed` (no database feed, and no crash writer process), `--no-faults`, `--naive`,
-//! `--two-tier` (both environments keep values in process beside Redis), `--seed N`,
+//! `--two-tier` (both environments keep values in process beside Redis), `--no-bulk` (the
+//! EarnORM writers save and delete single records only), `--seed N`,
 //! `--health-check-ms N` (500), `--json PATH` (also write the report there).
 //! Prints a one-line summary and the JSON report; exits 1 when it finds a
 //! stale read of an EarnORM write or a failed call (reads stale against
@@ -57,6 +58,7 @@ fn main() {
             "--no-faults" => config.faults = false,
             "--naive" => config.naive = true,
             "--two-tier" => config.local = true,
+            "--no-bulk" => config.bulk_writes = false,
             "--json" => json_path = Some(args.next().unwrap_or_else(|| fail("--json needs a path"))),
             other => fail(&format!("unknown option {other}")),
         }

@@ -210,4 +210,31 @@ async fn the_two_tier_mode_never_serves_a_writer_its_old_value_and_bounds_the_ot
         report.cross_window_max_us,
         report.to_json()
     );
+
+    // Reads mostly hits (no faults, no bulk writes, no outside writers,
+    // records mostly read): the window of the other environment, measured.
+    let calm = run_checker(&CheckerConfig {
+        duration: Duration::from_secs(6),
+        local: true,
+        faults: false,
+        bulk_writes: false,
+        records: 64,
+        writers: 2,
+        readers: 16,
+        outside_writers: 0,
+        outside_transactions: 0,
+        tally_writers: 0,
+        ..CheckerConfig::default()
+    })
+    .await;
+    println!("{}", calm.summary());
+    assert!(calm.local_hits > 500, "served in process: {}", calm.summary());
+    assert_eq!(calm.failed_calls, 0, "{}", calm.to_json());
+    assert_eq!(calm.stale_reads, 0, "in the writer's own process: {}", calm.to_json());
+    assert!(
+        calm.cross_window_max_us <= 1_000_000,
+        "another process served an old value for {} us: {}",
+        calm.cross_window_max_us,
+        calm.to_json()
+    );
 }

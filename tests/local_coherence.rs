@@ -447,3 +447,33 @@ async fn a_redis_hit_with_known_generations_reads_one_key() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_processes_stores_do_not_drop_values_they_do_not_change() {
+    let (reader, writer, _) = pair("stores_keep_tier", None, false).await;
+    let kept = saved(&writer, "s0", 1).await;
+    let mut others = Vec::new();
+    for n in 1..=5 {
+        others.push(saved(&writer, &format!("s{n}"), n).await);
+    }
+    until_local_hits(&reader, &kept).await;
+    // The other process caches values of the same model: its stores (with
+    // the generations they depend on, the model's among them) change
+    // nothing the reader's value depends on.
+    for other in &others {
+        let _ = writer.scope(other.stored()).await.expect("store");
+        let _ = writer.scope(other.stored()).await.expect("hit");
+    }
+    let limit = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < limit {
+        let before = reader.cache().stats().local_hits;
+        assert_eq!(reader.scope(kept.stored()).await.expect("read"), 1);
+        assert_eq!(
+            reader.cache().stats().local_hits,
+            before + 1,
+            "the reader's value was dropped by another process's stores"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = writer.database().drop().await;
+}

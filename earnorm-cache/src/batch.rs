@@ -31,6 +31,8 @@ struct Chunk {
     base: usize,
     positions: Vec<Vec<usize>>,
     generations: Vec<Option<Vec<u8>>>,
+    /// Each generation's time left to live (ms, `PTTL`), when read.
+    lefts: Vec<i64>,
     missed: Vec<usize>,
     storable: bool,
 }
@@ -126,8 +128,12 @@ impl CacheManager {
         // and stored at once. Where creating is refused (Redis out of memory,
         // say), the values and generations are read alone, and nothing is
         // stored.
+        let mut lefts = Vec::new();
         let (read, storable) = match self.read_creating(keys, &names, budget).await {
-            Ok(replies) => (Ok(replies), true),
+            Ok((replies, read_lefts)) => {
+                lefts = read_lefts;
+                (Ok(replies), true)
+            }
             Err(err)
                 if *budget > Duration::ZERO && !matches!(err, CacheError::Timeout(_) | CacheError::Unavailable) =>
             {
@@ -146,6 +152,7 @@ impl CacheManager {
                     base,
                     positions,
                     generations: Vec::new(),
+                    lefts: Vec::new(),
                     missed: (0..keys.len()).collect(),
                     storable: false,
                 };
@@ -186,20 +193,22 @@ impl CacheManager {
             base,
             positions,
             generations,
+            lefts,
             missed,
             storable,
         }
     }
 
     /// Reads the values of `keys` and the generations `names`, creating
-    /// each absent generation with a fresh token (`SET NX GET`), in one
-    /// pipeline. Returns the values, then each generation's token.
+    /// each absent generation with a fresh token (`SET NX GET`), and each
+    /// generation's time left to live (`PTTL`), in one pipeline. Returns the
+    /// values, then each generation's token; and the times left.
     async fn read_creating(
         &self,
         keys: &[CacheKey],
         names: &[&str],
         budget: &mut Duration,
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+    ) -> Result<(Vec<Option<Vec<u8>>>, Vec<i64>), CacheError> {
         let mut pipe = redis::pipe();
         let mut mget = redis::cmd("MGET");
         for key in keys {
@@ -207,6 +216,9 @@ impl CacheManager {
         }
         pipe.add_command(mget);
         let fresh = create_generations(&mut pipe, names.iter().copied(), self.config());
+        for name in names {
+            pipe.cmd("PTTL").arg(*name);
+        }
         let replies: Vec<redis::Value> = self
             .connection()
             .call_within(budget, |mut c| async move { pipe.query_async(&mut c).await })
@@ -218,12 +230,15 @@ impl CacheManager {
             .ok_or(CacheError::Unavailable)?
             .map_err(|err| CacheError::Redis(err.into()))?;
         let mut out = values;
-        for (token, previous) in fresh.into_iter().zip(replies) {
+        for (token, previous) in fresh.into_iter().zip(replies.by_ref()) {
             let previous =
                 redis::from_redis_value::<Option<Vec<u8>>>(previous).map_err(|err| CacheError::Redis(err.into()))?;
             out.push(Some(created(token, previous)));
         }
-        Ok(out)
+        let lefts = replies
+            .map(|left| redis::from_redis_value::<i64>(left).unwrap_or(-2))
+            .collect();
+        Ok((out, lefts))
     }
 
     /// Reads the values of `keys` and the generations `names` alone (one
@@ -260,6 +275,7 @@ impl CacheManager {
         let Chunk {
             positions,
             generations,
+            lefts,
             missed,
             ..
         } = chunk;
@@ -274,7 +290,11 @@ impl CacheManager {
                 }
             };
             let seen: Generations = positions[i].iter().map(|&g| generations[g].clone()).collect();
-            stores.add(self.config(), &keys[i], &seen, &payload, ttl);
+            let lefts: Vec<i64> = positions[i]
+                .iter()
+                .map(|&g| lefts.get(g).copied().unwrap_or(-2))
+                .collect();
+            stores.add(self.config(), &keys[i], &seen, &lefts, &payload, ttl);
         }
         if !stores.is_empty() {
             // A refusal is counted by `run`; the values are returned all the same.

@@ -38,7 +38,11 @@ use crate::{CacheConfig, CacheError, CacheManager};
 /// its envelope header, its payload, and the `n` tokens its computation
 /// began under, each '*' to accept the current one (creating it if absent).
 /// An absent generation never matches an expected token. A generation many
-/// values share is read once and extended once. Returns 1 or 0 per value.
+/// values share is read once, and extended once, only when it would expire
+/// before one of the values stored: a change to a generation key (its
+/// expiry included) is pushed to every in-process tier beside Redis, which
+/// then drops every value depending on it (a model's generation, for a
+/// record's value). Returns 1 or 0 per value.
 const STORE_SCRIPT: &str = r"#!lua
 local k, a = 1, 3
 if ARGV[1] ~= '' then
@@ -49,6 +53,7 @@ if ARGV[1] ~= '' then
 end
 local seen = {}
 local extend = {}
+local need = {}
 local stored = {}
 while a <= #ARGV do
   local n = tonumber(ARGV[a])
@@ -77,6 +82,9 @@ while a <= #ARGV do
       if (extend[name] or 0) < ttl then
         extend[name] = ttl
       end
+      if (need[name] or 0) < tonumber(ARGV[a + 1]) then
+        need[name] = tonumber(ARGV[a + 1])
+      end
     end
     redis.call('SET', KEYS[k], ARGV[a + 3] .. table.concat(tokens) .. ARGV[a + 4], 'PX', ARGV[a + 1])
     stored[#stored + 1] = 1
@@ -87,7 +95,10 @@ while a <= #ARGV do
   a = a + 5 + n
 end
 for name, ttl in pairs(extend) do
-  redis.call('PEXPIRE', name, ttl, 'GT')
+  local left = redis.call('PTTL', name)
+  if left >= 0 and left < need[name] then
+    redis.call('PEXPIRE', name, ttl, 'GT')
+  end
 end
 return stored
 ";
@@ -527,12 +538,17 @@ impl<'k> PlainStores<'k> {
 
     /// Adds the value of `key` (encoded: `payload`), computed under
     /// `tokens` (one per generation of the key, in order), to live `ttl`.
-    /// A value with an absent token is not added: it could never be served.
+    /// `lefts` is each generation's time left to live when it was read
+    /// (ms, as `PTTL` gives it): one that would expire before the value is
+    /// extended, the others are left alone (see the store script on why a
+    /// generation is changed only when it must be). A value with an absent
+    /// token is not added: it could never be served.
     pub(crate) fn add(
         &mut self,
         config: &CacheConfig,
         key: &'k CacheKey,
         tokens: &[Option<Vec<u8>>],
+        lefts: &[i64],
         payload: &[u8],
         ttl: Duration,
     ) {
@@ -553,9 +569,12 @@ impl<'k> PlainStores<'k> {
             .arg(expiry_ms(ttl))
             .ignore();
         let live = expiry_ms(generation_ttl(config).max(ttl).saturating_add(Duration::from_secs(60)));
-        for name in &key.generations {
-            let longest = self.extend.entry(name.as_str()).or_default();
-            *longest = (*longest).max(live);
+        let needed = i64::try_from(expiry_ms(ttl)).unwrap_or(i64::MAX);
+        for (name, &left) in key.generations.iter().zip(lefts) {
+            if (0..needed).contains(&left) {
+                let longest = self.extend.entry(name.as_str()).or_default();
+                *longest = (*longest).max(live);
+            }
         }
         self.keys.push(key);
     }

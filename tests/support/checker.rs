@@ -152,6 +152,11 @@ pub struct CheckerConfig {
     /// delivery lag (counted, and its window measured); one in the writer's
     /// own environment never is.
     pub local: bool,
+    /// Whether the EarnORM writers also bulk-update (3 writes in 10, each
+    /// invalidating every value of the model). Off: saves and deletes of
+    /// single records only, so most reads can be hits (how the two-tier
+    /// mode's window is measured).
+    pub bulk_writes: bool,
 }
 
 impl Default for CheckerConfig {
@@ -173,6 +178,7 @@ impl Default for CheckerConfig {
             feed: true,
             crash_writer: None,
             local: false,
+            bulk_writes: true,
         }
     }
 }
@@ -587,9 +593,10 @@ pub async fn run(config: &CheckerConfig) -> Report {
     for w in 0..config.writers {
         let (shared, env) = (Arc::clone(&shared), envs[w % 2].clone());
         let mut rng = Rng(config.seed ^ (0x1000 + w as u64));
-        tasks.push(tokio::spawn(
-            ENV_INDEX.scope(w % 2, async move { writer(&shared, &env, &mut rng).await }),
-        ));
+        let bulk_writes = config.bulk_writes;
+        tasks.push(tokio::spawn(ENV_INDEX.scope(w % 2, async move {
+            writer(&shared, &env, &mut rng, bulk_writes).await;
+        })));
     }
     for o in 0..config.outside_writers {
         let (shared, env) = (Arc::clone(&shared), envs[0].clone());
@@ -790,10 +797,13 @@ async fn record_child_writes(shared: &Shared, env: &Environment, lines: &[Line],
     debug_assert!(shared.seq.load(Ordering::SeqCst) < CHILD_SEQ.unsigned_abs());
 }
 
-async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng) {
+async fn writer(shared: &Shared, env: &Environment, rng: &mut Rng, bulk_writes: bool) {
     let n = shared.writable;
     while !shared.stop.load(Ordering::SeqCst) {
-        let roll = rng.below(10);
+        let mut roll = rng.below(10);
+        if !bulk_writes && (6..9).contains(&roll) {
+            roll = 0;
+        }
         // A write whose invalidation this process had to defer (it could
         // not reach Redis) is, for the cache, like a write made outside
         // EarnORM: only the database feed invalidates it in time.
