@@ -119,10 +119,19 @@ async fn out_of_memory_invalidations_still_apply_under_every_policy() {
                 "{policy}: record {i} was invalidated and must not be served stale"
             );
         }
-        assert_eq!(
-            writer.status(),
-            ConnectionStatus::Connected,
-            "{policy}: an invalidation under OOM does not take the writer down"
+        // Not dropped: an invalidation refused under OOM would have dropped
+        // the connection (`Down`, then `Connecting`). `Recovering` is allowed:
+        // under `allkeys-lru` Redis may evict the heartbeats' set itself to
+        // make room, which the next beat cannot tell from a flushed Redis,
+        // so the managers serve no hits until that quarantine ends (seen in
+        // 1 CI run of 6 on a loaded machine).
+        assert!(
+            matches!(
+                writer.status(),
+                ConnectionStatus::Connected | ConnectionStatus::Recovering
+            ),
+            "{policy}: an invalidation under OOM does not take the writer down: {:?}",
+            writer.status()
         );
         // Under noeviction, stores are refused up front (the store script
         // used to let its writes through past the limit).
