@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, Instrument};
 
-use crate::codec::{Envelope, Output};
+use crate::codec::{Envelope, Keeper, Kept, Output};
 use crate::flight::{Follower, Leader, Next, Outcome, Role};
 use crate::generations::{Expected, Generations, Lookup};
 use crate::key::CacheKey;
 use crate::lease::{Lease, LeaseGuard};
-use crate::local::{Keeper, Kept, Local, Noted};
+use crate::local::{Local, Noted};
 use crate::manager::bypassed;
 use crate::stats::{Event, Served};
 use crate::token::new_token;

@@ -13,6 +13,9 @@
 //! decode into the requested type, is reported as [`CacheError::Decode`] and
 //! the caller treats it as a miss.
 
+use std::any::Any;
+use std::sync::Arc;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{token::TOKEN_LEN, CacheError};
@@ -178,7 +181,7 @@ impl<T: Serialize + DeserializeOwned> Output<Option<T>> for OptionOutput {
 /// The part of a result an [`Output`] stores (the `T` of a `Result<T, E>`
 /// or of an `Option<T>`, the whole value otherwise), and the result a
 /// stored part stands for: what lets the in-process tier keep that part by
-/// value (see [`Keeper`](crate::Keeper)).
+/// value (see [`Keeper`]).
 pub trait Stored<R>: Output<R> {
     /// The part stored.
     type Value;
@@ -215,6 +218,79 @@ impl<T: Serialize + DeserializeOwned> Stored<Option<T>> for OptionOutput {
     }
     fn result(value: T) -> Option<T> {
         Some(value)
+    }
+}
+
+/// A value as kept in process: the value itself, cloned out on a hit (for
+/// types that are `Clone`, see [`Keeper`]), or its encoded payload,
+/// decoded on a hit.
+#[derive(Clone)]
+pub(crate) enum Kept {
+    Value(Arc<dyn Any + Send + Sync>),
+    Payload(Arc<[u8]>),
+}
+
+/// How results of one type are kept in process by value (cloned) rather
+/// than as their encoded payload (decoded on every hit): what makes an
+/// in-process hit cost about as much as a clone. Attach one to a key with
+/// [`CacheKey::kept_by`](crate::CacheKey::kept_by); `#[cached]` does it for every return type whose
+/// cached part is `Clone`.
+#[derive(Clone, Copy)]
+pub struct Keeper {
+    /// The result (a `&R`, as `Any`) as kept, when it is of the type this
+    /// keeper was made for and is cached at all.
+    keep: fn(&dyn Any) -> Option<Kept>,
+    /// Writes the result a kept value stands for into `out` (a
+    /// `&mut Option<R>`, as `Any`); says whether it could.
+    restore: fn(&Kept, &mut dyn Any) -> bool,
+}
+
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keeper").finish_non_exhaustive()
+    }
+}
+
+impl Keeper {
+    /// Keeps the part of an `R` that output `O` stores (the `T` of a
+    /// `Result<T, E>` or of an `Option<T>`, the whole value otherwise) by
+    /// value, and clones it out on a hit.
+    pub fn cloned<R, O>() -> Self
+    where
+        R: 'static,
+        O: crate::codec::Stored<R>,
+        O::Value: Clone + Send + Sync + 'static,
+    {
+        Self {
+            keep: |result| {
+                let result = result.downcast_ref::<R>()?;
+                let value = O::value(result)?.clone();
+                Some(Kept::Value(Arc::new(value)))
+            },
+            restore: |kept, out| {
+                let (Kept::Value(value), Some(out)) = (kept, out.downcast_mut::<Option<R>>()) else {
+                    return false;
+                };
+                match value.downcast_ref::<O::Value>() {
+                    Some(value) => {
+                        *out = Some(O::result(value.clone()));
+                        true
+                    }
+                    None => false,
+                }
+            },
+        }
+    }
+
+    /// `result` as kept, when this keeper is for its type.
+    pub(crate) fn keep<R: 'static>(&self, result: &R) -> Option<Kept> {
+        (self.keep)(result)
+    }
+
+    /// The result `kept` stands for, when this keeper is for its type.
+    pub(crate) fn restore<R: 'static>(&self, kept: &Kept) -> Option<R> {
+        let mut out: Option<R> = None;
+        (self.restore)(kept, &mut out).then_some(out).flatten()
     }
 }
 

@@ -15,11 +15,11 @@
 use std::fmt::Write as _;
 
 use serde::Serialize;
-use xxhash_rust::xxh3::{xxh3_128_with_seed, Xxh3};
+use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64, Xxh3};
 
+use crate::codec::Keeper;
 use crate::key_encoding::KeyEncoder;
 use crate::keyspace::Keyspace;
-use crate::local::{seed, stripe, Keeper};
 use crate::scope::Scope;
 use crate::stats::NamedCounters;
 use crate::CacheError;
@@ -287,6 +287,24 @@ impl KeyBuilder {
             keeper: Keeping::default(),
         })
     }
+}
+
+/// Number of generation stripes (a power of two).
+pub(crate) const STRIPES: usize = 1 << 16;
+
+/// The seed of this process's in-process ids ([`CacheKey::local`],
+/// `Fingerprint`): random per process, so that nobody who controls key
+/// arguments (record ids, say) can craft two keys with one id; the tier is
+/// never shared with another process, so its ids need not agree with theirs.
+pub(crate) fn seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(crate::token::random_u64)
+}
+
+/// The stripe of the generation key `name` (relative to the prefix).
+pub(crate) fn stripe(name: &[u8]) -> u32 {
+    // The mask keeps 16 bits: the cast cannot truncate.
+    (xxh3_64(name) as usize & (STRIPES - 1)) as u32
 }
 
 #[cfg(test)]

@@ -190,13 +190,13 @@ mod stats;
 // Fresh random tokens.
 mod token;
 
-pub use codec::{OptionOutput, Output, PlainOutput, ResultOutput, Stored};
+pub use codec::{Keeper, OptionOutput, Output, PlainOutput, ResultOutput, Stored};
 pub use config::CacheConfig;
 pub use error::CacheError;
 pub use key::{CacheKey, Fingerprint, KeyBuilder, MAX_DEPENDENCIES};
 pub use key_encoding::KeyArgumentError;
 pub use keyspace::escape_glob;
-pub use local::{Keeper, LocalConfig};
+pub use local::LocalConfig;
 pub use manager::{bypass, CacheManager};
 pub use redact::redact_url;
 pub use scope::Scope;

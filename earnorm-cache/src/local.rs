@@ -27,18 +27,14 @@
 //! value also carries: what `invalidate_all`, `delete_pattern` and the loss
 //! of the invalidation channel do.
 
-use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
 
-use crate::key::{CacheKey, Named};
-
-/// Number of generation stripes (a power of two).
-const STRIPES: usize = 1 << 16;
+use crate::codec::Kept;
+use crate::key::{seed, stripe, CacheKey, Named, STRIPES};
 
 /// The in-process tier's settings.
 ///
@@ -70,79 +66,6 @@ impl Default for LocalConfig {
             capacity: 10_000,
             with_redis: false,
         }
-    }
-}
-
-/// A value as kept in process: the value itself, cloned out on a hit (for
-/// types that are `Clone`, see [`Keeper`]), or its encoded payload,
-/// decoded on a hit.
-#[derive(Clone)]
-pub(crate) enum Kept {
-    Value(Arc<dyn Any + Send + Sync>),
-    Payload(Arc<[u8]>),
-}
-
-/// How results of one type are kept in process by value (cloned) rather
-/// than as their encoded payload (decoded on every hit): what makes an
-/// in-process hit cost about as much as a clone. Attach one to a key with
-/// [`CacheKey::kept_by`]; `#[cached]` does it for every return type whose
-/// cached part is `Clone`.
-#[derive(Clone, Copy)]
-pub struct Keeper {
-    /// The result (a `&R`, as `Any`) as kept, when it is of the type this
-    /// keeper was made for and is cached at all.
-    keep: fn(&dyn Any) -> Option<Kept>,
-    /// Writes the result a kept value stands for into `out` (a
-    /// `&mut Option<R>`, as `Any`); says whether it could.
-    restore: fn(&Kept, &mut dyn Any) -> bool,
-}
-
-impl std::fmt::Debug for Keeper {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keeper").finish_non_exhaustive()
-    }
-}
-
-impl Keeper {
-    /// Keeps the part of an `R` that output `O` stores (the `T` of a
-    /// `Result<T, E>` or of an `Option<T>`, the whole value otherwise) by
-    /// value, and clones it out on a hit.
-    pub fn cloned<R, O>() -> Self
-    where
-        R: 'static,
-        O: crate::codec::Stored<R>,
-        O::Value: Clone + Send + Sync + 'static,
-    {
-        Self {
-            keep: |result| {
-                let result = result.downcast_ref::<R>()?;
-                let value = O::value(result)?.clone();
-                Some(Kept::Value(Arc::new(value)))
-            },
-            restore: |kept, out| {
-                let (Kept::Value(value), Some(out)) = (kept, out.downcast_mut::<Option<R>>()) else {
-                    return false;
-                };
-                match value.downcast_ref::<O::Value>() {
-                    Some(value) => {
-                        *out = Some(O::result(value.clone()));
-                        true
-                    }
-                    None => false,
-                }
-            },
-        }
-    }
-
-    /// `result` as kept, when this keeper is for its type.
-    pub(crate) fn keep<R: 'static>(&self, result: &R) -> Option<Kept> {
-        (self.keep)(result)
-    }
-
-    /// The result `kept` stands for, when this keeper is for its type.
-    pub(crate) fn restore<R: 'static>(&self, kept: &Kept) -> Option<R> {
-        let mut out: Option<R> = None;
-        (self.restore)(kept, &mut out).then_some(out).flatten()
     }
 }
 
@@ -376,30 +299,16 @@ impl Local {
     }
 }
 
-/// The seed of this process's in-process ids ([`CacheKey::local`],
-/// `Fingerprint`): random per process, so that nobody who controls key
-/// arguments (record ids, say) can craft two keys with one id; the tier is
-/// never shared with another process, so its ids need not agree with theirs.
-pub(crate) fn seed() -> u64 {
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *SEED.get_or_init(crate::token::random_u64)
-}
-
 /// A generation's id among the known tokens: its name hashed with this
 /// process's seed.
 fn name_id(name: &str) -> u128 {
     xxhash_rust::xxh3::xxh3_128_with_seed(name.as_bytes(), seed())
 }
 
-/// The stripe of the generation key `name` (relative to the prefix).
-pub(crate) fn stripe(name: &[u8]) -> u32 {
-    // The mask keeps 16 bits: the cast cannot truncate.
-    (xxh3_64(name) as usize & (STRIPES - 1)) as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::Keeper;
     use crate::key::KeyBuilder;
     use crate::scope::Scope;
 
