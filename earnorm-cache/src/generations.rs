@@ -278,19 +278,32 @@ impl CacheManager {
         let Ok((value, left)) = read else {
             return (Lookup::Unavailable, None);
         };
-        let left = left.and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis);
-        let lookup = match value {
-            Some(bytes) => match Envelope::open(&bytes) {
-                Ok(env) if env.is_current(&known) && self.connection().serves(key) => Lookup::Hit(bytes, known),
-                Ok(_) => Lookup::Miss(known),
-                Err(err) => {
-                    self.discard(key, &err, budget).await;
-                    Lookup::Miss(known)
-                }
-            },
-            None => Lookup::Miss(known),
+        (self.judge(key, value, known, budget).await, time_left(left))
+    }
+
+    /// What a stored value read with the generation `tokens` it must match
+    /// gives: a hit when it is current and this manager serves, else a miss
+    /// (a value that does not decode is removed).
+    async fn judge(
+        &self,
+        key: &CacheKey,
+        value: Option<Vec<u8>>,
+        tokens: Generations,
+        budget: &mut Duration,
+    ) -> Lookup {
+        let Some(bytes) = value else {
+            return Lookup::Miss(tokens);
         };
-        (lookup, left)
+        match Envelope::open(&bytes) {
+            // During a quarantine, current values are not served.
+            Ok(env) if env.is_current(&tokens) && self.connection().serves(key) => Lookup::Hit(bytes, tokens),
+            // Superseded by a write: ignored, it expires by its TTL.
+            Ok(_) => Lookup::Miss(tokens),
+            Err(err) => {
+                self.discard(key, &err, budget).await;
+                Lookup::Miss(tokens)
+            }
+        }
     }
 
     /// [`lookup`](Self::lookup) of the value and every generation (`MGET`).
@@ -331,24 +344,8 @@ impl CacheManager {
                 } else {
                     false
                 };
-                let left = left.and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis);
                 let value = values.remove(0);
-                let lookup = match value {
-                    Some(bytes) => match Envelope::open(&bytes) {
-                        // During a quarantine, current values are not served.
-                        Ok(env) if env.is_current(&values) && self.connection().serves(key) => {
-                            Lookup::Hit(bytes, values)
-                        }
-                        // Superseded by a write: ignored, it expires by its TTL.
-                        Ok(_) => Lookup::Miss(values),
-                        Err(err) => {
-                            self.discard(key, &err, budget).await;
-                            Lookup::Miss(values)
-                        }
-                    },
-                    None => Lookup::Miss(values),
-                };
-                (lookup, extra, left)
+                (self.judge(key, value, values, budget).await, extra, time_left(left))
             }
             Ok(_) | Err(_) => (Lookup::Unavailable, false, None),
         }
@@ -603,6 +600,12 @@ impl<'k> PlainStores<'k> {
         }
         Ok(())
     }
+}
+
+/// A `PTTL` answer as a time left to live (none for a key without an
+/// expiry, or gone).
+fn time_left(ms: Option<i64>) -> Option<Duration> {
+    ms.and_then(|ms| u64::try_from(ms).ok()).map(Duration::from_millis)
 }
 
 /// How long a generation created for a computation lives. Values stored

@@ -18,7 +18,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64, Xxh3};
 
 use crate::codec::Keeper;
-use crate::key_encoding::KeyEncoder;
+use crate::key_encoding::{encode_arg, encode_raw};
 use crate::keyspace::Keyspace;
 use crate::scope::Scope;
 use crate::stats::NamedCounters;
@@ -116,8 +116,7 @@ pub struct Fingerprint(Vec<u8>);
 impl Fingerprint {
     /// Mixes raw bytes in, length first.
     pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
-        self.0.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-        self.0.extend_from_slice(bytes);
+        encode_raw(&mut self.0, bytes);
         self
     }
 
@@ -126,9 +125,7 @@ impl Fingerprint {
     /// # Errors
     /// [`CacheError::KeyArgument`] when the value cannot be serialized.
     pub fn arg<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<&mut Self, CacheError> {
-        value
-            .serialize(&mut KeyEncoder(&mut self.0))
-            .map_err(CacheError::KeyArgument)?;
+        encode_arg(&mut self.0, value)?;
         Ok(self)
     }
 
@@ -243,17 +240,14 @@ impl KeyBuilder {
     /// # Errors
     /// [`CacheError::KeyArgument`] when the argument cannot be serialized.
     pub fn arg<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, CacheError> {
-        value
-            .serialize(&mut KeyEncoder(&mut self.hasher))
-            .map_err(CacheError::KeyArgument)?;
+        encode_arg(&mut self.hasher, value)?;
         Ok(self)
     }
 
     /// Mixes raw bytes (already canonical) into the key hash, length first.
     #[must_use]
     pub fn raw(mut self, bytes: &[u8]) -> Self {
-        self.hasher.update(&(bytes.len() as u64).to_le_bytes());
-        self.hasher.update(bytes);
+        encode_raw(&mut self.hasher, bytes);
         self
     }
 

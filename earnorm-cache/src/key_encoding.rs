@@ -69,6 +69,22 @@ pub(crate) trait Sink {
     fn update(&mut self, bytes: &[u8]);
 }
 
+/// Writes raw bytes (already canonical) into `sink`, length first.
+pub(crate) fn encode_raw<S: Sink>(sink: &mut S, bytes: &[u8]) {
+    sink.update(&(bytes.len() as u64).to_le_bytes());
+    sink.update(bytes);
+}
+
+/// Writes the canonical encoding of `value` into `sink`.
+pub(crate) fn encode_arg<S: Sink, T: serde::Serialize + ?Sized>(
+    sink: &mut S,
+    value: &T,
+) -> std::result::Result<(), crate::CacheError> {
+    value
+        .serialize(&mut KeyEncoder(sink))
+        .map_err(crate::CacheError::KeyArgument)
+}
+
 impl Sink for Xxh3 {
     #[inline]
     fn update(&mut self, bytes: &[u8]) {

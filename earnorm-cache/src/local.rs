@@ -76,11 +76,9 @@ struct Entry {
     /// every scope it depends on (what serving it checks, without the key).
     named: Named,
     feed_covered: bool,
-    /// Each stripe the value depends on, and its count before the
-    /// computation started.
-    seen: Box<[(u32, u64)]>,
-    /// The epoch before the computation started.
-    epoch: u64,
+    /// The counts of the stripes it depends on, and the epoch, as they
+    /// were before its computation started.
+    noted: Noted,
     /// When the value's time to live ends.
     expires: Instant,
 }
@@ -218,9 +216,7 @@ impl Local {
             return None;
         }
         let entry = self.entries.get(&id)?;
-        let current = entry.epoch == self.epoch.load(Ordering::SeqCst)
-            && entry.seen.iter().all(|&(stripe, count)| self.count(stripe) == count)
-            && Instant::now() < entry.expires;
+        let current = self.is_current(&entry.noted) && Instant::now() < entry.expires;
         if current {
             Some(Held {
                 kept: entry.kept.clone(),
@@ -257,8 +253,7 @@ impl Local {
             kept,
             named: key.named.clone(),
             feed_covered: key.feed_covered,
-            seen: noted.seen,
-            epoch: noted.epoch,
+            noted,
             expires,
         };
         self.entries.insert(key.local, Arc::new(entry));
