@@ -310,6 +310,104 @@ async fn main() {
         return;
     }
 
+    if std::env::args().any(|a| a == "--batch") {
+        // Group 8e alone, printed, not written.
+        batch_group(&env, rounds, per_round).await;
+        return;
+    }
+    if std::env::args().any(|a| a == "--micro-batch") {
+        // What a cold batch's lookup costs Redis and the client alone: its
+        // pipeline (the values' MGET and a SET NX GET per generation), a
+        // script doing the creations, one MGET of as many keys, one GET.
+        let names: Vec<String> = (0..101).map(|i| format!("mb:g:{i}")).collect();
+        let values: Vec<String> = (0..100).map(|i| format!("mb:v:{i}")).collect();
+        let script = redis::Script::new(
+            "local out = {} for i, k in ipairs(KEYS) do out[i] = redis.call('SET', k, ARGV[1], 'NX', 'GET', 'PX', ARGV[2]) or false end return out",
+        );
+        for scripted in [false, true] {
+            for (label, delete) in [("existing", false), ("absent", true)] {
+                let mut total = Duration::ZERO;
+                for _ in 0..500 {
+                    if delete {
+                        let _: () = redis::cmd("DEL").arg(&names).query_async(&mut raw).await.expect("del");
+                    }
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("MGET").arg(&values);
+                    let mut invocation = script.prepare_invoke();
+                    if scripted {
+                        invocation.key(&names).arg("0123456789abcdef").arg(600_000);
+                    } else {
+                        for name in &names {
+                            pipe.cmd("SET")
+                                .arg(name)
+                                .arg("0123456789abcdef")
+                                .arg("NX")
+                                .arg("GET")
+                                .arg("PX")
+                                .arg(600_000);
+                        }
+                    }
+                    let start = Instant::now();
+                    let read: Vec<redis::Value> = pipe.query_async(&mut raw).await.expect("pipe");
+                    if scripted {
+                        let created: Vec<Option<Vec<u8>>> = invocation.invoke_async(&mut raw).await.expect("script");
+                        std::hint::black_box(created);
+                    }
+                    total += start.elapsed();
+                    std::hint::black_box(read);
+                }
+                let how = if scripted {
+                    "MGET, then a script of 101 SET NX GET (two round trips"
+                } else {
+                    "pipeline MGET + 101 SET NX GET (one round trip"
+                };
+                println!("{how}, {label}): {:?}", total / 500);
+            }
+        }
+        let start = Instant::now();
+        for _ in 0..500 {
+            let v: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(&values)
+                .arg(&names)
+                .query_async(&mut raw)
+                .await
+                .expect("mget");
+            std::hint::black_box(v);
+        }
+        println!("MGET 201: {:?}", start.elapsed() / 500);
+        let start = Instant::now();
+        for _ in 0..500 {
+            let v: Option<Vec<u8>> = redis::cmd("GET")
+                .arg("mb:g:1")
+                .query_async(&mut raw)
+                .await
+                .expect("get");
+            std::hint::black_box(v);
+        }
+        println!("GET: {:?}", start.elapsed() / 500);
+        return;
+    }
+    if std::env::args().any(|a| a == "--profile-batch") {
+        // For `perf record`: cold batches of 100 ids (each after invalidating
+        // them all), sequentially, for 10 s.
+        let mut users: Vec<User> = (0..100).map(|n| User { id: None, n }).collect();
+        User::insert_many(&mut users).in_env(&env).await.expect("insert");
+        let ids: Vec<ObjectId> = users.iter().map(|u| u.id.expect("id")).collect();
+        let namespace = env.model_scope(User::COLLECTION);
+        let keys: Vec<String> = ids.iter().map(|id| id.to_hex()).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let scopes: Vec<Scope<'_>> = keys.iter().map(|k| Scope::Record(&namespace, k)).collect();
+            env.cache().invalidate(&scopes).await;
+            std::hint::black_box(
+                CachedUser::find_many_by_ids(&ids)
+                    .in_env(&env)
+                    .await
+                    .expect("find many"),
+            );
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--profile-hit") {
         // For `perf record`: only the #[cached] hit path, sequentially, for 10 s.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -581,7 +679,6 @@ async fn distributions(env: &Environment, user: &User, id: ObjectId, samples: us
 /// `#[cached]`, and `find_many_by_ids` of 100 ids against one `$in` query.
 async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_round: usize) {
     use earnorm::bson::doc;
-    use futures_util::TryStreamExt;
     let typed = env.database().collection::<User>(User::COLLECTION);
     let finds = {
         let coll = typed.clone();
@@ -674,9 +771,16 @@ async fn record_cache_group(env: &Environment, id: ObjectId, rounds: usize, per_
         ),
     );
 
-    // find_many_by_ids of 100 ids with 0%, 50% and 100% hits, each call
-    // preceded by one invalidation round trip (of half the ids, all of
-    // them, or an unrelated record), against one `$in` query.
+    batch_group(env, rounds, per_round).await;
+}
+
+/// Group 8e: `find_many_by_ids` of 100 ids with 0%, 50% and 100% hits, each
+/// call preceded by one invalidation round trip (of half the ids, all of
+/// them, or an unrelated record), against one `$in` query.
+async fn batch_group(env: &Environment, rounds: usize, per_round: usize) {
+    use earnorm::bson::doc;
+    use futures_util::TryStreamExt;
+    let typed = env.database().collection::<User>(User::COLLECTION);
     let mut users: Vec<User> = (0..100).map(|n| User { id: None, n }).collect();
     User::insert_many(&mut users).in_env(env).await.expect("insert");
     let ids: Arc<Vec<ObjectId>> = Arc::new(users.iter().map(|u| u.id.expect("id")).collect());

@@ -476,6 +476,25 @@ async fn a_redis_that_refuses_stores_is_reported() {
         "nothing could be stored: every call computes"
     );
     assert!(cache.stats().store_errors >= 1, "{:?}", cache.stats());
+
+    // Batches extend generations with `PEXPIREAT`: a user without it
+    // could not store them either.
+    assert_eq!(
+        redis.cli(&[
+            "ACL",
+            "SETUSER",
+            "no_expireat",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "-pexpireat"
+        ]),
+        "OK"
+    );
+    let url = format!("redis://no_expireat:pw@127.0.0.1:{}/0", redis.port());
+    let cache = CacheManager::connect(Some(&url), config()).await.expect("connect");
+    assert!(!cache.can_store(), "the permission check at connect found it");
 }
 
 /// Bug: the set of managers' heartbeats is an ordinary key; evicted (an

@@ -372,6 +372,8 @@ async fn find_many_by_ids_keeps_order_drops_duplicates_and_missing_and_mixes_hit
         (2, 2),
         "a and b were hits; c and the missing id were misses"
     );
+    // The batch's store is sent once it has returned.
+    env.cache().settled().await;
 
     // Now c is cached too; the missing id is not (no `missing` TTL).
     let again = Book::find_many_by_ids(&[a, b, c, nobody])
@@ -544,6 +546,7 @@ async fn find_many_by_ids_of_25_000_ids_is_served_from_the_cache() {
     raw(&env).insert_many(documents).await.expect("insert");
     let first = Book::find_many_by_ids(&ids).in_env(&env).await.expect("first");
     assert_eq!(first.len(), RECORDS);
+    env.cache().settled().await;
     let hits = env.cache().stats().hits;
     let second = Book::find_many_by_ids(&ids).in_env(&env).await.expect("second");
     assert_eq!(second, first);
@@ -567,6 +570,7 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
     seeded(&env, &mut books).await;
     let ids: Vec<ObjectId> = books.iter().filter_map(|b| b.id).collect();
     Book::find_many_by_ids(&ids).in_env(&env).await.expect("fill");
+    env.cache().settled().await;
 
     // Every cached value of the prefix replaced by bytes no envelope has.
     let client = redis::Client::open(support::redis_url()).expect("redis url");
@@ -604,6 +608,7 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
     let found = Book::find_many_by_ids(&ids).in_env(&env).await.expect("read");
     assert_eq!(found.len(), 3, "read from MongoDB instead");
     assert_eq!(env.cache().stats().decode_errors - before, 3, "counted");
+    env.cache().settled().await;
     let hits = env.cache().stats().hits;
     Book::find_many_by_ids(&ids).in_env(&env).await.expect("read again");
     assert_eq!(env.cache().stats().hits - hits, 3, "stored again, then hits");
@@ -612,42 +617,115 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
 
 /// A batch stores its values without the compare-and-set (each carries the
 /// generations its computation began under): one that a write made stale
-/// while it was computed is stored, but never served.
+/// while it was computed is stored, but never served. Without Redis, the
+/// same for the in-process tier: it is not kept (the fence of the tier).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_value_computed_across_a_write_is_never_served() {
     use earnorm::cache_layer::Scope;
-    let env = test_env("batch_across_write").await;
+    for embedded in [false, true] {
+        let env = if embedded {
+            connect(earnorm::Config {
+                redis_uri: None,
+                ..test_config("batch_across_write_embedded")
+            })
+            .await
+        } else {
+            test_env("batch_across_write").await
+        };
+        let cache = env.cache().clone();
+        let keys: Vec<_> = ["1", "2"]
+            .iter()
+            .map(|id| {
+                cache
+                    .key("batch", "value")
+                    .scope(Scope::Record("batch", id))
+                    .build()
+                    .expect("key")
+            })
+            .collect();
+        let minute = |_: &u32| Some(Duration::from_secs(60));
+        // The computation reads "old" values, then a write to record 1 lands
+        // and invalidates before the batch stores.
+        let first: Result<Vec<u32>, ()> = cache
+            .get_many_or_compute(&keys, minute, |missed| {
+                let cache = cache.clone();
+                async move {
+                    cache.invalidate(&[Scope::Record("batch", "1")]).await;
+                    Ok(missed.iter().map(|_| 1).collect())
+                }
+            })
+            .await;
+        assert_eq!(first, Ok(vec![1, 1]));
+        cache.settled().await;
+        // Record 2's value is served; record 1's is computed again.
+        let again: Result<Vec<u32>, ()> = cache
+            .get_many_or_compute(&keys, minute, |missed| async move {
+                assert_eq!(missed, [0], "only the value computed across the write");
+                Ok(vec![2])
+            })
+            .await;
+        assert_eq!(again, Ok(vec![2, 1]), "embedded: {embedded}");
+        assert_eq!(cache.stats().local_hits, u64::from(embedded));
+        let _ = env.database().drop().await;
+    }
+}
+
+/// A batch's store extends a generation its value depends on that would
+/// expire first (else the value would miss once the generation is gone,
+/// long before its TTL): one that existed before the batch, its life cut
+/// short here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_store_extends_a_generation_that_would_expire_before_its_value() {
+    use earnorm::cache_layer::Scope;
+    let env = test_env("batch_extends").await;
     let cache = env.cache().clone();
-    let keys: Vec<_> = ["1", "2"]
-        .iter()
-        .map(|id| {
-            cache
-                .key("batch", "value")
-                .scope(Scope::Record("batch", id))
-                .build()
-                .expect("key")
-        })
-        .collect();
-    let minute = |_: &u32| Some(Duration::from_secs(60));
-    // The computation reads "old" values, then a write to record 1 lands
-    // and invalidates before the batch stores.
-    let first: Result<Vec<u32>, ()> = cache
-        .get_many_or_compute(&keys, minute, |missed| {
-            let cache = cache.clone();
-            async move {
-                cache.invalidate(&[Scope::Record("batch", "1")]).await;
-                Ok(missed.iter().map(|_| 1).collect())
-            }
-        })
-        .await;
-    assert_eq!(first, Ok(vec![1, 1]));
-    // Record 2's value is served; record 1's is computed again.
-    let again: Result<Vec<u32>, ()> = cache
-        .get_many_or_compute(&keys, minute, |missed| async move {
-            assert_eq!(missed, [0], "only the value computed across the write");
-            Ok(vec![2])
-        })
-        .await;
-    assert_eq!(again, Ok(vec![2, 1]));
+    let key = cache
+        .key("batch", "extended")
+        .scope(Scope::Record("batch", "1"))
+        .build()
+        .expect("key");
+    let keys = [key.clone()];
+    let ten_minutes = |_: &u32| Some(Duration::from_secs(600));
+    let computed =
+        |value: u32| move |missed: Vec<usize>| async move { Ok::<_, ()>(missed.iter().map(|_| value).collect()) };
+    assert_eq!(
+        cache.get_many_or_compute(&keys, ten_minutes, computed(1)).await,
+        Ok(vec![1])
+    );
+    cache.settled().await;
+
+    let client = redis::Client::open(support::redis_url()).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    for generation in key.generations() {
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(generation)
+            .arg(5_000)
+            .query_async(&mut conn)
+            .await
+            .expect("pexpire");
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(key.as_str())
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    assert_eq!(
+        cache.get_many_or_compute(&keys, ten_minutes, computed(2)).await,
+        Ok(vec![2])
+    );
+    cache.settled().await;
+    for generation in key.generations() {
+        let left: i64 = redis::cmd("PTTL")
+            .arg(generation)
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        assert!(left >= 599_000, "{generation} lives {left} ms, the value 600 s");
+    }
+    assert_eq!(
+        cache.get_many_or_compute(&keys, ten_minutes, computed(3)).await,
+        Ok(vec![2]),
+        "served under the extended generation"
+    );
     let _ = env.database().drop().await;
 }

@@ -596,7 +596,7 @@ impl CacheManager {
 /// key has a keeper for its type, else as its payload), for as long as
 /// `ttl_of` says. Returns whether the value is one to cache at all (`None`:
 /// not cached, like an `Err`), and if so whether it was kept.
-fn keep_in_process<R: 'static, O: Output<R>>(
+pub(crate) fn keep_in_process<R: 'static, O: Output<R>>(
     local: &Local,
     key: &CacheKey,
     noted: Noted,
@@ -604,11 +604,22 @@ fn keep_in_process<R: 'static, O: Output<R>>(
     ttl_of: &impl Fn(&R) -> Option<Duration>,
 ) -> Option<bool> {
     let ttl = ttl_of(value)?;
-    let kept = match key.keeper.0.and_then(|keeper| keeper.keep(value)) {
-        Some(kept) => kept,
-        None => Kept::Payload(O::encode(value)?.ok()?.into()),
-    };
+    let kept = kept_as::<R, O>(key, value, None)?;
     Some(local.keep(key, noted, kept, ttl))
+}
+
+/// `value` as the in-process tier keeps it for `key`: by value when the
+/// key's keeper is for its type, else as its payload (`payload` when the
+/// caller has already encoded it as `O`). `None` when `O` does not cache
+/// it, or it does not encode.
+pub(crate) fn kept_as<R: 'static, O: Output<R>>(key: &CacheKey, value: &R, payload: Option<&[u8]>) -> Option<Kept> {
+    if let Some(kept) = key.keeper.0.and_then(|keeper| keeper.keep(value)) {
+        return Some(kept);
+    }
+    Some(Kept::Payload(match payload {
+        Some(payload) => payload.into(),
+        None => O::encode(value)?.ok()?.into(),
+    }))
 }
 
 /// `began` plus `wait`, for a wait the settings may make too long to add

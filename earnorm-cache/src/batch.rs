@@ -1,17 +1,36 @@
-//! Cache-aside for many keys at once: one round trip to look them all up,
-//! one computation for all the misses, one round trip to store them.
+//! Cache-aside for many keys at once: the in-process tier first (when it is
+//! on), one round trip to look the rest up in Redis, one computation for
+//! all the misses, and one round trip to store them, sent once the caller
+//! has its values.
+//!
+//! **Why the store is sent in the background.** A cold batch's store is a
+//! round trip of a hundred `SET`s: about a third of what a cold batch of 100
+//! records cost beside one `$in` query (`BENCHMARKS.md`, row 8e). Every
+//! value carries the generation tokens read before its computation, and
+//! every read checks them, so a store that lands late is as safe as one
+//! that lands at once: a write in between has replaced or removed one of
+//! those tokens, and the value is never served (see the crate docs, "No
+//! stale sets"). What a caller can see is a read of the same keys right
+//! after the batch missing in Redis (not in the in-process tier, which
+//! keeps the values before returning); [`CacheManager::settled`] waits for
+//! the stores. At most [`BACKGROUND_STORES`] are in flight per manager; a
+//! batch that finds none free stores before returning, so that a slow Redis
+//! slows batches down instead of piling stores up.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
-use crate::codec::{self, Envelope};
+use crate::aside::{keep_in_process, kept_as};
+use crate::codec::{self, Envelope, PlainOutput};
 use crate::generations::{create_generations, created, Generations, PlainStores};
 use crate::key::CacheKey;
-use crate::manager::bypassed;
+use crate::local::Noted;
+use crate::manager::{bypassed, BACKGROUND_STORES};
 use crate::stats::Event;
 use crate::{CacheError, CacheManager};
 
@@ -21,32 +40,36 @@ use crate::{CacheError, CacheManager};
 /// healthy server for a dead one).
 const CHUNK: usize = 500;
 
-/// One chunk of a batch as its lookup left it: where each key's
-/// generations are (in the chunk's list of generation keys, each once),
-/// their tokens, which of its keys missed (positions in the chunk), and
-/// whether their computations may be stored (their absent generations were
-/// created).
+/// One chunk of a batch as its lookup left it.
 struct Chunk {
-    /// The position (in the whole batch) of the chunk's first key.
-    base: usize,
-    positions: Vec<Vec<usize>>,
-    generations: Vec<Option<Vec<u8>>>,
-    /// Each generation's time left to live (ms, `PTTL`), when read.
-    lefts: Vec<i64>,
+    /// The position (in the whole batch) of each key looked up.
+    at: Vec<usize>,
+    /// Each key's generation tokens, in its order, as read (or known in
+    /// process) before the computation.
+    tokens: Vec<Generations>,
+    /// Per key and generation: whether the lookup created it.
+    fresh: Vec<Vec<bool>>,
+    /// Which keys missed: indexes into `at`.
     missed: Vec<usize>,
+    /// Whether the misses' computations may be stored (every absent
+    /// generation they depend on was created).
     storable: bool,
 }
 
 impl CacheManager {
     /// The cache-aside call for many keys at once, with every guarantee of
     /// [`get_or_compute`](Self::get_or_compute) but single flight and
-    /// leases: the current values of all `keys` are read in one round trip
-    /// per 500 keys; `compute` gets the positions (in `keys`) of those that
-    /// missed and returns their values in that order (a value it leaves out
-    /// is `T::default()`); each value for which `ttl_of` gives a time to
-    /// live is stored under the compare-and-set, in one more round trip per
-    /// 500 keys. Returns one value per key, in the order of `keys`. Each
-    /// chunk of 500 keys waits on Redis at most `operation_timeout` in all.
+    /// leases. Keys the in-process tier holds are served from it; the
+    /// current values of the others are read in one round trip per 500
+    /// keys; `compute` gets the positions (in `keys`) of those that missed
+    /// and returns their values in that order (a value it leaves out is
+    /// `T::default()`); each value for which `ttl_of` gives a time to live
+    /// is kept in process (when the tier is on) and stored in Redis with the
+    /// generations its computation began under, in one more round trip per
+    /// 500 keys, sent once this call has returned (see the module docs;
+    /// [`settled`](Self::settled) waits for it). Returns one value per key,
+    /// in the order of `keys`. Each chunk of 500 keys waits on Redis at most
+    /// `operation_timeout` in all.
     ///
     /// Never fails because of the cache (a chunk whose lookup fails
     /// computes each of its keys); an error of `compute` is returned as it
@@ -61,57 +84,163 @@ impl CacheManager {
         compute: F,
     ) -> Result<Vec<T>, E>
     where
-        T: Serialize + DeserializeOwned + Default,
+        T: Serialize + DeserializeOwned + Default + 'static,
         F: FnOnce(Vec<usize>) -> Fut,
         Fut: Future<Output = Result<Vec<T>, E>>,
     {
         let conn = self.connection();
-        if !conn.is_enabled() || bypassed() || keys.is_empty() {
+        if !self.caches() || bypassed() || keys.is_empty() {
             return fill(compute((0..keys.len()).collect()).await?, keys.len());
         }
         let mut values: Vec<Option<T>> = Vec::with_capacity(keys.len());
+        // In process first; every other key notes its stripes before it is
+        // looked up (the fence of `crate::local`).
+        let mut noted: Vec<Option<Noted>> = Vec::with_capacity(keys.len());
+        let mut pending = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let local = self.local_for(key);
+            let hit = local.and_then(|local| self.local_hit_by::<T, PlainOutput>(local, key.local, key.keeper.0));
+            if hit.is_none() {
+                pending.push(i);
+            }
+            noted.push(local.filter(|_| hit.is_none()).map(|local| local.note(key)));
+            values.push(hit);
+        }
+        if pending.is_empty() {
+            return Ok(values.into_iter().map(Option::unwrap_or_default).collect());
+        }
+        if !conn.is_enabled() {
+            // The embedded mode: the tier alone.
+            for &i in &pending {
+                conn.counters.count(keys[i].named.get(), Event::Miss);
+            }
+            let computed = fill(compute(pending.clone()).await?, pending.len())?;
+            for (&i, value) in pending.iter().zip(computed) {
+                if let (Some(local), Some(noted)) = (self.local_for(&keys[i]), noted[i].take()) {
+                    keep_in_process::<T, PlainOutput>(local, &keys[i], noted, &value, &ttl_of);
+                }
+                values[i] = Some(value);
+            }
+            return Ok(values.into_iter().map(Option::unwrap_or_default).collect());
+        }
         let mut chunks = Vec::new();
         let mut missed = Vec::new();
-        for (n, chunk_keys) in keys.chunks(CHUNK).enumerate() {
+        for at in pending.chunks(CHUNK) {
             let mut budget = conn.config.operation_timeout;
-            let chunk = self.look_up(chunk_keys, &mut values, &mut budget).await;
-            missed.extend(chunk.missed.iter().map(|&i| n * CHUNK + i));
+            let chunk = self
+                .look_up(keys, at.to_vec(), &mut noted, &mut values, &mut budget)
+                .await;
+            missed.extend(chunk.missed.iter().map(|&m| chunk.at[m]));
             chunks.push((chunk, budget));
         }
         if missed.is_empty() {
             return Ok(values.into_iter().map(Option::unwrap_or_default).collect());
         }
-        let mut computed = fill(compute(missed.clone()).await?, missed.len())?.into_iter();
-        for ((chunk, mut budget), chunk_keys) in chunks.into_iter().zip(keys.chunks(CHUNK)) {
-            let mine: Vec<T> = computed.by_ref().take(chunk.missed.len()).collect();
-            if chunk.storable {
-                self.store_many(chunk_keys, &chunk, &mine, &ttl_of, &mut budget).await;
+        let mut computed = fill(compute(missed).await?, chunks.iter().map(|(c, _)| c.missed.len()).sum())?.into_iter();
+        for (chunk, budget) in chunks {
+            let mut stores = PlainStores::new();
+            for (&m, value) in chunk.missed.iter().zip(computed.by_ref()) {
+                let i = chunk.at[m];
+                if chunk.storable {
+                    self.add_store(&mut stores, &keys[i], &chunk, m, noted[i].take(), &value, &ttl_of);
+                }
+                values[i] = Some(value);
             }
-            for (&i, value) in chunk.missed.iter().zip(mine) {
-                let at = chunk.base + i;
-                values[at] = Some(value);
+            if !stores.is_empty() {
+                self.send_later(stores, budget).await;
             }
         }
         Ok(values.into_iter().map(Option::unwrap_or_default).collect())
     }
 
-    /// Looks `keys` up in one round trip, pushing onto `values` the hits
-    /// (and `None` for each miss); then creates the absent generations
-    /// their misses depend on.
-    async fn look_up<T: DeserializeOwned>(
+    /// Waits until every batch store sent after its caller returned (see
+    /// [`get_many_or_compute`](Self::get_many_or_compute)) has been answered
+    /// or has given up (each within `operation_timeout`). For a caller that
+    /// needs the values of its batches in Redis now: a warm-up, a test.
+    pub async fn settled(&self) {
+        let all = u32::try_from(BACKGROUND_STORES).unwrap_or(u32::MAX);
+        // The semaphore is never closed: this only waits.
+        let _ = self.inner.stores.acquire_many(all).await;
+    }
+
+    /// Adds the value computed for the `m`-th key of `chunk` (`key`) to
+    /// `stores`, and keeps it in process under `noted` when the tier is on.
+    #[allow(clippy::too_many_arguments)]
+    fn add_store<T: Serialize + DeserializeOwned + 'static>(
+        &self,
+        stores: &mut PlainStores,
+        key: &CacheKey,
+        chunk: &Chunk,
+        m: usize,
+        noted: Option<Noted>,
+        value: &T,
+        ttl_of: &impl Fn(&T) -> Option<Duration>,
+    ) {
+        let Some(ttl) = ttl_of(value) else { return };
+        let payload = match codec::encode(value) {
+            Ok(payload) => payload,
+            Err(err) => {
+                debug!(key = key.as_str(), error = %err, "value not cached: it does not encode");
+                return;
+            }
+        };
+        stores.add(self.config(), key, &chunk.tokens[m], &chunk.fresh[m], &payload, ttl);
+        if let (Some(local), Some(noted)) = (self.local_for(key), noted) {
+            if let Some(kept) = kept_as::<T, PlainOutput>(key, value, Some(&payload)) {
+                local.keep(key, noted, kept, ttl);
+            }
+        }
+    }
+
+    /// Sends `stores` once the caller has its values, when one of the
+    /// manager's background permits is free and a Tokio runtime runs this
+    /// call; else now.
+    async fn send_later(&self, stores: PlainStores, mut budget: Duration) {
+        let permit = Arc::clone(&self.inner.stores).try_acquire_owned().ok();
+        match (permit, tokio::runtime::Handle::try_current()) {
+            (Some(permit), Ok(runtime)) => {
+                let manager = self.clone();
+                runtime.spawn(async move {
+                    // A refusal is counted by `run`.
+                    let _ = stores.run(&manager, &mut budget).await;
+                    drop(permit);
+                });
+            }
+            _ => {
+                let _ = stores.run(self, &mut budget).await;
+            }
+        }
+    }
+
+    /// Looks the keys at positions `at` up in one round trip, setting the
+    /// hits in `values`; creates, in the same round trip, the absent
+    /// generations their misses depend on. A key whose generations are all
+    /// known in process (beside Redis, with the tier subscribed) reads its
+    /// value alone; the tokens read for the others are learned. A hit that
+    /// may be kept in process is kept there under what was `noted` for it,
+    /// no longer than Redis keeps it (its `PTTL`, read in the same round
+    /// trip).
+    async fn look_up<T: Serialize + DeserializeOwned + 'static>(
         &self,
         keys: &[CacheKey],
-        values: &mut Vec<Option<T>>,
+        at: Vec<usize>,
+        noted: &mut [Option<Noted>],
+        values: &mut [Option<T>],
         budget: &mut Duration,
     ) -> Chunk {
         let conn = self.connection();
-        let base = values.len();
-        // The generation keys, each once, and where each key's are.
+        // Each key's tokens when known; the other generation keys, each
+        // once, and where each key's are.
         let mut names: Vec<&str> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
-        let positions: Vec<Vec<usize>> = keys
-            .iter()
-            .map(|key| {
+        let mut known: Vec<Option<Generations>> = Vec::with_capacity(at.len());
+        let mut positions: Vec<Vec<usize>> = Vec::with_capacity(at.len());
+        for &i in &at {
+            let key = &keys[i];
+            let tokens = self.local_for(key).and_then(|local| local.known(key));
+            positions.push(if tokens.is_some() {
+                Vec::new()
+            } else {
                 key.generations
                     .iter()
                     .map(|name| {
@@ -121,56 +250,81 @@ impl CacheManager {
                         })
                     })
                     .collect()
-            })
-            .collect();
-        // One round trip: the values, and each generation read and, when
-        // absent, created (`SET NX GET`), so that the misses can be computed
-        // and stored at once. Where creating is refused (Redis out of memory,
-        // say), the values and generations are read alone, and nothing is
-        // stored.
-        let mut lefts = Vec::new();
-        let (read, storable) = match self.read_creating(keys, &names, budget).await {
-            Ok((replies, read_lefts)) => {
-                lefts = read_lefts;
-                (Ok(replies), true)
-            }
+            });
+            known.push(tokens);
+        }
+        // Where creating is refused (Redis out of memory, say), the values
+        // and generations are read alone, and nothing is stored.
+        let value_keys: Vec<&str> = at.iter().map(|&i| keys[i].value.as_str()).collect();
+        let kept_here: Vec<bool> = at.iter().map(|&i| noted[i].is_some()).collect();
+        let (read, storable) = match self.read_creating(&value_keys, &kept_here, &names, budget).await {
+            Ok(read) => (Ok(read), true),
             Err(err)
                 if *budget > Duration::ZERO && !matches!(err, CacheError::Timeout(_) | CacheError::Unavailable) =>
             {
-                (self.read_only(keys, &names, budget).await, false)
+                (self.read_only(&value_keys, &names, budget).await, false)
             }
             Err(err) => (Err(err), false),
         };
-        let mut replies = match read {
-            Ok(replies) if replies.len() == keys.len() + names.len() => replies,
-            _ => {
-                for key in keys {
-                    conn.counters.count(key.named.get(), Event::Fallback);
-                }
-                values.extend(keys.iter().map(|_| None));
-                return Chunk {
-                    base,
-                    positions,
-                    generations: Vec::new(),
-                    lefts: Vec::new(),
-                    missed: (0..keys.len()).collect(),
-                    storable: false,
-                };
+        let Ok(Read {
+            values: stored,
+            generations,
+            created: created_here,
+            lefts,
+        }) = read
+        else {
+            for &i in &at {
+                conn.counters.count(keys[i].named.get(), Event::Fallback);
             }
+            return Chunk {
+                missed: (0..at.len()).collect(),
+                tokens: vec![Vec::new(); at.len()],
+                fresh: vec![Vec::new(); at.len()],
+                at,
+                storable: false,
+            };
         };
-        let generations: Vec<Option<Vec<u8>>> = replies.split_off(keys.len());
-        let mut missed = Vec::new();
+        let mut chunk = Chunk {
+            at: Vec::new(),
+            tokens: Vec::with_capacity(at.len()),
+            fresh: Vec::with_capacity(at.len()),
+            missed: Vec::new(),
+            storable,
+        };
         let mut undecodable = Vec::new();
-        for (i, (key, stored)) in keys.iter().zip(replies).enumerate() {
-            let seen: Vec<Option<Vec<u8>>> = positions[i].iter().map(|&g| generations[g].clone()).collect();
+        for (m, ((&i, stored), (known, positions))) in
+            at.iter().zip(stored).zip(known.into_iter().zip(positions)).enumerate()
+        {
+            let key = &keys[i];
+            let (tokens, fresh) = match known {
+                Some(tokens) => {
+                    let fresh = vec![false; tokens.len()];
+                    (tokens, fresh)
+                }
+                None => {
+                    let tokens: Generations = positions.iter().map(|&g| generations[g].clone()).collect();
+                    if let (Some(local), Some(noted)) = (self.local_for(key), &noted[i]) {
+                        local.learn(key, noted, &tokens);
+                    }
+                    (tokens, positions.iter().map(|&g| created_here[g]).collect())
+                }
+            };
+            let left = lefts.get(m).copied().flatten();
             let hit = stored.and_then(|bytes| {
                 let opened = Envelope::open(&bytes).and_then(|envelope| {
-                    let current = envelope.is_current(&seen) && conn.serves(key);
-                    Ok(if current {
-                        Some(codec::decode::<T>(envelope.payload)?)
-                    } else {
-                        None
-                    })
+                    if !(envelope.is_current(&tokens) && conn.serves(key)) {
+                        return Ok(None);
+                    }
+                    let value = codec::decode::<T>(envelope.payload)?;
+                    if let (Some(local), Some(left)) = (self.local_for(key), left) {
+                        if let (Some(noted), Some(kept)) = (
+                            noted[i].take(),
+                            kept_as::<T, PlainOutput>(key, &value, Some(envelope.payload)),
+                        ) {
+                            local.keep(key, noted, kept, left);
+                        }
+                    }
+                    Ok(Some(value))
                 });
                 // As a lookup of one key does: a value that does not decode
                 // is counted and removed.
@@ -183,124 +337,111 @@ impl CacheManager {
                 conn.counters.count(key.named.get(), Event::Hit);
             } else {
                 conn.counters.count(key.named.get(), Event::Miss);
-                missed.push(i);
+                chunk.missed.push(m);
             }
-            values.push(hit);
+            values[i] = hit;
+            chunk.tokens.push(tokens);
+            chunk.fresh.push(fresh);
         }
+        chunk.at = at;
         let undecodable: Vec<(&CacheKey, &CacheError)> = undecodable.iter().map(|(key, err)| (*key, err)).collect();
         self.discard_all(&undecodable, budget).await;
-        Chunk {
-            base,
-            positions,
-            generations,
-            lefts,
-            missed,
-            storable,
-        }
+        chunk
     }
 
-    /// Reads the values of `keys` and the generations `names`, creating
-    /// each absent generation with a fresh token (`SET NX GET`), and each
-    /// generation's time left to live (`PTTL`), in one pipeline. Returns the
-    /// values, then each generation's token; and the times left.
+    /// Reads the values at `value_keys` and the generations `names`,
+    /// creating each absent generation with a fresh token (`SET NX GET`),
+    /// and the time left to live of each value that `left_of` asks for
+    /// (`PTTL`), in one pipeline.
     async fn read_creating(
         &self,
-        keys: &[CacheKey],
+        value_keys: &[&str],
+        left_of: &[bool],
         names: &[&str],
         budget: &mut Duration,
-    ) -> Result<(Vec<Option<Vec<u8>>>, Vec<i64>), CacheError> {
+    ) -> Result<Read, CacheError> {
         let mut pipe = redis::pipe();
-        let mut mget = redis::cmd("MGET");
-        for key in keys {
-            mget.arg(&key.value);
-        }
-        pipe.add_command(mget);
+        pipe.cmd("MGET").arg(value_keys);
         let fresh = create_generations(&mut pipe, names.iter().copied(), self.config());
-        for name in names {
-            pipe.cmd("PTTL").arg(*name);
+        let asked: Vec<usize> = (0..value_keys.len())
+            .filter(|&m| left_of.get(m) == Some(&true))
+            .collect();
+        for &m in &asked {
+            pipe.cmd("PTTL").arg(value_keys[m]);
         }
         let replies: Vec<redis::Value> = self
             .connection()
             .call_within(budget, |mut c| async move { pipe.query_async(&mut c).await })
             .await?;
+        if replies.len() != 1 + fresh.len() + asked.len() {
+            return Err(CacheError::Unavailable);
+        }
+        let redis_err = |err: redis::ParsingError| CacheError::Redis(err.into());
         let mut replies = replies.into_iter();
         let values = replies
             .next()
             .map(redis::from_redis_value::<Vec<Option<Vec<u8>>>>)
             .ok_or(CacheError::Unavailable)?
-            .map_err(|err| CacheError::Redis(err.into()))?;
-        let mut out = values;
-        for (token, previous) in fresh.into_iter().zip(replies.by_ref()) {
-            let previous =
-                redis::from_redis_value::<Option<Vec<u8>>>(previous).map_err(|err| CacheError::Redis(err.into()))?;
-            out.push(Some(created(token, previous)));
+            .map_err(redis_err)?;
+        if values.len() != value_keys.len() {
+            return Err(CacheError::Unavailable);
         }
-        let lefts = replies
-            .map(|left| redis::from_redis_value::<i64>(left).unwrap_or(-2))
-            .collect();
-        Ok((out, lefts))
+        let mut generations = Vec::with_capacity(names.len());
+        let mut created_here = Vec::with_capacity(names.len());
+        for (token, previous) in fresh.into_iter().zip(replies.by_ref()) {
+            let previous = redis::from_redis_value::<Option<Vec<u8>>>(previous).map_err(redis_err)?;
+            created_here.push(previous.is_none());
+            generations.push(Some(created(token, previous)));
+        }
+        let mut lefts = vec![None; value_keys.len()];
+        for (m, left) in asked.into_iter().zip(replies) {
+            lefts[m] = redis::from_redis_value::<i64>(left)
+                .ok()
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(Duration::from_millis);
+        }
+        Ok(Read {
+            values,
+            generations,
+            created: created_here,
+            lefts,
+        })
     }
 
-    /// Reads the values of `keys` and the generations `names` alone (one
-    /// `MGET`).
-    async fn read_only(
-        &self,
-        keys: &[CacheKey],
-        names: &[&str],
-        budget: &mut Duration,
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+    /// Reads the values at `value_keys` and the generations `names` alone
+    /// (one `MGET`); nothing is created.
+    async fn read_only(&self, value_keys: &[&str], names: &[&str], budget: &mut Duration) -> Result<Read, CacheError> {
         let mut cmd = redis::cmd("MGET");
-        for key in keys {
-            cmd.arg(&key.value);
-        }
-        cmd.arg(names);
-        self.connection()
+        cmd.arg(value_keys).arg(names);
+        let mut values = self
+            .connection()
             .call_within(budget, |mut c| async move {
                 cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
             })
-            .await
-    }
-
-    /// Stores the computed values of a chunk's misses, each with the tokens
-    /// its computation began under, all in one pipeline (see
-    /// `PlainStores`: a value a write made stale meanwhile is never served).
-    async fn store_many<T: Serialize>(
-        &self,
-        keys: &[CacheKey],
-        chunk: &Chunk,
-        computed: &[T],
-        ttl_of: &impl Fn(&T) -> Option<Duration>,
-        budget: &mut Duration,
-    ) {
-        let Chunk {
-            positions,
+            .await?;
+        if values.len() != value_keys.len() + names.len() {
+            return Err(CacheError::Unavailable);
+        }
+        let generations = values.split_off(value_keys.len());
+        Ok(Read {
+            values,
             generations,
-            lefts,
-            missed,
-            ..
-        } = chunk;
-        let mut stores = PlainStores::new();
-        for (&i, value) in missed.iter().zip(computed) {
-            let Some(ttl) = ttl_of(value) else { continue };
-            let payload = match codec::encode(value) {
-                Ok(payload) => payload,
-                Err(err) => {
-                    debug!(key = keys[i].as_str(), error = %err, "value not cached: it does not encode");
-                    continue;
-                }
-            };
-            let seen: Generations = positions[i].iter().map(|&g| generations[g].clone()).collect();
-            let lefts: Vec<i64> = positions[i]
-                .iter()
-                .map(|&g| lefts.get(g).copied().unwrap_or(-2))
-                .collect();
-            stores.add(self.config(), &keys[i], &seen, &lefts, &payload, ttl);
-        }
-        if !stores.is_empty() {
-            // A refusal is counted by `run`; the values are returned all the same.
-            let _ = stores.run(self, budget).await;
-        }
+            created: vec![false; names.len()],
+            lefts: Vec::new(),
+        })
     }
+}
+
+/// What a batch lookup read.
+struct Read {
+    /// The value of each key (`None`: absent).
+    values: Vec<Option<Vec<u8>>>,
+    /// Each generation's token.
+    generations: Generations,
+    /// Per generation: whether the lookup created it.
+    created: Vec<bool>,
+    /// Per key, when asked: the value's time left to live.
+    lefts: Vec<Option<Duration>>,
 }
 
 /// `values`, as exactly `n` of them (the missing ones by default).

@@ -513,39 +513,42 @@ impl<'k> StoreCall<'k> {
 /// value a write made stale meanwhile is stored but never served (every
 /// lookup compares those tokens with the current generations, and an
 /// invalidation has replaced or removed one of them); it expires by its
-/// TTL. The generations the values depend on are extended to outlive them,
-/// as the store script does. One pipeline of plain `SET`s and `PEXPIRE`s:
-/// for a hundred values, a small part of what the script's hundreds of
-/// commands cost in Lua.
-pub(crate) struct PlainStores<'k> {
+/// TTL. One pipeline of plain `SET`s, and a `PEXPIREAT .. GT` for each
+/// generation that might expire before a value depending on it (see
+/// [`extended_until`]): for a hundred values, a small part of what the
+/// script's hundreds of commands cost in Lua. Owns what it sends, so that
+/// it can be sent after the caller has its values.
+pub(crate) struct PlainStores {
     pipe: redis::Pipeline,
-    /// Each generation once, with the longest life its values need.
-    extend: std::collections::HashMap<&'k str, u64>,
-    keys: Vec<&'k CacheKey>,
+    /// Each generation to extend once, with the latest expiry (ms since
+    /// the epoch) its values need.
+    extend: std::collections::HashMap<String, u64>,
+    /// The counters of each value's key, in order.
+    named: Vec<crate::key::Named>,
 }
 
-impl<'k> PlainStores<'k> {
+impl PlainStores {
     pub(crate) fn new() -> Self {
         Self {
             pipe: redis::pipe(),
             extend: std::collections::HashMap::new(),
-            keys: Vec::new(),
+            named: Vec::new(),
         }
     }
 
     /// Adds the value of `key` (encoded: `payload`), computed under
     /// `tokens` (one per generation of the key, in order), to live `ttl`.
-    /// `lefts` is each generation's time left to live when it was read
-    /// (ms, as `PTTL` gives it): one that would expire before the value is
-    /// extended, the others are left alone (see the store script on why a
-    /// generation is changed only when it must be). A value with an absent
-    /// token is not added: it could never be served.
+    /// `fresh` says, per generation, whether the lookup before the
+    /// computation created it (it then lives [`generation_ttl`], longer
+    /// than a value of the configured TTL: it is left alone); the others
+    /// are extended to outlive the value. A value with an absent token is
+    /// not added: it could never be served.
     pub(crate) fn add(
         &mut self,
         config: &CacheConfig,
-        key: &'k CacheKey,
+        key: &CacheKey,
         tokens: &[Option<Vec<u8>>],
-        lefts: &[i64],
+        fresh: &[bool],
         payload: &[u8],
         ttl: Duration,
     ) {
@@ -565,27 +568,35 @@ impl<'k> PlainStores<'k> {
             .arg("PX")
             .arg(expiry_ms(ttl))
             .ignore();
-        let live = expiry_ms(generation_ttl(config).max(ttl).saturating_add(Duration::from_secs(60)));
-        let needed = i64::try_from(expiry_ms(ttl)).unwrap_or(i64::MAX);
-        for (name, &left) in key.generations.iter().zip(lefts) {
-            if (0..needed).contains(&left) {
-                let longest = self.extend.entry(name.as_str()).or_default();
-                *longest = (*longest).max(live);
+        let needed = expiry_ms(ttl);
+        // A generation created just now lives `generation_ttl`: a minute
+        // more than a value of the configured TTL needs.
+        let created_outlives = needed.saturating_add(60_000) <= expiry_ms(generation_ttl(config));
+        let until = extended_until(crate::book::now_ms(), needed);
+        for (name, &fresh) in key.generations.iter().zip(fresh) {
+            if fresh && created_outlives {
+                continue;
             }
+            let latest = self.extend.entry(name.clone()).or_default();
+            *latest = (*latest).max(until);
         }
-        self.keys.push(key);
+        self.named.push(key.named.clone());
     }
 
     /// Whether no value was added.
     pub(crate) fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.named.is_empty()
     }
 
     /// Sends them all in one round trip, counting each value stored.
     pub(crate) async fn run(self, manager: &CacheManager, budget: &mut Duration) -> Result<(), CacheError> {
-        let Self { mut pipe, extend, keys } = self;
-        for (name, ttl) in extend {
-            pipe.cmd("PEXPIRE").arg(name).arg(ttl).arg("GT").ignore();
+        let Self {
+            mut pipe,
+            extend,
+            named,
+        } = self;
+        for (name, until) in extend {
+            pipe.cmd("PEXPIREAT").arg(name).arg(until).arg("GT").ignore();
         }
         manager
             .connection()
@@ -595,11 +606,31 @@ impl<'k> PlainStores<'k> {
             )
             .await
             .inspect_err(|err| manager.refused(err))?;
-        for key in keys {
-            manager.connection().counters.count(key.named.get(), Event::Set);
+        for named in named {
+            manager.connection().counters.count(named.get(), Event::Set);
         }
         Ok(())
     }
+}
+
+/// The grid step of [`extended_until`].
+const EXTENSION_STEP_MS: u64 = 120_000;
+
+/// When a generation must expire at the earliest for a value stored `now_ms`
+/// (ms since the epoch) to live `needed_ms`, rounded up to the next whole
+/// step of a fixed grid and one step more: stores made within the same
+/// two minutes ask for the same time, so `PEXPIREAT .. GT` changes a
+/// generation at most once per step however often values depending on it
+/// are stored. That matters beside in-process tiers: every change to a
+/// generation key, its expiry included, is pushed to them, and drops every
+/// value depending on it (a model's generation, for all its records). A
+/// clock behind Redis's only shortens a generation's life: its values then
+/// miss, they are never served stale (see the crate docs, "No stale sets").
+fn extended_until(now_ms: i64, needed_ms: u64) -> u64 {
+    let end = u64::try_from(now_ms).unwrap_or(0).saturating_add(needed_ms);
+    (end / EXTENSION_STEP_MS)
+        .saturating_add(2)
+        .saturating_mul(EXTENSION_STEP_MS)
 }
 
 /// A `PTTL` answer as a time left to live (none for a key without an
@@ -619,21 +650,25 @@ fn generation_ttl(config: &CacheConfig) -> Duration {
 
 /// Adds to `pipe` the creation of each generation of `names` (a `SET NX
 /// GET` of a fresh token, to live [`generation_ttl`]); returns the fresh
-/// tokens in order. With the answers, [`created`] gives each generation's
-/// token. How a single lookup and a batch both create the generations a
-/// computation needs before it starts.
+/// token of each in order. With the answers, [`created`] gives each
+/// generation's token. How a single lookup and a batch both create the
+/// generations a computation needs before it starts. The generations
+/// created by one call share one token (as those of one store script do):
+/// a token names one version of one generation, and is compared only with
+/// that generation's, so what must never repeat is a token for the same
+/// generation, which a fresh random one does not.
 pub(crate) fn create_generations<'a>(
     pipe: &mut redis::Pipeline,
     names: impl IntoIterator<Item = &'a str>,
     config: &CacheConfig,
 ) -> Vec<String> {
     let ttl_ms = expiry_ms(generation_ttl(config));
+    let token = new_token();
     names
         .into_iter()
         .map(|name| {
-            let token = new_token();
             set_if_absent(pipe, name, &token, ttl_ms);
-            token
+            token.clone()
         })
         .collect()
 }
@@ -655,4 +690,33 @@ fn set_if_absent(pipe: &mut redis::Pipeline, key: &str, value: &str, ttl_ms: u64
         .arg("GET")
         .arg("PX")
         .arg(ttl_ms);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_within_one_step_ask_for_one_expiry_that_outlives_each_value() {
+        let minute = 60_000;
+        let now = 1_800_000_000_000_i64;
+        let first = extended_until(now, 5 * minute);
+        for later in [1, 1_000, 30_000] {
+            let at = now + later;
+            let until = extended_until(at, 5 * minute);
+            assert!(until >= u64::try_from(at).unwrap() + 5 * minute);
+            // Same step of the grid: `GT` leaves the generation alone.
+            if (u64::try_from(at).unwrap() + 5 * minute) / EXTENSION_STEP_MS
+                == (u64::try_from(now).unwrap() + 5 * minute) / EXTENSION_STEP_MS
+            {
+                assert_eq!(until, first);
+            }
+        }
+        assert!(first <= u64::try_from(now).unwrap() + 5 * minute + 2 * EXTENSION_STEP_MS);
+        assert_eq!(
+            extended_until(-5, 10),
+            2 * EXTENSION_STEP_MS,
+            "a clock before the epoch"
+        );
+    }
 }

@@ -285,8 +285,9 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
 
     /// Fills the record cache with the records matching `filter` (in
     /// batches of 500: one cache round trip, one `$in` query and one store
-    /// each, under the compare-and-set, so a record written meanwhile is not
-    /// stored stale). Records already cached are left as they are. Returns
+    /// each, every record stored with the generations it was read under, so
+    /// a record written meanwhile is never served stale). Records already
+    /// cached are left as they are. Returns, once every store was answered,
     /// how many records are cached; reports progress at `info`. For start-up,
     /// before serving.
     ///

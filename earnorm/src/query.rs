@@ -78,16 +78,21 @@ impl RecordCache {
 /// The key of `id`'s record in the record cache of `M`, when `M` has one,
 /// the cache is on and the id has a key form.
 fn record_cache_key<M: Model>(env: &Environment, id: &M::Id) -> Option<CacheKey> {
+    record_key_in::<M>(env, &env.model_scope(M::COLLECTION), &id.to_key()?)
+}
+
+/// The key of the record whose id's key form is `id` in the record cache
+/// of `M` (its model scope: `namespace`), when `M` has one and the cache is
+/// on.
+fn record_key_in<M: Model>(env: &Environment, namespace: &str, id: &str) -> Option<CacheKey> {
     let record_cache = M::CACHE?;
     let cache = env.cache();
     if !cache.config().enabled {
         return None;
     }
-    let id = id.to_key()?;
-    let namespace = env.model_scope(M::COLLECTION);
     cache
-        .key(&namespace, "record")
-        .scope(Scope::Record(&namespace, &id))
+        .key(namespace, "record")
+        .scope(Scope::Record(namespace, id))
         // Two types stored in one collection never read each other's entries.
         .raw(std::any::type_name::<M>().as_bytes())
         .local(record_cache.local)
@@ -181,7 +186,13 @@ async fn find_many_inner<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<V
         async move { fetch_by_ids::<M>(env, &wanted).await }
     };
     let keys: Option<Vec<CacheKey>> = match M::CACHE {
-        Some(_) => unique.iter().map(|(id, _)| record_cache_key::<M>(env, id)).collect(),
+        Some(_) => {
+            let namespace = env.model_scope(M::COLLECTION);
+            unique
+                .iter()
+                .map(|(_, key)| record_key_in::<M>(env, &namespace, key.as_deref()?))
+                .collect()
+        }
         None => None,
     };
     let found = match (M::CACHE, keys) {
@@ -861,7 +872,8 @@ read_in_transaction!([M: Model] Count<M> => u64, "count", |action, coll, session
 const WARM_BATCH: usize = 500;
 
 /// `Model::warm`: the ids matching `filter`, read in batches, each batch
-/// through `find_many_by_ids` (so stored under the compare-and-set).
+/// through `find_many_by_ids` (so stored with the generations it was read
+/// under); returns once every store has been answered.
 pub(crate) async fn warm<M: Model>(env: &Environment, filter: Document) -> Result<u64> {
     let Some(_) = M::CACHE else {
         return Err(no_record_cache::<M>());
@@ -888,6 +900,9 @@ pub(crate) async fn warm<M: Model>(env: &Environment, filter: Document) -> Resul
             tracing::info!(model = M::COLLECTION, warmed, "warming the record cache");
         }
         if done {
+            // Warmed means in Redis: the batches' stores are sent in the
+            // background.
+            env.cache().settled().await;
             return Ok(warmed);
         }
     }
@@ -908,6 +923,7 @@ pub(crate) async fn warm_ids<M: Model>(env: &Environment, ids: &[M::Id]) -> Resu
             "warming the record cache"
         );
     }
+    env.cache().settled().await;
     Ok(warmed)
 }
 

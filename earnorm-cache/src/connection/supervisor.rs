@@ -134,6 +134,11 @@ impl Connection {
             .arg(5000)
             .arg("GT")
             .ignore()
+            .cmd("PEXPIREAT")
+            .arg(&probe)
+            .arg(1)
+            .arg("GT")
+            .ignore()
             .cmd("EVAL")
             .arg("#!lua\nreturn redis.call('PEXPIRE', KEYS[1], 5000)")
             .arg(1)
@@ -163,7 +168,7 @@ impl Connection {
                 url = %self.url,
                 reason = %reason,
                 "this Redis does not let the cache store values (it needs Redis 7.0 or later and, for an ACL user, \
-                 GET, SET, MGET, DEL, UNLINK, PEXPIRE, PTTL, SCAN, ZADD, ZRANGEBYSCORE, ZREM, TIME, PING, EVAL, EVALSHA and INFO on the prefix); \
+                 GET, SET, MGET, DEL, UNLINK, PEXPIRE, PEXPIREAT, PTTL, SCAN, ZADD, ZRANGEBYSCORE, ZREM, TIME, PING, EVAL, EVALSHA and INFO on the prefix); \
                  every call computes its value"
             );
         }
