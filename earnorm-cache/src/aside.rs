@@ -149,11 +149,8 @@ impl CacheManager {
                 )
                 .await;
                 if let (Some(local), Some(noted), true) = (local, noted, call.verified) {
-                    let ttl_of = |value: &R| match (ttl_of(value), call.left) {
-                        (Some(ttl), Some(left)) => Some(ttl.min(left)),
-                        (ttl, _) => ttl,
-                    };
-                    keep_in_process::<R, O>(local, key, noted, &value, &ttl_of);
+                    let kept_for = |value: &R| kept_for(ttl_of(value), call.left, refresh);
+                    keep_in_process::<R, O>(local, key, noted, &value, &kept_for);
                 }
                 (value, served)
             }
@@ -622,6 +619,20 @@ pub(crate) fn kept_as<R: 'static, O: Output<R>>(key: &CacheKey, value: &R, paylo
     }))
 }
 
+/// How long a value Redis showed current is kept in process beside it: no
+/// longer than Redis keeps it (`left`, when read), and, when it is
+/// refreshed ahead, only until its refresh window opens: from then on the
+/// calls go to Redis, whose hits in the window take the refresh (kept to
+/// its expiry, the copy would hide the window, and its expiry would be a
+/// miss for every caller). `None`: not kept.
+fn kept_for(ttl: Option<Duration>, left: Option<Duration>, refresh: Option<Duration>) -> Option<Duration> {
+    let ttl = ttl?;
+    let lives = left.map_or(ttl, |left| ttl.min(left));
+    let window = refresh.and_then(|refresh| refresh_window(refresh, Some(ttl)));
+    let kept = window.map_or(Some(lives), |window| lives.checked_sub(window))?;
+    (!kept.is_zero()).then_some(kept)
+}
+
 /// `began` plus `wait`, for a wait the settings may make too long to add
 /// (a deserialized `lease_wait` of `Duration::MAX`): then a year.
 fn wait_until(began: Instant, wait: Duration) -> Instant {
@@ -643,6 +654,29 @@ fn refresh_window(refresh: Duration, lifetime: Option<Duration>) -> Option<Durat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_refreshed_ahead_is_kept_in_process_until_its_window_opens() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            kept_for(Some(s(300)), Some(s(200)), None),
+            Some(s(200)),
+            "no longer than Redis"
+        );
+        assert_eq!(kept_for(Some(s(300)), None, None), Some(s(300)));
+        assert_eq!(kept_for(Some(s(300)), Some(s(300)), Some(s(60))), Some(s(240)));
+        assert_eq!(
+            kept_for(Some(s(300)), Some(s(50)), Some(s(60))),
+            None,
+            "in its window: not kept"
+        );
+        assert_eq!(
+            kept_for(Some(s(5)), Some(s(5)), Some(s(60))),
+            Some(s(4)),
+            "the last fifth"
+        );
+        assert_eq!(kept_for(None, Some(s(5)), None), None, "not cached");
+    }
 
     #[test]
     fn a_value_shorter_lived_than_the_refresh_window_is_refreshed_in_its_last_fifth() {

@@ -55,9 +55,14 @@ pub async fn connect(config: Config) -> Environment {
 /// An environment like [`test_env`] whose driver counts the commands named
 /// `command` it sends (`"find"`, say), through its command monitor.
 pub async fn counting_env(tag: &str, command: &'static str) -> (Environment, Arc<AtomicU64>) {
+    counting_env_with(test_config(tag), command).await
+}
+
+/// [`counting_env`] with `config`.
+pub async fn counting_env_with(config: earnorm::Config, command: &'static str) -> (Environment, Arc<AtomicU64>) {
     let count = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&count);
-    let env = Environment::connect_with(test_config(tag), move |options| {
+    let env = Environment::connect_with(config, move |options| {
         options.command_event_handler = Some(earnorm::mongodb::event::EventHandler::callback(
             move |event: earnorm::mongodb::event::command::CommandEvent| {
                 if let earnorm::mongodb::event::command::CommandEvent::Started(started) = event {
