@@ -356,8 +356,6 @@ async fn batches_read_the_tier_and_fill_it() {
             "beside Redis: {beside_redis}"
         );
         if beside_redis {
-            // (The batch's store is sent once it has returned.)
-            env.cache().settled().await;
             // Creating the records' generations was a change to them,
             // pushed to every tier (this one too): what the first batch
             // kept is dropped, and what the second finds in Redis kept.
@@ -395,7 +393,6 @@ async fn batches_read_the_tier_and_fill_it() {
 
         if beside_redis {
             // Another process finds them in Redis, and keeps them.
-            env.cache().settled().await;
             let other = connect(config).await;
             until_the_tier_serves(&other, &wallets[2]).await;
             assert_eq!(batch(&other, &ids).await, (vec![1, 20, 3], 0, 0), "Redis hits");

@@ -372,8 +372,6 @@ async fn find_many_by_ids_keeps_order_drops_duplicates_and_missing_and_mixes_hit
         (2, 2),
         "a and b were hits; c and the missing id were misses"
     );
-    // The batch's store is sent once it has returned.
-    env.cache().settled().await;
 
     // Now c is cached too; the missing id is not (no `missing` TTL).
     let again = Book::find_many_by_ids(&[a, b, c, nobody])
@@ -546,7 +544,6 @@ async fn find_many_by_ids_of_25_000_ids_is_served_from_the_cache() {
     raw(&env).insert_many(documents).await.expect("insert");
     let first = Book::find_many_by_ids(&ids).in_env(&env).await.expect("first");
     assert_eq!(first.len(), RECORDS);
-    env.cache().settled().await;
     let hits = env.cache().stats().hits;
     let second = Book::find_many_by_ids(&ids).in_env(&env).await.expect("second");
     assert_eq!(second, first);
@@ -570,7 +567,6 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
     seeded(&env, &mut books).await;
     let ids: Vec<ObjectId> = books.iter().filter_map(|b| b.id).collect();
     Book::find_many_by_ids(&ids).in_env(&env).await.expect("fill");
-    env.cache().settled().await;
 
     // Every cached value of the prefix replaced by bytes no envelope has.
     let client = redis::Client::open(support::redis_url()).expect("redis url");
@@ -608,7 +604,6 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
     let found = Book::find_many_by_ids(&ids).in_env(&env).await.expect("read");
     assert_eq!(found.len(), 3, "read from MongoDB instead");
     assert_eq!(env.cache().stats().decode_errors - before, 3, "counted");
-    env.cache().settled().await;
     let hits = env.cache().stats().hits;
     Book::find_many_by_ids(&ids).in_env(&env).await.expect("read again");
     assert_eq!(env.cache().stats().hits - hits, 3, "stored again, then hits");
@@ -656,7 +651,6 @@ async fn a_batch_value_computed_across_a_write_is_never_served() {
             })
             .await;
         assert_eq!(first, Ok(vec![1, 1]));
-        cache.settled().await;
         // Record 2's value is served; record 1's is computed again.
         let again: Result<Vec<u32>, ()> = cache
             .get_many_or_compute(&keys, minute, |missed| async move {
@@ -692,7 +686,6 @@ async fn a_batch_store_extends_a_generation_that_would_expire_before_its_value()
         cache.get_many_or_compute(&keys, ten_minutes, computed(1)).await,
         Ok(vec![1])
     );
-    cache.settled().await;
 
     let client = redis::Client::open(support::redis_url()).expect("redis url");
     let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
@@ -713,7 +706,6 @@ async fn a_batch_store_extends_a_generation_that_would_expire_before_its_value()
         cache.get_many_or_compute(&keys, ten_minutes, computed(2)).await,
         Ok(vec![2])
     );
-    cache.settled().await;
     for generation in key.generations() {
         let left: i64 = redis::cmd("PTTL")
             .arg(generation)

@@ -625,7 +625,7 @@ pub(crate) fn kept_as<R: 'static, O: Output<R>>(key: &CacheKey, value: &R, paylo
 /// calls go to Redis, whose hits in the window take the refresh (kept to
 /// its expiry, the copy would hide the window, and its expiry would be a
 /// miss for every caller). `None`: not kept.
-fn kept_for(ttl: Option<Duration>, left: Option<Duration>, refresh: Option<Duration>) -> Option<Duration> {
+pub(crate) fn kept_for(ttl: Option<Duration>, left: Option<Duration>, refresh: Option<Duration>) -> Option<Duration> {
     let ttl = ttl?;
     let lives = left.map_or(ttl, |left| ttl.min(left));
     let window = refresh.and_then(|refresh| refresh_window(refresh, Some(ttl)));

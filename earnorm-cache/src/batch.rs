@@ -1,36 +1,28 @@
 //! Cache-aside for many keys at once: the in-process tier first (when it is
 //! on), one round trip to look the rest up in Redis, one computation for
-//! all the misses, and one round trip to store them, sent once the caller
-//! has its values.
+//! all the misses, and one round trip to store them.
 //!
-//! **Why the store is sent in the background.** A cold batch's store is a
-//! round trip of a hundred `SET`s: about a third of what a cold batch of 100
-//! records cost beside one `$in` query (`BENCHMARKS.md`, row 8e). Every
-//! value carries the generation tokens read before its computation, and
-//! every read checks them, so a store that lands late is as safe as one
-//! that lands at once: a write in between has replaced or removed one of
-//! those tokens, and the value is never served (see the crate docs, "No
-//! stale sets"). What a caller can see is a read of the same keys right
-//! after the batch missing in Redis (not in the in-process tier, which
-//! keeps the values before returning); [`CacheManager::settled`] waits for
-//! the stores. At most [`BACKGROUND_STORES`] are in flight per manager; a
-//! batch that finds none free stores before returning, so that a slow Redis
-//! slows batches down instead of piling stores up.
+//! **The in-process tier beside Redis.** A batch keeps what it computes and
+//! what it finds in Redis, fenced like a single call. Creating a record's
+//! generation (the lookup of a record whose value is gone does) and
+//! extending one are changes Redis pushes to every tier, this process's
+//! included, and the push drops what depends on the generation: so the
+//! values of records a batch had to read from the database are usually kept
+//! only from the next read, which finds them in Redis.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
-use crate::aside::{keep_in_process, kept_as};
+use crate::aside::{kept_as, kept_for};
 use crate::codec::{self, Envelope, PlainOutput};
 use crate::generations::{create_generations, created, Generations, PlainStores};
 use crate::key::CacheKey;
 use crate::local::Noted;
-use crate::manager::{bypassed, BACKGROUND_STORES};
+use crate::manager::bypassed;
 use crate::stats::Event;
 use crate::{CacheError, CacheManager};
 
@@ -54,6 +46,8 @@ struct Chunk {
     /// Whether the misses' computations may be stored (every absent
     /// generation they depend on was created).
     storable: bool,
+    /// When the lookup was sent (the generations it created live from then).
+    looked_up: Instant,
 }
 
 impl CacheManager {
@@ -66,10 +60,8 @@ impl CacheManager {
     /// `T::default()`); each value for which `ttl_of` gives a time to live
     /// is kept in process (when the tier is on) and stored in Redis with the
     /// generations its computation began under, in one more round trip per
-    /// 500 keys, sent once this call has returned (see the module docs;
-    /// [`settled`](Self::settled) waits for it). Returns one value per key,
-    /// in the order of `keys`. Each chunk of 500 keys waits on Redis at most
-    /// `operation_timeout` in all.
+    /// 500 keys. Returns one value per key, in the order of `keys`. Each
+    /// chunk of 500 keys waits on Redis at most `operation_timeout` in all.
     ///
     /// Never fails because of the cache (a chunk whose lookup fails
     /// computes each of its keys); an error of `compute` is returned as it
@@ -81,6 +73,30 @@ impl CacheManager {
         &self,
         keys: &[CacheKey],
         ttl_of: impl Fn(&T) -> Option<Duration>,
+        compute: F,
+    ) -> Result<Vec<T>, E>
+    where
+        T: Serialize + DeserializeOwned + Default + 'static,
+        F: FnOnce(Vec<usize>) -> Fut,
+        Fut: Future<Output = Result<Vec<T>, E>>,
+    {
+        self.get_many_or_compute_refreshed(keys, ttl_of, None, compute).await
+    }
+
+    /// [`get_many_or_compute`](Self::get_many_or_compute) of keys that
+    /// single calls refresh ahead in their last `refresh` (see
+    /// [`get_or_compute_refreshed`](Self::get_or_compute_refreshed)): the
+    /// batch itself refreshes nothing, but keeps its values in process only
+    /// until their refresh window opens, so that it never hides the window
+    /// from those calls.
+    ///
+    /// # Errors
+    /// Those of `compute`.
+    pub async fn get_many_or_compute_refreshed<T, E, F, Fut>(
+        &self,
+        keys: &[CacheKey],
+        ttl_of: impl Fn(&T) -> Option<Duration>,
+        refresh: Option<Duration>,
         compute: F,
     ) -> Result<Vec<T>, E>
     where
@@ -116,8 +132,14 @@ impl CacheManager {
             }
             let computed = fill(compute(pending.clone()).await?, pending.len())?;
             for (&i, value) in pending.iter().zip(computed) {
-                if let (Some(local), Some(noted)) = (self.local_for(&keys[i]), noted[i].take()) {
-                    keep_in_process::<T, PlainOutput>(local, &keys[i], noted, &value, &ttl_of);
+                if let (Some(local), Some(noted), Some(ttl)) = (
+                    self.local_for(&keys[i]),
+                    noted[i].take(),
+                    kept_for(ttl_of(&value), None, refresh),
+                ) {
+                    if let Some(kept) = kept_as::<T, PlainOutput>(&keys[i], &value, None) {
+                        local.keep(&keys[i], noted, kept, ttl);
+                    }
                 }
                 values[i] = Some(value);
             }
@@ -128,7 +150,14 @@ impl CacheManager {
         for at in pending.chunks(CHUNK) {
             let mut budget = conn.config.operation_timeout;
             let chunk = self
-                .look_up(keys, at.to_vec(), &mut noted, &mut values, &mut budget)
+                .look_up(
+                    keys,
+                    at.to_vec(),
+                    &mut noted,
+                    &mut values,
+                    (&ttl_of, refresh),
+                    &mut budget,
+                )
                 .await;
             missed.extend(chunk.missed.iter().map(|&m| chunk.at[m]));
             chunks.push((chunk, budget));
@@ -137,34 +166,27 @@ impl CacheManager {
             return Ok(values.into_iter().map(Option::unwrap_or_default).collect());
         }
         let mut computed = fill(compute(missed).await?, chunks.iter().map(|(c, _)| c.missed.len()).sum())?.into_iter();
-        for (chunk, budget) in chunks {
+        for (chunk, mut budget) in chunks {
             let mut stores = PlainStores::new();
             for (&m, value) in chunk.missed.iter().zip(computed.by_ref()) {
                 let i = chunk.at[m];
                 if chunk.storable {
-                    self.add_store(&mut stores, &keys[i], &chunk, m, noted[i].take(), &value, &ttl_of);
+                    let noted = noted[i].take();
+                    self.add_store(&mut stores, &keys[i], &chunk, m, noted, &value, (&ttl_of, refresh));
                 }
                 values[i] = Some(value);
             }
             if !stores.is_empty() {
-                self.send_later(stores, budget).await;
+                // A refusal is counted by `run`; the values are returned all the same.
+                let _ = stores.run(self, &mut budget).await;
             }
         }
         Ok(values.into_iter().map(Option::unwrap_or_default).collect())
     }
 
-    /// Waits until every batch store sent after its caller returned (see
-    /// [`get_many_or_compute`](Self::get_many_or_compute)) has been answered
-    /// or has given up (each within `operation_timeout`). For a caller that
-    /// needs the values of its batches in Redis now: a warm-up, a test.
-    pub async fn settled(&self) {
-        let all = u32::try_from(BACKGROUND_STORES).unwrap_or(u32::MAX);
-        // The semaphore is never closed: this only waits.
-        let _ = self.inner.stores.acquire_many(all).await;
-    }
-
     /// Adds the value computed for the `m`-th key of `chunk` (`key`) to
-    /// `stores`, and keeps it in process under `noted` when the tier is on.
+    /// `stores`, and keeps it in process under `noted` when the tier is on
+    /// (see [`kept_for`] on how long, with `refresh`).
     #[allow(clippy::too_many_arguments)]
     fn add_store<T: Serialize + DeserializeOwned + 'static>(
         &self,
@@ -174,7 +196,7 @@ impl CacheManager {
         m: usize,
         noted: Option<Noted>,
         value: &T,
-        ttl_of: &impl Fn(&T) -> Option<Duration>,
+        (ttl_of, refresh): (&impl Fn(&T) -> Option<Duration>, Option<Duration>),
     ) {
         let Some(ttl) = ttl_of(value) else { return };
         let payload = match codec::encode(value) {
@@ -184,30 +206,20 @@ impl CacheManager {
                 return;
             }
         };
-        stores.add(self.config(), key, &chunk.tokens[m], &chunk.fresh[m], &payload, ttl);
-        if let (Some(local), Some(noted)) = (self.local_for(key), noted) {
+        let (tokens, fresh) = (&chunk.tokens[m], &chunk.fresh[m]);
+        stores.add(
+            self.config(),
+            key,
+            tokens,
+            fresh,
+            chunk.looked_up.elapsed(),
+            &payload,
+            ttl,
+        );
+        let kept_ttl = kept_for(Some(ttl), None, refresh);
+        if let (Some(local), Some(noted), Some(kept_ttl)) = (self.local_for(key), noted, kept_ttl) {
             if let Some(kept) = kept_as::<T, PlainOutput>(key, value, Some(&payload)) {
-                local.keep(key, noted, kept, ttl);
-            }
-        }
-    }
-
-    /// Sends `stores` once the caller has its values, when one of the
-    /// manager's background permits is free and a Tokio runtime runs this
-    /// call; else now.
-    async fn send_later(&self, stores: PlainStores, mut budget: Duration) {
-        let permit = Arc::clone(&self.inner.stores).try_acquire_owned().ok();
-        match (permit, tokio::runtime::Handle::try_current()) {
-            (Some(permit), Ok(runtime)) => {
-                let manager = self.clone();
-                runtime.spawn(async move {
-                    // A refusal is counted by `run`.
-                    let _ = stores.run(&manager, &mut budget).await;
-                    drop(permit);
-                });
-            }
-            _ => {
-                let _ = stores.run(self, &mut budget).await;
+                local.keep(key, noted, kept, kept_ttl);
             }
         }
     }
@@ -226,8 +238,10 @@ impl CacheManager {
         at: Vec<usize>,
         noted: &mut [Option<Noted>],
         values: &mut [Option<T>],
+        (ttl_of, refresh): (&impl Fn(&T) -> Option<Duration>, Option<Duration>),
         budget: &mut Duration,
     ) -> Chunk {
+        let looked_up = Instant::now();
         let conn = self.connection();
         // Each key's tokens when known; the other generation keys, each
         // once, and where each key's are.
@@ -282,6 +296,7 @@ impl CacheManager {
                 fresh: vec![Vec::new(); at.len()],
                 at,
                 storable: false,
+                looked_up,
             };
         };
         let mut chunk = Chunk {
@@ -290,6 +305,7 @@ impl CacheManager {
             fresh: Vec::with_capacity(at.len()),
             missed: Vec::new(),
             storable,
+            looked_up,
         };
         let mut undecodable = Vec::new();
         for (m, ((&i, stored), (known, positions))) in
@@ -316,12 +332,13 @@ impl CacheManager {
                         return Ok(None);
                     }
                     let value = codec::decode::<T>(envelope.payload)?;
-                    if let (Some(local), Some(left)) = (self.local_for(key), left) {
+                    let kept_ttl = left.and_then(|left| kept_for(ttl_of(&value), Some(left), refresh));
+                    if let (Some(local), Some(kept_ttl)) = (self.local_for(key), kept_ttl) {
                         if let (Some(noted), Some(kept)) = (
                             noted[i].take(),
                             kept_as::<T, PlainOutput>(key, &value, Some(envelope.payload)),
                         ) {
-                            local.keep(key, noted, kept, left);
+                            local.keep(key, noted, kept, kept_ttl);
                         }
                     }
                     Ok(Some(value))

@@ -539,16 +539,19 @@ impl PlainStores {
     /// Adds the value of `key` (encoded: `payload`), computed under
     /// `tokens` (one per generation of the key, in order), to live `ttl`.
     /// `fresh` says, per generation, whether the lookup before the
-    /// computation created it (it then lives [`generation_ttl`], longer
-    /// than a value of the configured TTL: it is left alone); the others
-    /// are extended to outlive the value. A value with an absent token is
-    /// not added: it could never be served.
+    /// computation created it, `created_ago` ago (it then lives
+    /// [`generation_ttl`] from then: it is left alone while that outlives
+    /// the value by a minute); the others are extended to outlive the
+    /// value. A value with an absent token is not added: it could never be
+    /// served.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn add(
         &mut self,
         config: &CacheConfig,
         key: &CacheKey,
         tokens: &[Option<Vec<u8>>],
         fresh: &[bool],
+        created_ago: Duration,
         payload: &[u8],
         ttl: Duration,
     ) {
@@ -569,9 +572,10 @@ impl PlainStores {
             .arg(expiry_ms(ttl))
             .ignore();
         let needed = expiry_ms(ttl);
-        // A generation created just now lives `generation_ttl`: a minute
-        // more than a value of the configured TTL needs.
-        let created_outlives = needed.saturating_add(60_000) <= expiry_ms(generation_ttl(config));
+        // A generation the lookup created lives `generation_ttl` from then:
+        // a minute more than a value of the configured TTL stored at once.
+        let created_outlives =
+            expiry_ms(created_ago).saturating_add(needed).saturating_add(60_000) <= expiry_ms(generation_ttl(config));
         let until = extended_until(crate::book::now_ms(), needed);
         for (name, &fresh) in key.generations.iter().zip(fresh) {
             if fresh && created_outlives {

@@ -67,10 +67,7 @@
 //! its computation began under (absent ones are created in the lookup's
 //! round trip, before the computation starts), so one that a write made
 //! stale meanwhile is stored but never served (every lookup compares the
-//! tokens), and expires by its TTL. For the same reason the batch's store
-//! may land after the caller has its values (it is sent in the background):
-//! however late it lands, a value is served only while the tokens it was
-//! computed under are current.
+//! tokens), and expires by its TTL.
 //!
 //! An absent token (expired, evicted, Redis restarted empty) never matches:
 //! neither a stored value (which only carries real tokens) nor a store's

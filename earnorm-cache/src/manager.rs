@@ -60,10 +60,6 @@ pub struct CacheManager {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// Most batch stores one manager has in flight after their callers
-/// returned (see `crate::batch`).
-pub(crate) const BACKGROUND_STORES: usize = 64;
-
 /// What every handle of one manager shares.
 pub(crate) struct Inner {
     connection: Arc<Connection>,
@@ -76,9 +72,6 @@ pub(crate) struct Inner {
     /// Leases and bookkeeping values when there is no Redis to keep them
     /// (the embedded mode; see `crate::book`).
     pub(crate) book: Option<Book>,
-    /// Permits for batch stores sent after their callers have their values
-    /// (see `crate::batch`).
-    pub(crate) stores: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -161,7 +154,6 @@ impl CacheManager {
                 names: Names::default(),
                 book,
                 local,
-                stores: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_STORES)),
             }),
         }
     }

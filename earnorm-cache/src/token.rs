@@ -20,9 +20,7 @@ pub(crate) fn random_u64() -> u64 {
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     hasher.write_u128(nanos);
-    // `getpid` is a system call: asked once.
-    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    hasher.write_u32(*PID.get_or_init(std::process::id));
+    hasher.write_u32(std::process::id());
     hasher.finish()
 }
 

@@ -287,9 +287,8 @@ pub trait Model: Hooks + Serialize + DeserializeOwned + Send + Sync + Unpin + Si
     /// batches of 500: one cache round trip, one `$in` query and one store
     /// each, every record stored with the generations it was read under, so
     /// a record written meanwhile is never served stale). Records already
-    /// cached are left as they are. Returns, once every store was answered,
-    /// how many records are cached; reports progress at `info`. For start-up,
-    /// before serving.
+    /// cached are left as they are. Returns how many records are cached;
+    /// reports progress at `info`. For start-up, before serving.
     ///
     /// # Errors
     /// [`Error::Config`] when the model has no record cache; MongoDB's errors.

@@ -198,7 +198,7 @@ async fn find_many_inner<M: Model>(env: &Environment, ids: &[M::Id]) -> Result<V
     let found = match (M::CACHE, keys) {
         (Some(cache), Some(keys)) => {
             env.cache()
-                .get_many_or_compute(&keys, |found: &Option<M>| cache.ttl_of(found), fetch)
+                .get_many_or_compute_refreshed(&keys, |found: &Option<M>| cache.ttl_of(found), cache.refresh, fetch)
                 .await?
         }
         _ => fetch((0..unique.len()).collect()).await?,
@@ -873,7 +873,7 @@ const WARM_BATCH: usize = 500;
 
 /// `Model::warm`: the ids matching `filter`, read in batches, each batch
 /// through `find_many_by_ids` (so stored with the generations it was read
-/// under); returns once every store has been answered.
+/// under).
 pub(crate) async fn warm<M: Model>(env: &Environment, filter: Document) -> Result<u64> {
     let Some(_) = M::CACHE else {
         return Err(no_record_cache::<M>());
@@ -900,9 +900,6 @@ pub(crate) async fn warm<M: Model>(env: &Environment, filter: Document) -> Resul
             tracing::info!(model = M::COLLECTION, warmed, "warming the record cache");
         }
         if done {
-            // Warmed means in Redis: the batches' stores are sent in the
-            // background.
-            env.cache().settled().await;
             return Ok(warmed);
         }
     }
@@ -923,7 +920,6 @@ pub(crate) async fn warm_ids<M: Model>(env: &Environment, ids: &[M::Id]) -> Resu
             "warming the record cache"
         );
     }
-    env.cache().settled().await;
     Ok(warmed)
 }
 
