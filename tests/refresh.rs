@@ -95,6 +95,47 @@ async fn a_hot_key_is_refreshed_ahead_of_its_expiry_and_never_missed() {
     let _ = envs[0].database().drop().await;
 }
 
+static EMBEDDED_RUNS: AtomicU64 = AtomicU64::new(0);
+
+impl Dashboard {
+    /// [`Dashboard::headline`], for the environment without Redis.
+    #[cached(ttl = 2, refresh = 1)]
+    async fn local_headline() -> Result<u64, String> {
+        let run = EMBEDDED_RUNS.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(run)
+    }
+}
+
+/// Without Redis, a value kept in process is refreshed ahead in process:
+/// by the caller that takes it, the others served the current value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_hot_key_is_refreshed_ahead_in_process() {
+    let mut config = test_config("refresh_embedded");
+    config.redis_uri = None;
+    let env = connect(config).await;
+    let calls = read_for(16, &env, |_, env| async move {
+        assert!(env.scope(Dashboard::local_headline()).await.expect("a value") >= 1);
+    })
+    .await;
+    let namespace = env.model_scope("dashboards");
+    let stats = env
+        .cache()
+        .stats_by_name()
+        .into_iter()
+        .find(|s| s.namespace == namespace && s.name == "local_headline")
+        .expect("stats");
+    let runs = EMBEDDED_RUNS.load(Ordering::SeqCst);
+    println!(
+        "{calls} calls by 16 readers over 4.5 s without Redis: {} hits, {} misses, {} refreshes; the body ran {runs} times",
+        stats.hits, stats.misses, stats.refreshes
+    );
+    assert_eq!(stats.misses, 1, "only the very first call missed");
+    assert!(stats.refreshes >= 2, "refreshed ahead of each expiry");
+    assert_eq!(runs, 1 + stats.refreshes, "each refresh ran the body once");
+    let _ = env.database().drop().await;
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Model)]
 #[earnorm(collection = "hot_records", cache(ttl = 2, refresh = 1))]
 struct HotRecord {
@@ -107,14 +148,21 @@ struct HotRecord {
 async fn the_record_cache_refreshes_in_the_background_and_every_reader_gets_a_hit() {
     // With the in-process tier on beside Redis too: a value kept in process
     // must not outlive the start of its refresh window, or its expiry is a
-    // miss for every reader.
-    for tier in [false, true] {
-        record_cache_refreshes_in_the_background(tier).await;
+    // miss for every reader. And without Redis: refreshed in process.
+    for (tier, redis) in [(false, true), (true, true), (true, false)] {
+        record_cache_refreshes_in_the_background(tier, redis).await;
     }
 }
 
-async fn record_cache_refreshes_in_the_background(tier: bool) {
-    let mut config = test_config(if tier { "refresh_record_tier" } else { "refresh_record" });
+async fn record_cache_refreshes_in_the_background(tier: bool, redis: bool) {
+    let mut config = test_config(match (tier, redis) {
+        (_, false) => "refresh_record_embedded",
+        (true, true) => "refresh_record_tier",
+        (false, true) => "refresh_record",
+    });
+    if !redis {
+        config.redis_uri = None;
+    }
     config.cache_config.local = earnorm::LocalConfig {
         capacity: 1_000,
         with_redis: tier,
@@ -126,38 +174,22 @@ async fn record_cache_refreshes_in_the_background(tier: bool) {
     finds.store(0, Ordering::SeqCst);
     HotRecord::find_by_id(id).in_env(&env).await.expect("the first read");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut readers = Vec::new();
-    for reader in 0..32 {
-        let (env, stop) = (env.clone(), Arc::clone(&stop));
-        readers.push(tokio::spawn(async move {
-            let mut calls = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                // Half the readers read in batches (of one), which never
-                // refresh, and must not hide the window from the others.
-                let found = if reader % 2 == 1 {
-                    HotRecord::find_many_by_ids(&[id])
-                        .in_env(&env)
-                        .await
-                        .expect("read")
-                        .pop()
-                } else {
-                    HotRecord::find_by_id(id).in_env(&env).await.expect("read")
-                }
-                .expect("exists");
-                assert_eq!(found.n, 7);
-                calls += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            calls
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(4500)).await;
-    stop.store(true, Ordering::SeqCst);
-    let mut calls = 0;
-    for reader in readers {
-        calls += reader.await.expect("reader");
-    }
+    let calls = read_for(32, &env, move |reader, env| async move {
+        // Half the readers read in batches (of one), which never refresh,
+        // and must not hide the window from the others.
+        let found = if reader % 2 == 1 {
+            HotRecord::find_many_by_ids(&[id])
+                .in_env(&env)
+                .await
+                .expect("read")
+                .pop()
+        } else {
+            HotRecord::find_by_id(id).in_env(&env).await.expect("read")
+        }
+        .expect("exists");
+        assert_eq!(found.n, 7);
+    })
+    .await;
     // Let a refresh that is under way finish.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let namespace = env.model_scope("hot_records");
@@ -169,7 +201,7 @@ async fn record_cache_refreshes_in_the_background(tier: bool) {
         .expect("stats");
     let reads = finds.load(Ordering::SeqCst);
     println!(
-        "tier {tier}: {calls} reads by 32 readers over 4.5 s: {} hits ({} in process), {} misses, {} refreshes in the background; {reads} MongoDB finds",
+        "tier {tier}, Redis {redis}: {calls} reads by 32 readers over 4.5 s: {} hits ({} in process), {} misses, {} refreshes in the background; {reads} MongoDB finds",
         stats.hits, stats.local_hits, stats.misses, stats.refreshes
     );
     assert_eq!(stats.misses, 1, "only the first read missed");
@@ -210,4 +242,34 @@ async fn a_negative_entry_shorter_than_the_refresh_window_is_not_refreshed_at_ev
     let reads = finds.load(Ordering::SeqCst);
     assert!(reads <= 2, "{reads} MongoDB reads for 100 lookups of an absent id");
     let _ = env.database().drop().await;
+}
+
+/// Runs `readers` tasks, each calling `read` (with its number and `env`)
+/// every 5 ms for 4.5 s; returns how many calls they made.
+async fn read_for<F, Fut>(readers: usize, env: &Environment, read: F) -> u64
+where
+    F: Fn(usize, Environment) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for reader in 0..readers {
+        let (env, stop, read) = (env.clone(), Arc::clone(&stop), read.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut calls = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                read(reader, env.clone()).await;
+                calls += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            calls
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut calls = 0;
+    for task in tasks {
+        calls += task.await.expect("reader");
+    }
+    calls
 }

@@ -76,6 +76,7 @@ impl CacheManager {
         seen: Generations,
         compute: RFut,
     ) where
+        R: 'static,
         O: Output<R>,
         T: Fn(&R) -> Option<Duration>,
         RFut: Future<Output = R>,
@@ -83,6 +84,15 @@ impl CacheManager {
         let Role::Leader(leader) = self.inner.flights.join(key.as_str()) else {
             return;
         };
+        if !self.connection().is_enabled() {
+            // Without Redis: in process.
+            if let Some(local) = self.local_for(&key) {
+                let ttl = (&ttl_of, Some(refresh));
+                self.lead_in_process::<R, O, T, RFut>(local, &key, ttl, compute, leader, Event::Refresh)
+                    .await;
+            }
+            return;
+        }
         let mut call = Call::new(self.connection().config.operation_timeout);
         let _ = self
             .refresh_ahead::<R, O, T, RFut>(&key, refresh, &ttl_of, compute, leader, seen, &mut call)
@@ -99,7 +109,7 @@ impl CacheManager {
         key: &CacheKey,
         ttl_of: T,
         refresh: Option<Duration>,
-        on_due: Option<&mut (dyn FnMut(Generations) -> bool + Send)>,
+        mut on_due: Option<&mut (dyn FnMut(Generations) -> bool + Send)>,
         compute: Fut,
     ) -> R
     where
@@ -113,8 +123,23 @@ impl CacheManager {
         }
         let local = self.local_for(key);
         if let Some(local) = local {
-            if let Some(value) = self.local_hit_of::<R, O>(local, key) {
-                return value;
+            if let Some((value, due)) = self.local_hit_of::<R, O>(local, key) {
+                if !due {
+                    return value;
+                }
+                // Due for a refresh ahead (without Redis only: beside it a
+                // kept value ends where its window begins).
+                if let Some(on_due) = on_due.as_mut() {
+                    if on_due(Vec::new()) {
+                        return value;
+                    }
+                }
+                let Role::Leader(leader) = self.inner.flights.join(key.as_str()) else {
+                    return value;
+                };
+                return self
+                    .lead_in_process::<R, O, _, Fut>(local, key, (&ttl_of, refresh), compute, leader, Event::Refresh)
+                    .await;
             }
         }
         let conn = self.connection();
@@ -135,7 +160,7 @@ impl CacheManager {
         let (value, served) = match local {
             Some(local) if !conn.is_enabled() => {
                 Box::pin(
-                    self.serve_in_process::<R, O, T, Fut>(local, key, &ttl_of, compute)
+                    self.serve_in_process::<R, O, T, Fut>(local, key, &ttl_of, refresh, compute)
                         .instrument(span.clone()),
                 )
                 .await
@@ -150,7 +175,7 @@ impl CacheManager {
                 .await;
                 if let (Some(local), Some(noted), true) = (local, noted, call.verified) {
                     let kept_for = |value: &R| kept_for(ttl_of(value), call.left, refresh);
-                    keep_in_process::<R, O>(local, key, noted, &value, &kept_for);
+                    keep_in_process::<R, O>(local, key, noted, &value, &kept_for, None);
                 }
                 (value, served)
             }
@@ -163,16 +188,22 @@ impl CacheManager {
     }
 
     /// The value the in-process tier holds under `id`, restored with
-    /// `keeper` (or decoded as `O`), counted as a hit. Beside Redis, only
-    /// while this manager serves hits from Redis too (not while another
-    /// manager may hold invalidations it could not send).
+    /// `keeper` (or decoded as `O`), counted as a hit, and whether a
+    /// refresh ahead of it is due (`None` for such a value unless
+    /// `take_due`). Beside Redis, only while this manager serves hits from
+    /// Redis too (not while another manager may hold invalidations it could
+    /// not send).
     pub(crate) fn local_hit_by<R: 'static, O: Output<R>>(
         &self,
         local: &Local,
         id: u128,
         keeper: Option<Keeper>,
-    ) -> Option<R> {
+        take_due: bool,
+    ) -> Option<(R, bool)> {
         let held = local.get(id)?;
+        if held.due && !take_due {
+            return None;
+        }
         let conn = self.connection();
         if conn.is_enabled() && !conn.serves_covered(held.feed_covered) {
             return None;
@@ -184,11 +215,42 @@ impl CacheManager {
         let counters = &conn.counters;
         counters.count(held.named.get(), Event::Hit);
         counters.count(held.named.get(), Event::LocalHit);
-        Some(value)
+        Some((value, held.due))
     }
 
-    fn local_hit_of<R: 'static, O: Output<R>>(&self, local: &Local, key: &CacheKey) -> Option<R> {
-        self.local_hit_by::<R, O>(local, key.local, key.keeper.0)
+    fn local_hit_of<R: 'static, O: Output<R>>(&self, local: &Local, key: &CacheKey) -> Option<(R, bool)> {
+        self.local_hit_by::<R, O>(local, key.local, key.keeper.0, true)
+    }
+
+    /// Without Redis, as the leader of the key's flight: computes the
+    /// value (a miss, or a refresh ahead: `event`), and keeps it under the
+    /// counts noted before (a write meanwhile keeps it out), refreshed
+    /// ahead in its last `refresh`; returns it. Followers look the tier up
+    /// again: they find the value when it was kept and is still current.
+    async fn lead_in_process<R, O, T, Fut>(
+        &self,
+        local: &Local,
+        key: &CacheKey,
+        (ttl_of, refresh): (&T, Option<Duration>),
+        compute: Fut,
+        leader: Leader<'_>,
+        event: Event,
+    ) -> R
+    where
+        R: 'static,
+        O: Output<R>,
+        T: Fn(&R) -> Option<Duration>,
+        Fut: Future<Output = R>,
+    {
+        self.connection().counters.count(key.named.get(), event);
+        let noted = local.note(key);
+        let value = compute.await;
+        let kept = keep_in_process::<R, O>(local, key, noted, &value, ttl_of, refresh);
+        leader.complete(match kept {
+            Some(_) => Outcome::Retry,
+            None => Outcome::Uncacheable,
+        });
+        value
     }
 
     /// A cached call without Redis (the embedded mode): single flight in
@@ -201,6 +263,7 @@ impl CacheManager {
         local: &Local,
         key: &CacheKey,
         ttl_of: &T,
+        refresh: Option<Duration>,
         compute: Fut,
     ) -> (R, Served)
     where
@@ -214,22 +277,15 @@ impl CacheManager {
         let mut budget = self.config().operation_timeout;
         for round in 0..MAX_ROUNDS {
             if round > 0 {
-                if let Some(value) = self.local_hit_of::<R, O>(local, key) {
+                if let Some((value, _)) = self.local_hit_of::<R, O>(local, key) {
                     return (value, Served::Coalesced);
                 }
             }
             match self.inner.flights.join(key.as_str()) {
                 Role::Leader(leader) => {
-                    self.connection().counters.count(key.named.get(), Event::Miss);
-                    let noted = local.note(key);
-                    let value = compute.await;
-                    let kept = keep_in_process::<R, O>(local, key, noted, &value, ttl_of);
-                    // Followers look the tier up again: they find the value
-                    // when it was kept and is still current.
-                    leader.complete(match kept {
-                        Some(_) => Outcome::Retry,
-                        None => Outcome::Uncacheable,
-                    });
+                    let value = self
+                        .lead_in_process::<R, O, T, Fut>(local, key, (ttl_of, refresh), compute, leader, Event::Miss)
+                        .await;
                     return (value, Served::Miss);
                 }
                 Role::Follower(follower) => match follower.wait(began, deadline, &mut budget).await {
@@ -591,18 +647,23 @@ impl CacheManager {
 
 /// Keeps `value` in the in-process tier under `noted` (by value when the
 /// key has a keeper for its type, else as its payload), for as long as
-/// `ttl_of` says. Returns whether the value is one to cache at all (`None`:
-/// not cached, like an `Err`), and if so whether it was kept.
+/// `ttl_of` says, with a refresh ahead due where its `refresh` window
+/// begins. Returns whether the value is one to cache at all (`None`: not
+/// cached, like an `Err`), and if so whether it was kept.
 pub(crate) fn keep_in_process<R: 'static, O: Output<R>>(
     local: &Local,
     key: &CacheKey,
     noted: Noted,
     value: &R,
     ttl_of: &impl Fn(&R) -> Option<Duration>,
+    refresh: Option<Duration>,
 ) -> Option<bool> {
     let ttl = ttl_of(value)?;
     let kept = kept_as::<R, O>(key, value, None)?;
-    Some(local.keep(key, noted, kept, ttl))
+    let due_in = refresh
+        .and_then(|refresh| refresh_window(refresh, Some(ttl)))
+        .map(|window| ttl.saturating_sub(window));
+    Some(local.keep_due(key, noted, kept, ttl, due_in))
 }
 
 /// `value` as the in-process tier keeps it for `key`: by value when the

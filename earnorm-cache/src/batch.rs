@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::debug;
 
-use crate::aside::{kept_as, kept_for};
+use crate::aside::{keep_in_process, kept_as, kept_for};
 use crate::codec::{self, Envelope, PlainOutput};
 use crate::generations::{create_generations, created, Generations, PlainStores};
 use crate::key::CacheKey;
@@ -115,7 +115,9 @@ impl CacheManager {
         let mut pending = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             let local = self.local_for(key);
-            let hit = local.and_then(|local| self.local_hit_by::<T, PlainOutput>(local, key.local, key.keeper.0));
+            let hit = local
+                .and_then(|local| self.local_hit_by::<T, PlainOutput>(local, key.local, key.keeper.0, true))
+                .map(|(value, _)| value);
             if hit.is_none() {
                 pending.push(i);
             }
@@ -132,14 +134,8 @@ impl CacheManager {
             }
             let computed = fill(compute(pending.clone()).await?, pending.len())?;
             for (&i, value) in pending.iter().zip(computed) {
-                if let (Some(local), Some(noted), Some(ttl)) = (
-                    self.local_for(&keys[i]),
-                    noted[i].take(),
-                    kept_for(ttl_of(&value), None, refresh),
-                ) {
-                    if let Some(kept) = kept_as::<T, PlainOutput>(&keys[i], &value, None) {
-                        local.keep(&keys[i], noted, kept, ttl);
-                    }
+                if let (Some(local), Some(noted)) = (self.local_for(&keys[i]), noted[i].take()) {
+                    keep_in_process::<T, PlainOutput>(local, &keys[i], noted, &value, &ttl_of, refresh);
                 }
                 values[i] = Some(value);
             }

@@ -81,6 +81,9 @@ struct Entry {
     noted: Noted,
     /// When the value's time to live ends.
     expires: Instant,
+    /// When a refresh ahead of that is due (without Redis, for a value
+    /// refreshed ahead: see `crate::aside`).
+    due: Option<Instant>,
 }
 
 /// A current value the tier holds, with what counting and serving it need.
@@ -88,6 +91,8 @@ pub(crate) struct Held {
     pub(crate) kept: Kept,
     pub(crate) named: Named,
     pub(crate) feed_covered: bool,
+    /// Whether a refresh ahead of its expiry is due.
+    pub(crate) due: bool,
 }
 
 /// What a computation noted before it started: the counts to keep its
@@ -216,12 +221,14 @@ impl Local {
             return None;
         }
         let entry = self.entries.get(&id)?;
-        let current = self.is_current(&entry.noted) && Instant::now() < entry.expires;
+        let now = Instant::now();
+        let current = self.is_current(&entry.noted) && now < entry.expires;
         if current {
             Some(Held {
                 kept: entry.kept.clone(),
                 named: entry.named.clone(),
                 feed_covered: entry.feed_covered,
+                due: entry.due.is_some_and(|due| now >= due),
             })
         } else {
             self.entries.invalidate(&id);
@@ -243,10 +250,23 @@ impl Local {
     /// since `noted` (then it would never be served anyway). Returns whether
     /// it was kept.
     pub(crate) fn keep(&self, key: &CacheKey, noted: Noted, kept: Kept, ttl: Duration) -> bool {
+        self.keep_due(key, noted, kept, ttl, None)
+    }
+
+    /// [`keep`](Self::keep), with a refresh ahead due `due_in` from now.
+    pub(crate) fn keep_due(
+        &self,
+        key: &CacheKey,
+        noted: Noted,
+        kept: Kept,
+        ttl: Duration,
+        due_in: Option<Duration>,
+    ) -> bool {
         if !self.serving.load(Ordering::SeqCst) || !self.is_current(&noted) {
             return false;
         }
-        let Some(expires) = Instant::now().checked_add(ttl) else {
+        let now = Instant::now();
+        let Some(expires) = now.checked_add(ttl) else {
             return false;
         };
         let entry = Entry {
@@ -255,6 +275,7 @@ impl Local {
             feed_covered: key.feed_covered,
             noted,
             expires,
+            due: due_in.and_then(|due_in| now.checked_add(due_in)),
         };
         self.entries.insert(key.local, Arc::new(entry));
         true

@@ -188,7 +188,10 @@ impl CacheManager {
         if bypassed() {
             return None;
         }
-        self.local_hit_by::<R, O>(local, id, keeper)
+        // A value due for a refresh ahead is left to the full call, which
+        // takes the refresh.
+        self.local_hit_by::<R, O>(local, id, keeper, false)
+            .map(|(value, _)| value)
     }
 
     /// Whether calls can be served from a cache at all: Redis, or the
