@@ -43,8 +43,13 @@ fn items(count: i64) -> Vec<BulkItem> {
         .collect()
 }
 
-/// Waits until the raw count of documents matching `filter` stops changing.
-async fn settled_count(env: &Environment, filter: earnorm::bson::Document) -> u64 {
+/// Waits until the raw count of documents matching `filter` is `expected`
+/// and has stayed so for one interval (the write's invalidation runs right
+/// after the server acknowledges it), or a minute has passed; returns the
+/// last count. A write whose caller stopped waiting runs to its end, so
+/// only a lost write leaves the count short; a busy server may take longer
+/// than an interval before its first document shows.
+async fn settled_count(env: &Environment, filter: earnorm::bson::Document, expected: u64) -> u64 {
     let coll = env
         .database()
         .collection::<earnorm::bson::Document>(BulkItem::COLLECTION);
@@ -52,7 +57,7 @@ async fn settled_count(env: &Environment, filter: earnorm::bson::Document) -> u6
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = coll.count_documents(filter.clone()).await.expect("count");
-        if now == last || Instant::now() > deadline {
+        if (now == last && now == expected) || Instant::now() > deadline {
             return now;
         }
         last = now;
@@ -69,14 +74,14 @@ async fn a_dropped_insert_many_still_invalidates_after_it_is_written() {
         let write = BulkItem::insert_many(&mut records).in_env(&env);
         let _ = tokio::time::timeout(Duration::from_millis(30), write).await;
         // A reader keeps caching while the server applies the insert.
-        let written = tokio::join!(settled_count(&env, doc! {}), async {
+        let written = tokio::join!(settled_count(&env, doc! {}, 20_000), async {
             for _ in 0..40 {
                 let _ = BulkItem::total().await;
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         })
         .0;
-        assert!(written > 0, "the insert reached the server");
+        assert_eq!(written, 20_000, "the insert ran to its end after its caller left");
         assert_eq!(
             BulkItem::total().await.expect("count"),
             written,
@@ -96,7 +101,7 @@ async fn a_dropped_update_many_invalidates_once_the_update_is_done() {
         assert_eq!(BulkItem::flagged_count().await.expect("count"), 0);
         let write = BulkItem::update_many(doc! {}, doc! { "$set": { "flagged": true } }).in_env(&env);
         let _ = tokio::time::timeout(Duration::from_millis(20), write).await;
-        let written = tokio::join!(settled_count(&env, doc! { "flagged": true }), async {
+        let written = tokio::join!(settled_count(&env, doc! { "flagged": true }, 20_000), async {
             for _ in 0..40 {
                 let _ = BulkItem::flagged_count().await;
                 tokio::time::sleep(Duration::from_millis(25)).await;
