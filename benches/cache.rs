@@ -179,6 +179,12 @@ async fn main() {
         let _ = env.database().drop().await;
         return;
     }
+    if std::env::args().any(|a| a == "--cluster") {
+        // Redis Cluster against one server (group 10), printed, not written.
+        println!("| benchmark | median | notes |\n|---|---|---|");
+        cluster_group(&redis, rounds, per_round, quick).await;
+        return;
+    }
     if std::env::args().any(|a| a == "--local") {
         // The in-process tier's group alone (group 9), printed, not written.
         println!("| benchmark | median | notes |\n|---|---|---|");
@@ -1233,6 +1239,80 @@ async fn concurrent_hits(env: &Environment, user: &User, tasks: usize, length: D
     #[allow(clippy::cast_precision_loss)]
     let n = done.load(Ordering::Relaxed) as f64;
     n / start.elapsed().as_secs_f64()
+}
+
+/// Group 10, Redis Cluster: a `#[cached]` hit on a local three-master
+/// cluster against one on one server, side by side in one run; 64 tasks on
+/// hits on each; and an invalidation of one record on each.
+async fn cluster_group(redis: &RedisServer, rounds: usize, per_round: usize, quick: bool) {
+    let cluster = support::RedisCluster::start();
+    let node = env_on(&redis.url(), "bench_node", false).await;
+    let clustered = env_on(&cluster.url(), "bench_cluster", false).await;
+    let mut users = Vec::new();
+    for env in [&node, &clustered] {
+        let mut user = User { id: None, n: 1 };
+        user.save().in_env(env).await.expect("save");
+        env.scope(user.profile()).await.expect("fill");
+        users.push(Arc::new(user));
+    }
+    let hit = |env: &Environment, user: &Arc<User>| {
+        let (env, user) = (env.clone(), Arc::clone(user));
+        Closure(move || {
+            let (env, user) = (env.clone(), Arc::clone(&user));
+            async move {
+                std::hint::black_box(env.scope(user.profile()).await.expect("hit"));
+            }
+        })
+    };
+    let (mut on_node, mut on_cluster) = (hit(&node, &users[0]), hit(&clustered, &users[1]));
+    let hits = compare(rounds, per_round, [&mut on_node, &mut on_cluster]).await;
+    let before = clustered.cache().stats();
+    row(
+        "10a. `#[cached]` hit, one server",
+        &us(hits.median(0)),
+        "MGET of value and 2 generations",
+    );
+    row(
+        "10b. `#[cached]` hit, 3-master cluster",
+        &us(hits.median(1)),
+        &format!(
+            "{} of one server (bar: <= 1.10x); hits {} misses {}",
+            hits.ratio(1, 0),
+            before.hits,
+            before.misses
+        ),
+    );
+    let length = Duration::from_secs(if quick { 1 } else { 3 });
+    let node_rate = concurrent_hits(&node, &users[0], 64, length).await;
+    let cluster_rate = concurrent_hits(&clustered, &users[1], 64, length).await;
+    row("10c. 64 tasks on hits, one server", &format!("{node_rate:.0}/s"), "");
+    row(
+        "10d. 64 tasks on hits, 3-master cluster",
+        &format!("{cluster_rate:.0}/s"),
+        &format!("{:.2}x one server's throughput", cluster_rate / node_rate),
+    );
+    let invalidate = |env: &Environment| {
+        let cache = env.cache().clone();
+        Closure(move || {
+            let cache = cache.clone();
+            async move { cache.invalidate(&[Scope::Record("users", "42")]).await }
+        })
+    };
+    let (mut a, mut b) = (invalidate(&node), invalidate(&clustered));
+    let inv = compare(rounds, per_round / 4, [&mut a, &mut b]).await;
+    row(
+        "10e. invalidate one record, one server",
+        &us(inv.median(0)),
+        "DEL of 2 generations, one round trip",
+    );
+    row(
+        "10f. invalidate one record, 3-master cluster",
+        &us(inv.median(1)),
+        &format!("{} of one server: the 2 generations' masters at once", inv.ratio(1, 0)),
+    );
+    for env in [node, clustered] {
+        let _ = env.database().drop().await;
+    }
 }
 
 /// Group 9, the in-process tier: a `#[cached]` hit served in process against

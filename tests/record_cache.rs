@@ -569,27 +569,9 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
     Book::find_many_by_ids(&ids).in_env(&env).await.expect("fill");
 
     // Every cached value of the prefix replaced by bytes no envelope has.
-    let client = redis::Client::open(support::redis_url()).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let mut conn = support::shared_redis().await;
     let pattern = format!("{}v:*", earnorm::cache_layer::escape_glob(&env.cache().config().prefix));
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor = 0_u64;
-    loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("scan");
-        keys.extend(found);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    let keys = conn.keys(&pattern).await;
     assert_eq!(keys.len(), 3, "{keys:?}");
     for key in &keys {
         let _: () = redis::cmd("SET")
@@ -687,8 +669,7 @@ async fn a_batch_store_extends_a_generation_that_would_expire_before_its_value()
         Ok(vec![1])
     );
 
-    let client = redis::Client::open(support::redis_url()).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("connect");
+    let mut conn = support::shared_redis().await;
     for generation in key.generations() {
         let _: () = redis::cmd("PEXPIRE")
             .arg(generation)

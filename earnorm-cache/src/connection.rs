@@ -18,10 +18,12 @@
 //! * `crate::outbox`: invalidations that could not be sent, and the rule
 //!   that none waits while a connection is published.
 
+mod endpoint;
 mod link;
 mod presence;
 mod supervisor;
 mod tracking;
+mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -37,15 +39,17 @@ use crate::{CacheConfig, CacheError};
 use link::Link;
 use presence::Presence;
 
+use endpoint::Endpoint;
 pub(crate) use supervisor::supervise;
 pub(crate) use tracking::track;
+pub(crate) use wire::{join_all, Wire};
 
 /// Connection state shared by every handle and the supervisor.
 pub(crate) struct Connection {
     pub(crate) config: CacheConfig,
     /// The prefix as used in keys (ending in `:`).
     pub(crate) namespace: String,
-    client: Option<redis::Client>,
+    client: Option<Endpoint>,
     /// The Redis URL with its password redacted: safe to log.
     pub(crate) url: String,
     link: Link,
@@ -60,6 +64,9 @@ pub(crate) struct Connection {
     store_error_reported: AtomicBool,
     pub(crate) counters: Counters,
     outbox: Outbox,
+    /// The `run_id`s the published connection was checked with (see
+    /// `supervisor.rs`).
+    run_ids: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -78,7 +85,7 @@ impl Connection {
             Some(url) if config.enabled => {
                 config.validate()?;
                 let redacted = redact_url(url);
-                let client = redis::Client::open(url).map_err(|source| CacheError::InvalidUrl {
+                let client = Endpoint::open(url, &config).map_err(|source| CacheError::InvalidUrl {
                     url: redacted.clone(),
                     source,
                 })?;
@@ -88,7 +95,7 @@ impl Connection {
         }
     }
 
-    fn with_client(client: Option<redis::Client>, redacted: String, config: CacheConfig) -> Self {
+    fn with_client(client: Option<Endpoint>, redacted: String, config: CacheConfig) -> Self {
         let status = if client.is_some() {
             ConnectionStatus::Connecting
         } else {
@@ -108,6 +115,7 @@ impl Connection {
             store_error_reported: AtomicBool::new(false),
             counters: Counters::default(),
             outbox: Outbox::default(),
+            run_ids: std::sync::Mutex::new(None),
         }
     }
 
@@ -118,7 +126,12 @@ impl Connection {
 
     /// The names of the keys under this manager's prefix.
     pub(crate) fn keys(&self) -> Keyspace<'_> {
-        Keyspace::new(&self.namespace)
+        Keyspace::new(&self.namespace).clustered(self.is_cluster())
+    }
+
+    /// Whether Redis is a cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.client.as_ref().is_some_and(Endpoint::is_cluster)
     }
 
     pub(crate) fn is_enabled(&self) -> bool {
@@ -131,6 +144,19 @@ impl Connection {
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<ConnectionStatus> {
         self.status.subscribe()
+    }
+
+    /// The addresses of a cluster's masters, sorted, as the published
+    /// connection sees them (`None`: not connected, or not a cluster).
+    pub(crate) async fn masters(&self) -> Option<Vec<String>> {
+        let (_, wire) = self.published().ok()?;
+        if !wire.is_cluster() {
+            return None;
+        }
+        let masters = crate::bounded::bounded(self.config.operation_timeout, wire.masters())
+            .await
+            .ok()?;
+        Some(masters.into_iter().map(|(address, _)| address).collect())
     }
 
     /// Whether the checks at connect found that this Redis takes stores.

@@ -403,6 +403,9 @@ impl CacheManager {
         lease: Option<&mut LeaseGuard>,
         budget: &mut Duration,
     ) -> Result<bool, CacheError> {
+        if self.connection().is_cluster() {
+            return self.store_apart(key, expected, payload, ttl, lease, budget).await;
+        }
         let mut call = StoreCall::new(lease.as_deref());
         call.add(self.config(), key, expected, payload, ttl);
         let stored = self.run_store(call, budget).await?;
@@ -410,6 +413,74 @@ impl CacheManager {
             lease.settle();
         }
         Ok(stored.first() == Some(&true))
+    }
+
+    /// [`store`](Self::store) on a cluster, where a value and the
+    /// generations it depends on are on different slots, out of one
+    /// script's reach: the value is stored with the tokens it was computed
+    /// under (as a batch stores, see [`PlainStores`]), so a value a write
+    /// made stale meanwhile is stored but never served; then, once Redis
+    /// has it, the generations are read again. The store counts as made
+    /// (`true`) only if they are still those tokens: a token, once
+    /// replaced, never comes back, so they were unchanged from before the
+    /// computation until after the value was stored, as the script would
+    /// have found them. That answer is what lets concurrent callers share
+    /// the value (the `flight` module). Two round trips where the script
+    /// takes one; the lease is given up beside the first.
+    async fn store_apart(
+        &self,
+        key: &CacheKey,
+        expected: Expected<'_>,
+        payload: &[u8],
+        ttl: Duration,
+        lease: Option<&mut LeaseGuard>,
+        budget: &mut Duration,
+    ) -> Result<bool, CacheError> {
+        let tokens = match expected {
+            Expected::Seen(tokens) => tokens.to_vec(),
+            Expected::Any => self.current_generations(key, budget).await?,
+        };
+        let storable = tokens.len() == key.generations.len() && tokens.iter().all(Option::is_some);
+        let give_up = async {
+            if let Some(lease) = lease {
+                lease.give_up().await;
+            }
+        };
+        if !storable {
+            give_up.await;
+            self.count_store(key, false);
+            return Ok(false);
+        }
+        let mut stores = PlainStores::new();
+        let fresh = vec![false; tokens.len()];
+        stores.add(self.config(), key, &tokens, &fresh, Duration::ZERO, payload, ttl);
+        let (sent, ()) = tokio::join!(stores.send(self, budget), give_up);
+        sent?;
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&key.generations);
+        let now: Generations = self
+            .connection()
+            .call_within(budget, |mut conn| async move { mget.query_async(&mut conn).await })
+            .await?;
+        let current = now == tokens;
+        self.count_store(key, current);
+        Ok(current)
+    }
+
+    /// The tokens of `key`'s generations now, creating the absent ones.
+    async fn current_generations(&self, key: &CacheKey, budget: &mut Duration) -> Result<Generations, CacheError> {
+        let mut pipe = redis::pipe();
+        let fresh = create_generations(&mut pipe, key.generations.iter().map(String::as_str), self.config());
+        let found: Generations = self
+            .connection()
+            .call_within(budget, |mut conn| async move { pipe.query_async(&mut conn).await })
+            .await
+            .inspect_err(|err| self.refused(err))?;
+        Ok(fresh
+            .into_iter()
+            .zip(found)
+            .map(|(fresh, previous)| Some(created(fresh, previous)))
+            .collect())
     }
 
     /// Runs the compare-and-set of `call`, counting each value's answer;
@@ -594,6 +665,15 @@ impl PlainStores {
 
     /// Sends them all in one round trip, counting each value stored.
     pub(crate) async fn run(self, manager: &CacheManager, budget: &mut Duration) -> Result<(), CacheError> {
+        for named in self.send(manager, budget).await? {
+            manager.connection().counters.count(named.get(), Event::Set);
+        }
+        Ok(())
+    }
+
+    /// Sends them all in one round trip; returns the counters of each
+    /// value's key, for the caller to count.
+    async fn send(self, manager: &CacheManager, budget: &mut Duration) -> Result<Vec<crate::key::Named>, CacheError> {
         let Self {
             mut pipe,
             extend,
@@ -610,10 +690,7 @@ impl PlainStores {
             )
             .await
             .inspect_err(|err| manager.refused(err))?;
-        for named in named {
-            manager.connection().counters.count(named.get(), Event::Set);
-        }
-        Ok(())
+        Ok(named)
     }
 }
 

@@ -22,6 +22,12 @@
 //!
 //! Names may contain any character, `:` included: keys are only ever built
 //! from scopes, never parsed back.
+//!
+//! On a Redis Cluster, the `meta:` keys carry a hash tag, `P meta:{P}NAME`,
+//! so that they share one slot: the heartbeat reads the members and the
+//! feed's marker in one script. Values, generations and leases keep their
+//! names and spread over every slot; nothing else reads several keys
+//! atomically there (see the crate docs, "Redis Cluster").
 
 use crate::scope::Scope;
 
@@ -30,12 +36,23 @@ use crate::scope::Scope;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Keyspace<'p> {
     prefix: &'p str,
+    /// Whether the keys are a cluster's (the `meta:` keys then share a
+    /// slot).
+    clustered: bool,
 }
 
 impl<'p> Keyspace<'p> {
     /// The keys under `prefix` (the configured prefix, ending in `:`).
     pub(crate) fn new(prefix: &'p str) -> Self {
-        Self { prefix }
+        Self {
+            prefix,
+            clustered: false,
+        }
+    }
+
+    /// The same keys, laid out for a cluster when `clustered`.
+    pub(crate) fn clustered(self, clustered: bool) -> Self {
+        Self { clustered, ..self }
     }
 
     /// The start of the key of a value named `name` in `namespace`, to
@@ -109,7 +126,12 @@ impl<'p> Keyspace<'p> {
 
     /// The bookkeeping value `name` (see `CacheManager::set_meta`).
     pub(crate) fn meta(&self, name: &str) -> String {
-        format!("{}meta:{name}", self.prefix)
+        let p = self.prefix;
+        if self.clustered {
+            format!("{p}meta:{{{p}}}{name}")
+        } else {
+            format!("{p}meta:{name}")
+        }
     }
 
     /// The heartbeats of the managers sharing the prefix.
@@ -170,6 +192,17 @@ mod tests {
         assert_eq!(keys.members(), "app*:meta:members");
         assert_eq!(keys.run_id(), "app*:meta:run_id");
         assert_eq!(keys.probe("m"), "app*:meta:probe:m");
+    }
+
+    #[test]
+    fn a_clusters_meta_keys_share_one_hash_tag() {
+        let keys = Keyspace::new("app:").clustered(true);
+        assert_eq!(keys.members(), "app:meta:{app:}members");
+        assert_eq!(keys.meta("feed"), "app:meta:{app:}feed");
+        assert_eq!(keys.lease("feed:db"), "app:lease:feed:db", "leases spread over slots");
+        let mut generations = Vec::new();
+        keys.read_generations(Scope::Record("users", "7"), &mut generations);
+        assert_eq!(generations, ["app:g:m:users", "app:g:r:users:7"]);
     }
 
     #[test]

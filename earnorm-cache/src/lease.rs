@@ -176,6 +176,18 @@ pub(crate) struct LeaseGuard {
 }
 
 impl LeaseGuard {
+    /// Gives the lease up now (where the store cannot, on a cluster).
+    pub(crate) async fn give_up(&mut self) {
+        self.settle();
+        let mut invocation = release_script().key(&self.key);
+        invocation.arg(&self.holder);
+        let _ = self
+            .manager
+            .connection()
+            .call(|mut conn| async move { invocation.invoke_async::<i64>(&mut conn).await })
+            .await;
+    }
+
     /// The store gave the lease up: stop renewing it.
     pub(crate) fn settle(&mut self) {
         self.armed = false;

@@ -136,6 +136,52 @@
 //! in `connection/tracking.rs` (no serving through a gap). A manager with
 //! no URL and the tier off (`capacity: 0`), or `enabled: false`, caches
 //! nothing: every call computes.
+//!
+//! ## Redis Cluster
+//!
+//! With the `cluster` feature (on by default), a URL
+//! `redis+cluster://HOST:PORT,HOST:PORT` (`rediss+cluster://` for TLS,
+//! `user:password@` as for one server) names a cluster's seed nodes; the
+//! others are discovered, and redirections (`MOVED`, `ASK`) followed by
+//! redis-rs. The guarantees above hold there too, with these differences:
+//!
+//! * **No multi-key atomicity is needed.** A value's key and the
+//!   generations it depends on hash to different slots, so nothing reads or
+//!   writes them in one script. A lookup is one `MGET`, which redis-rs
+//!   splits by slot and sends at once: the value and its generations are
+//!   read in no set order, which is safe because a value is served only
+//!   when the tokens it carries equal the generations read, and a write's
+//!   invalidation replaces a generation before the write is acknowledged
+//!   (a read that starts after it reads the new generation, whatever order
+//!   the two keys are read in).
+//! * **No stale sets without the script.** A single store writes the value
+//!   with the tokens its computation began under (as a batch does, above),
+//!   so the race of "No stale sets" leaves a value that is never served;
+//!   then it reads the generations again, and counts the store as made only
+//!   if they are unchanged, which is what lets waiting callers share the
+//!   value. An outdated in-memory copy reads and writes its own key, as on
+//!   one server.
+//! * **Costs.** A lookup is one round trip on both (on a cluster, to each
+//!   master it touches, at once). A miss's store is one round trip on one
+//!   server (the script) and two on a cluster (the `SET`, then the check).
+//!   An invalidation is one round trip on both. A pipeline's commands are
+//!   grouped by slot and each group sent to its master at once.
+//! * **Every master.** Pattern deletion, `invalidate_all` and restart
+//!   detection scan every master. The `run_id` of every master is recorded;
+//!   one restarted, replaced by a failover (a promoted replica may lack the
+//!   last invalidations it was sent) or added makes the manager reconnect
+//!   and delete every generation, as a restart of one server does. It is
+//!   checked at connect and after every heartbeat, so a failover can serve
+//!   values its lost invalidations made stale for at most a heartbeat
+//!   interval plus `operation_timeout`.
+//! * **Bookkeeping** (`meta:` keys: heartbeats, the feed's marker) share one
+//!   slot through a hash tag; leases and values spread over every slot.
+//! * **The in-process tier** subscribes its invalidation channel on every
+//!   master (tracking is per node), and drops what it holds when one of
+//!   them is lost or the masters change.
+//! * **Failing open** is per connection, not per slot: a master that cannot
+//!   be reached drops the connection, and every call computes until the
+//!   cluster is whole again.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 

@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use crate::connection::Wire;
 use tracing::info;
 
 use crate::bounded::bounded;
@@ -121,7 +121,7 @@ impl Outbox {
     /// publication. On failure, what was not sent stays queued.
     pub(crate) async fn replay_then_publish(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Wire,
         namespace: &str,
         limit: Duration,
         publish: impl FnOnce(),

@@ -16,11 +16,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod checker;
+mod cluster;
 mod crash_writer;
 mod env;
+mod shared_redis;
 pub use checker::{run as run_checker, CheckerConfig, Report};
+pub use cluster::RedisCluster;
 pub use crash_writer::{crash_writer_child, ChildCommand};
 pub use env::*;
+pub use shared_redis::{shared_redis, SharedRedis};
 
 /// How to start the services, printed when a test cannot reach one.
 pub const HOW_TO_START: &str = "start the services with `scripts/services.sh up` (or `docker compose up -d`), \

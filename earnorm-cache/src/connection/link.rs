@@ -28,11 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
 use redis::{RedisError, RedisResult};
 use tracing::{debug, warn};
 
-use super::Connection;
+use super::{Connection, Wire};
 use crate::bounded::bounded;
 use crate::stats::{ConnectionStatus, Counters};
 use crate::CacheError;
@@ -42,7 +41,7 @@ use crate::CacheError;
 #[derive(Clone)]
 pub(crate) struct Live {
     id: u64,
-    pub(crate) conn: MultiplexedConnection,
+    pub(crate) conn: Wire,
 }
 
 /// The published connection, if any, and the numbering of connections.
@@ -113,7 +112,7 @@ impl Connection {
     /// Publishes `conn` as connection `id`; nothing decided about serving
     /// for an earlier connection carries over. Called under the outbox's
     /// lock, once its queue is empty (see `outbox.rs`).
-    pub(super) fn publish(&self, id: u64, conn: MultiplexedConnection) {
+    pub(super) fn publish(&self, id: u64, conn: Wire) {
         let mut live = self.link.live.write().unwrap_or_else(PoisonError::into_inner);
         self.stop_serving();
         // A suspicion of an earlier connection does not carry over either.
@@ -132,7 +131,7 @@ impl Connection {
     /// operation timeout.
     pub(crate) async fn call<T, F, Fut>(&self, op: F) -> Result<T, CacheError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Wire) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let mut budget = self.config.operation_timeout;
@@ -147,7 +146,7 @@ impl Connection {
     /// at once.
     pub(crate) async fn call_within<T, F, Fut>(&self, budget: &mut Duration, op: F) -> Result<T, CacheError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Wire) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let live = self.live()?;
@@ -161,7 +160,7 @@ impl Connection {
     /// on a suspect connection, bounded by the operation timeout.
     pub(crate) async fn send<T, F, Fut>(&self, op: F) -> Result<T, CacheError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Wire) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let mut budget = self.config.operation_timeout;
@@ -170,7 +169,7 @@ impl Connection {
 
     async fn run<T, F, Fut>(&self, live: Live, budget: &mut Duration, op: F) -> Result<T, CacheError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Wire) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         if budget.is_zero() {
@@ -185,7 +184,7 @@ impl Connection {
 
     /// The published connection, for operations that run several commands
     /// (pattern deletion); failures there are passed to [`Self::failed`].
-    pub(crate) fn published(&self) -> Result<(u64, MultiplexedConnection), CacheError> {
+    pub(crate) fn published(&self) -> Result<(u64, Wire), CacheError> {
         self.live().map(|live| (live.id, live.conn))
     }
 
@@ -237,7 +236,7 @@ impl Connection {
 
     /// Unpublishes connection `id` (if it is still the published one), stops
     /// serving, and wakes the supervisor to reconnect.
-    fn drop_connection(&self, id: u64, reason: &dyn std::fmt::Display) {
+    pub(super) fn drop_connection(&self, id: u64, reason: &dyn std::fmt::Display) {
         {
             let mut live = self.link.live.write().unwrap_or_else(PoisonError::into_inner);
             if live.as_ref().is_none_or(|live| live.id != id) {

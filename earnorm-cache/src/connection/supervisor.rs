@@ -27,16 +27,14 @@
 //!   handle is dropped, removing its heartbeat.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
 use tracing::{debug, info, warn};
 
 use super::link::is_connection_error;
 use super::presence::RECOVERY_BEAT;
-use super::Connection;
+use super::{Connection, Wire};
 use crate::backoff::random_unit;
 use crate::bounded::bounded;
 use crate::scan::unlink_matching;
@@ -55,19 +53,12 @@ impl Connection {
             return Err(CacheError::Disabled);
         };
         let limit = self.config.connect_timeout;
-        let settings = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(limit))
-            .set_response_timeout(None);
-        let mut conn = bounded(limit, client.get_multiplexed_async_connection_with_config(&settings)).await?;
+        let mut conn = bounded(limit, client.connect(&self.config)).await?;
         let step = self.config.operation_timeout;
-        // A server that hides INFO (ACL) is not refused: its version and
-        // restarts cannot be checked, which the checks below report.
-        let info: Option<String> = bounded(step, redis::cmd("INFO").arg("server").query_async(&mut conn))
-            .await
-            .map_err(|err| debug!(error = %err, "INFO server failed"))
-            .ok();
-        let server = ServerInfo::parse(info.as_deref().unwrap_or(""));
-        self.check_restart(&mut conn, server.run_id.as_deref()).await?;
+        let servers = servers(&conn, step).await?;
+        let server = ServerInfo::oldest(&servers);
+        self.check_restart(&mut conn, &servers).await?;
+        *self.run_ids.lock().unwrap_or_else(PoisonError::into_inner) = ServerInfo::run_ids(&servers);
         self.check_capabilities(&mut conn, &server).await;
         let id = self.link.next_id();
         let after_outage = self.status() != ConnectionStatus::Connecting;
@@ -93,13 +84,17 @@ impl Connection {
     /// `PREFIX meta:run_id`), it may have reloaded old values and old
     /// generations from a snapshot or an append-only file: delete every
     /// generation under the prefix before anyone reads, then record the new
-    /// `run_id`.
-    async fn check_restart(&self, conn: &mut MultiplexedConnection, run_id: Option<&str>) -> Result<(), CacheError> {
-        let Some(run_id) = run_id else { return Ok(()) };
+    /// `run_id`. On a cluster the record names every master's `run_id`, so
+    /// a master restarted, replaced or added counts as a restart, and the
+    /// generations of every master are deleted.
+    async fn check_restart(&self, conn: &mut Wire, servers: &[(String, ServerInfo)]) -> Result<(), CacheError> {
+        let Some(run_id) = ServerInfo::run_ids(servers) else {
+            return Ok(());
+        };
         let limit = self.config.operation_timeout;
         let marker = self.keys().run_id();
         let recorded: Option<String> = bounded(limit, redis::cmd("GET").arg(&marker).query_async(conn)).await?;
-        if recorded.as_deref() == Some(run_id) {
+        if recorded.as_deref() == Some(run_id.as_str()) {
             return Ok(());
         }
         let removed = unlink_matching(conn, limit, &self.keys().generations_glob()).await?;
@@ -113,10 +108,35 @@ impl Connection {
         .await
     }
 
+    /// On a cluster, checks that its masters are the ones the connection
+    /// was checked with (see [`check_restart`](Self::check_restart)): a
+    /// failover promotes a replica that may lack the last writes it was
+    /// sent (replication is asynchronous), invalidations among them, and a
+    /// master may restart from a snapshot without the connection noticing.
+    /// Either drops the connection, so that the next one checks again and
+    /// deletes every generation. Run after every heartbeat.
+    pub(super) async fn check_masters(&self) {
+        let Ok((id, wire)) = self.published() else { return };
+        if !wire.is_cluster() {
+            return;
+        }
+        let Ok(servers) = servers(&wire, self.config.operation_timeout).await else {
+            return;
+        };
+        let now = ServerInfo::run_ids(&servers);
+        let seen = self.run_ids.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if now.is_some() && now != seen {
+            self.drop_connection(
+                id,
+                &"the cluster's masters changed (a failover, a restart or a new master)",
+            );
+        }
+    }
+
     /// Checks that this Redis lets the cache store values: the commands and
     /// options it uses (`SET .. NX GET`, scripts with flags: Redis 7.0) and
     /// the permissions an ACL user needs. Warns when it does not.
-    async fn check_capabilities(&self, conn: &mut MultiplexedConnection, server: &ServerInfo) {
+    async fn check_capabilities(&self, conn: &mut Wire, server: &ServerInfo) {
         let limit = self.config.operation_timeout;
         let probe = self.keys().probe(self.presence.member());
         let mut checks = redis::pipe();
@@ -180,15 +200,7 @@ impl Connection {
     /// not a back-off step or a health-check interval. (A probe is one TCP
     /// connection, closed at once.)
     async fn wait_for_next_round(&self, interval: Duration, probe: Duration) {
-        let address = self
-            .client
-            .as_ref()
-            .and_then(|client| match &client.get_connection_info().addr() {
-                redis::ConnectionAddr::Tcp(host, port) | redis::ConnectionAddr::TcpTls { host, port, .. } => {
-                    Some((host.clone(), *port))
-                }
-                _ => None,
-            });
+        let address = self.client.as_ref().and_then(super::Endpoint::probe_address);
         let until = tokio::time::Instant::now() + interval;
         let step = probe.min(interval);
         loop {
@@ -214,6 +226,37 @@ impl Connection {
     }
 }
 
+/// What `INFO server` says on the server, or on every master of a cluster,
+/// with each master's address (empty for one server). A server that hides
+/// `INFO` (ACL) is not refused: its version and restarts cannot be checked,
+/// which the checks at connect report. A master that cannot be reached is
+/// an error: a cluster is checked whole or not used.
+async fn servers(conn: &Wire, limit: Duration) -> Result<Vec<(String, ServerInfo)>, CacheError> {
+    let infos = bounded(
+        limit,
+        conn.on_each_master(|mut master| {
+            Box::pin(async move {
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async::<String>(&mut master)
+                    .await
+            })
+        }),
+    )
+    .await;
+    match infos {
+        Ok(infos) => Ok(infos
+            .iter()
+            .map(|(address, info)| (address.clone(), ServerInfo::parse(info)))
+            .collect()),
+        Err(CacheError::Redis(err)) if !is_connection_error(&err) && err.kind() != redis::ErrorKind::Client => {
+            debug!(error = %err, "INFO server failed");
+            Ok(Vec::new())
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// What `INFO server` says that the cache uses.
 #[derive(Debug, Default, PartialEq)]
 struct ServerInfo {
@@ -222,6 +265,33 @@ struct ServerInfo {
 }
 
 impl ServerInfo {
+    /// What the checks go by on a cluster: the oldest master's version
+    /// (and no `run_id`: see [`run_ids`](Self::run_ids)).
+    fn oldest(servers: &[(String, ServerInfo)]) -> ServerInfo {
+        ServerInfo {
+            run_id: None,
+            version: servers.iter().filter_map(|(_, server)| server.version).min(),
+        }
+    }
+
+    /// The record of which servers hold the data: one server's `run_id`,
+    /// or every master's as `address=run_id`, sorted and joined by `,`.
+    /// `None` when one of them hides it.
+    fn run_ids(servers: &[(String, ServerInfo)]) -> Option<String> {
+        match servers {
+            [] => None,
+            [(address, server)] if address.is_empty() => server.run_id.clone(),
+            _ => {
+                let mut ids = servers
+                    .iter()
+                    .map(|(address, server)| Some(format!("{address}={}", server.run_id.as_deref()?)))
+                    .collect::<Option<Vec<_>>>()?;
+                ids.sort();
+                Some(ids.join(","))
+            }
+        }
+    }
+
     fn parse(info: &str) -> Self {
         let field = |name: &str| {
             info.lines()
@@ -260,7 +330,10 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
                 conn.config.heartbeat_interval.min(RECOVERY_BEAT)
             };
             tokio::select! {
-                () = tokio::time::sleep(pause) => conn.beat().await,
+                () = tokio::time::sleep(pause) => {
+                    conn.beat().await;
+                    conn.check_masters().await;
+                }
                 () = conn.wake.notified() => {}
             }
             continue;

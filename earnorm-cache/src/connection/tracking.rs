@@ -36,8 +36,8 @@ pub(crate) async fn track(conn: Arc<Connection>, local: Arc<Local>) {
     let mut attempt = 0u32;
     while !conn.is_closed() {
         let lost = Arc::new(Notify::new());
-        match subscribe(&conn, &local, &lost).await {
-            Ok(mut channel) => {
+        match subscribe_all(&conn, &local, &lost).await {
+            Ok((mut channels, masters)) => {
                 attempt = 0;
                 local.regain();
                 info!(url = %conn.url, "in-process tier subscribed to invalidations");
@@ -50,10 +50,11 @@ pub(crate) async fn track(conn: Arc<Connection>, local: Arc<Local>) {
                         local.lose();
                         return;
                     }
-                    let ping = redis::cmd("PING");
-                    if let Err(err) = bounded(conn.config.operation_timeout, ping.query_async::<()>(&mut channel)).await
-                    {
-                        debug!(error = %err, "the invalidation channel does not answer");
+                    if !answers(&conn, &mut channels).await {
+                        break;
+                    }
+                    if conn.masters().await.is_some_and(|now| now != masters) {
+                        debug!("the cluster's masters changed: subscribing again");
                         break;
                     }
                 }
@@ -77,15 +78,53 @@ pub(crate) async fn track(conn: Arc<Connection>, local: Arc<Local>) {
     local.lose();
 }
 
-/// Opens the channel's connection and subscribes it. Pushes are applied to
-/// `local` from the moment it opens; `lost` is notified when it closes.
-async fn subscribe(
+/// Whether every channel answers a `PING` within `operation_timeout`.
+async fn answers(conn: &Connection, channels: &mut [redis::aio::MultiplexedConnection]) -> bool {
+    for channel in channels {
+        let ping = redis::cmd("PING");
+        if let Err(err) = bounded(conn.config.operation_timeout, ping.query_async::<()>(channel)).await {
+            debug!(error = %err, "the invalidation channel does not answer");
+            return false;
+        }
+    }
+    true
+}
+
+/// Subscribes a channel on the server, or on every master of a cluster
+/// (tracking is per node: each pushes the changes to the keys it holds).
+/// Returns the channels and the masters' addresses they were made for.
+async fn subscribe_all(
     conn: &Connection,
     local: &Arc<Local>,
     lost: &Arc<Notify>,
+) -> Result<(Vec<redis::aio::MultiplexedConnection>, Vec<String>), CacheError> {
+    let endpoint = conn.client.as_ref().ok_or(CacheError::Disabled)?;
+    let info = endpoint.info();
+    if !endpoint.is_cluster() {
+        return Ok((vec![subscribe(conn, info.clone(), local, lost).await?], Vec::new()));
+    }
+    let masters = conn.masters().await.ok_or(CacheError::Unavailable)?;
+    let mut channels = Vec::with_capacity(masters.len());
+    for address in &masters {
+        let (host, port) = address
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+            .ok_or(CacheError::Unavailable)?;
+        let node = super::endpoint::at_address(info, host, port);
+        channels.push(subscribe(conn, node, local, lost).await?);
+    }
+    Ok((channels, masters))
+}
+
+/// Opens a channel's connection to the server of `info` and subscribes it.
+/// Pushes are applied to `local` from the moment it opens; `lost` is
+/// notified when it closes.
+async fn subscribe(
+    conn: &Connection,
+    info: redis::ConnectionInfo,
+    local: &Arc<Local>,
+    lost: &Arc<Notify>,
 ) -> Result<redis::aio::MultiplexedConnection, CacheError> {
-    let client = conn.client.as_ref().ok_or(CacheError::Disabled)?;
-    let info = client.get_connection_info().clone();
     let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
     let client = redis::Client::open(info.set_redis_settings(settings)).map_err(CacheError::Redis)?;
     let prefix = conn.namespace.len();

@@ -1,0 +1,194 @@
+//! The cache on a Redis Cluster of its own (three masters on free ports):
+//! a value whose generations live on other masters is served and
+//! invalidated; administration reaches every master; a master that dies
+//! makes calls compute, and its return (empty) drops every generation of
+//! every master before anything is served. The rest of the suite runs on a
+//! cluster too when `REDIS_URL` names one (`scripts/test.sh` does both).
+
+use std::time::{Duration, Instant};
+
+use earnorm_cache::{CacheConfig, CacheKey, CacheManager, PlainOutput, Scope};
+use support::{fast_cache_config, unique_name, RedisCluster};
+
+fn config() -> CacheConfig {
+    fast_cache_config(&unique_name("cluster"))
+}
+
+fn record_key(cache: &CacheManager, id: &str) -> CacheKey {
+    cache
+        .key("users", "profile")
+        .scope(Scope::Record("users", id))
+        .build()
+        .expect("key")
+}
+
+async fn get_or(cache: &CacheManager, key: &CacheKey, v: u64) -> u64 {
+    cache
+        .get_or_compute::<_, PlainOutput, _>(key, None, async move { v })
+        .await
+}
+
+/// The index of the node that holds `key`, if one does.
+fn holder(cluster: &mut RedisCluster, key: &str) -> Option<usize> {
+    (0..3).find(|&i| cluster.node(i).cli(&["EXISTS", key]) == "1")
+}
+
+/// Waits until `cache` serves a hit for a fresh key.
+async fn until_serving(cache: &CacheManager, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let key = record_key(cache, &unique_name("probe"));
+        get_or(cache, &key, 1).await;
+        if get_or(cache, &key, 2).await == 1 {
+            return;
+        }
+        assert!(start.elapsed() < limit, "no hit within {limit:?}: {:?}", cache.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A cluster, a manager on it (serving), its prefix, and `count` record
+/// keys each holding 1.
+async fn filled(count: usize) -> (RedisCluster, CacheManager, String, Vec<CacheKey>) {
+    let cluster = RedisCluster::start();
+    let config = config();
+    let prefix = config.prefix.clone();
+    let cache = CacheManager::connect(Some(&cluster.url()), config)
+        .await
+        .expect("connect");
+    until_serving(&cache, Duration::from_secs(10)).await;
+    let keys: Vec<CacheKey> = (0..count).map(|n| record_key(&cache, &n.to_string())).collect();
+    for key in &keys {
+        get_or(&cache, key, 1).await;
+    }
+    (cluster, cache, prefix, keys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_whose_generations_are_on_other_masters_is_served_then_invalidated() {
+    let mut cluster = RedisCluster::start();
+    let cache = CacheManager::connect(Some(&cluster.url()), config())
+        .await
+        .expect("connect");
+    until_serving(&cache, Duration::from_secs(10)).await;
+    // A record whose value and generations are not all on one master.
+    let mut spread = None;
+    for n in 0..100 {
+        let key = record_key(&cache, &format!("spread{n}"));
+        assert_eq!(get_or(&cache, &key, 1).await, 1);
+        let mut places: Vec<usize> = std::iter::once(key.as_str())
+            .chain(key.generations().iter().map(String::as_str))
+            .filter_map(|k| holder(&mut cluster, k))
+            .collect();
+        assert_eq!(
+            places.len(),
+            1 + key.generations().len(),
+            "every key of the value is stored"
+        );
+        places.sort_unstable();
+        places.dedup();
+        if places.len() > 1 {
+            spread = Some(key);
+            break;
+        }
+    }
+    let spread = spread.expect("some value's keys span masters");
+    assert_eq!(get_or(&cache, &spread, 2).await, 1, "a hit across masters");
+    let hits = cache.stats().hits;
+    cache.invalidate(&[Scope::Record("users", record_id(&spread))]).await;
+    assert_eq!(
+        get_or(&cache, &spread, 3).await,
+        3,
+        "the invalidation reached the generation's master"
+    );
+    assert_eq!(get_or(&cache, &spread, 4).await, 3, "and the new value is served");
+    assert!(cache.stats().hits > hits);
+}
+
+/// The id of a key made by [`record_key`].
+fn record_id(key: &CacheKey) -> &str {
+    key.generations()
+        .iter()
+        .find_map(|g| g.rsplit_once("g:r:users:").map(|(_, id)| id))
+        .expect("a record generation")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pattern_deletion_and_invalidate_all_reach_every_master() {
+    let (mut cluster, cache, prefix, keys) = filled(60).await;
+    let count = |cluster: &mut RedisCluster, pattern: &str| -> Vec<usize> {
+        (0..3)
+            .map(|i| {
+                cluster
+                    .node(i)
+                    .cli(&["--scan", "--pattern", pattern])
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .count()
+            })
+            .collect()
+    };
+    let values = count(&mut cluster, &format!("{prefix}v:*"));
+    assert!(values.iter().all(|&n| n > 0), "values on every master: {values:?}");
+    let deleted = cache.delete_pattern("v:*").await.expect("delete");
+    assert_eq!(deleted, 60 + 1, "60 values and the probe's, from every master");
+    assert_eq!(count(&mut cluster, &format!("{prefix}v:*")), [0, 0, 0]);
+
+    let generations = count(&mut cluster, &format!("{prefix}g:*"));
+    assert!(
+        generations.iter().all(|&n| n > 0),
+        "generations on every master: {generations:?}"
+    );
+    cache.invalidate_all().await.expect("invalidate all");
+    assert_eq!(count(&mut cluster, &format!("{prefix}g:*")), [0, 0, 0]);
+    assert_eq!(get_or(&cache, &keys[0], 2).await, 2, "nothing is served after it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_makes_calls_compute_and_its_return_drops_every_generation() {
+    let (mut cluster, cache, prefix, keys) = filled(30).await;
+    // The generations the survivors hold, with their tokens.
+    let mut kept = Vec::new();
+    for key in &keys {
+        for generation in key.generations() {
+            if let Some(node) = holder(&mut cluster, generation).filter(|&n| n != 2) {
+                let token = cluster.node(node).cli(&["GET", generation]);
+                kept.push((node, generation.clone(), token));
+            }
+        }
+    }
+    assert!(!kept.is_empty(), "{prefix}: generations on the surviving masters");
+
+    cluster.node(2).kill();
+    let start = Instant::now();
+    for (n, key) in keys.iter().enumerate() {
+        let computed = 100 + n as u64;
+        let got = get_or(&cache, key, computed).await;
+        assert!(
+            got == 1 || got == computed,
+            "a cached or computed value, never another: {got}"
+        );
+    }
+    // Each call waits `operation_timeout` (300 ms) at most, and once the
+    // connection is dropped, calls skip Redis at once.
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "bounded: {:?}",
+        start.elapsed()
+    );
+
+    // Back, empty: as a master restarted from an old snapshot could be.
+    cluster.node(2).restart();
+    cluster.wait_until_whole(Duration::from_secs(30));
+    until_serving(&cache, Duration::from_secs(30)).await;
+    for (node, generation, token) in &kept {
+        let now = cluster.node(*node).cli(&["GET", generation]);
+        assert_ne!(
+            &now, token,
+            "{generation} on master {node} outlived the restart of another"
+        );
+    }
+    for key in &keys {
+        assert_eq!(get_or(&cache, key, 7).await, 7, "every value computed again");
+    }
+}
