@@ -2,7 +2,8 @@
 //! a value whose generations live on other masters is served and
 //! invalidated; administration reaches every master; a master that dies
 //! makes calls compute, and its return (empty) drops every generation of
-//! every master before anything is served. The rest of the suite runs on a
+//! every master before anything is served, as does a failover (a promoted
+//! replica may lack the last invalidations its master took). The rest of the suite runs on a
 //! cluster too when `REDIS_URL` names one (`scripts/test.sh` does both).
 
 use std::time::{Duration, Instant};
@@ -50,7 +51,11 @@ async fn until_serving(cache: &CacheManager, limit: Duration) {
 /// A cluster, a manager on it (serving), its prefix, and `count` record
 /// keys each holding 1.
 async fn filled(count: usize) -> (RedisCluster, CacheManager, String, Vec<CacheKey>) {
-    let cluster = RedisCluster::start();
+    filled_on(RedisCluster::start(), count).await
+}
+
+/// [`filled`] on `cluster`.
+async fn filled_on(cluster: RedisCluster, count: usize) -> (RedisCluster, CacheManager, String, Vec<CacheKey>) {
     let config = config();
     let prefix = config.prefix.clone();
     let cache = CacheManager::connect(Some(&cluster.url()), config)
@@ -190,5 +195,44 @@ async fn a_dead_master_makes_calls_compute_and_its_return_drops_every_generation
     }
     for key in &keys {
         assert_eq!(get_or(&cache, key, 7).await, 7, "every value computed again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_drops_every_generation_before_anything_is_served() {
+    let (mut cluster, cache, _, keys) = filled_on(RedisCluster::start_with_replicas(1), 30).await;
+    let kept: Vec<(String, String)> = keys
+        .iter()
+        .flat_map(|key| key.generations().iter().cloned())
+        .map(|generation| {
+            let token = cluster.get(&generation);
+            (generation, token)
+        })
+        .collect();
+    assert!(kept.iter().all(|(_, token)| !token.is_empty()), "{kept:?}");
+
+    // A replica takes over its master's slots (the old master follows it).
+    let replica = cluster.replicas()[0];
+    assert_eq!(cluster.node(replica).cli(&["CLUSTER", "FAILOVER"]), "OK");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.node(replica).cli(&["ROLE"]).starts_with("master") {
+        assert!(Instant::now() < deadline, "the failover did not happen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.wait_until_whole(Duration::from_secs(30));
+    // The manager learns it after a heartbeat, reconnects, and deletes
+    // every generation before it serves again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kept.iter().any(|(generation, token)| &cluster.get(generation) == token) {
+        assert!(
+            Instant::now() < deadline,
+            "generations outlived the failover: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_serving(&cache, Duration::from_secs(30)).await;
+    for key in &keys {
+        assert_eq!(get_or(&cache, key, 9).await, 9, "every value computed again");
     }
 }

@@ -1,6 +1,7 @@
 //! A private Redis Cluster: three masters (`redis-server --cluster-enabled
-//! yes`) on free loopback ports, joined with `redis-cli --cluster create`,
-//! nothing persisted. Killed and cleaned up on drop.
+//! yes`) on free loopback ports, with replicas where a test needs
+//! failovers, joined with `redis-cli --cluster create`, nothing persisted.
+//! Killed and cleaned up on drop.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,7 +22,16 @@ impl RedisCluster {
     /// When redis-server or redis-cli cannot be run, or the cluster does
     /// not come up within 30 seconds.
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        Self::start_with_replicas(0)
+    }
+
+    /// Starts three masters with `replicas` replicas each (the nodes after
+    /// the first three, as `redis-cli` assigns them).
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_with_replicas(replicas: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..3 * (1 + replicas))
             .map(|_| {
                 RedisServer::start_on(
                     free_port(),
@@ -41,7 +51,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(std::process::Stdio::null())
             .status()
             .expect("could not run redis-cli (Debian: apt-get install redis-tools)");
@@ -76,8 +86,31 @@ impl RedisCluster {
         format!("redis+cluster://{}", addresses.join(","))
     }
 
-    /// The node at `index` (0 to 2), to kill, restart or freeze.
+    /// The node at `index`, to kill, restart or freeze.
     pub fn node(&mut self, index: usize) -> &mut RedisServer {
         &mut self.nodes[index]
+    }
+
+    /// The number of nodes, masters and replicas.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no node (never, once started).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The indexes of the nodes that are replicas now (`ROLE`).
+    pub fn replicas(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].cli(&["ROLE"]).starts_with("slave"))
+            .collect()
+    }
+
+    /// `key`'s value as the cluster serves it (`redis-cli -c` follows the
+    /// redirection to its master); empty when absent.
+    pub fn get(&self, key: &str) -> String {
+        self.nodes[0].cli(&["-c", "GET", key])
     }
 }

@@ -142,7 +142,7 @@ mod cluster {
     use std::collections::HashMap;
 
     use redis::cluster_async::ClusterConnection;
-    use redis::cluster_routing::{MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
     use redis::{Arg, Cmd, ErrorKind, Pipeline, RedisError, RedisResult, Value};
 
     use super::Wire;
@@ -235,27 +235,63 @@ mod cluster {
     }
 
     /// One wire per master: a cluster connection clone whose commands are
-    /// all sent to that master's address.
+    /// all sent to that master's address. The masters are those the
+    /// cluster itself names (`CLUSTER NODES`, asked of any node), not the
+    /// ones redis-rs last routed to: after a failover, redis-rs learns of
+    /// the new master only when a command is redirected to it.
     pub(super) async fn masters(mut conn: ClusterConnection) -> RedisResult<Vec<(String, Wire)>> {
-        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-        let answer = conn.route_command(redis::cmd("PING"), routing).await?;
-        let Value::Map(answers) = answer else {
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        let nodes: String = redis::from_redis_value(
+            conn.route_command(redis::cmd("CLUSTER").arg("NODES").clone(), routing)
+                .await?,
+        )?;
+        let mut masters = Vec::new();
+        for (host, port) in masters_of(&nodes) {
+            let address = format!("{host}:{port}");
+            masters.push((address, Wire::Cluster(conn.clone()).at(host, port)));
+        }
+        if masters.is_empty() {
             return Err(RedisError::from((
                 ErrorKind::Client,
-                "the masters' answers are not a map",
+                "the cluster names no master with slots",
             )));
-        };
-        let mut masters = Vec::with_capacity(answers.len());
-        for (address, _) in answers {
-            let address: String = redis::from_redis_value(address)?;
-            let (host, port) = address
-                .rsplit_once(':')
-                .and_then(|(host, port)| Some((host.to_owned(), port.parse::<u16>().ok()?)))
-                .ok_or_else(|| RedisError::from((ErrorKind::Client, "a master's address has no port")))?;
-            masters.push((address.clone(), Wire::Cluster(conn.clone()).at(host, port)));
         }
         masters.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(masters)
+    }
+
+    /// The host and port of every master that serves slots, from a
+    /// `CLUSTER NODES` answer (`ID HOST:PORT@BUS[,NAME] FLAGS MASTER PING
+    /// PONG EPOCH STATE SLOT...`).
+    fn masters_of(nodes: &str) -> Vec<(String, u16)> {
+        nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let (address, flags) = (fields.get(1)?, fields.get(2)?);
+                if !flags.split(',').any(|flag| flag == "master") || fields.len() < 9 {
+                    return None;
+                }
+                let address = address.split(['@', ',']).next()?;
+                let (host, port) = address.rsplit_once(':')?;
+                Some((host.to_owned(), port.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn masters_are_the_nodes_flagged_master_with_slots() {
+        let nodes = "\
+a1 127.0.0.1:7100@17100 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7101@17101,h2 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7102@17102 slave b2 0 1 2 connected
+d4 127.0.0.1:7103@17103 master - 0 1 0 connected
+";
+        assert_eq!(
+            masters_of(nodes),
+            [("127.0.0.1".to_owned(), 7100), ("127.0.0.1".to_owned(), 7101)]
+        );
     }
 
     impl Wire {
