@@ -1241,6 +1241,30 @@ async fn concurrent_hits(env: &Environment, user: &User, tasks: usize, length: D
     n / start.elapsed().as_secs_f64()
 }
 
+/// A contender reading `keys` (one: `GET`, more: `MGET`) on `conn`.
+fn raw_read<C>(conn: C, keys: &[&str]) -> impl Contender
+where
+    C: redis::aio::ConnectionLike + Clone + Send + 'static,
+{
+    let keys: Vec<String> = keys.iter().map(|&k| k.to_owned()).collect();
+    Closure(move || {
+        let (mut conn, keys) = (conn.clone(), keys.clone());
+        async move {
+            if let [key] = &keys[..] {
+                let v: Vec<u8> = redis::cmd("GET").arg(key).query_async(&mut conn).await.expect("get");
+                std::hint::black_box(v);
+            } else {
+                let v: Vec<Vec<u8>> = redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("mget");
+                std::hint::black_box(v);
+            }
+        }
+    })
+}
+
 /// Group 10, Redis Cluster: a `#[cached]` hit on a local three-master
 /// cluster against one on one server, side by side in one run; 64 tasks on
 /// hits on each; and an invalidation of one record on each.
@@ -1280,6 +1304,67 @@ async fn cluster_group(redis: &RedisServer, rounds: usize, per_round: usize, qui
             hits.ratio(1, 0),
             before.hits,
             before.misses
+        ),
+    );
+    // The same reads in redis-rs alone: one GET, and one MGET of three
+    // keys in three slots, through a multiplexed connection and through
+    // redis-rs's cluster connection.
+    let single = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let nodes: Vec<String> = cluster
+        .url()
+        .trim_start_matches("redis+cluster://")
+        .split(',')
+        .map(|node| format!("redis://{node}"))
+        .collect();
+    let spread = redis::cluster::ClusterClient::new(nodes)
+        .expect("cluster")
+        .get_async_connection()
+        .await
+        .expect("connect");
+    let keys = ["bench:{a}", "bench:{b}", "bench:{c}"];
+    for key in keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(vec![7u8; 227])
+            .query_async(&mut single.clone())
+            .await
+            .expect("set");
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(vec![7u8; 227])
+            .query_async(&mut spread.clone())
+            .await
+            .expect("set");
+    }
+    let (mut get_node, mut get_cluster, mut mget_node, mut mget_cluster) = (
+        raw_read(single.clone(), &keys[..1]),
+        raw_read(spread.clone(), &keys[..1]),
+        raw_read(single.clone(), &keys),
+        raw_read(spread.clone(), &keys),
+    );
+    let raw = compare(
+        rounds,
+        per_round,
+        [&mut get_node, &mut get_cluster, &mut mget_node, &mut mget_cluster],
+    )
+    .await;
+    row("10g. redis-rs GET, one server", &us(raw.median(0)), "");
+    row(
+        "10h. redis-rs GET, cluster connection",
+        &us(raw.median(1)),
+        &format!("{} of one server", raw.ratio(1, 0)),
+    );
+    row("10i. redis-rs MGET of 3 keys, one server", &us(raw.median(2)), "");
+    row(
+        "10j. redis-rs MGET of 3 keys in 3 slots, cluster connection",
+        &us(raw.median(3)),
+        &format!(
+            "{} of one server: split by redis-rs, one request per master",
+            raw.ratio(3, 2)
         ),
     );
     let length = Duration::from_secs(if quick { 1 } else { 3 });

@@ -10,7 +10,9 @@
 //! `--writers N` (2, through EarnORM), `--outside-writers N` (1, raw driver),
 //! `--no-feed` (no database feed, and no crash writer process), `--no-faults`, `--naive`,
 //! `--two-tier` (both environments keep values in process beside Redis), `--no-bulk` (the
-//! EarnORM writers save and delete single records only), `--seed N`,
+//! EarnORM writers save and delete single records only), `--cluster` (a private Redis
+//! Cluster of three masters with a replica each, instead of one server: a master killed
+//! and taken over by its replica, restarted, and a manual failover), `--seed N`,
 //! `--health-check-ms N` (500), `--json PATH` (also write the report there).
 //! Prints a one-line summary and the JSON report; exits 1 when it finds a
 //! stale read of an EarnORM write or a failed call (reads stale against
@@ -59,6 +61,7 @@ fn main() {
             "--naive" => config.naive = true,
             "--two-tier" => config.local = true,
             "--no-bulk" => config.bulk_writes = false,
+            "--cluster" => config.cluster = true,
             "--json" => json_path = Some(args.next().unwrap_or_else(|| fail("--json needs a path"))),
             other => fail(&format!("unknown option {other}")),
         }

@@ -32,7 +32,7 @@ case "${1:-up}" in
       mkdir -p "$dir/$port"
       rm -f "$dir/$port/nodes.conf"
       redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
-        --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+        --cluster-config-file nodes.conf --cluster-node-timeout 2000 --cluster-replica-validity-factor 0 \
         --save '' --appendonly no --dir "$dir/$port" \
         --daemonize yes --pidfile "$dir/$port/redis.pid" --logfile "$dir/$port/redis.log"
     done

@@ -14,19 +14,12 @@ use support::{run_checker, CheckerConfig};
 /// (which would last until the TTL of 60 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_two_tier_mode_never_serves_a_writer_its_old_value_and_bounds_the_others() {
-    let report = run_checker(&CheckerConfig {
+    let report = support::run_printed(&CheckerConfig {
         duration: Duration::from_secs(8),
         local: true,
         ..CheckerConfig::default()
     })
     .await;
-    println!("{}", report.summary());
-    println!("{}", report.to_json());
-    assert!(
-        report.reads > 1000 && report.writes > 100 && report.hits > 0,
-        "the workload ran: {}",
-        report.summary()
-    );
     assert_eq!(report.failed_calls, 0, "{}", report.to_json());
     assert_eq!(
         report.stale_reads,

@@ -48,6 +48,19 @@ async fn until_serving(cache: &CacheManager, limit: Duration) {
     }
 }
 
+/// Reads every key while a master is down: each gives its cached value
+/// (1) or computes it, never anything else.
+async fn read_while_down(cache: &CacheManager, keys: &[CacheKey]) {
+    for (n, key) in keys.iter().enumerate() {
+        let computed = 100 + n as u64;
+        let got = get_or(cache, key, computed).await;
+        assert!(
+            got == 1 || got == computed,
+            "a cached or computed value, never another: {got}"
+        );
+    }
+}
+
 /// A cluster, a manager on it (serving), its prefix, and `count` record
 /// keys each holding 1.
 async fn filled(count: usize) -> (RedisCluster, CacheManager, String, Vec<CacheKey>) {
@@ -166,14 +179,7 @@ async fn a_dead_master_makes_calls_compute_and_its_return_drops_every_generation
 
     cluster.node(2).kill();
     let start = Instant::now();
-    for (n, key) in keys.iter().enumerate() {
-        let computed = 100 + n as u64;
-        let got = get_or(&cache, key, computed).await;
-        assert!(
-            got == 1 || got == computed,
-            "a cached or computed value, never another: {got}"
-        );
-    }
+    read_while_down(&cache, &keys).await;
     // Each call waits `operation_timeout` (300 ms) at most, and once the
     // connection is dropped, calls skip Redis at once.
     assert!(
@@ -234,5 +240,22 @@ async fn a_failover_drops_every_generation_before_anything_is_served() {
     until_serving(&cache, Duration::from_secs(30)).await;
     for key in &keys {
         assert_eq!(get_or(&cache, key, 9).await, 9, "every value computed again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_and_replaced_by_its_replica_serves_again_with_every_generation_dropped() {
+    let (mut cluster, cache, _, keys) = filled_on(RedisCluster::start_with_replicas(1), 30).await;
+    let master = (0..cluster.len())
+        .find(|i| !cluster.replicas().contains(i))
+        .expect("a master");
+    cluster.node(master).kill();
+    let start = Instant::now();
+    read_while_down(&cache, &keys).await;
+    // The replica takes over after the node timeout (2 s).
+    until_serving(&cache, Duration::from_secs(30)).await;
+    println!("serving again {:?} after the kill", start.elapsed());
+    for key in &keys {
+        assert_eq!(get_or(&cache, key, 7).await, 7, "every value computed again");
     }
 }

@@ -18,6 +18,8 @@
 //! * `crate::outbox`: invalidations that could not be sent, and the rule
 //!   that none waits while a connection is published.
 
+#[cfg(feature = "cluster")]
+mod cluster;
 mod endpoint;
 mod link;
 mod presence;

@@ -26,7 +26,7 @@ use earnorm::{ConnectionStatus, Environment};
 use serde::{Deserialize, Serialize};
 
 use crate::crash_writer::{ChildCommand, CrashWriter, Line, CHILD_SEQ};
-use crate::{connect, fast_cache_config, require_mongo, unique_name, RedisServer};
+use crate::{connect, fast_cache_config, require_mongo, unique_name, RedisCluster, RedisServer};
 
 /// Records the crash writer process saves (slots after the checker's own).
 const CHILD_RECORDS: usize = 2;
@@ -157,6 +157,11 @@ pub struct CheckerConfig {
     /// single records only, so most reads can be hits (how the two-tier
     /// mode's window is measured).
     pub bulk_writes: bool,
+    /// Run on a private Redis Cluster (three masters, a replica each)
+    /// instead of one server. Its faults: a master killed (its replica
+    /// takes over), restarted empty (it rejoins as a replica), and a
+    /// manual failover; both environments connect directly.
+    pub cluster: bool,
 }
 
 impl Default for CheckerConfig {
@@ -179,6 +184,7 @@ impl Default for CheckerConfig {
             crash_writer: None,
             local: false,
             bulk_writes: true,
+            cluster: false,
         }
     }
 }
@@ -499,8 +505,26 @@ impl Shared {
 ///
 /// # Panics
 /// When the services cannot be reached (with instructions).
+/// [`run`], with the report's summary and JSON printed, checking that the
+/// workload ran: more than 1,000 reads, 100 writes, and some hits.
+///
+/// # Panics
+/// When the workload did not run.
+pub async fn run_printed(config: &CheckerConfig) -> Report {
+    let report = run(config).await;
+    println!("{}", report.summary());
+    println!("{}", report.to_json());
+    assert!(
+        report.reads > 1000 && report.writes > 100 && report.hits > 0,
+        "the workload ran and hit: {}",
+        report.summary()
+    );
+    report
+}
+
 pub async fn run(config: &CheckerConfig) -> Report {
     let mut redis = RedisServer::start();
+    let mut cluster = config.cluster.then(|| RedisCluster::start_with_replicas(1));
     let name = unique_name("checker");
     let mut cache_config = fast_cache_config(&name);
     cache_config.health_check_interval = config.health_check_interval;
@@ -509,7 +533,7 @@ pub async fn run(config: &CheckerConfig) -> Report {
     let env_config = earnorm::Config {
         mongo_uri: require_mongo(),
         database: name.clone(),
-        redis_uri: Some(redis.url()),
+        redis_uri: Some(cluster.as_ref().map_or_else(|| redis.url(), RedisCluster::url)),
         cache_config,
         connect_timeout: Duration::from_secs(5),
         feed: config.feed,
@@ -538,7 +562,11 @@ pub async fn run(config: &CheckerConfig) -> Report {
     // cut for it alone (a one-sided partition).
     let proxy = crate::TcpProxy::start(redis.port()).await;
     let proxied = earnorm::Config {
-        redis_uri: Some(proxy.url()),
+        redis_uri: if cluster.is_some() {
+            env_config.redis_uri.clone()
+        } else {
+            Some(proxy.url())
+        },
         ..env_config.clone()
     };
     // The feed's leader to be cut off from MongoDB: connected first, and
@@ -645,7 +673,11 @@ pub async fn run(config: &CheckerConfig) -> Report {
             leader.feed_stats().leader
         ));
     }
-    if config.faults {
+    if let (true, Some(cluster)) = (config.faults, cluster.as_mut()) {
+        let step = config.duration / 10;
+        let at = |n: u32| begin + step * n;
+        cluster_faults(cluster, &envs, at, &mut faults, &mut reconnects, &mut recoveries).await;
+    } else if config.faults {
         let step = config.duration / 10;
         let at = |n: u32| begin + step * n;
         tokio::time::sleep_until(at(2).into()).await;
@@ -735,6 +767,58 @@ pub async fn run(config: &CheckerConfig) -> Report {
     }
     let _ = envs[0].database().drop().await;
     report
+}
+
+/// The cluster mode's faults, at steps 2 to 7 of the run (`at`): a master
+/// killed (its replica takes over after the node timeout), restarted
+/// empty (it rejoins as a replica), and a manual failover of another
+/// master; the environments' recovery measured after each.
+async fn cluster_faults(
+    cluster: &mut RedisCluster,
+    envs: &[Environment; 2],
+    at: impl Fn(u32) -> Instant,
+    faults: &mut Vec<String>,
+    reconnects: &mut Vec<u64>,
+    recoveries: &mut Vec<u64>,
+) {
+    let masters = |cluster: &mut RedisCluster| -> Vec<usize> {
+        let replicas = cluster.replicas();
+        (0..cluster.len())
+            .filter(|&i| !replicas.contains(&i) && cluster.node(i).answers())
+            .collect()
+    };
+    tokio::time::sleep_until(at(2).into()).await;
+    let killed = masters(cluster)[0];
+    cluster.node(killed).kill();
+    faults.push("a master killed".to_owned());
+    let limit = Duration::from_secs(30);
+    let start = Instant::now();
+    while masters(cluster).len() < 3 {
+        assert!(start.elapsed() < limit, "no replica took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    faults.push(format!(
+        "its replica took over after {} ms",
+        start.elapsed().as_millis()
+    ));
+    let (reconnect, recovered) = recovery(envs).await;
+    reconnects.push(reconnect);
+    recoveries.push(recovered);
+    tokio::time::sleep_until(at(4).into()).await;
+    cluster.node(killed).restart();
+    faults.push("the killed master restarted empty (a replica now)".to_owned());
+    tokio::time::sleep_until(at(5).into()).await;
+    let replica = *cluster.replicas().iter().find(|&&r| r != killed).expect("a replica");
+    cluster.node(replica).cli(&["CLUSTER", "FAILOVER"]);
+    let start = Instant::now();
+    while !cluster.node(replica).cli(&["ROLE"]).starts_with("master") {
+        assert!(start.elapsed() < limit, "the manual failover did not happen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    faults.push("manual failover of another master".to_owned());
+    let (reconnect, recovered) = recovery(envs).await;
+    reconnects.push(reconnect);
+    recoveries.push(recovered);
 }
 
 /// Puts Redis over its memory limit with `noeviction` (its default policy):

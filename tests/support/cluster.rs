@@ -42,6 +42,11 @@ impl RedisCluster {
                         "nodes.conf",
                         "--cluster-node-timeout",
                         "2000",
+                        // A replica takes over a dead master however long
+                        // ago it last heard from it (a fresh replica that
+                        // never synced would otherwise refuse).
+                        "--cluster-replica-validity-factor",
+                        "0",
                     ],
                 )
             })

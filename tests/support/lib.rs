@@ -20,7 +20,7 @@ mod cluster;
 mod crash_writer;
 mod env;
 mod shared_redis;
-pub use checker::{run as run_checker, CheckerConfig, Report};
+pub use checker::{run as run_checker, run_printed, CheckerConfig, Report};
 pub use cluster::RedisCluster;
 pub use crash_writer::{crash_writer_child, ChildCommand};
 pub use env::*;

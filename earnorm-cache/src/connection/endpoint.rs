@@ -10,6 +10,7 @@ use super::wire::Wire;
 use crate::CacheConfig;
 
 /// A Redis server or cluster to connect to.
+#[allow(clippy::large_enum_variant)] // one per manager
 pub(crate) enum Endpoint {
     /// One server.
     Node(redis::Client),
@@ -17,8 +18,9 @@ pub(crate) enum Endpoint {
     /// credentials, are every node's).
     #[cfg(feature = "cluster")]
     Cluster {
-        client: Box<redis::cluster::ClusterClient>,
-        seed: ConnectionInfo,
+        /// Each seed node's settings (the first one's TLS and credentials
+        /// are every node's).
+        seeds: Vec<ConnectionInfo>,
     },
 }
 
@@ -33,29 +35,18 @@ impl Endpoint {
     }
 
     #[cfg(feature = "cluster")]
-    fn cluster(seeds: Vec<String>, config: &CacheConfig) -> RedisResult<Self> {
+    fn cluster(seeds: Vec<String>, _: &CacheConfig) -> RedisResult<Self> {
         let seeds = seeds
             .iter()
             .map(|seed| redis::IntoConnectionInfo::into_connection_info(seed.as_str()))
             .collect::<RedisResult<Vec<_>>>()?;
-        let seed = seeds
-            .first()
-            .cloned()
-            .ok_or_else(|| RedisError::from((ErrorKind::InvalidClientConfig, "a cluster URL names no node")))?;
-        // Every call is bounded by `operation_timeout` above redis-rs; its
-        // own retries (redirections, a node reconnecting) wait briefly so
-        // that they fit within that bound.
-        let client = redis::cluster::ClusterClient::builder(seeds)
-            .connection_timeout(config.connect_timeout)
-            .response_timeout(config.operation_timeout)
-            .retries(3)
-            .min_retry_wait(5)
-            .max_retry_wait(100)
-            .build()?;
-        Ok(Self::Cluster {
-            client: Box::new(client),
-            seed,
-        })
+        if seeds.is_empty() {
+            return Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "a cluster URL names no node",
+            )));
+        }
+        Ok(Self::Cluster { seeds })
     }
 
     #[cfg(not(feature = "cluster"))]
@@ -68,18 +59,18 @@ impl Endpoint {
 
     /// Opens a connection (to every master, for a cluster).
     pub(crate) async fn connect(&self, config: &CacheConfig) -> RedisResult<Wire> {
+        let settings = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(None);
         match self {
-            Self::Node(client) => {
-                let settings = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(config.connect_timeout))
-                    .set_response_timeout(None);
-                client
-                    .get_multiplexed_async_connection_with_config(&settings)
-                    .await
-                    .map(Wire::Node)
-            }
+            Self::Node(client) => client
+                .get_multiplexed_async_connection_with_config(&settings)
+                .await
+                .map(Wire::Node),
             #[cfg(feature = "cluster")]
-            Self::Cluster { client, .. } => client.get_async_connection().await.map(Wire::Cluster),
+            Self::Cluster { seeds } => super::cluster::Cluster::connect(seeds, settings)
+                .await
+                .map(Wire::Cluster),
         }
     }
 
@@ -93,7 +84,7 @@ impl Endpoint {
         match self {
             Self::Node(client) => client.get_connection_info(),
             #[cfg(feature = "cluster")]
-            Self::Cluster { seed, .. } => seed,
+            Self::Cluster { seeds } => &seeds[0],
         }
     }
 

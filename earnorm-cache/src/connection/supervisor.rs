@@ -348,7 +348,7 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
             match conn.establish().await {
                 Ok(()) => break,
                 Err(err) => {
-                    debug!(url = %conn.url, attempt = attempt + 1, error = %err, "Redis reconnection attempt failed");
+                    debug!(url = %conn.url, attempt = attempt + 1, error = %err, cause = ?std::error::Error::source(&err).map(ToString::to_string), "Redis reconnection attempt failed");
                     unreachable = match &err {
                         CacheError::Timeout(_) | CacheError::Unavailable => true,
                         CacheError::Redis(err) => is_connection_error(err),

@@ -1,0 +1,530 @@
+//! Routing on a Redis Cluster: which master serves each slot, one
+//! multiplexed connection per master, and commands and pipelines sent
+//! straight to the masters of their keys.
+//!
+//! What this module alone owns: the slot table, following redirections,
+//! and splitting multi-key commands by slot.
+//!
+//! * The table comes from `CLUSTER SLOTS`, asked of a seed at connect and
+//!   of any master whenever a redirection says it is out of date (and
+//!   after every heartbeat, through [`Cluster::masters`]).
+//! * A command goes to the master of its key's slot on that master's own
+//!   connection: no task in between, so a hit costs what it costs on one
+//!   server plus the hashing. (redis-rs's `cluster-async` connection sends
+//!   every request through one routing task: through it a `GET` measured
+//!   1.26x a `GET` on a plain connection here, and 64 tasks on hits 0.30x
+//!   the throughput of one server; see `BENCHMARKS.md`, group 10.)
+//! * A pipeline is split by master; each part is one pipeline on that
+//!   master's connection, and the parts are sent at once. Commands for one
+//!   master run in their order; commands for different masters in no set
+//!   order (no caller relies on one, see the crate docs, "Redis Cluster").
+//! * `MGET`, `DEL`, `UNLINK` and `EXISTS` of keys in several slots are split
+//!   by slot (a cluster refuses a multi-key command across slots, even on
+//!   one master), and their answers put back together.
+//! * A `MOVED` answer refreshes the table and sends the command again to
+//!   the new master; an `ASK` answer sends it once to the node named, after
+//!   `ASKING`. At most two redirections per command.
+//! * A connection lost to any master fails the call; the link then drops
+//!   the whole cluster connection and the supervisor builds a new one, with
+//!   a new table (see `link.rs`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisResult, Value};
+
+use super::endpoint::at_address;
+
+/// The number of hash slots of a Redis Cluster.
+const SLOTS: usize = 16_384;
+
+/// Redirections followed for one command before its error is returned.
+const REDIRECTIONS: usize = 2;
+
+/// A connection to every master of a cluster. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Every node's settings but its address (TLS, credentials).
+    seed: ConnectionInfo,
+    settings: AsyncConnectionConfig,
+    table: RwLock<Arc<Table>>,
+}
+
+/// Which master serves each slot, and a connection to each.
+struct Table {
+    /// The index in `masters` of each slot's master (`u16::MAX`: none).
+    owner: Vec<u16>,
+    masters: Vec<Master>,
+}
+
+/// A master and the connection to it.
+#[derive(Clone)]
+pub(crate) struct Master {
+    /// `host:port`.
+    pub(crate) address: String,
+    pub(crate) conn: MultiplexedConnection,
+}
+
+impl Cluster {
+    /// Connects to the cluster of `seeds` (the first that answers gives
+    /// the table) and to each of its masters.
+    pub(crate) async fn connect(seeds: &[ConnectionInfo], settings: AsyncConnectionConfig) -> RedisResult<Self> {
+        let mut last = None;
+        for seed in seeds {
+            let opened = open(seed, &settings).await;
+            let table = match opened {
+                Ok(mut conn) => Table::build(&mut conn, seed, &settings, &HashMap::new()).await,
+                Err(err) => Err(err),
+            };
+            match table {
+                Ok(table) => {
+                    let inner = Inner {
+                        seed: seed.clone(),
+                        settings,
+                        table: RwLock::new(Arc::new(table)),
+                    };
+                    return Ok(Self { inner: Arc::new(inner) });
+                }
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| client_error("a cluster URL names no node")))
+    }
+
+    fn table(&self) -> Arc<Table> {
+        Arc::clone(&self.inner.table.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Asks a master for the table again and keeps it; connections to
+    /// masters that stay are kept.
+    async fn refresh(&self) -> RedisResult<Arc<Table>> {
+        let current = self.table();
+        let known: HashMap<String, MultiplexedConnection> = current
+            .masters
+            .iter()
+            .map(|m| (m.address.clone(), m.conn.clone()))
+            .collect();
+        let mut last = None;
+        for master in &current.masters {
+            let mut conn = master.conn.clone();
+            match Table::build(&mut conn, &self.inner.seed, &self.inner.settings, &known).await {
+                Ok(table) => {
+                    let table = Arc::new(table);
+                    *self.inner.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&table);
+                    return Ok(table);
+                }
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| client_error("the cluster has no master")))
+    }
+
+    /// Every master, as the cluster names it now (the table is asked for
+    /// again first, so a failover shows at once).
+    pub(crate) async fn masters(&self) -> RedisResult<Vec<Master>> {
+        let mut masters = self.refresh().await?.masters.clone();
+        masters.sort_by(|a, b| a.address.cmp(&b.address));
+        Ok(masters)
+    }
+
+    /// The master of `slot`, or any master for a command without a key.
+    fn master(&self, slot: Option<u16>) -> RedisResult<Master> {
+        let table = self.table();
+        let index = match slot {
+            Some(slot) => table.owner[usize::from(slot)],
+            None => 0,
+        };
+        table
+            .masters
+            .get(usize::from(index))
+            .cloned()
+            .ok_or_else(|| client_error("no master serves this slot"))
+    }
+
+    /// Sends one command: split by slot when it names keys of several,
+    /// else to its master, following redirections.
+    pub(crate) async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        match route(cmd) {
+            Route::Split(name, keys) => self.split(&name, keys).await,
+            Route::Slot(slot) => self.send_one(Some(slot), cmd).await,
+            Route::Any => self.send_one(None, cmd).await,
+            Route::Every => {
+                let masters = self.table().masters.clone();
+                let sent = masters.into_iter().map(|master| async move {
+                    let mut conn = master.conn;
+                    conn.req_packed_command(cmd).await
+                });
+                let mut answers = futures_util::future::join_all(sent).await.into_iter();
+                let first = answers
+                    .next()
+                    .unwrap_or_else(|| Err(client_error("the cluster has no master")));
+                answers.try_fold(first?, |first, answer| answer.map(|_| first))
+            }
+        }
+    }
+
+    /// [`command`](Self::command) for a command of one slot (or none).
+    async fn send_one(&self, slot: Option<u16>, cmd: &Cmd) -> RedisResult<Value> {
+        let mut conn = self.master(slot)?.conn;
+        let mut asking = false;
+        for _ in 0..=REDIRECTIONS {
+            let answer = if asking {
+                let mut pipe = redis::pipe();
+                pipe.cmd("ASKING").ignore().add_command(cmd.clone());
+                conn.req_packed_commands(&pipe, 1, 1)
+                    .await
+                    .and_then(|mut values| values.pop().ok_or_else(|| client_error("no answer after ASKING")))
+            } else {
+                conn.req_packed_command(cmd).await
+            };
+            match redirection(&answer) {
+                None => return answer,
+                Some(Redirection::Moved) => {
+                    let _ = self.refresh().await?;
+                    conn = self.master(slot)?.conn;
+                    asking = false;
+                }
+                Some(Redirection::Ask(address)) => {
+                    conn = self.connection_to(&address).await?;
+                    asking = true;
+                }
+            }
+        }
+        Err(client_error("too many redirections"))
+    }
+
+    /// A connection to the node at `address` (`host:port`): the table's
+    /// when it is a master, else a new one.
+    async fn connection_to(&self, address: &str) -> RedisResult<MultiplexedConnection> {
+        if let Some(master) = self.table().masters.iter().find(|m| m.address == address) {
+            return Ok(master.conn.clone());
+        }
+        let (host, port) = split_address(address)?;
+        open(&at_address(&self.inner.seed, host, port), &self.inner.settings).await
+    }
+
+    /// A multi-key command (`name`) of keys in several slots: one command
+    /// per slot, at once; `MGET`'s answers put back in the keys' order,
+    /// the others' counts added up.
+    async fn split(&self, name: &str, keys: Vec<(u16, Vec<u8>)>) -> RedisResult<Value> {
+        let mut by_slot: HashMap<u16, Vec<usize>> = HashMap::new();
+        for (at, (slot, _)) in keys.iter().enumerate() {
+            by_slot.entry(*slot).or_default().push(at);
+        }
+        let parts = by_slot.into_iter().map(|(slot, positions)| {
+            let mut cmd = redis::cmd(name);
+            for &at in &positions {
+                cmd.arg(&keys[at].1[..]);
+            }
+            async move { self.send_one(Some(slot), &cmd).await.map(|answer| (positions, answer)) }
+        });
+        let answers = futures_util::future::join_all(parts).await;
+        if name == "MGET" {
+            let mut values = vec![Value::Nil; keys.len()];
+            for answer in answers {
+                let (positions, answer) = answer?;
+                let Value::Array(found) = answer.extract_error()? else {
+                    return Err(client_error("MGET did not answer an array"));
+                };
+                for (at, value) in positions.into_iter().zip(found) {
+                    values[at] = value;
+                }
+            }
+            Ok(Value::Array(values))
+        } else {
+            let mut total = 0;
+            for answer in answers {
+                let (_, answer) = answer?;
+                total += redis::from_redis_value::<i64>(answer)?;
+            }
+            Ok(Value::Int(total))
+        }
+    }
+
+    /// Sends a pipeline split by master (see the module docs); the answers
+    /// of commands `offset..offset + count`, in the pipeline's order.
+    pub(crate) async fn pipeline(&self, pipeline: &Pipeline, offset: usize, count: usize) -> RedisResult<Vec<Value>> {
+        let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
+        let table = self.table();
+        let mut parts: HashMap<u16, (Pipeline, Vec<usize>)> = HashMap::new();
+        let mut alone = Vec::new();
+        for (at, cmd) in commands.iter().enumerate() {
+            match route(cmd) {
+                Route::Slot(slot) => {
+                    let master = table.owner[usize::from(slot)];
+                    let (part, positions) = parts.entry(master).or_insert_with(|| (redis::pipe(), Vec::new()));
+                    part.add_command((*cmd).clone());
+                    positions.push(at);
+                }
+                Route::Split(..) | Route::Any | Route::Every => alone.push(at),
+            }
+        }
+        let sent = parts.into_iter().map(|(master, (part, positions))| {
+            let master = table.masters.get(usize::from(master)).cloned();
+            async move {
+                let mut conn = master.ok_or_else(|| client_error("no master serves this slot"))?.conn;
+                let answers = conn.req_packed_commands(&part, 0, positions.len()).await?;
+                Ok::<_, RedisError>((positions, answers))
+            }
+        });
+        let lone = alone.into_iter().map(|at| {
+            let cmd = commands[at];
+            async move { self.command(cmd).await.map(|answer| (vec![at], vec![answer])) }
+        });
+        let (sent, lone) = futures_util::future::join(
+            futures_util::future::join_all(sent),
+            futures_util::future::join_all(lone),
+        )
+        .await;
+        let mut answers: Vec<Option<Value>> = vec![None; commands.len()];
+        for outcome in sent.into_iter().chain(lone) {
+            let (positions, values) = outcome?;
+            for (at, value) in positions.into_iter().zip(values) {
+                answers[at] = Some(value);
+            }
+        }
+        // Commands redirected (a slot moved meanwhile): sent again alone.
+        for (at, answer) in answers.iter_mut().enumerate() {
+            if matches!(answer, Some(value) if redirection(&Ok(value.clone())).is_some()) {
+                *answer = Some(self.command(commands[at]).await?);
+            }
+        }
+        answers
+            .into_iter()
+            .skip(offset)
+            .take(count)
+            .map(|answer| answer.ok_or_else(|| client_error("a pipeline's answer is missing")))
+            .collect()
+    }
+}
+
+impl Table {
+    /// Reads `CLUSTER SLOTS` on `conn` (a node of `seed`'s cluster) and
+    /// connects to each master, reusing `known` connections.
+    async fn build(
+        conn: &mut MultiplexedConnection,
+        seed: &ConnectionInfo,
+        settings: &AsyncConnectionConfig,
+        known: &HashMap<String, MultiplexedConnection>,
+    ) -> RedisResult<Table> {
+        let answer: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
+        let ranges = ranges(answer)?;
+        let mut owner = vec![u16::MAX; SLOTS];
+        let mut masters: Vec<Master> = Vec::new();
+        for (start, end, host, port) in ranges {
+            let host = if host.is_empty() { seed_host(seed) } else { host };
+            let address = format!("{host}:{port}");
+            let index = match masters.iter().position(|m| m.address == address) {
+                Some(index) => index,
+                None => {
+                    let conn = match known.get(&address) {
+                        Some(conn) => conn.clone(),
+                        None => open(&at_address(seed, &host, port), settings).await?,
+                    };
+                    masters.push(Master { address, conn });
+                    masters.len() - 1
+                }
+            };
+            let index = u16::try_from(index).map_err(|_| client_error("too many masters"))?;
+            if let Some(range) = owner.get_mut(start..=end.min(SLOTS - 1)) {
+                range.fill(index);
+            }
+        }
+        if masters.is_empty() {
+            return Err(client_error("the cluster serves no slot"));
+        }
+        Ok(Table { owner, masters })
+    }
+}
+
+/// The slot ranges of a `CLUSTER SLOTS` answer, each with its master's
+/// host and port.
+fn ranges(answer: Value) -> RedisResult<Vec<(usize, usize, String, u16)>> {
+    let Value::Array(entries) = answer else {
+        return Err(client_error("CLUSTER SLOTS did not answer an array"));
+    };
+    let mut ranges = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(fields) = entry else {
+            return Err(client_error("a CLUSTER SLOTS entry is not an array"));
+        };
+        let mut fields = fields.into_iter();
+        let (Some(start), Some(end), Some(Value::Array(master))) = (fields.next(), fields.next(), fields.next()) else {
+            return Err(client_error("a CLUSTER SLOTS entry lacks its master"));
+        };
+        let mut master = master.into_iter();
+        let (Some(host), Some(port)) = (master.next(), master.next()) else {
+            return Err(client_error("a CLUSTER SLOTS master lacks its address"));
+        };
+        ranges.push((
+            redis::from_redis_value(start)?,
+            redis::from_redis_value(end)?,
+            redis::from_redis_value(host)?,
+            redis::from_redis_value(port)?,
+        ));
+    }
+    Ok(ranges)
+}
+
+/// The host of `seed` (what an empty host in `CLUSTER SLOTS` means).
+fn seed_host(seed: &ConnectionInfo) -> String {
+    match seed.addr() {
+        redis::ConnectionAddr::Tcp(host, _) | redis::ConnectionAddr::TcpTls { host, .. } => host.clone(),
+        _ => String::new(),
+    }
+}
+
+async fn open(info: &ConnectionInfo, settings: &AsyncConnectionConfig) -> RedisResult<MultiplexedConnection> {
+    redis::Client::open(info.clone())?
+        .get_multiplexed_async_connection_with_config(settings)
+        .await
+}
+
+fn split_address(address: &str) -> RedisResult<(&str, u16)> {
+    address
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host, port.parse().ok()?)))
+        .ok_or_else(|| client_error("a node address has no port"))
+}
+
+fn client_error(what: &'static str) -> RedisError {
+    RedisError::from((ErrorKind::Client, what))
+}
+
+/// Where a command goes.
+enum Route {
+    /// To the master of this slot.
+    Slot(u16),
+    /// Split by slot: a multi-key command (its name) and its keys' slots.
+    Split(String, Vec<(u16, Vec<u8>)>),
+    /// Anywhere (no key).
+    Any,
+    /// To every master (`SCRIPT LOAD`: a script runs where its keys are).
+    Every,
+}
+
+/// Where `cmd` goes: by the slot of its key (the commands this crate sends
+/// name it first, but scripts, after the script and the number of keys),
+/// split when a multi-key command names several slots, anywhere when it
+/// names none.
+fn route(cmd: &Cmd) -> Route {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|arg| match arg {
+            redis::Arg::Simple(bytes) => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    let Some(name) = args.first().map(|name| name.to_ascii_uppercase()) else {
+        return Route::Any;
+    };
+    match name.as_slice() {
+        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" => match args.get(3) {
+            Some(key) if args.get(2).is_some_and(|n| *n != b"0") => Route::Slot(slot(key)),
+            _ => Route::Any,
+        },
+        b"MGET" | b"DEL" | b"UNLINK" | b"EXISTS" => {
+            let keys: Vec<(u16, Vec<u8>)> = args[1..].iter().map(|key| (slot(key), key.to_vec())).collect();
+            match keys.first() {
+                None => Route::Any,
+                Some((first, _)) if keys.iter().all(|(s, _)| s == first) => Route::Slot(*first),
+                Some(_) => Route::Split(String::from_utf8_lossy(&name).into_owned(), keys),
+            }
+        }
+        b"SCRIPT" => Route::Every,
+        b"PING" | b"INFO" | b"SCAN" | b"TIME" | b"CLIENT" | b"CLUSTER" | b"ECHO" | b"DBSIZE" | b"HELLO" | b"AUTH"
+        | b"ACL" | b"CONFIG" => Route::Any,
+        _ => args.get(1).map_or(Route::Any, |key| Route::Slot(slot(key))),
+    }
+}
+
+/// A redirection in an answer.
+enum Redirection {
+    Moved,
+    /// To the node at this address, for this command only.
+    Ask(String),
+}
+
+fn redirection(answer: &RedisResult<Value>) -> Option<Redirection> {
+    let (code, details) = match answer {
+        Ok(Value::ServerError(err)) => (err.code().to_owned(), err.details().unwrap_or("").to_owned()),
+        Err(err) => (err.code()?.to_owned(), err.detail().unwrap_or("").to_owned()),
+        Ok(_) => return None,
+    };
+    match code.as_str() {
+        "MOVED" => Some(Redirection::Moved),
+        "ASK" => details
+            .split_whitespace()
+            .nth(1)
+            .map(|a| Redirection::Ask(a.to_owned())),
+        _ => None,
+    }
+}
+
+/// The hash slot of `key`: CRC16 (XMODEM) of its hash tag (the part
+/// between the first `{` and the next `}`, when not empty) or of the whole
+/// key, modulo 16,384.
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(key)) % 16_384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_those_of_redis_cluster() {
+        // The check value of CRC16/XMODEM, and slots `CLUSTER KEYSLOT` gives.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(slot(b"foo"), 12_182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(
+            slot(b"foo{}{bar}"),
+            slot(b"foo{}{bar}"),
+            "an empty tag hashes the whole key"
+        );
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
+    }
+
+    #[test]
+    fn commands_go_by_their_key_and_multi_key_ones_split_by_slot() {
+        assert!(matches!(route(redis::cmd("GET").arg("foo")), Route::Slot(12_182)));
+        assert!(matches!(route(&redis::cmd("PING")), Route::Any));
+        assert!(matches!(
+            route(redis::cmd("EVALSHA").arg("abc").arg(1).arg("foo").arg("x")),
+            Route::Slot(12_182)
+        ));
+        assert!(matches!(
+            route(redis::cmd("MGET").arg("{a}1").arg("{a}2")),
+            Route::Slot(_)
+        ));
+        assert!(
+            matches!(route(redis::cmd("MGET").arg("a").arg("b")), Route::Split(name, keys) if name == "MGET" && keys.len() == 2)
+        );
+    }
+}
