@@ -623,6 +623,9 @@ async fn main() {
     // 9. The in-process tier.
     local_group(&redis, rounds, per_round, quick).await;
 
+    // 10. Redis Cluster.
+    cluster_group(&redis, rounds, per_round, quick).await;
+
     let stats = cache.stats();
     println!(
         "\ncache stats: hits {} misses {} sets {} errors {} fallbacks {}",
@@ -1354,13 +1357,13 @@ async fn cluster_group(redis: &RedisServer, rounds: usize, per_round: usize, qui
     .await;
     row("10g. redis-rs GET, one server", &us(raw.median(0)), "");
     row(
-        "10h. redis-rs GET, cluster connection",
+        "10h. redis-rs GET, its cluster-async connection",
         &us(raw.median(1)),
         &format!("{} of one server", raw.ratio(1, 0)),
     );
     row("10i. redis-rs MGET of 3 keys, one server", &us(raw.median(2)), "");
     row(
-        "10j. redis-rs MGET of 3 keys in 3 slots, cluster connection",
+        "10j. redis-rs MGET of 3 keys in 3 slots, its cluster-async connection",
         &us(raw.median(3)),
         &format!(
             "{} of one server: split by redis-rs, one request per master",

@@ -142,13 +142,15 @@
 //! With the `cluster` feature (on by default), a URL
 //! `redis+cluster://HOST:PORT,HOST:PORT` (`rediss+cluster://` for TLS,
 //! `user:password@` as for one server) names a cluster's seed nodes; the
-//! others are discovered, and redirections (`MOVED`, `ASK`) followed by
-//! redis-rs. The guarantees above hold there too, with these differences:
+//! others are discovered, and each command goes straight to the master of
+//! its key's slot, redirections (`MOVED`, `ASK`) followed
+//! (`connection/cluster.rs`). The guarantees above hold there too, with
+//! these differences:
 //!
 //! * **No multi-key atomicity is needed.** A value's key and the
 //!   generations it depends on hash to different slots, so nothing reads or
-//!   writes them in one script. A lookup is one `MGET`, which redis-rs
-//!   splits by slot and sends at once: the value and its generations are
+//!   writes them in one script. A lookup is one `MGET`, split by slot and
+//!   sent to each master at once: the value and its generations are
 //!   read in no set order, which is safe because a value is served only
 //!   when the tokens it carries equal the generations read, and a write's
 //!   invalidation replaces a generation before the write is acknowledged
