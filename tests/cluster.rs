@@ -259,3 +259,21 @@ async fn a_master_killed_and_replaced_by_its_replica_serves_again_with_every_gen
         assert_eq!(get_or(&cache, key, 7).await, 7, "every value computed again");
     }
 }
+
+#[tokio::test]
+async fn a_prefix_with_a_hash_tag_is_refused_on_a_cluster() {
+    for prefix in ["app{x}", "app}"] {
+        let config = CacheConfig {
+            prefix: prefix.into(),
+            ..CacheConfig::default()
+        };
+        let refused = CacheManager::connect(Some("redis+cluster://127.0.0.1:1"), config).await;
+        assert!(
+            matches!(
+                refused,
+                Err(earnorm_cache::CacheError::InvalidConfig { field: "prefix", .. })
+            ),
+            "{prefix}: {refused:?}"
+        );
+    }
+}

@@ -91,6 +91,14 @@ impl Connection {
                     url: redacted.clone(),
                     source,
                 })?;
+                if client.is_cluster() && config.prefix.contains(['{', '}']) {
+                    // A hash tag in the prefix would put every key on one
+                    // slot, or the heartbeat's keys on different ones.
+                    return Err(CacheError::InvalidConfig {
+                        field: "prefix",
+                        reason: "on a Redis Cluster the prefix may not contain `{` or `}`".into(),
+                    });
+                }
                 Ok(Self::with_client(Some(client), redacted, config))
             }
             _ => Ok(Self::disabled(config)),

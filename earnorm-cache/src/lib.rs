@@ -178,6 +178,8 @@
 //!   interval plus `operation_timeout`.
 //! * **Bookkeeping** (`meta:` keys: heartbeats, the feed's marker) share one
 //!   slot through a hash tag; leases and values spread over every slot.
+//!   The prefix may therefore not contain `{` or `}` on a cluster (refused
+//!   at connect), and a cluster whose masters hide `INFO` is not used.
 //! * **The in-process tier** subscribes its invalidation channel on every
 //!   master (tracking is per node), and drops what it holds when one of
 //!   them is lost or the masters change.

@@ -21,15 +21,21 @@ const SCAN_COUNT: u64 = 1000;
 pub(crate) async fn unlink_matching(conn: &mut Wire, limit: Duration, pattern: &str) -> Result<u64, CacheError> {
     let masters = bounded(limit, conn.masters()).await?;
     let mut count = 0;
-    let scans = masters.into_iter().map(|(_, master)| unlink_on(master, limit, pattern));
+    let scans = masters
+        .into_iter()
+        .map(|(_, master)| unlink_on(master, conn.clone(), limit, pattern));
     for removed in crate::connection::join_all(scans).await {
         count += removed?;
     }
     Ok(count)
 }
 
-/// [`unlink_matching`] on one server (a cluster's master).
-async fn unlink_on(mut conn: Wire, limit: Duration, pattern: &str) -> Result<u64, CacheError> {
+/// [`unlink_matching`] on one server (a cluster's master, scanned there;
+/// the keys it finds are unlinked through `router`, which follows them if
+/// their slot has just moved). A key that moves from a master not yet
+/// scanned to one already scanned while the scan runs (resharding) is
+/// missed: run it again after a resharding.
+async fn unlink_on(mut conn: Wire, mut router: Wire, limit: Duration, pattern: &str) -> Result<u64, CacheError> {
     let (mut cursor, mut count) = (0u64, 0u64);
     loop {
         let mut step = redis::cmd("SCAN");
@@ -43,7 +49,7 @@ async fn unlink_on(mut conn: Wire, limit: Duration, pattern: &str) -> Result<u64
                 for key in &keys {
                     pipe.cmd("UNLINK").arg(key);
                 }
-                let each: Vec<u64> = bounded(limit, pipe.query_async(&mut conn)).await?;
+                let each: Vec<u64> = bounded(limit, pipe.query_async(&mut router)).await?;
                 each.into_iter().sum()
             } else {
                 bounded(limit, redis::cmd("UNLINK").arg(&keys).query_async(&mut conn)).await?

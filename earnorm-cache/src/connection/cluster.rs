@@ -132,17 +132,18 @@ impl Cluster {
         Ok(masters)
     }
 
-    /// The master of `slot`, or any master for a command without a key.
-    fn master(&self, slot: Option<u16>) -> RedisResult<Master> {
+    /// The connection to the master of `slot`, or to any master for a
+    /// command without a key.
+    fn master(&self, slot: Option<u16>) -> RedisResult<MultiplexedConnection> {
         let table = self.table();
         let index = match slot {
-            Some(slot) => table.owner[usize::from(slot)],
+            Some(slot) => table.owner.get(usize::from(slot)).copied().unwrap_or(u16::MAX),
             None => 0,
         };
         table
             .masters
             .get(usize::from(index))
-            .cloned()
+            .map(|master| master.conn.clone())
             .ok_or_else(|| client_error("no master serves this slot"))
     }
 
@@ -157,7 +158,10 @@ impl Cluster {
                 let masters = self.table().masters.clone();
                 let sent = masters.into_iter().map(|master| async move {
                     let mut conn = master.conn;
-                    conn.req_packed_command(cmd).await
+                    match conn.req_packed_command(cmd).await? {
+                        Value::ServerError(err) => Err(RedisError::from(err)),
+                        answer => Ok(answer),
+                    }
                 });
                 let mut answers = futures_util::future::join_all(sent).await.into_iter();
                 let first = answers
@@ -170,7 +174,7 @@ impl Cluster {
 
     /// [`command`](Self::command) for a command of one slot (or none).
     async fn send_one(&self, slot: Option<u16>, cmd: &Cmd) -> RedisResult<Value> {
-        let mut conn = self.master(slot)?.conn;
+        let mut conn = self.master(slot)?;
         let mut asking = false;
         for _ in 0..=REDIRECTIONS {
             let answer = if asking {
@@ -184,9 +188,12 @@ impl Cluster {
             };
             match redirection(&answer) {
                 None => return answer,
-                Some(Redirection::Moved) => {
+                Some(Redirection::Moved(address)) => {
+                    // The table is out of date: read again, and send to
+                    // the node the answer names even if the node asked
+                    // for the table does not know yet.
                     let _ = self.refresh().await?;
-                    conn = self.master(slot)?.conn;
+                    conn = self.connection_to(&address).await?;
                     asking = false;
                 }
                 Some(Redirection::Ask(address)) => {
@@ -231,6 +238,9 @@ impl Cluster {
                 let Value::Array(found) = answer.extract_error()? else {
                     return Err(client_error("MGET did not answer an array"));
                 };
+                if found.len() != positions.len() {
+                    return Err(client_error("MGET answered another number of values"));
+                }
                 for (at, value) in positions.into_iter().zip(found) {
                     values[at] = value;
                 }
@@ -256,7 +266,7 @@ impl Cluster {
         for (at, cmd) in commands.iter().enumerate() {
             match route(cmd) {
                 Route::Slot(slot) => {
-                    let master = table.owner[usize::from(slot)];
+                    let master = table.owner.get(usize::from(slot)).copied().unwrap_or(u16::MAX);
                     let (part, positions) = parts.entry(master).or_insert_with(|| (redis::pipe(), Vec::new()));
                     part.add_command((*cmd).clone());
                     positions.push(at);
@@ -290,7 +300,7 @@ impl Cluster {
         }
         // Commands redirected (a slot moved meanwhile): sent again alone.
         for (at, answer) in answers.iter_mut().enumerate() {
-            if matches!(answer, Some(value) if redirection(&Ok(value.clone())).is_some()) {
+            if answer.as_ref().and_then(redirection_in).is_some() {
                 *answer = Some(self.command(commands[at]).await?);
             }
         }
@@ -445,23 +455,33 @@ fn route(cmd: &Cmd) -> Route {
 
 /// A redirection in an answer.
 enum Redirection {
-    Moved,
+    /// The slot's master is now the node at this address.
+    Moved(String),
     /// To the node at this address, for this command only.
     Ask(String),
 }
 
 fn redirection(answer: &RedisResult<Value>) -> Option<Redirection> {
-    let (code, details) = match answer {
-        Ok(Value::ServerError(err)) => (err.code().to_owned(), err.details().unwrap_or("").to_owned()),
-        Err(err) => (err.code()?.to_owned(), err.detail().unwrap_or("").to_owned()),
-        Ok(_) => return None,
-    };
-    match code.as_str() {
-        "MOVED" => Some(Redirection::Moved),
-        "ASK" => details
-            .split_whitespace()
-            .nth(1)
-            .map(|a| Redirection::Ask(a.to_owned())),
+    match answer {
+        Ok(value) => redirection_in(value),
+        Err(err) => redirection_of(err.code()?, err.detail().unwrap_or("")),
+    }
+}
+
+/// [`redirection`] for an answer inside a pipeline's.
+fn redirection_in(value: &Value) -> Option<Redirection> {
+    match value {
+        Value::ServerError(err) => redirection_of(err.code(), err.details().unwrap_or("")),
+        _ => None,
+    }
+}
+
+/// A redirection from an error's code and details (`SLOT HOST:PORT`).
+fn redirection_of(code: &str, details: &str) -> Option<Redirection> {
+    let address = details.split_whitespace().nth(1)?.to_owned();
+    match code {
+        "MOVED" => Some(Redirection::Moved(address)),
+        "ASK" => Some(Redirection::Ask(address)),
         _ => None,
     }
 }

@@ -222,8 +222,13 @@ impl Connection {
     /// supervisor.
     pub(super) async fn check_suspect(&self, id: u64) {
         let limit = self.config.connect_timeout;
-        if let Some(mut live) = self.live().ok().filter(|live| live.id == id) {
-            match bounded(limit, redis::cmd("PING").query_async::<()>(&mut live.conn)).await {
+        if let Some(live) = self.live().ok().filter(|live| live.id == id) {
+            // Every master of a cluster: any one of them may be the one
+            // that hangs.
+            let pings = live.conn.on_each_master(|mut master| {
+                Box::pin(async move { redis::cmd("PING").query_async::<()>(&mut master).await })
+            });
+            match bounded(limit, pings).await.map(|_| ()) {
                 Ok(()) => debug!(url = %self.url, "Redis answered: it was slow, not gone"),
                 Err(CacheError::Redis(err)) if !is_connection_error(&err) => {
                     debug!(url = %self.url, error = %err, "Redis answered with an error: it was slow, not gone");

@@ -120,8 +120,12 @@ impl Connection {
         if !wire.is_cluster() {
             return;
         }
-        let Ok(servers) = servers(&wire, self.config.operation_timeout).await else {
-            return;
+        let servers = match servers(&wire, self.config.operation_timeout).await {
+            Ok(servers) => servers,
+            Err(err) => {
+                debug!(url = %self.url, error = %err, "could not check the cluster's masters");
+                return;
+            }
         };
         let now = ServerInfo::run_ids(&servers);
         let seen = self.run_ids.lock().unwrap_or_else(PoisonError::into_inner).clone();
@@ -249,7 +253,12 @@ async fn servers(conn: &Wire, limit: Duration) -> Result<Vec<(String, ServerInfo
             .iter()
             .map(|(address, info)| (address.clone(), ServerInfo::parse(info)))
             .collect()),
-        Err(CacheError::Redis(err)) if !is_connection_error(&err) && err.kind() != redis::ErrorKind::Client => {
+        // On one server, restarts then go unchecked (the checks at
+        // connect report a server that hides INFO). A cluster is not used
+        // without: its failovers are found by `run_id`s.
+        Err(CacheError::Redis(err))
+            if !conn.is_cluster() && !is_connection_error(&err) && err.kind() != redis::ErrorKind::Client =>
+        {
             debug!(error = %err, "INFO server failed");
             Ok(Vec::new())
         }
