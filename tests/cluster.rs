@@ -69,7 +69,15 @@ async fn filled(count: usize) -> (RedisCluster, CacheManager, String, Vec<CacheK
 
 /// [`filled`] on `cluster`.
 async fn filled_on(cluster: RedisCluster, count: usize) -> (RedisCluster, CacheManager, String, Vec<CacheKey>) {
-    let config = config();
+    filled_with(cluster, config(), count).await
+}
+
+/// [`filled_on`] with `config`.
+async fn filled_with(
+    cluster: RedisCluster,
+    config: CacheConfig,
+    count: usize,
+) -> (RedisCluster, CacheManager, String, Vec<CacheKey>) {
     let prefix = config.prefix.clone();
     let cache = CacheManager::connect(Some(&cluster.url()), config)
         .await
@@ -207,25 +215,8 @@ async fn a_dead_master_makes_calls_compute_and_its_return_drops_every_generation
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_drops_every_generation_before_anything_is_served() {
     let (mut cluster, cache, _, keys) = filled_on(RedisCluster::start_with_replicas(1), 30).await;
-    let kept: Vec<(String, String)> = keys
-        .iter()
-        .flat_map(|key| key.generations().iter().cloned())
-        .map(|generation| {
-            let token = cluster.get(&generation);
-            (generation, token)
-        })
-        .collect();
-    assert!(kept.iter().all(|(_, token)| !token.is_empty()), "{kept:?}");
-
-    // A replica takes over its master's slots (the old master follows it).
-    let replica = cluster.replicas()[0];
-    assert_eq!(cluster.node(replica).cli(&["CLUSTER", "FAILOVER"]), "OK");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cluster.node(replica).cli(&["ROLE"]).starts_with("master") {
-        assert!(Instant::now() < deadline, "the failover did not happen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    cluster.wait_until_whole(Duration::from_secs(30));
+    let kept = tokens(&cluster, &keys);
+    fail_over(&mut cluster);
     // The manager learns it after a heartbeat, reconnects, and deletes
     // every generation before it serves again.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -241,6 +232,61 @@ async fn a_failover_drops_every_generation_before_anything_is_served() {
     for key in &keys {
         assert_eq!(get_or(&cache, key, 9).await, 9, "every value computed again");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_read_redirected_after_a_failover_drops_every_generation_before_any_heartbeat() {
+    // No heartbeat (and so no check of the masters) within the test.
+    let config = CacheConfig {
+        heartbeat_interval: Duration::from_secs(60),
+        ..config()
+    };
+    let (mut cluster, cache, _, keys) = filled_with(RedisCluster::start_with_replicas(1), config, 30).await;
+    let kept = tokens(&cluster, &keys);
+    let hits = cache.stats().hits;
+    fail_over(&mut cluster);
+    // A read of a slot that moved is redirected: the connection is spent,
+    // the read computes, and the next connection deletes every generation.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kept.iter().any(|(generation, token)| &cluster.get(generation) == token) {
+        assert!(
+            Instant::now() < deadline,
+            "generations outlived the failover: {:?}",
+            cache.stats()
+        );
+        for key in &keys {
+            let got = get_or(&cache, key, 2).await;
+            assert!(got == 1 || got == 2, "{got}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cache.stats().hits >= hits, "{:?}", cache.stats());
+}
+
+/// The token of every generation of `keys`, as the cluster holds it now.
+fn tokens(cluster: &RedisCluster, keys: &[CacheKey]) -> Vec<(String, String)> {
+    let kept: Vec<(String, String)> = keys
+        .iter()
+        .flat_map(|key| key.generations().iter().cloned())
+        .map(|generation| {
+            let token = cluster.get(&generation);
+            (generation, token)
+        })
+        .collect();
+    assert!(kept.iter().all(|(_, token)| !token.is_empty()), "{kept:?}");
+    kept
+}
+
+/// A replica takes over its master's slots (the old master follows it).
+fn fail_over(cluster: &mut RedisCluster) {
+    let replica = cluster.replicas()[0];
+    assert_eq!(cluster.node(replica).cli(&["CLUSTER", "FAILOVER"]), "OK");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster.node(replica).cli(&["ROLE"]).starts_with("master") {
+        assert!(Instant::now() < deadline, "the failover did not happen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.wait_until_whole(Duration::from_secs(30));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,10 +172,11 @@
 //!   detection scan every master. The `run_id` of every master is recorded;
 //!   one restarted, replaced by a failover (a promoted replica may lack the
 //!   last invalidations it was sent) or added makes the manager reconnect
-//!   and delete every generation, as a restart of one server does. It is
-//!   checked at connect and after every heartbeat, so a failover can serve
-//!   values its lost invalidations made stale for at most a heartbeat
-//!   interval plus `operation_timeout`.
+//!   and delete every generation, as a restart of one server does. A
+//!   failover is found by the first command redirected to a new master
+//!   (the connection is then spent: that command and every later one fail
+//!   as if it were lost, see `connection/cluster.rs`), and by a check after
+//!   every heartbeat; a restart by the connection it breaks.
 //! * **Bookkeeping** (`meta:` keys: heartbeats, the feed's marker) share one
 //!   slot through a hash tag; leases and values spread over every slot.
 //!   The prefix may therefore not contain `{` or `}` on a cluster (refused

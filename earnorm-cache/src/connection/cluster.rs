@@ -22,8 +22,11 @@
 //!   by slot (a cluster refuses a multi-key command across slots, even on
 //!   one master), and their answers put back together.
 //! * A `MOVED` answer refreshes the table and sends the command again to
-//!   the new master; an `ASK` answer sends it once to the node named, after
-//!   `ASKING`. At most two redirections per command.
+//!   the node it names; an `ASK` answer sends it once to the node named,
+//!   after `ASKING`; `TRYAGAIN` (a multi-key command on a slot being
+//!   moved) sends it again 10 ms later. At most two per command. A refresh
+//!   that finds other masters (a failover) spends the connection (see
+//!   [`Cluster::refresh`]).
 //! * A connection lost to any master fails the call; the link then drops
 //!   the whole cluster connection and the supervisor builds a new one, with
 //!   a new table (see `link.rs`).
@@ -53,6 +56,9 @@ struct Inner {
     seed: ConnectionInfo,
     settings: AsyncConnectionConfig,
     table: RwLock<Arc<Table>>,
+    /// Whether a refresh found other masters than the connection began
+    /// with (see [`Cluster::refresh`]).
+    changed: std::sync::atomic::AtomicBool,
 }
 
 /// Which master serves each slot, and a connection to each.
@@ -87,6 +93,7 @@ impl Cluster {
                         seed: seed.clone(),
                         settings,
                         table: RwLock::new(Arc::new(table)),
+                        changed: std::sync::atomic::AtomicBool::new(false),
                     };
                     return Ok(Self { inner: Arc::new(inner) });
                 }
@@ -101,7 +108,13 @@ impl Cluster {
     }
 
     /// Asks a master for the table again and keeps it; connections to
-    /// masters that stay are kept.
+    /// masters that stay are kept. When the masters are not the ones the
+    /// table had (a failover, a master added or gone), the connection is
+    /// spent: every call on it fails from then on as if it were lost, so
+    /// that the link drops it and the next connection checks the masters'
+    /// `run_id`s (and deletes every generation) before anything is served.
+    /// A replica promoted may lack the last invalidations its master took;
+    /// no read reaches it through this connection.
     async fn refresh(&self) -> RedisResult<Arc<Table>> {
         let current = self.table();
         let known: HashMap<String, MultiplexedConnection> = current
@@ -115,6 +128,14 @@ impl Cluster {
             match Table::build(&mut conn, &self.inner.seed, &self.inner.settings, &known).await {
                 Ok(table) => {
                     let table = Arc::new(table);
+                    let addresses = |t: &Table| {
+                        let mut all: Vec<String> = t.masters.iter().map(|m| m.address.clone()).collect();
+                        all.sort();
+                        all
+                    };
+                    if addresses(&table) != addresses(&current) {
+                        self.inner.changed.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                     *self.inner.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&table);
                     return Ok(table);
                 }
@@ -150,6 +171,7 @@ impl Cluster {
     /// Sends one command: split by slot when it names keys of several,
     /// else to its master, following redirections.
     pub(crate) async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        self.unspent()?;
         match route(cmd) {
             Route::Split(name, keys) => self.split(&name, keys).await,
             Route::Slot(slot) => self.send_one(Some(slot), cmd).await,
@@ -172,6 +194,18 @@ impl Cluster {
         }
     }
 
+    /// An error that drops the connection, once the masters changed (see
+    /// [`refresh`](Self::refresh)).
+    fn unspent(&self) -> RedisResult<()> {
+        if self.inner.changed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the cluster's masters changed",
+            )));
+        }
+        Ok(())
+    }
+
     /// [`command`](Self::command) for a command of one slot (or none).
     async fn send_one(&self, slot: Option<u16>, cmd: &Cmd) -> RedisResult<Value> {
         let mut conn = self.master(slot)?;
@@ -189,12 +223,17 @@ impl Cluster {
             match redirection(&answer) {
                 None => return answer,
                 Some(Redirection::Moved(address)) => {
-                    // The table is out of date: read again, and send to
+                    // The table is out of date: read again (which spends
+                    // the connection if the masters changed), and send to
                     // the node the answer names even if the node asked
                     // for the table does not know yet.
                     let _ = self.refresh().await?;
+                    self.unspent()?;
                     conn = self.connection_to(&address).await?;
                     asking = false;
+                }
+                Some(Redirection::TryAgain) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
                 Some(Redirection::Ask(address)) => {
                     conn = self.connection_to(&address).await?;
@@ -259,6 +298,7 @@ impl Cluster {
     /// Sends a pipeline split by master (see the module docs); the answers
     /// of commands `offset..offset + count`, in the pipeline's order.
     pub(crate) async fn pipeline(&self, pipeline: &Pipeline, offset: usize, count: usize) -> RedisResult<Vec<Value>> {
+        self.unspent()?;
         let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
         let table = self.table();
         let mut parts: HashMap<u16, (Pipeline, Vec<usize>)> = HashMap::new();
@@ -459,6 +499,9 @@ enum Redirection {
     Moved(String),
     /// To the node at this address, for this command only.
     Ask(String),
+    /// The slot is moving and the keys are split between two nodes for
+    /// now (a multi-key command): again, a little later.
+    TryAgain,
 }
 
 fn redirection(answer: &RedisResult<Value>) -> Option<Redirection> {
@@ -478,10 +521,11 @@ fn redirection_in(value: &Value) -> Option<Redirection> {
 
 /// A redirection from an error's code and details (`SLOT HOST:PORT`).
 fn redirection_of(code: &str, details: &str) -> Option<Redirection> {
-    let address = details.split_whitespace().nth(1)?.to_owned();
+    let address = || details.split_whitespace().nth(1).map(str::to_owned);
     match code {
-        "MOVED" => Some(Redirection::Moved(address)),
-        "ASK" => Some(Redirection::Ask(address)),
+        "MOVED" => address().map(Redirection::Moved),
+        "ASK" => address().map(Redirection::Ask),
+        "TRYAGAIN" => Some(Redirection::TryAgain),
         _ => None,
     }
 }
