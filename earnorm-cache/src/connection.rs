@@ -18,6 +18,7 @@
 //! * `crate::outbox`: invalidations that could not be sent, and the rule
 //!   that none waits while a connection is published.
 
+mod address;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod endpoint;
@@ -25,7 +26,7 @@ mod link;
 mod presence;
 mod supervisor;
 mod tracking;
-mod wire;
+pub(crate) mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -44,7 +45,7 @@ use presence::Presence;
 use endpoint::Endpoint;
 pub(crate) use supervisor::supervise;
 pub(crate) use tracking::track;
-pub(crate) use wire::{join_all, Wire};
+use wire::Wire;
 
 /// Connection state shared by every handle and the supervisor.
 pub(crate) struct Connection {

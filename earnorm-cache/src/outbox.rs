@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::connection::Wire;
+use crate::connection::wire::Wire;
 use tracing::info;
 
 use crate::bounded::bounded;

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use crate::bounded::bounded;
-use crate::connection::Wire;
+use crate::connection::wire::{join_all, Wire};
 use crate::CacheError;
 
 /// Keys asked for per `SCAN` step.
@@ -24,7 +24,7 @@ pub(crate) async fn unlink_matching(conn: &mut Wire, limit: Duration, pattern: &
     let scans = masters
         .into_iter()
         .map(|(_, master)| unlink_on(master, conn.clone(), limit, pattern));
-    for removed in crate::connection::join_all(scans).await {
+    for removed in join_all(scans).await {
         count += removed?;
     }
     Ok(count)

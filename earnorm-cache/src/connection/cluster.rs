@@ -37,7 +37,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisResult, Value};
 
-use super::endpoint::at_address;
+use super::address::{at_address, split_address};
 
 /// The number of hash slots of a Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -250,7 +250,7 @@ impl Cluster {
         if let Some(master) = self.table().masters.iter().find(|m| m.address == address) {
             return Ok(master.conn.clone());
         }
-        let (host, port) = split_address(address)?;
+        let (host, port) = split_address(address).ok_or_else(|| client_error("a node address has no port"))?;
         open(&at_address(&self.inner.seed, host, port), &self.inner.settings).await
     }
 
@@ -433,13 +433,6 @@ async fn open(info: &ConnectionInfo, settings: &AsyncConnectionConfig) -> RedisR
     redis::Client::open(info.clone())?
         .get_multiplexed_async_connection_with_config(settings)
         .await
-}
-
-fn split_address(address: &str) -> RedisResult<(&str, u16)> {
-    address
-        .rsplit_once(':')
-        .and_then(|(host, port)| Some((host, port.parse().ok()?)))
-        .ok_or_else(|| client_error("a node address has no port"))
 }
 
 fn client_error(what: &'static str) -> RedisError {

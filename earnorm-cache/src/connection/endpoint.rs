@@ -97,22 +97,6 @@ impl Endpoint {
     }
 }
 
-/// The settings of `info` for the node at `host:port` (a cluster's master).
-pub(crate) fn at_address(info: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
-    let addr = match info.addr() {
-        ConnectionAddr::TcpTls {
-            insecure, tls_params, ..
-        } => ConnectionAddr::TcpTls {
-            host: host.to_owned(),
-            port,
-            insecure: *insecure,
-            tls_params: tls_params.clone(),
-        },
-        _ => ConnectionAddr::Tcp(host.to_owned(), port),
-    };
-    info.clone().set_addr(addr)
-}
-
 /// The seed URLs of a cluster URL (`None`: not one). Each seed is
 /// `redis://` (or `rediss://`) with the URL's credentials and fragment.
 fn cluster_seeds(url: &str) -> Option<RedisResult<Vec<String>>> {

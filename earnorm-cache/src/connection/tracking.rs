@@ -106,11 +106,8 @@ async fn subscribe_all(
     let masters = conn.masters().await.ok_or(CacheError::Unavailable)?;
     let mut channels = Vec::with_capacity(masters.len());
     for address in &masters {
-        let (host, port) = address
-            .rsplit_once(':')
-            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
-            .ok_or(CacheError::Unavailable)?;
-        let node = super::endpoint::at_address(info, host, port);
+        let (host, port) = super::address::split_address(address).ok_or(CacheError::Unavailable)?;
+        let node = super::address::at_address(info, host, port);
         channels.push(subscribe(conn, node, local, lost).await?);
     }
     Ok((channels, masters))
