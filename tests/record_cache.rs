@@ -571,7 +571,7 @@ async fn a_batch_lookup_counts_and_removes_values_that_do_not_decode() {
     // Every cached value of the prefix replaced by bytes no envelope has.
     let mut conn = support::shared_redis().await;
     let pattern = format!("{}v:*", earnorm::cache_layer::escape_glob(&env.cache().config().prefix));
-    let keys = conn.keys(&pattern).await;
+    let keys = conn.scan_matching(&pattern).await;
     assert_eq!(keys.len(), 3, "{keys:?}");
     for key in &keys {
         let _: () = redis::cmd("SET")

@@ -19,10 +19,11 @@ use tracing::debug;
 
 use crate::aside::{keep_in_process, kept_as, kept_for};
 use crate::codec::{self, Envelope, PlainOutput};
-use crate::generations::{create_generations, created, Generations, PlainStores};
+use crate::generations::{create_generations, created, Generations};
 use crate::key::CacheKey;
 use crate::local::Noted;
 use crate::manager::bypassed;
+use crate::plain::PlainStores;
 use crate::stats::Event;
 use crate::{CacheError, CacheManager};
 

@@ -198,6 +198,8 @@ mod aside;
 mod flight;
 // Lookups with their generations, creating generations, the compare-and-set.
 mod generations;
+// Stores without the compare-and-set: batches, and single values on a cluster.
+mod plain;
 // Cache-aside for many keys at once, in chunks.
 mod batch;
 // Who computes a cold key across processes; which worker leads.

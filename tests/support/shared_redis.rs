@@ -66,7 +66,7 @@ impl SharedRedis {
     ///
     /// # Panics
     /// When Redis fails.
-    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+    pub async fn scan_matching(&self, pattern: &str) -> Vec<String> {
         let mut keys = Vec::new();
         let one_server = [crate::redis_url()];
         let nodes = if self.nodes.is_empty() {
