@@ -280,13 +280,7 @@ fn tokens(cluster: &RedisCluster, keys: &[CacheKey]) -> Vec<(String, String)> {
 /// A replica takes over its master's slots (the old master follows it).
 fn fail_over(cluster: &mut RedisCluster) {
     let replica = cluster.replicas()[0];
-    assert_eq!(cluster.node(replica).cli(&["CLUSTER", "FAILOVER"]), "OK");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cluster.node(replica).cli(&["ROLE"]).starts_with("master") {
-        assert!(Instant::now() < deadline, "the failover did not happen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    cluster.wait_until_whole(Duration::from_secs(30));
+    cluster.fail_over_to(replica);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

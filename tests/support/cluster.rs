@@ -113,6 +113,30 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Has the replica at `replica` take over its master's slots (`CLUSTER
+    /// FAILOVER`; the old master follows it) and waits until the cluster is
+    /// whole. A manual failover gives up after a few seconds when the
+    /// replica cannot catch up in time (a loaded machine): it is asked
+    /// again, for 60 seconds at most.
+    ///
+    /// # Panics
+    /// When the replica is not a master within 60 seconds.
+    pub fn fail_over_to(&mut self, replica: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        'ask: loop {
+            assert_eq!(self.nodes[replica].cli(&["CLUSTER", "FAILOVER"]), "OK");
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(8) {
+                if self.nodes[replica].cli(&["ROLE"]).starts_with("master") {
+                    break 'ask;
+                }
+                assert!(Instant::now() < deadline, "the failover did not happen");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.wait_until_whole(Duration::from_secs(30));
+    }
+
     /// `key`'s value as the cluster serves it (`redis-cli -c` follows the
     /// redirection to its master); empty when absent.
     pub fn get(&self, key: &str) -> String {
