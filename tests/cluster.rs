@@ -212,6 +212,132 @@ async fn a_dead_master_makes_calls_compute_and_its_return_drops_every_generation
     }
 }
 
+/// A master that holds some values' keys but not the heartbeats (whose
+/// master down stops every hit: presence cannot be read), and for each key
+/// whether all of its value's keys are on the other masters.
+fn victim(cluster: &mut RedisCluster, prefix: &str, keys: &[CacheKey]) -> (usize, Vec<bool>) {
+    let meta = holder(cluster, &format!("{prefix}meta:{{{prefix}}}members")).expect("the heartbeats are stored");
+    // Values' keys by holder (every record value shares its model's
+    // query generation: the victim must not hold that one either).
+    let places: Vec<Vec<Option<usize>>> = keys
+        .iter()
+        .map(|key| {
+            std::iter::once(key.as_str())
+                .chain(key.generations().iter().map(String::as_str))
+                .map(|k| holder(cluster, k))
+                .collect()
+        })
+        .collect();
+    (0..3)
+        .filter(|&n| n != meta)
+        .find_map(|victim| {
+            let away: Vec<bool> = places
+                .iter()
+                .map(|held| held.iter().all(|at| at.is_some_and(|n| n != victim)))
+                .collect();
+            (away.contains(&true) && away.contains(&false)).then_some((victim, away))
+        })
+        .unwrap_or_else(|| panic!("no master holds some values' keys but not all: {places:?}"))
+}
+
+/// Reads every key `rounds` times while master `victim` is down: values
+/// away from it are hits, the others computed (never their cached value,
+/// which the master down could have made stale).
+async fn read_around(cache: &CacheManager, keys: &[CacheKey], away: &[bool], rounds: usize) {
+    for _ in 0..rounds {
+        for (n, key) in keys.iter().enumerate() {
+            let computed = 100 + n as u64;
+            let got = get_or(cache, key, computed).await;
+            if away[n] {
+                assert_eq!(got, 1, "key {n}: a value on the masters that answer is served");
+            } else {
+                assert_eq!(got, computed, "key {n}: a value on the master down is computed");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_leaves_the_other_masters_serving_hits() {
+    let (mut cluster, cache, prefix, keys) = filled(30).await;
+    cluster.serve_partial();
+    let (victim, away) = victim(&mut cluster, &prefix, &keys);
+    let hits = cache.stats().hits;
+    cluster.node(victim).kill();
+    let start = Instant::now();
+    read_around(&cache, &keys, &away, 3).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "bounded: {:?}",
+        start.elapsed()
+    );
+    let served = away.iter().filter(|&&a| a).count() as u64;
+    assert!(cache.stats().hits >= hits + 3 * served, "{:?}", cache.stats());
+
+    // Back, empty: every generation goes before anything is served again.
+    cluster.node(victim).restart();
+    cluster.wait_until_whole(Duration::from_secs(30));
+    until_serving(&cache, Duration::from_secs(30)).await;
+    for key in &keys {
+        assert_eq!(get_or(&cache, key, 7).await, 7, "every value computed again");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_master_is_marked_down_and_the_others_serve_until_it_thaws() {
+    let (mut cluster, cache, prefix, keys) = filled(30).await;
+    cluster.serve_partial();
+    let (victim, away) = victim(&mut cluster, &prefix, &keys);
+    let written = keys
+        .iter()
+        .position(|key| {
+            key.generations()
+                .iter()
+                .any(|g| g.contains("g:r:users:") && holder(&mut cluster, g) == Some(victim))
+        })
+        .expect("a record generation on the victim");
+    cluster.node(victim).freeze();
+    // The first call on the frozen master waits `operation_timeout`; the
+    // check that follows marks it down, and the others serve again.
+    let start = Instant::now();
+    loop {
+        let served = keys
+            .iter()
+            .zip(&away)
+            .find(|(_, &a)| a)
+            .map(|(key, _)| key)
+            .expect("a value away from the victim");
+        let before = cache.stats().hits;
+        for (n, key) in keys.iter().enumerate() {
+            let got = get_or(&cache, key, 100 + n as u64).await;
+            assert!(got == 1 || got == 100 + n as u64, "cached or computed: {got}");
+        }
+        if cache.stats().hits > before && get_or(&cache, served, 5).await == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the other masters serve again: {:?}",
+            cache.stats()
+        );
+    }
+    read_around(&cache, &keys, &away, 2).await;
+
+    // A write whose invalidation cannot reach the frozen master is kept
+    // for it (the whole connection goes until then, see `cluster.rs`).
+    cache
+        .invalidate(&[Scope::Record("users", record_id(&keys[written]))])
+        .await;
+    cluster.node(victim).thaw();
+    until_serving(&cache, Duration::from_secs(30)).await;
+    // The same server: its generations stand, and its values are served,
+    // but for the one written meanwhile.
+    for (n, key) in keys.iter().enumerate() {
+        let expected = if n == written { 9 } else { 1 };
+        assert_eq!(get_or(&cache, key, 9).await, expected, "key {n} after the thaw");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_drops_every_generation_before_anything_is_served() {
     let (mut cluster, cache, _, keys) = filled_on(RedisCluster::start_with_replicas(1), 30).await;
@@ -289,10 +415,16 @@ async fn a_master_killed_and_replaced_by_its_replica_serves_again_with_every_gen
     let master = (0..cluster.len())
         .find(|i| !cluster.replicas().contains(i))
         .expect("a master");
+    let reconnects = cache.stats().reconnects;
     cluster.node(master).kill();
     let start = Instant::now();
     read_while_down(&cache, &keys).await;
-    // The replica takes over after the node timeout (2 s).
+    // The replica takes over after the node timeout (2 s); meanwhile the
+    // other masters serve. The new master makes a new connection.
+    while cache.stats().reconnects == reconnects {
+        assert!(start.elapsed() < Duration::from_secs(30), "the takeover is noticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     until_serving(&cache, Duration::from_secs(30)).await;
     println!("serving again {:?} after the kill", start.elapsed());
     for key in &keys {

@@ -13,6 +13,8 @@
 //!   is published.
 //! * `presence.rs`: heartbeats among the managers of a prefix, the
 //!   quarantine after an outage, and whether hits are served.
+//! * `failure.rs`: which failures lose the connection, and which only a
+//!   master of a cluster.
 //! * `tracking.rs`: the in-process tier's invalidation channel beside
 //!   Redis, and the rule that the tier serves nothing through a gap in it.
 //! * `crate::outbox`: invalidations that could not be sent, and the rule
@@ -22,6 +24,7 @@ mod address;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod endpoint;
+mod failure;
 mod link;
 mod presence;
 mod supervisor;

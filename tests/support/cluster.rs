@@ -66,6 +66,19 @@ impl RedisCluster {
         cluster
     }
 
+    /// Lets the masters that answer serve their slots while another is
+    /// down (`cluster-require-full-coverage no`; by default a cluster
+    /// refuses every command once it has marked a master failed, after the
+    /// node timeout).
+    pub fn serve_partial(&self) {
+        for node in &self.nodes {
+            assert_eq!(
+                node.cli(&["CONFIG", "SET", "cluster-require-full-coverage", "no"]).trim(),
+                "OK"
+            );
+        }
+    }
+
     /// Waits until every node says `cluster_state:ok`.
     ///
     /// # Panics

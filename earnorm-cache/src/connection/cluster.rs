@@ -27,17 +27,35 @@
 //!   moved) sends it again 10 ms later. At most two per command. A refresh
 //!   that finds other masters (a failover) spends the connection (see
 //!   [`Cluster::refresh`]).
-//! * A connection lost to any master fails the call; the link then drops
-//!   the whole cluster connection and the supervisor builds a new one, with
-//!   a new table (see `link.rs`).
+//! * **Fail open per master.** A connection to a master lost (refused,
+//!   reset), or a master that leaves a `PING` unanswered while the link
+//!   checks a suspected connection, marks that master down: from then on a
+//!   command or pipeline part for its slots fails at once with an error
+//!   that the link reports as [`CacheError::Unavailable`] (the call
+//!   computes its value) without dropping the connection, so the other
+//!   masters' slots keep serving hits. A master marked down is never sent
+//!   anything again on this connection: when it answers again (the
+//!   supervisor asks each heartbeat, see [`Cluster::down_master_answers`]),
+//!   the link drops the whole connection and the next one is checked as
+//!   after any outage (`run_id`s, so a master restarted from a snapshot
+//!   has every generation deleted; the outbox replayed first).
+//!   An invalidation that cannot reach a master down is queued and drops
+//!   the whole connection (the outbox's rule, `outbox.rs`): per-master
+//!   serving lasts until the first write that touches the master down.
+//!
+//! [`CacheError::Unavailable`]: crate::CacheError::Unavailable
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Cmd, ConnectionInfo, ErrorKind, Pipeline, RedisError, RedisResult, Value};
+use tracing::warn;
 
 use super::address::{at_address, split_address};
+use super::failure::{is_connection_error, is_master_unreachable, master_unreachable};
 
 /// The number of hash slots of a Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -58,7 +76,7 @@ struct Inner {
     table: RwLock<Arc<Table>>,
     /// Whether a refresh found other masters than the connection began
     /// with (see [`Cluster::refresh`]).
-    changed: std::sync::atomic::AtomicBool,
+    changed: AtomicBool,
 }
 
 /// Which master serves each slot, and a connection to each.
@@ -68,12 +86,68 @@ struct Table {
     masters: Vec<Master>,
 }
 
-/// A master and the connection to it.
+/// A master and the connection to it. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Master {
     /// `host:port`.
-    pub(crate) address: String,
-    pub(crate) conn: MultiplexedConnection,
+    pub(crate) address: Arc<str>,
+    conn: MultiplexedConnection,
+    /// Whether this master is marked down (see the module docs), shared by
+    /// every table that names it on this connection.
+    down: Arc<AtomicBool>,
+}
+
+impl Master {
+    fn new(address: String, conn: MultiplexedConnection) -> Self {
+        Self {
+            address: Arc::from(address),
+            conn,
+            down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The connection, unless this master is marked down.
+    fn usable(&self) -> RedisResult<MultiplexedConnection> {
+        if self.is_down() {
+            return Err(master_unreachable(&self.address));
+        }
+        Ok(self.conn.clone())
+    }
+
+    pub(crate) fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    /// Marks this master down (see the module docs).
+    fn mark_down(&self, reason: &dyn std::fmt::Display) {
+        if !self.down.swap(true, Ordering::AcqRel) {
+            warn!(master = %self.address, reason = %reason, "a master of the cluster cannot be reached: calls on its slots compute their values, the other masters keep serving");
+        }
+    }
+
+    /// `answer` as this master gave it; a lost connection marks the master
+    /// down and becomes the error of a master down.
+    fn judge<T>(&self, answer: RedisResult<T>) -> RedisResult<T> {
+        match answer {
+            Err(err) if is_connection_error(&err) => {
+                self.mark_down(&err);
+                Err(master_unreachable(&self.address))
+            }
+            answer => answer,
+        }
+    }
+
+    /// Sends `cmd` to this master alone.
+    pub(crate) async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let mut conn = self.usable()?;
+        self.judge(conn.req_packed_command(cmd).await)
+    }
+
+    /// Sends `pipeline` to this master alone.
+    pub(crate) async fn pipeline(&self, pipeline: &Pipeline, offset: usize, count: usize) -> RedisResult<Vec<Value>> {
+        let mut conn = self.usable()?;
+        self.judge(conn.req_packed_commands(pipeline, offset, count).await)
+    }
 }
 
 impl Cluster {
@@ -93,7 +167,7 @@ impl Cluster {
                         seed: seed.clone(),
                         settings,
                         table: RwLock::new(Arc::new(table)),
-                        changed: std::sync::atomic::AtomicBool::new(false),
+                        changed: AtomicBool::new(false),
                     };
                     return Ok(Self { inner: Arc::new(inner) });
                 }
@@ -117,24 +191,24 @@ impl Cluster {
     /// no read reaches it through this connection.
     async fn refresh(&self) -> RedisResult<Arc<Table>> {
         let current = self.table();
-        let known: HashMap<String, MultiplexedConnection> = current
+        let known: HashMap<Arc<str>, Master> = current
             .masters
             .iter()
-            .map(|m| (m.address.clone(), m.conn.clone()))
+            .map(|m| (Arc::clone(&m.address), m.clone()))
             .collect();
         let mut last = None;
         for master in &current.masters {
-            let mut conn = master.conn.clone();
+            let Ok(mut conn) = master.usable() else { continue };
             match Table::build(&mut conn, &self.inner.seed, &self.inner.settings, &known).await {
                 Ok(table) => {
                     let table = Arc::new(table);
                     let addresses = |t: &Table| {
-                        let mut all: Vec<String> = t.masters.iter().map(|m| m.address.clone()).collect();
+                        let mut all: Vec<Arc<str>> = t.masters.iter().map(|m| Arc::clone(&m.address)).collect();
                         all.sort();
                         all
                     };
                     if addresses(&table) != addresses(&current) {
-                        self.inner.changed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        self.inner.changed.store(true, Ordering::SeqCst);
                     }
                     *self.inner.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&table);
                     return Ok(table);
@@ -142,7 +216,7 @@ impl Cluster {
                 Err(err) => last = Some(err),
             }
         }
-        Err(last.unwrap_or_else(|| client_error("the cluster has no master")))
+        Err(last.unwrap_or_else(|| client_error("no master of the cluster answers")))
     }
 
     /// Every master, as the cluster names it now (the table is asked for
@@ -153,19 +227,66 @@ impl Cluster {
         Ok(masters)
     }
 
-    /// The connection to the master of `slot`, or to any master for a
-    /// command without a key.
-    fn master(&self, slot: Option<u16>) -> RedisResult<MultiplexedConnection> {
+    /// The master of `slot`, or for a command without a key any master
+    /// not marked down.
+    fn master(&self, slot: Option<u16>) -> RedisResult<Master> {
         let table = self.table();
-        let index = match slot {
-            Some(slot) => table.owner.get(usize::from(slot)).copied().unwrap_or(u16::MAX),
-            None => 0,
+        let master = match slot {
+            Some(slot) => table
+                .masters
+                .get(usize::from(table.owner.get(usize::from(slot)).copied().unwrap_or(u16::MAX))),
+            None => table.masters.iter().find(|m| !m.is_down()).or(table.masters.first()),
         };
-        table
-            .masters
-            .get(usize::from(index))
-            .map(|master| master.conn.clone())
-            .ok_or_else(|| client_error("no master serves this slot"))
+        master.cloned().ok_or_else(|| client_error("no master serves this slot"))
+    }
+
+    /// Checks every master not marked down with a `PING` given `limit`
+    /// (the link suspects the connection: some master left a call
+    /// unanswered), and marks down those that do not answer. An error
+    /// when none answers.
+    pub(crate) async fn ping_masters(&self, limit: Duration) -> RedisResult<()> {
+        let masters = self.table().masters.clone();
+        let pings = masters.iter().filter(|m| !m.is_down()).map(|master| async move {
+            let ping = redis::cmd("PING");
+            match tokio::time::timeout(limit, master.command(&ping)).await {
+                Ok(Ok(_)) => true,
+                // An error answer is an answer.
+                Ok(Err(err)) => !is_connection_error(&err) && !is_master_unreachable(&err),
+                Err(_) => {
+                    master.mark_down(&format!("no answer to PING within {limit:?}"));
+                    false
+                }
+            }
+        });
+        let answered = futures_util::future::join_all(pings).await;
+        if answered.contains(&true) {
+            Ok(())
+        } else {
+            Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no master of the cluster answered",
+            )))
+        }
+    }
+
+    /// Whether a master marked down answers again on a new connection
+    /// within `limit` (the connection is then to be replaced, see the
+    /// module docs); its address if one does.
+    pub(crate) async fn down_master_answers(&self, limit: Duration) -> Option<Arc<str>> {
+        let down: Vec<Master> = self.table().masters.iter().filter(|m| m.is_down()).cloned().collect();
+        for master in down {
+            let Some((host, port)) = split_address(&master.address) else { continue };
+            let info = at_address(&self.inner.seed, host, port);
+            let answered = tokio::time::timeout(limit, async {
+                let mut conn = open(&info, &self.inner.settings).await?;
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            })
+            .await;
+            if matches!(answered, Ok(Ok(()))) {
+                return Some(master.address);
+            }
+        }
+        None
     }
 
     /// Sends one command: split by slot when it names keys of several,
@@ -179,8 +300,7 @@ impl Cluster {
             Route::Every => {
                 let masters = self.table().masters.clone();
                 let sent = masters.into_iter().map(|master| async move {
-                    let mut conn = master.conn;
-                    match conn.req_packed_command(cmd).await? {
+                    match master.command(cmd).await? {
                         Value::ServerError(err) => Err(RedisError::from(err)),
                         answer => Ok(answer),
                     }
@@ -197,7 +317,7 @@ impl Cluster {
     /// An error that drops the connection, once the masters changed (see
     /// [`refresh`](Self::refresh)).
     fn unspent(&self) -> RedisResult<()> {
-        if self.inner.changed.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.inner.changed.load(Ordering::SeqCst) {
             return Err(RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::ConnectionReset,
                 "the cluster's masters changed",
@@ -208,17 +328,18 @@ impl Cluster {
 
     /// [`command`](Self::command) for a command of one slot (or none).
     async fn send_one(&self, slot: Option<u16>, cmd: &Cmd) -> RedisResult<Value> {
-        let mut conn = self.master(slot)?;
+        let mut master = self.master(slot)?;
         let mut asking = false;
         for _ in 0..=REDIRECTIONS {
             let answer = if asking {
                 let mut pipe = redis::pipe();
                 pipe.cmd("ASKING").ignore().add_command(cmd.clone());
-                conn.req_packed_commands(&pipe, 1, 1)
+                master
+                    .pipeline(&pipe, 1, 1)
                     .await
                     .and_then(|mut values| values.pop().ok_or_else(|| client_error("no answer after ASKING")))
             } else {
-                conn.req_packed_command(cmd).await
+                master.command(cmd).await
             };
             match redirection(&answer) {
                 None => return answer,
@@ -229,14 +350,14 @@ impl Cluster {
                     // for the table does not know yet.
                     let _ = self.refresh().await?;
                     self.unspent()?;
-                    conn = self.connection_to(&address).await?;
+                    master = self.node_at(&address).await?;
                     asking = false;
                 }
                 Some(Redirection::TryAgain) => {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
                 Some(Redirection::Ask(address)) => {
-                    conn = self.connection_to(&address).await?;
+                    master = self.node_at(&address).await?;
                     asking = true;
                 }
             }
@@ -244,14 +365,15 @@ impl Cluster {
         Err(client_error("too many redirections"))
     }
 
-    /// A connection to the node at `address` (`host:port`): the table's
-    /// when it is a master, else a new one.
-    async fn connection_to(&self, address: &str) -> RedisResult<MultiplexedConnection> {
-        if let Some(master) = self.table().masters.iter().find(|m| m.address == address) {
-            return Ok(master.conn.clone());
+    /// The node at `address` (`host:port`): the table's master when it is
+    /// one, else a new connection to it.
+    async fn node_at(&self, address: &str) -> RedisResult<Master> {
+        if let Some(master) = self.table().masters.iter().find(|m| &*m.address == address) {
+            return Ok(master.clone());
         }
         let (host, port) = split_address(address).ok_or_else(|| client_error("a node address has no port"))?;
-        open(&at_address(&self.inner.seed, host, port), &self.inner.settings).await
+        let conn = open(&at_address(&self.inner.seed, host, port), &self.inner.settings).await?;
+        Ok(Master::new(address.to_owned(), conn))
     }
 
     /// A multi-key command (`name`) of keys in several slots: one command
@@ -317,8 +439,8 @@ impl Cluster {
         let sent = parts.into_iter().map(|(master, (part, positions))| {
             let master = table.masters.get(usize::from(master)).cloned();
             async move {
-                let mut conn = master.ok_or_else(|| client_error("no master serves this slot"))?.conn;
-                let answers = conn.req_packed_commands(&part, 0, positions.len()).await?;
+                let master = master.ok_or_else(|| client_error("no master serves this slot"))?;
+                let answers = master.pipeline(&part, 0, positions.len()).await?;
                 Ok::<_, RedisError>((positions, answers))
             }
         });
@@ -360,7 +482,7 @@ impl Table {
         conn: &mut MultiplexedConnection,
         seed: &ConnectionInfo,
         settings: &AsyncConnectionConfig,
-        known: &HashMap<String, MultiplexedConnection>,
+        known: &HashMap<Arc<str>, Master>,
     ) -> RedisResult<Table> {
         let answer: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await?;
         let ranges = ranges(answer)?;
@@ -369,14 +491,14 @@ impl Table {
         for (start, end, host, port) in ranges {
             let host = if host.is_empty() { seed_host(seed) } else { host };
             let address = format!("{host}:{port}");
-            let index = match masters.iter().position(|m| m.address == address) {
+            let index = match masters.iter().position(|m| *m.address == *address) {
                 Some(index) => index,
                 None => {
-                    let conn = match known.get(&address) {
-                        Some(conn) => conn.clone(),
-                        None => open(&at_address(seed, &host, port), settings).await?,
+                    let master = match known.get(address.as_str()) {
+                        Some(master) => master.clone(),
+                        None => Master::new(address, open(&at_address(seed, &host, port), settings).await?),
                     };
-                    masters.push(Master { address, conn });
+                    masters.push(master);
                     masters.len() - 1
                 }
             };

@@ -28,9 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use redis::{RedisError, RedisResult};
+use redis::RedisResult;
 use tracing::{debug, warn};
 
+use super::failure::{is_connection_error, is_master_unreachable};
 use super::{Connection, Wire};
 use crate::bounded::bounded;
 use crate::stats::{ConnectionStatus, Counters};
@@ -52,6 +53,9 @@ pub(super) struct Link {
     last_id: AtomicU64,
     /// The id of the connection suspected of being dead (0: none).
     suspect: AtomicU64,
+    /// Whether a check for a cluster's master down that answers again is
+    /// under way (see [`Connection::check_returns`]).
+    checking_returns: std::sync::atomic::AtomicBool,
 }
 
 impl Link {
@@ -179,7 +183,14 @@ impl Connection {
         let start = Instant::now();
         let outcome = bounded(limit, op(live.conn)).await;
         *budget = budget.saturating_sub(start.elapsed());
-        outcome.inspect_err(|err| self.failed(live.id, err))
+        outcome
+            .map_err(|err| match err {
+                // A master of a cluster marked down: this call skips Redis,
+                // the connection stays (see `cluster.rs`).
+                CacheError::Redis(err) if is_master_unreachable(&err) => CacheError::Unavailable,
+                err => err,
+            })
+            .inspect_err(|err| self.failed(live.id, err))
     }
 
     /// The published connection, for operations that run several commands
@@ -218,25 +229,43 @@ impl Connection {
 
     /// Settles the suspicion of connection `id` (see the module docs): a
     /// `PING` on it answered within `connect_timeout` (an error reply is an
-    /// answer too) clears it; anything else drops the connection. Run by the
-    /// supervisor.
+    /// answer too) clears it; anything else drops the connection. On a
+    /// cluster every master is asked, as any one of them may be the one
+    /// that hangs: those that do not answer are marked down, and the
+    /// connection is dropped only when none answers. Run by the supervisor.
     pub(super) async fn check_suspect(&self, id: u64) {
         let limit = self.config.connect_timeout;
         if let Some(live) = self.live().ok().filter(|live| live.id == id) {
-            // Every master of a cluster: any one of them may be the one
-            // that hangs.
-            let pings = live.conn.on_each_master(|mut master| {
-                Box::pin(async move { redis::cmd("PING").query_async::<()>(&mut master).await })
-            });
-            match bounded(limit, pings).await.map(|_| ()) {
+            match live.conn.ping_masters(limit).await {
                 Ok(()) => debug!(url = %self.url, "Redis answered: it was slow, not gone"),
-                Err(CacheError::Redis(err)) if !is_connection_error(&err) => {
+                Err(err) if !is_connection_error(&err) => {
                     debug!(url = %self.url, error = %err, "Redis answered with an error: it was slow, not gone");
                 }
                 Err(err) => self.drop_connection(id, &format!("no answer within the operation timeout, then {err}")),
             }
         }
         self.link.clear_suspicion(id);
+    }
+
+    /// On a cluster, drops the published connection when a master marked
+    /// down answers again, so that the next one is checked as after any
+    /// outage before that master's slots are served (see `cluster.rs`).
+    /// Started by the supervisor after each heartbeat, in a task of its
+    /// own (one at a time): a frozen master may keep the check waiting for
+    /// `connect_timeout`, which must not delay the heartbeats.
+    pub(super) fn check_returns(self: &std::sync::Arc<Self>) {
+        if self.link.checking_returns.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            if let Ok(live) = this.live() {
+                if let Some(address) = live.conn.returned_master(this.config.connect_timeout).await {
+                    this.drop_connection(live.id, &format!("the cluster's master {address} answers again"));
+                }
+            }
+            this.link.checking_returns.store(false, Ordering::Release);
+        });
     }
 
     /// Unpublishes connection `id` (if it is still the published one), stops
@@ -271,7 +300,3 @@ impl Connection {
     }
 }
 
-/// Whether an error means the connection itself is unusable.
-pub(super) fn is_connection_error(err: &RedisError) -> bool {
-    err.is_io_error() || err.is_connection_dropped() || err.is_timeout() || err.is_unrecoverable_error()
-}

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
-use super::link::is_connection_error;
+use super::failure::is_connection_error;
 use super::presence::RECOVERY_BEAT;
 use super::{Connection, Wire};
 use crate::backoff::random_unit;
@@ -342,6 +342,7 @@ pub(crate) async fn supervise(conn: Arc<Connection>) {
                 () = tokio::time::sleep(pause) => {
                     conn.beat().await;
                     conn.check_masters().await;
+                    conn.check_returns();
                 }
                 () = conn.wake.notified() => {}
             }

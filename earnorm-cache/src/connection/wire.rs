@@ -26,7 +26,7 @@ pub(crate) enum Wire {
     /// One master of a cluster, alone (what runs on every master, such as
     /// `SCAN`, runs on these): multi-key commands must stay in one slot.
     #[cfg(feature = "cluster")]
-    Master(MultiplexedConnection),
+    Master(super::cluster::Master),
 }
 
 impl ConnectionLike for Wire {
@@ -36,7 +36,7 @@ impl ConnectionLike for Wire {
             #[cfg(feature = "cluster")]
             Self::Cluster(cluster) => Box::pin(cluster.command(cmd)),
             #[cfg(feature = "cluster")]
-            Self::Master(conn) => conn.req_packed_command(cmd),
+            Self::Master(master) => Box::pin(master.command(cmd)),
         }
     }
 
@@ -51,7 +51,7 @@ impl ConnectionLike for Wire {
             #[cfg(feature = "cluster")]
             Self::Cluster(cluster) => Box::pin(cluster.pipeline(pipeline, offset, count)),
             #[cfg(feature = "cluster")]
-            Self::Master(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Master(master) => Box::pin(master.pipeline(pipeline, offset, count)),
         }
     }
 
@@ -86,10 +86,44 @@ impl Wire {
                 .masters()
                 .await?
                 .into_iter()
-                .map(|master| (master.address, Wire::Master(master.conn)))
+                .map(|master| (master.address.to_string(), Wire::Master(master)))
                 .collect()),
             #[cfg(feature = "cluster")]
             Self::Master(_) => Ok(vec![(String::new(), self.clone())]),
+        }
+    }
+
+    /// Asks every master for a `PING`, each given `limit`: on a cluster,
+    /// those that do not answer are marked down (their slots compute) and
+    /// the others keep serving; an error when none answers (see
+    /// `cluster.rs`).
+    pub(crate) async fn ping_masters(&self, limit: std::time::Duration) -> RedisResult<()> {
+        match self {
+            #[cfg(feature = "cluster")]
+            Self::Cluster(cluster) => cluster.ping_masters(limit).await,
+            _ => {
+                let mut conn = self.clone();
+                match tokio::time::timeout(limit, redis::cmd("PING").query_async::<()>(&mut conn)).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no answer to PING",
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// On a cluster, the address of a master marked down that answers
+    /// again on a new connection within `limit`.
+    pub(crate) async fn returned_master(&self, limit: std::time::Duration) -> Option<String> {
+        match self {
+            #[cfg(feature = "cluster")]
+            Self::Cluster(cluster) => cluster.down_master_answers(limit).await.map(|a| a.to_string()),
+            _ => {
+                let _ = limit;
+                None
+            }
         }
     }
 
