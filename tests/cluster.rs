@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use earnorm_cache::{CacheConfig, CacheKey, CacheManager, PlainOutput, Scope};
+use earnorm_cache::{CacheConfig, CacheKey, CacheManager, ConnectionStatus, PlainOutput, Scope};
 use support::{fast_cache_config, unique_name, RedisCluster};
 
 fn config() -> CacheConfig {
@@ -284,7 +284,7 @@ async fn a_dead_master_leaves_the_other_masters_serving_hits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_master_is_marked_down_and_the_others_serve_until_it_thaws() {
+async fn a_frozen_master_is_marked_down_and_a_write_it_misses_is_held_until_it_thaws() {
     let (mut cluster, cache, prefix, keys) = filled(30).await;
     cluster.serve_partial();
     let (victim, away) = victim(&mut cluster, &prefix, &keys);
@@ -296,17 +296,27 @@ async fn a_frozen_master_is_marked_down_and_the_others_serve_until_it_thaws() {
                 .any(|g| g.contains("g:r:users:") && holder(&mut cluster, g) == Some(victim))
         })
         .expect("a record generation on the victim");
+    let served = keys
+        .iter()
+        .zip(&away)
+        .find(|(_, &a)| a)
+        .map(|(key, _)| key)
+        .expect("a value away from the victim");
+    // Another manager of the prefix, which reads only values away from
+    // the victim.
+    let other = CacheManager::connect(
+        Some(&cluster.url()),
+        fast_cache_config(prefix.trim_end_matches(':')),
+    )
+    .await
+    .expect("connect");
+    until_serving(&other, Duration::from_secs(10)).await;
+
     cluster.node(victim).freeze();
     // The first call on the frozen master waits `operation_timeout`; the
     // check that follows marks it down, and the others serve again.
     let start = Instant::now();
     loop {
-        let served = keys
-            .iter()
-            .zip(&away)
-            .find(|(_, &a)| a)
-            .map(|(key, _)| key)
-            .expect("a value away from the victim");
         let before = cache.stats().hits;
         for (n, key) in keys.iter().enumerate() {
             let got = get_or(&cache, key, 100 + n as u64).await;
@@ -322,19 +332,42 @@ async fn a_frozen_master_is_marked_down_and_the_others_serve_until_it_thaws() {
         );
     }
     read_around(&cache, &keys, &away, 2).await;
+    assert_eq!(get_or(&other, served, 5).await, 1, "the other manager serves too");
 
-    // A write whose invalidation cannot reach the frozen master is kept
-    // for it (the whole connection goes until then, see `cluster.rs`).
+    // A write whose invalidation cannot reach the frozen master: the other
+    // masters take their part, the victim's waits, and this manager goes
+    // on serving what is away from the victim.
     cache
         .invalidate(&[Scope::Record("users", record_id(&keys[written]))])
         .await;
+    assert_eq!(cache.stats().invalidations_deferred, 1);
+    read_around(&cache, &keys, &away, 1).await;
+    // It holds an invalidation: for the other manager it is missing, and
+    // that one serves no hits until it is sent.
+    let start = Instant::now();
+    while get_or(&other, served, 5).await == 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the other manager stops serving: {:?}",
+            other.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(other.stats().status, ConnectionStatus::Recovering);
+
     cluster.node(victim).thaw();
     until_serving(&cache, Duration::from_secs(30)).await;
+    until_serving(&other, Duration::from_secs(30)).await;
     // The same server: its generations stand, and its values are served,
-    // but for the one written meanwhile.
+    // but for the one written meanwhile (and the other manager's, which
+    // computed and stored 5 while it served no hits).
     for (n, key) in keys.iter().enumerate() {
-        let expected = if n == written { 9 } else { 1 };
-        assert_eq!(get_or(&cache, key, 9).await, expected, "key {n} after the thaw");
+        let got = get_or(&cache, key, 9).await;
+        match n {
+            _ if n == written => assert_eq!(got, 9, "the value written meanwhile is computed"),
+            _ if key == served => assert!(got == 5 || got == 1, "key {n} after the thaw: {got}"),
+            _ => assert_eq!(got, 1, "key {n} after the thaw"),
+        }
     }
 }
 

@@ -190,16 +190,39 @@ impl Connection {
             return;
         }
         let pipe = invalidation(&self.namespace, scopes.iter().copied());
+        let master_down = AtomicBool::new(false);
+        let master_down_seen = &master_down;
         let sent = self
-            .send(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+            .send(|mut conn| async move {
+                let sent = pipe.query_async::<()>(&mut conn).await;
+                if sent.as_ref().is_err_and(failure::is_master_unreachable) {
+                    master_down_seen.store(true, Ordering::Relaxed);
+                }
+                sent
+            })
             .await;
         if sent.is_err() {
-            // Queued, and the connection dropped, so that the rule of the
-            // outbox holds: the replay happens before any further read.
+            // Queued, so that the rule of the outbox holds: the replay
+            // happens before any further read of what it deletes.
             self.outbox.defer(scopes);
             self.count_deferred();
-            self.drop_published("an invalidation could not be sent");
+            if master_down.load(Ordering::Relaxed) {
+                // Only masters marked down missed it (their slots are read
+                // by nobody here until the connection is replaced); the
+                // other masters took it. This manager now holds it: it
+                // stops counting as present, so that the others serve no
+                // hits meanwhile (see `presence.rs`).
+                tracing::debug!("an invalidation waits for a master down; the other masters took it");
+            } else {
+                self.drop_published("an invalidation could not be sent");
+            }
         }
+    }
+
+    /// Whether invalidations wait in the outbox while a connection is
+    /// published (for masters of a cluster marked down).
+    pub(crate) fn holds_invalidations(&self) -> bool {
+        self.outbox.holds_any()
     }
 
     fn count_deferred(&self) {

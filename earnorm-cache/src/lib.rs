@@ -184,21 +184,24 @@
 //! * **The in-process tier** subscribes its invalidation channel on every
 //!   master (tracking is per node), and drops what it holds when one of
 //!   them is lost or the masters change.
-//! * **Failing open is per master**, as long as nothing has to be
-//!   invalidated on the master down. A master whose connection is lost, or
+//! * **Failing open is per master.** A master whose connection is lost, or
 //!   that leaves a `PING` unanswered when a call timed out, is marked down:
 //!   calls that touch its slots compute at once, and the other masters'
-//!   slots keep serving. Nothing is read from it again through that
-//!   connection: when it answers again, the connection is replaced and
-//!   checked as after any outage (restart detection, the outbox replayed),
-//!   so a master back from a snapshot has every generation deleted first.
-//!   An invalidation that cannot reach a master down is queued and drops the
-//!   connection (the outbox's rule: no read while an invalidation waits),
-//!   and every call computes until the master is back or replaced, as when
-//!   the master holding the heartbeats (`meta:` keys) is down, since whether
-//!   another manager is missing cannot be read. Why a value on the other
-//!   masters stays safe to serve: its lookup reads its generations, so it
-//!   touches every master whose invalidation it would need.
+//!   slots keep serving. A value on the other masters stays safe to serve
+//!   because its lookup reads its generations: it touches every master
+//!   whose invalidation it would need. Nothing is read from the master
+//!   down again through that connection: when it answers again, the
+//!   connection is replaced and checked as after any outage (restart
+//!   detection, the outbox replayed), so a master back from a snapshot has
+//!   every generation deleted first. An invalidation that only the masters
+//!   down missed is queued for them (the others took their part), and
+//!   until it is sent this manager writes no heartbeat: the other managers
+//!   of the prefix count it missing and serve no hits, as when a manager's
+//!   connection is down (a manager cut off from one master alone could
+//!   otherwise leave them serving what its write made stale). An
+//!   invalidation that failed otherwise drops the connection, as on one
+//!   server. When the master holding the `meta:` keys is down, no manager
+//!   can read whether another is missing, so none serves hits.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 #![warn(missing_docs)]
 

@@ -9,12 +9,19 @@
 //! invalidates as surely as a new one.
 //!
 //! The rule this module alone upholds: **queued invalidations exist only
-//! while no connection is published.** An invalidation is queued only after
-//! checking, under the outbox lock, that no connection is published (or after
-//! dropping the one that failed to take it); a connection is published only
-//! under the same lock, once the queue is empty. So no call ever reads
-//! through a connection while an invalidation it should have seen waits
-//! here.
+//! while no connection is published**, or, on a Redis Cluster, while the
+//! masters that missed them are marked down on the published one. An
+//! invalidation is queued only after checking, under the outbox lock, that
+//! no connection is published, or after dropping the one that failed to
+//! take it, or when only masters marked down failed to take it (nothing is
+//! read from those through that connection again, see
+//! `connection/cluster.rs`; the other masters took their part). A
+//! connection is published only under the same lock, once the queue is
+//! empty. So no call ever reads through a connection what an invalidation
+//! waiting here should have deleted. While a published connection holds
+//! some, the manager does not count as present for the others of its
+//! prefix, which then serve no hits (`connection/presence.rs`), as when its
+//! connection is down.
 //!
 //! The queue holds typed scopes (never strings to parse back) and is
 //! bounded: past [`MAX_QUEUED`] scopes it forgets them and remembers
@@ -110,9 +117,15 @@ impl Outbox {
     }
 
     /// Queues `scopes` that a published connection failed to take; the
-    /// caller then drops that connection.
+    /// caller then drops that connection, unless only masters marked down
+    /// missed them (see the module docs).
     pub(crate) fn defer(&self, scopes: &[Scope<'_>]) {
         self.lock().add(scopes);
+    }
+
+    /// Whether anything is queued.
+    pub(crate) fn holds_any(&self) -> bool {
+        !self.lock().is_empty()
     }
 
     /// Sends everything queued on `conn` (each command bounded by `limit`),

@@ -39,9 +39,12 @@
 //!   the link drops the whole connection and the next one is checked as
 //!   after any outage (`run_id`s, so a master restarted from a snapshot
 //!   has every generation deleted; the outbox replayed first).
-//!   An invalidation that cannot reach a master down is queued and drops
-//!   the whole connection (the outbox's rule, `outbox.rs`): per-master
-//!   serving lasts until the first write that touches the master down.
+//!   An invalidation that can reach every master but those marked down is
+//!   queued for them without dropping the connection; the manager then
+//!   stops counting as present, so that the other managers of the prefix
+//!   serve no hits until it has sent it (the outbox's rule, `outbox.rs`).
+//!   A pipeline reports a master down only when every part that failed
+//!   failed so.
 //!
 //! [`CacheError::Unavailable`]: crate::CacheError::Unavailable
 
@@ -454,11 +457,23 @@ impl Cluster {
         )
         .await;
         let mut answers: Vec<Option<Value>> = vec![None; commands.len()];
+        let mut failed: Option<RedisError> = None;
         for outcome in sent.into_iter().chain(lone) {
-            let (positions, values) = outcome?;
-            for (at, value) in positions.into_iter().zip(values) {
-                answers[at] = Some(value);
+            match outcome {
+                Ok((positions, values)) => {
+                    for (at, value) in positions.into_iter().zip(values) {
+                        answers[at] = Some(value);
+                    }
+                }
+                // The error of a master down only when every part that
+                // failed failed so: the caller may then rely on the other
+                // masters having taken theirs (see `outbox.rs`).
+                Err(err) if failed.as_ref().is_none_or(is_master_unreachable) => failed = Some(err),
+                Err(_) => {}
             }
+        }
+        if let Some(err) = failed {
+            return Err(err);
         }
         // Commands redirected (a slot moved meanwhile): sent again alone.
         for (at, answer) in answers.iter_mut().enumerate() {

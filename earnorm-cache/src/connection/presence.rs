@@ -29,6 +29,10 @@
 //!   feed: when its caught-up marker (read with each heartbeat) is recent
 //!   and later than this manager's return (see
 //!   [`CacheManager::follow_feed`](crate::CacheManager::follow_feed)).
+//! * A manager that holds invalidations it could not send to a cluster's
+//!   master down, while its connection serves the other masters (see
+//!   `outbox.rs`), reads the others' beats but writes none: for them it is
+//!   missing, exactly as if its connection were down.
 //! * Leaving (the last handle dropped) removes the heartbeat: a manager that
 //!   leaves is not missing.
 
@@ -67,6 +71,9 @@ use crate::CacheConfig;
 /// members were forgotten). It does not outlive its managers: each one
 /// leaving removes itself, silent ones are forgotten by the others' beats,
 /// and an empty set is no key.
+/// ARGV[6]: '1' when this manager holds invalidations it could not send
+/// (to a cluster's master down, see `outbox.rs`): it reads the others'
+/// beats but does not beat, so that they count it missing.
 /// KEYS[2], when given: a database feed's caught-up marker, returned as is.
 /// Returns `{missing, now, marker}` (`missing` is -1 for a beat that came
 /// too late; `marker` is -1 when absent).
@@ -98,7 +105,9 @@ for i = 1, #silent, 2 do
     end
   end
 end
-redis.call('ZADD', KEYS[1], now, ARGV[1])
+if ARGV[6] ~= '1' then
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+end
 return {missing, now, marker}
 ";
 
@@ -291,7 +300,8 @@ impl Connection {
             } else {
                 "0"
             })
-            .arg(millis(self.forget_after()));
+            .arg(millis(self.forget_after()))
+            .arg(if self.holds_invalidations() { "1" } else { "0" });
         let Some(beat_on) = self.link.published_id() else {
             return;
         };
