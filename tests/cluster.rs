@@ -1,10 +1,13 @@
 //! The cache on a Redis Cluster of its own (three masters on free ports):
 //! a value whose generations live on other masters is served and
-//! invalidated; administration reaches every master; a master that dies
-//! makes calls compute, and its return (empty) drops every generation of
-//! every master before anything is served, as does a failover (a promoted
-//! replica may lack the last invalidations its master took). The rest of the suite runs on a
-//! cluster too when `REDIS_URL` names one (`scripts/test.sh` does both).
+//! invalidated; administration reaches every master; a slot moved to
+//! another master is followed (`ASK` during the move, `MOVED` after); a
+//! master that dies or freezes makes the calls on its slots compute while
+//! the other masters serve, a write it misses is held for it, and its
+//! return (empty) drops every generation of every master before anything
+//! is served, as does a failover (a promoted replica may lack the last
+//! invalidations its master took). The rest of the suite runs on a cluster
+//! too when `REDIS_URL` names one (`scripts/test.sh` does both).
 
 use std::time::{Duration, Instant};
 
@@ -369,6 +372,50 @@ async fn a_frozen_master_is_marked_down_and_a_write_it_misses_is_held_until_it_t
             _ => assert_eq!(got, 1, "key {n} after the thaw"),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_master_is_followed_during_and_after_the_move() {
+    let (mut cluster, cache, _, keys) = filled(10).await;
+    let key = &keys[0];
+    let value_key = key.as_str();
+    let source = holder(&mut cluster, value_key).expect("the value is stored");
+    let target = (source + 1) % 3;
+    let slot = cluster.node(source).cli(&["CLUSTER", "KEYSLOT", value_key]);
+    let source_id = cluster.node(source).cli(&["CLUSTER", "MYID"]);
+    let target_id = cluster.node(target).cli(&["CLUSTER", "MYID"]);
+    let target_port = cluster.node(target).port().to_string();
+    let ok = |answer: String| assert_eq!(answer, "OK");
+    ok(cluster
+        .node(target)
+        .cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]));
+    ok(cluster
+        .node(source)
+        .cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]));
+    // Mid-move: the slot's keys are on the target, and the source answers
+    // ASK for them.
+    let moving = cluster.node(source).cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "1000"]);
+    let mut migrate = vec!["MIGRATE", "127.0.0.1", &target_port, "", "0", "5000", "KEYS"];
+    migrate.extend(moving.lines().filter(|l| !l.is_empty()));
+    ok(cluster.node(source).cli(&migrate));
+    let hits = cache.stats().hits;
+    assert_eq!(get_or(&cache, key, 2).await, 1, "served through ASK");
+    assert_eq!(cache.stats().hits, hits + 1);
+
+    // Moved: every master names the target, and the source answers MOVED.
+    for n in 0..3 {
+        ok(cluster.node(n).cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]));
+    }
+    assert_eq!(get_or(&cache, key, 3).await, 1, "served after MOVED");
+    assert_eq!(cache.stats().hits, hits + 2);
+    assert_eq!(holder(&mut cluster, value_key), Some(target));
+    assert_eq!(cache.stats().reconnects, 1, "a slot moved is no failover");
+
+    // Writes and stores follow the slot too.
+    cache.invalidate(&[Scope::Record("users", record_id(key))]).await;
+    assert_eq!(get_or(&cache, key, 4).await, 4, "invalidated");
+    assert_eq!(get_or(&cache, key, 5).await, 4, "stored on the new master");
+    assert_eq!(holder(&mut cluster, value_key), Some(target));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
