@@ -307,12 +307,9 @@ async fn a_frozen_master_is_marked_down_and_a_write_it_misses_is_held_until_it_t
         .expect("a value away from the victim");
     // Another manager of the prefix, which reads only values away from
     // the victim.
-    let other = CacheManager::connect(
-        Some(&cluster.url()),
-        fast_cache_config(prefix.trim_end_matches(':')),
-    )
-    .await
-    .expect("connect");
+    let other = CacheManager::connect(Some(&cluster.url()), fast_cache_config(prefix.trim_end_matches(':')))
+        .await
+        .expect("connect");
     until_serving(&other, Duration::from_secs(10)).await;
 
     cluster.node(victim).freeze();

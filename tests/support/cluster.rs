@@ -73,7 +73,8 @@ impl RedisCluster {
     pub fn serve_partial(&self) {
         for node in &self.nodes {
             assert_eq!(
-                node.cli(&["CONFIG", "SET", "cluster-require-full-coverage", "no"]).trim(),
+                node.cli(&["CONFIG", "SET", "cluster-require-full-coverage", "no"])
+                    .trim(),
                 "OK"
             );
         }

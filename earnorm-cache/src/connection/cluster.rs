@@ -235,12 +235,14 @@ impl Cluster {
     fn master(&self, slot: Option<u16>) -> RedisResult<Master> {
         let table = self.table();
         let master = match slot {
-            Some(slot) => table
-                .masters
-                .get(usize::from(table.owner.get(usize::from(slot)).copied().unwrap_or(u16::MAX))),
+            Some(slot) => table.masters.get(usize::from(
+                table.owner.get(usize::from(slot)).copied().unwrap_or(u16::MAX),
+            )),
             None => table.masters.iter().find(|m| !m.is_down()).or(table.masters.first()),
         };
-        master.cloned().ok_or_else(|| client_error("no master serves this slot"))
+        master
+            .cloned()
+            .ok_or_else(|| client_error("no master serves this slot"))
     }
 
     /// Checks every master not marked down with a `PING` given `limit`
@@ -278,7 +280,9 @@ impl Cluster {
     pub(crate) async fn down_master_answers(&self, limit: Duration) -> Option<Arc<str>> {
         let down: Vec<Master> = self.table().masters.iter().filter(|m| m.is_down()).cloned().collect();
         for master in down {
-            let Some((host, port)) = split_address(&master.address) else { continue };
+            let Some((host, port)) = split_address(&master.address) else {
+                continue;
+            };
             let info = at_address(&self.inner.seed, host, port);
             let answered = tokio::time::timeout(limit, async {
                 let mut conn = open(&info, &self.inner.settings).await?;

@@ -30,4 +30,3 @@ pub(super) fn master_unreachable(address: &str) -> redis::RedisError {
 pub(super) fn is_master_unreachable(err: &redis::RedisError) -> bool {
     err.code() == Some(MASTER_UNREACHABLE)
 }
-

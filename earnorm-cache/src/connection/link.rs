@@ -299,4 +299,3 @@ impl Connection {
         Ok(start.elapsed())
     }
 }
-
