@@ -17,6 +17,6 @@ if [ $# -eq 0 ]; then
   trap 'scripts/cluster.sh down' EXIT
   echo "== the same suites against the Redis Cluster at $cluster_url"
   suites=(cache_consistency cached record_cache local_tier local_coherence refresh
-    orm orm_features versions cancelled_writes hostile_input stream metrics traces feed)
+    orm orm_features versions cancelled_writes hostile_input stream metrics traces feed monitor)
   REDIS_URL="$cluster_url" cargo test -p earnorm-workspace "${suites[@]/#/--test=}"
 fi

@@ -2,11 +2,10 @@
 //! binary: `tracing` caches per-callsite interest process-wide, so a capture
 //! must not share a process with tests that log without a subscriber.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use earnorm_cache::{CacheConfig, CacheManager, ConnectionStatus, PlainOutput};
-use support::{fast_cache_config, unique_name, RedisServer};
+use support::{fast_cache_config, unique_name, CapturedLogs, RedisServer};
 
 fn config() -> CacheConfig {
     fast_cache_config(&unique_name("redact"))
@@ -19,24 +18,10 @@ async fn call(cache: &CacheManager) -> u64 {
         .await
 }
 
-/// A `tracing` writer that keeps everything in memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn the_password_never_appears_in_logs_debug_or_errors() {
     const SECRET: &str = "hunter2-s3cret";
-    let captured = Captured::default();
+    let captured = CapturedLogs::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
@@ -68,7 +53,7 @@ async fn the_password_never_appears_in_logs_debug_or_errors() {
         CacheManager::connect(Some(&format!("redis://:{SECRET}")), config()).await,
     ];
 
-    let mut seen = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
+    let mut seen = captured.text();
     seen.push_str(&format!("{cache:?} {down:?} {:?} {}", cache.config(), cache.url()));
     for result in [bad, encoded].into_iter().chain(unparsable) {
         match result {

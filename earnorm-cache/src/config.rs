@@ -94,6 +94,10 @@ pub struct CacheConfig {
     /// mode: caching with no server at all); beside Redis, turn it on with
     /// `with_redis` (see [`LocalConfig`]).
     pub local: LocalConfig,
+    /// The consistency monitor: checks that sampled writes left nothing
+    /// stale to serve, repairs what it finds and reports the consistency
+    /// in nines (see [`MonitorConfig`]). Off by default.
+    pub monitor: MonitorConfig,
 }
 
 impl Default for CacheConfig {
@@ -113,6 +117,44 @@ impl Default for CacheConfig {
             enabled: true,
             metrics_database_label: false,
             local: LocalConfig::default(),
+            monitor: MonitorConfig::default(),
+        }
+    }
+}
+
+/// Settings of the consistency monitor. Off by default.
+///
+/// ```
+/// use std::time::Duration;
+/// use earnorm_cache::{CacheConfig, MonitorConfig};
+///
+/// let config = CacheConfig {
+///     monitor: MonitorConfig { enabled: true, sample_one_in: 100, ..Default::default() },
+///     ..Default::default()
+/// };
+/// assert_eq!(config.monitor.delay, Duration::from_millis(50));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Whether writes are checked at all.
+    pub enabled: bool,
+    /// One write in this many is checked (1, or 0: every write).
+    pub sample_one_in: u32,
+    /// How long after a sampled write's invalidation the check runs: the
+    /// database feed's lag bar (50 ms) by default. With the in-process tier
+    /// beside Redis, `heartbeat_interval + operation_timeout` is added: the
+    /// longest the tier takes to find its invalidation channel lost.
+    #[serde(with = "seconds")]
+    pub delay: Duration,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            sample_one_in: 100,
+            delay: Duration::from_millis(50),
         }
     }
 }
@@ -199,19 +241,19 @@ impl CacheConfig {
 }
 
 /// Serde adapter: a [`Duration`] as a number of seconds (fractions allowed).
-mod seconds {
+pub(crate) mod seconds {
     use std::time::Duration;
 
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_f64(value.as_secs_f64())
     }
 
     /// Negative or not-a-number values are refused; values too large for a
     /// `Duration` (as `Duration::MAX` becomes once written as a float) are
     /// `Duration::MAX`.
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let secs = f64::deserialize(deserializer)?;
         if secs.is_finite() && secs >= Duration::MAX.as_secs_f64() {
             return Ok(Duration::MAX);

@@ -97,6 +97,19 @@ impl<'p> Keyspace<'p> {
         }
     }
 
+    /// What a generation (named relative to the prefix) belongs to:
+    /// `record`, `model` (bulk writes), `query`, `tag`; `other` for any
+    /// other name. Safe to log: it names no user data.
+    pub(crate) fn generation_kind(relative: &[u8]) -> &'static str {
+        match relative.get(..4) {
+            Some(b"g:r:") => "record",
+            Some(b"g:m:") => "model",
+            Some(b"g:q:") => "query",
+            Some(b"g:t:") => "tag",
+            _ => "other",
+        }
+    }
+
     /// The start of every generation key (`P g:`): what the in-process
     /// tier's invalidation channel subscribes to.
     pub(crate) fn generations_prefix(&self) -> String {

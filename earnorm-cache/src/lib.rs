@@ -240,6 +240,10 @@ mod keyspace;
 mod key;
 // The in-process tier and its generations.
 mod local;
+// The consistency monitor: sampled writes checked, repaired, reported in nines.
+mod monitor;
+// Watching writes for the monitor: the check and its repair.
+mod watch;
 // What a value depends on and what a write invalidates.
 mod scope;
 // The canonical encoding of key arguments.
@@ -260,13 +264,14 @@ mod stats;
 mod token;
 
 pub use codec::{Keeper, OptionOutput, Output, PlainOutput, ResultOutput, Stored};
-pub use config::CacheConfig;
+pub use config::{CacheConfig, MonitorConfig};
 pub use error::CacheError;
 pub use key::{CacheKey, Fingerprint, KeyBuilder, MAX_DEPENDENCIES};
 pub use key_encoding::KeyArgumentError;
 pub use keyspace::escape_glob;
 pub use local::LocalConfig;
 pub use manager::{bypass, CacheManager};
+pub use monitor::{MonitorReport, MonitorWindow};
 pub use redact::redact_url;
 pub use scope::Scope;
 pub use stats::{CacheStats, ConnectionStatus, InvalidationSource, NamedStats};

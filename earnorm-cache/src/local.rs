@@ -295,6 +295,17 @@ impl Local {
         }
     }
 
+    /// The counter of the stripe of generation `name` (relative to the
+    /// prefix): it moves with every invalidation of that generation here.
+    pub(crate) fn stripe_count(&self, name: &[u8]) -> u64 {
+        self.count(crate::key::stripe(name))
+    }
+
+    /// Whether the tier serves values now.
+    pub(crate) fn serves_any(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+
     /// Drops one kept value.
     pub(crate) fn remove(&self, key: &CacheKey) {
         self.entries.invalidate(&key.local);

@@ -72,6 +72,8 @@ pub(crate) struct Inner {
     /// Leases and bookkeeping values when there is no Redis to keep them
     /// (the embedded mode; see `crate::book`).
     pub(crate) book: Option<Book>,
+    /// The consistency monitor, when it is on (see `crate::monitor`).
+    pub(crate) monitor: Option<crate::monitor::Monitor>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -147,6 +149,7 @@ impl CacheManager {
         let tier = config.enabled && config.local.capacity > 0 && (!connection.is_enabled() || config.local.with_redis);
         let local = tier.then(|| Arc::new(Local::new(config.local.capacity, connection.is_enabled())));
         let book = (local.is_some() && !connection.is_enabled()).then(Book::default);
+        let monitor = crate::monitor::Monitor::new(config, local.is_some() && connection.is_enabled());
         Self {
             inner: Arc::new(Inner {
                 connection,
@@ -154,6 +157,7 @@ impl CacheManager {
                 names: Names::default(),
                 book,
                 local,
+                monitor,
             }),
         }
     }

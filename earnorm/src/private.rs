@@ -329,3 +329,8 @@ pub const fn assert_cacheable<T: Serialize + DeserializeOwned>() {}
 
 /// Compile-time check that `Self` is a model.
 pub const fn assert_model<M: Model>() {}
+
+/// A deliberately broken build, for the consistency monitor's tests: while
+/// set, writes through the ORM skip their invalidation (the consistency
+/// monitor still sees them). Never set it outside a test.
+pub static WRITE_INVALIDATIONS_SKIPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -248,7 +248,14 @@ pub(crate) async fn invalidate(env: &Environment, touched: &[Touched]) {
     let names = model_names(env, touched);
     let scopes = scopes(touched, &names);
     if !scopes.is_empty() {
-        env.cache()
+        let cache = env.cache();
+        cache
+            .watch_write(&scopes, earnorm_cache::InvalidationSource::Write)
+            .await;
+        if crate::__private::WRITE_INVALIDATIONS_SKIPPED.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        cache
             .invalidate_from(&scopes, earnorm_cache::InvalidationSource::Write)
             .await;
     }

@@ -15,11 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod captured;
 mod checker;
 mod cluster;
 mod crash_writer;
 mod env;
 mod shared_redis;
+pub use captured::CapturedLogs;
 pub use checker::{run as run_checker, run_printed, CheckerConfig, Report};
 pub use cluster::RedisCluster;
 pub use crash_writer::{crash_writer_child, ChildCommand};

@@ -1,0 +1,220 @@
+//! The consistency monitor: checks, a little after a sampled write, that
+//! nothing the write made stale can still be served, repairs what it finds,
+//! and reports the cache's consistency in nines.
+//!
+//! What this module alone owns: sampling writes, the counts, and the
+//! windows the nines are computed over. The check and its repair are in
+//! `watch.rs`. It never runs on a
+//! caller's read path, takes no lease and changes no entry but the ones it
+//! repairs; it works from generation tokens and the in-process tier's
+//! counters, never from values, so it needs no user type.
+//!
+//! **The check.** A value is served only while the generations it was
+//! computed under are current (see the crate docs). A write to a scope
+//! must replace the generations of [`Keyspace::written_generations`]: its
+//! invalidation deletes them, so a value computed before the write is never
+//! served after it. For a sampled write the monitor
+//!
+//! 1. right before the write's invalidation is sent (after the write
+//!    committed), reads the token of each of those generations, creating the
+//!    ones that are absent (`SET NX GET`, as a lookup does: a reader that
+//!    starts from here on computes under that token). In this process's
+//!    tier it notes the counter of each generation's stripe;
+//! 2. after [`MonitorConfig::delay`], reads the tokens again. A generation
+//!    that still holds the same token was not replaced: every value under
+//!    it (computed before the write, or from a read that raced it) can be
+//!    served. In the tier, a stripe whose counter did not move means that
+//!    nothing there was invalidated for it: a kept value noted before the
+//!    write can be served.
+//!
+//! Tokens are random, so a generation deleted and created again never has
+//! its old token back: a working invalidation is never reported. A write
+//! whose invalidation was lost, skipped, or undone (a Redis restored from
+//! a snapshot without the restart wipe) is.
+//!
+//! **Repair.** A generation found not replaced is deleted in Redis, and
+//! invalidated in the tier, which is what the invalidation should have
+//! done.
+//!
+//! **Cost.** Nothing on reads. On a sampled write, one pipelined round trip
+//! to Redis before its invalidation (a `SET NX GET` per generation), and
+//! one `MGET` after the delay, off the writer's path (plus one `DEL` for a
+//! repair).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::config::MonitorConfig;
+use crate::CacheConfig;
+
+/// What the monitor has found since the manager started (see
+/// [`CacheManager::monitor_report`](crate::CacheManager::monitor_report)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MonitorReport {
+    /// Scopes of sampled writes checked.
+    pub checked: u64,
+    /// Those found inconsistent: something the write made stale could
+    /// still be served when the check ran.
+    pub inconsistent: u64,
+    /// Generations the monitor deleted in Redis, or invalidated in this
+    /// process's tier, to repair what it found.
+    pub repaired: u64,
+    /// The last 1, 5 and 10 minutes.
+    pub windows: Vec<MonitorWindow>,
+}
+
+/// The checks of one sliding window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MonitorWindow {
+    /// How far back the window reaches.
+    pub span: Duration,
+    /// Scopes checked in it.
+    pub checked: u64,
+    /// Those found inconsistent.
+    pub inconsistent: u64,
+}
+
+impl MonitorWindow {
+    /// The consistency as nines: `-log10(inconsistent / checked)` (3.0 is
+    /// 99.9%). When nothing was inconsistent, the consistency is known only
+    /// to be at least `log10(checked)` nines, which is what this gives.
+    /// `None` when nothing was checked.
+    pub fn nines(&self) -> Option<f64> {
+        if self.checked == 0 {
+            return None;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let (checked, inconsistent) = (self.checked as f64, self.inconsistent as f64);
+        Some(if self.inconsistent == 0 {
+            checked.log10()
+        } else {
+            -(inconsistent / checked).log10()
+        })
+    }
+}
+
+/// The windows reported, shortest first.
+const WINDOWS: [Duration; 3] = [
+    Duration::from_secs(60),
+    Duration::from_secs(300),
+    Duration::from_secs(600),
+];
+
+/// One second of checks.
+#[derive(Debug, Clone, Copy)]
+struct Second {
+    at: u64,
+    checked: u64,
+    inconsistent: u64,
+}
+
+/// The monitor of one manager.
+pub(crate) struct Monitor {
+    config: MonitorConfig,
+    /// The delay actually waited (see [`MonitorConfig::delay`]).
+    pub(crate) delay: Duration,
+    writes: AtomicU64,
+    checked: AtomicU64,
+    inconsistent: AtomicU64,
+    pub(crate) repaired: AtomicU64,
+    started: Instant,
+    /// Checks by second, the last ten minutes.
+    seconds: Mutex<VecDeque<Second>>,
+}
+
+impl Monitor {
+    /// The monitor `config` asks for, if any; `tier_beside_redis`: the
+    /// in-process tier is on beside Redis.
+    pub(crate) fn new(config: &CacheConfig, tier_beside_redis: bool) -> Option<Self> {
+        let settings = config.monitor.clone();
+        if !settings.enabled {
+            return None;
+        }
+        let mut delay = settings.delay;
+        if tier_beside_redis {
+            delay = delay
+                .saturating_add(config.heartbeat_interval)
+                .saturating_add(config.operation_timeout);
+        }
+        Some(Self {
+            config: settings,
+            delay,
+            writes: AtomicU64::new(0),
+            checked: AtomicU64::new(0),
+            inconsistent: AtomicU64::new(0),
+            repaired: AtomicU64::new(0),
+            started: Instant::now(),
+            seconds: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Whether the next write is sampled.
+    pub(crate) fn samples(&self) -> bool {
+        let n = u64::from(self.config.sample_one_in.max(1));
+        self.writes.fetch_add(1, Relaxed).is_multiple_of(n)
+    }
+
+    /// Counts one check of `model`.
+    pub(crate) fn count(&self, model: &str, inconsistent: bool) {
+        self.checked.fetch_add(1, Relaxed);
+        metrics::counter!("earnorm_cache_monitor_checked_total", "model" => model.to_owned()).increment(1);
+        if inconsistent {
+            self.inconsistent.fetch_add(1, Relaxed);
+            metrics::counter!("earnorm_cache_monitor_inconsistent_total", "model" => model.to_owned()).increment(1);
+        }
+        let at = self.started.elapsed().as_secs();
+        let mut seconds = self.seconds.lock().unwrap_or_else(PoisonError::into_inner);
+        match seconds.back_mut() {
+            Some(last) if last.at == at => {
+                last.checked += 1;
+                last.inconsistent += u64::from(inconsistent);
+            }
+            _ => seconds.push_back(Second {
+                at,
+                checked: 1,
+                inconsistent: u64::from(inconsistent),
+            }),
+        }
+        let longest = WINDOWS[WINDOWS.len() - 1].as_secs();
+        while seconds.front().is_some_and(|s| at.saturating_sub(s.at) >= longest) {
+            seconds.pop_front();
+        }
+        let windows = windows(&seconds, at);
+        drop(seconds);
+        for window in &windows {
+            if let Some(nines) = window.nines() {
+                let label = format!("{}m", window.span.as_secs() / 60);
+                metrics::gauge!("earnorm_cache_monitor_nines", "window" => label).set(nines);
+            }
+        }
+    }
+
+    pub(crate) fn report(&self) -> MonitorReport {
+        let at = self.started.elapsed().as_secs();
+        let seconds = self.seconds.lock().unwrap_or_else(PoisonError::into_inner);
+        MonitorReport {
+            checked: self.checked.load(Relaxed),
+            inconsistent: self.inconsistent.load(Relaxed),
+            repaired: self.repaired.load(Relaxed),
+            windows: windows(&seconds, at),
+        }
+    }
+}
+
+/// The reported windows at second `at`.
+fn windows(seconds: &VecDeque<Second>, at: u64) -> Vec<MonitorWindow> {
+    WINDOWS
+        .iter()
+        .map(|&span| {
+            let inside = seconds.iter().filter(|s| at.saturating_sub(s.at) < span.as_secs());
+            let (checked, inconsistent) = inside.fold((0, 0), |(c, i), s| (c + s.checked, i + s.inconsistent));
+            MonitorWindow {
+                span,
+                checked,
+                inconsistent,
+            }
+        })
+        .collect()
+}

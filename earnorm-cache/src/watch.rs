@@ -1,0 +1,209 @@
+//! Watching writes for the consistency monitor (`monitor.rs`): the
+//! generations a sampled write must replace, read before its invalidation,
+//! and the check after the monitor's delay, with its repair and report.
+//!
+//! What this module alone owns: the check (see `monitor.rs` for what it
+//! proves) and what an inconsistency found logs: the model, the scope's
+//! kind, the generations' kinds and tokens, where it was found, the write's
+//! source and time; never a value, a record's id or a key's arguments.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::warn;
+
+use crate::generations::{create_generations, created};
+use crate::keyspace::Keyspace;
+use crate::manager::Inner;
+use crate::monitor::{Monitor, MonitorReport};
+use crate::{CacheManager, InvalidationSource, Scope};
+
+/// One scope of a sampled write, as its check needs it.
+struct Watched {
+    /// The model (or tag) it belongs to: the metrics' label.
+    model: String,
+    kind: &'static str,
+    /// Its generations' names, with the token each held before the
+    /// invalidation (`None`: not read) and its stripe's counter in the
+    /// tier then.
+    generations: Vec<(String, Option<Vec<u8>>, Option<u64>)>,
+}
+
+impl CacheManager {
+    /// Tells the consistency monitor (when it is on, see [`MonitorConfig`](crate::MonitorConfig))
+    /// of a write to `scopes` that has committed and whose invalidation is
+    /// about to be sent: call it right before
+    /// [`invalidate_from`](Self::invalidate_from), never after. When the
+    /// write is sampled, reads the generations it must replace (one round
+    /// trip) and checks them again after the monitor's delay, in a task of
+    /// its own. The ORM and the database feed call it for every write.
+    pub async fn watch_write(&self, scopes: &[Scope<'_>], source: InvalidationSource) {
+        let Some(monitor) = &self.inner.monitor else { return };
+        if scopes.is_empty() || !monitor.samples() {
+            return;
+        }
+        let written_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let conn = self.connection();
+        let keys = conn.keys();
+        let prefix = conn.namespace.len();
+        let local = self.inner.local.as_deref();
+        let mut watched: Vec<Watched> = scopes
+            .iter()
+            .map(|scope| {
+                let mut names = Vec::new();
+                keys.written_generations(*scope, &mut names);
+                let (model, kind) = match scope {
+                    Scope::Record(model, _) => (*model, "record"),
+                    Scope::Model(model) => (*model, "model"),
+                    Scope::Tag(_) => ("tag", "tag"),
+                };
+                let generations = names
+                    .into_iter()
+                    .map(|name| {
+                        let stripe = local.map(|l| l.stripe_count(relative(&name, prefix)));
+                        (name, None, stripe)
+                    })
+                    .collect();
+                Watched {
+                    model: model.to_owned(),
+                    kind,
+                    generations,
+                }
+            })
+            .collect();
+        if conn.is_enabled() {
+            let mut pipe = redis::pipe();
+            let names: Vec<&str> = watched
+                .iter()
+                .flat_map(|w| w.generations.iter().map(|(name, _, _)| name.as_str()))
+                .collect();
+            let fresh = create_generations(&mut pipe, names, &conn.config);
+            let found = conn
+                .call(|mut wire| async move { pipe.query_async::<Vec<Option<Vec<u8>>>>(&mut wire).await })
+                .await;
+            let Ok(found) = found else {
+                // Not checked: nothing is known of the generations before.
+                return;
+            };
+            let mut tokens = fresh.into_iter().zip(found).map(|(fresh, found)| created(fresh, found));
+            for generation in watched.iter_mut().flat_map(|w| w.generations.iter_mut()) {
+                generation.1 = tokens.next();
+            }
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let delay = monitor.delay;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            check(weak, watched, source, written_at).await;
+        });
+    }
+
+    /// What the consistency monitor has found, when it is on.
+    pub fn monitor_report(&self) -> Option<MonitorReport> {
+        self.inner.monitor.as_ref().map(Monitor::report)
+    }
+}
+
+/// `name` without the prefix (what the tier's stripes go by).
+fn relative(name: &str, prefix: usize) -> &[u8] {
+    name.as_bytes().get(prefix..).unwrap_or(name.as_bytes())
+}
+
+/// The check of a sampled write (see the module docs), its repair and its
+/// report.
+async fn check(manager: Weak<Inner>, watched: Vec<Watched>, source: InvalidationSource, written_at: u128) {
+    let Some(inner) = manager.upgrade() else { return };
+    let manager = CacheManager { inner };
+    let Some(monitor) = &manager.inner.monitor else { return };
+    let conn = manager.connection();
+    let prefix = conn.namespace.len();
+    let local = manager.inner.local.as_deref();
+    let names: Vec<String> = watched
+        .iter()
+        .flat_map(|w| w.generations.iter().map(|(name, _, _)| name.clone()))
+        .collect();
+    let now: Option<Vec<Option<Vec<u8>>>> = if conn.is_enabled() && !names.is_empty() {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&names);
+        match conn
+            .call(|mut wire| async move { mget.query_async(&mut wire).await })
+            .await
+        {
+            Ok(now) => Some(now),
+            // Not checked: Redis cannot tell now.
+            Err(_) => return,
+        }
+    } else {
+        None
+    };
+    let mut at = 0;
+    let mut stale_names = Vec::new();
+    for scope in &watched {
+        let mut found = Vec::new();
+        for (name, before, stripe) in &scope.generations {
+            let current = now.as_ref().and_then(|now| now.get(at)).cloned().flatten();
+            at += 1;
+            if before.is_some() && current.is_some() && *before == current {
+                found.push(("redis", name));
+                stale_names.push(name.clone());
+            }
+            let in_tier =
+                local.is_some_and(|l| l.serves_any() && Some(l.stripe_count(relative(name, prefix))) == *stripe);
+            if in_tier {
+                found.push(("in-process tier", name));
+                if let Some(local) = local {
+                    local.invalidate([relative(name, prefix)]);
+                    monitor.repaired.fetch_add(1, Relaxed);
+                    metrics::counter!("earnorm_cache_monitor_repaired_total").increment(1);
+                }
+            }
+        }
+        monitor.count(&scope.model, !found.is_empty());
+        for place in ["redis", "in-process tier"] {
+            let here: Vec<&String> = found.iter().filter(|(p, _)| *p == place).map(|(_, n)| *n).collect();
+            if here.is_empty() {
+                continue;
+            }
+            let generations: Vec<&str> = here
+                .iter()
+                .map(|name| Keyspace::generation_kind(relative(name, prefix)))
+                .collect();
+            // The tokens the write left in place: what values stored under
+            // them carry (random, no user data).
+            let tokens: Vec<String> = here
+                .iter()
+                .filter_map(|name| {
+                    scope
+                        .generations
+                        .iter()
+                        .find(|(n, _, _)| n == *name)
+                        .and_then(|(_, before, _)| before.as_deref())
+                        .map(|t| String::from_utf8_lossy(t).into_owned())
+                })
+                .collect();
+            warn!(
+                model = %scope.model,
+                scope = scope.kind,
+                generations = ?generations,
+                place,
+                tokens = ?tokens,
+                source = source.as_str(),
+                written_at_ms = written_at,
+                "consistency monitor: a write's generations were not replaced; what it made stale could be served (repaired)"
+            );
+        }
+    }
+    if !stale_names.is_empty() {
+        let mut del = redis::cmd("DEL");
+        del.arg(&stale_names);
+        let deleted = conn
+            .send(|mut wire| async move { del.query_async::<u64>(&mut wire).await })
+            .await
+            .unwrap_or(0);
+        monitor.repaired.fetch_add(deleted, Relaxed);
+        metrics::counter!("earnorm_cache_monitor_repaired_total").increment(deleted);
+    }
+}

@@ -1,0 +1,138 @@
+//! The consistency monitor (`CacheConfig::monitor`): with every write
+//! sampled, each write's scopes are checked a little after its
+//! invalidation, and none is found inconsistent when invalidations work;
+//! the report's windows and nines follow. (A build whose writes skip their
+//! invalidation is caught in `tests/monitor_broken.rs`.)
+
+use std::time::{Duration, Instant};
+
+use earnorm::bson::oid::ObjectId;
+use earnorm::cache_layer::{MonitorConfig, MonitorReport};
+use earnorm::prelude::*;
+use earnorm::{Config, Environment};
+use serde::{Deserialize, Serialize};
+use support::{connect, test_config};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Model)]
+#[earnorm(collection = "monitored_books", cache(ttl = 300))]
+struct Book {
+    #[serde(rename = "_id", default, skip_serializing_if = "Option::is_none")]
+    id: Option<ObjectId>,
+    title: String,
+    copies: i64,
+}
+
+/// A config with the monitor checking every write.
+fn monitored(tag: &str) -> Config {
+    let mut config = test_config(tag);
+    config.cache_config.monitor = MonitorConfig {
+        enabled: true,
+        sample_one_in: 1,
+        ..MonitorConfig::default()
+    };
+    config
+}
+
+/// The monitor's report once `checks` checks are done.
+async fn after_checks(env: &Environment, checks: u64) -> MonitorReport {
+    let start = Instant::now();
+    loop {
+        let report = env.cache().monitor_report().expect("the monitor is on");
+        if report.checked >= checks {
+            return report;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{checks} checks done: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_is_checked_and_none_is_inconsistent_when_invalidations_work() {
+    writes_checked(monitored("monitor")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_in_process_tier_beside_redis_none_is_inconsistent_either() {
+    let mut config = monitored("monitor_tier");
+    config.cache_config.local.with_redis = true;
+    writes_checked(config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_in_process_tier_is_checked() {
+    let mut config = monitored("monitor_embedded");
+    config.redis_uri = None;
+    writes_checked(config).await;
+}
+
+/// Saves and reads records through `config`'s environment, then checks
+/// that every write was checked and none found inconsistent.
+async fn writes_checked(config: Config) {
+    let env = connect(config).await;
+    let mut books: Vec<Book> = (0..5)
+        .map(|n| Book {
+            id: None,
+            title: format!("book {n}"),
+            copies: n,
+        })
+        .collect();
+    let mut writes = 0;
+    for book in &mut books {
+        book.save().in_env(&env).await.expect("insert");
+        writes += 1;
+    }
+    for round in 0..3 {
+        for book in &mut books {
+            let id = book.id.expect("id");
+            let read = Book::find_by_id(id).in_env(&env).await.expect("find").expect("found");
+            assert_eq!(read.copies, book.copies, "round {round}: fresh");
+            book.copies += 10;
+            book.save().in_env(&env).await.expect("save");
+            writes += 1;
+        }
+    }
+    let report = after_checks(&env, writes).await;
+    assert_eq!(report.inconsistent, 0, "{report:?}");
+    assert_eq!(report.repaired, 0);
+    assert_eq!(report.windows.len(), 3);
+    for window in &report.windows {
+        assert_eq!(window.checked, report.checked, "every check is recent: {window:?}");
+        let nines = window.nines().expect("checks");
+        #[allow(clippy::cast_precision_loss)]
+        let floor = (report.checked as f64).log10();
+        assert!((nines - floor).abs() < 1e-9, "at least log10(checked) nines: {nines}");
+    }
+    // The monitor repaired nothing, and the reads are still served.
+    let id = books[0].id.expect("id");
+    let before = env.cache().stats().hits;
+    Book::find_by_id(id).in_env(&env).await.expect("find");
+    Book::find_by_id(id).in_env(&env).await.expect("find");
+    assert!(env.cache().stats().hits > before, "cached as usual");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_is_off_by_default_and_samples_one_write_in_n() {
+    let env = connect(test_config("monitor_off")).await;
+    assert!(env.cache().monitor_report().is_none(), "off by default");
+
+    let mut config = monitored("monitor_sampled");
+    config.cache_config.monitor.sample_one_in = 4;
+    let env = connect(config).await;
+    let mut book = Book {
+        id: None,
+        title: "sampled".into(),
+        copies: 0,
+    };
+    for copies in 0..8 {
+        book.copies = copies;
+        book.save().in_env(&env).await.expect("save");
+    }
+    let report = after_checks(&env, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report_later = env.cache().monitor_report().expect("on");
+    assert_eq!(report_later.checked, 2, "one write in four: {report:?}");
+    assert_eq!(report_later.inconsistent, 0);
+}
