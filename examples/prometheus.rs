@@ -8,6 +8,7 @@
 //! scripts/services.sh up
 //! cargo run --example prometheus -- 127.0.0.1:9000
 //! curl -s http://127.0.0.1:9000/metrics | grep earnorm_
+//! curl -s http://127.0.0.1:9000/metrics | grep earnorm_cache_monitor_
 //! ```
 //!
 //! The `metrics` facade is what EarnORM reports through; any exporter works.
@@ -18,6 +19,7 @@
 use std::time::Duration;
 
 use earnorm::bson::{doc, oid::ObjectId};
+use earnorm::cache_layer::MonitorConfig;
 use earnorm::prelude::*;
 use earnorm::Environment;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -33,6 +35,17 @@ pub struct User {
     pub name: String,
     #[serde(default)]
     pub logins: i64,
+}
+
+/// The consistency monitor as this example runs it: every write checked
+/// (in production, sample one in a hundred or so). Its nines are served as
+/// `earnorm_cache_monitor_nines{window="1m"|"5m"|"10m"}`.
+pub fn monitor() -> MonitorConfig {
+    MonitorConfig {
+        enabled: true,
+        sample_one_in: 1,
+        ..MonitorConfig::default()
+    }
 }
 
 /// Installs the Prometheus recorder as the process's `metrics` recorder.
@@ -101,6 +114,7 @@ async fn main() -> earnorm::Result<()> {
         redis_uri: Some(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())),
         cache_config: CacheConfig {
             prefix: "earnorm-metrics-demo:".into(),
+            monitor: monitor(),
             ..Default::default()
         },
         ..Default::default()

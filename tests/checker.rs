@@ -51,6 +51,7 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
     );
     assert_eq!(report.failed_calls, 0, "{}", report.to_json());
     assert_eq!(report.stale_reads, 0, "{}", report.to_json());
+    report.assert_monitor_consistent();
     // Concurrent partial updates and versioned saves of the same records:
     // every acknowledged one is in the database, none was refused.
     assert!(
@@ -138,6 +139,7 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
     println!("{}", takeover.to_json());
     assert_eq!(takeover.failed_calls, 0, "{}", takeover.to_json());
     assert_eq!(takeover.stale_reads, 0, "{}", takeover.to_json());
+    takeover.assert_monitor_consistent();
     assert!(
         takeover.faults.iter().any(|f| f.contains("stepped down: true")),
         "the cut-off leader stepped down: {:?}",

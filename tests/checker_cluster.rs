@@ -27,6 +27,7 @@ async fn on_a_cluster_no_stale_reads_through_master_kills_and_failovers() {
     assert_eq!(report.recoveries_ms.len(), 2, "both were recovered from");
     assert_eq!(report.failed_calls, 0, "{}", report.to_json());
     assert_eq!(report.stale_reads, 0, "{}", report.to_json());
+    report.assert_monitor_consistent();
     assert!(
         report.outside_window_max_ms <= 2_000,
         "an outside write stayed stale for {} ms: {}",

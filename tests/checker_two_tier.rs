@@ -27,6 +27,7 @@ async fn the_two_tier_mode_never_serves_a_writer_its_old_value_and_bounds_the_ot
         "in the writer's own process: {}",
         report.to_json()
     );
+    report.assert_monitor_consistent();
     assert!(
         report.cross_window_max_us <= 1_000_000,
         "another process served an old value for {} us: {}",
@@ -54,6 +55,7 @@ async fn the_two_tier_mode_never_serves_a_writer_its_old_value_and_bounds_the_ot
     assert!(calm.local_hits > 500, "served in process: {}", calm.summary());
     assert_eq!(calm.failed_calls, 0, "{}", calm.to_json());
     assert_eq!(calm.stale_reads, 0, "in the writer's own process: {}", calm.to_json());
+    calm.assert_monitor_consistent();
     assert!(
         calm.cross_window_max_us <= 1_000_000,
         "another process served an old value for {} us: {}",

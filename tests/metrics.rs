@@ -32,10 +32,17 @@ fn sample(text: &str, parts: &[&str]) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A test environment with the consistency monitor as the example runs it.
+async fn monitored_env(tag: &str) -> earnorm::Environment {
+    let mut config = support::test_config(tag);
+    config.cache_config.monitor = prometheus::monitor();
+    support::connect(config).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prometheus_example_shows_the_counters_moving() {
     let handle = prometheus::install_recorder();
-    let env = support::test_env("metrics").await;
+    let env = monitored_env("metrics").await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     tokio::spawn(prometheus::serve(listener, handle));
@@ -71,9 +78,23 @@ async fn the_prometheus_example_shows_the_counters_moving() {
     }
 
     prometheus::workload(&env).await.expect("workload");
+    // The consistency monitor's checks run a delay after each write.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let second = scrape(addr).await;
     assert_eq!((hits(&second), misses(&second)), (2.0, 2.0), "{second}");
     assert!(writes(&second) >= writes(&first) + 2.0);
+    let checked = sample(&second, &["earnorm_cache_monitor_checked_total{", &model]);
+    assert!(checked >= 4.0, "both rounds' writes checked: {second}");
+    assert_eq!(
+        sample(&second, &["earnorm_cache_monitor_inconsistent_total{"]),
+        0.0,
+        "none inconsistent: {second}"
+    );
+    let nines = sample(&second, &["earnorm_cache_monitor_nines{", "window=\"1m\""]);
+    assert!(
+        (nines - (checked + 1.0).log10()).abs() < 1e-9,
+        "the nines of the last minute, none inconsistent: log10(checked + 1): {second}"
+    );
 
     // Bug: the `model` label was `DATABASE.COLLECTION`, so every database
     // (tenant) added its own series. Another database's environment adds
@@ -84,7 +105,7 @@ async fn the_prometheus_example_shows_the_counters_moving() {
             .map(|l| l.rsplit_once(' ').map_or(l, |(series, _)| series).to_owned())
             .collect::<std::collections::BTreeSet<_>>()
     };
-    let tenant = support::test_env("metrics_tenant").await;
+    let tenant = monitored_env("metrics_tenant").await;
     prometheus::workload(&tenant).await.expect("workload");
     let third = scrape(addr).await;
     assert_eq!(series(&third), series(&second), "no new series for another database");

@@ -66,7 +66,7 @@ pub(crate) struct Inner {
     /// The computations in flight in this process (see `crate::flight`);
     /// forgotten by `invalidate.rs` alone.
     pub(crate) flights: Flights,
-    names: Names,
+    pub(crate) names: Names,
     /// The in-process tier, when it is on (see `crate::local`).
     pub(crate) local: Option<Arc<Local>>,
     /// Leases and bookkeeping values when there is no Redis to keep them

@@ -78,9 +78,10 @@ pub struct MonitorWindow {
 
 impl MonitorWindow {
     /// The consistency as nines: `-log10(inconsistent / checked)` (3.0 is
-    /// 99.9%). When nothing was inconsistent, the consistency is known only
-    /// to be at least `log10(checked)` nines, which is what this gives.
-    /// `None` when nothing was checked.
+    /// 99.9%). When nothing was inconsistent, the rate is only known to be
+    /// below one in `checked`: this gives `log10(checked + 1)`, just above
+    /// what one inconsistency would give, so that fewer inconsistencies
+    /// always show more nines. `None` when nothing was checked.
     pub fn nines(&self) -> Option<f64> {
         if self.checked == 0 {
             return None;
@@ -88,7 +89,7 @@ impl MonitorWindow {
         #[allow(clippy::cast_precision_loss)]
         let (checked, inconsistent) = (self.checked as f64, self.inconsistent as f64);
         Some(if self.inconsistent == 0 {
-            checked.log10()
+            (checked + 1.0).log10()
         } else {
             -(inconsistent / checked).log10()
         })
@@ -113,6 +114,9 @@ struct Second {
 /// The monitor of one manager.
 pub(crate) struct Monitor {
     config: MonitorConfig,
+    /// The manager's prefix: the nines gauge's label (as the status
+    /// gauge's), so that managers of one process keep theirs apart.
+    prefix: String,
     /// The delay actually waited (see [`MonitorConfig::delay`]).
     pub(crate) delay: Duration,
     writes: AtomicU64,
@@ -140,6 +144,7 @@ impl Monitor {
         }
         Some(Self {
             config: settings,
+            prefix: config.namespace(),
             delay,
             writes: AtomicU64::new(0),
             checked: AtomicU64::new(0),
@@ -156,13 +161,14 @@ impl Monitor {
         self.writes.fetch_add(1, Relaxed).is_multiple_of(n)
     }
 
-    /// Counts one check of `model`.
-    pub(crate) fn count(&self, model: &str, inconsistent: bool) {
+    /// Counts one check of a model's scope; `labels`: the model's metric
+    /// labels (as every per-model metric has them).
+    pub(crate) fn count(&self, labels: &[(&'static str, String)], inconsistent: bool) {
         self.checked.fetch_add(1, Relaxed);
-        metrics::counter!("earnorm_cache_monitor_checked_total", "model" => model.to_owned()).increment(1);
+        metrics::counter!("earnorm_cache_monitor_checked_total", labels).increment(1);
         if inconsistent {
             self.inconsistent.fetch_add(1, Relaxed);
-            metrics::counter!("earnorm_cache_monitor_inconsistent_total", "model" => model.to_owned()).increment(1);
+            metrics::counter!("earnorm_cache_monitor_inconsistent_total", labels).increment(1);
         }
         let at = self.started.elapsed().as_secs();
         let mut seconds = self.seconds.lock().unwrap_or_else(PoisonError::into_inner);
@@ -186,7 +192,8 @@ impl Monitor {
         for window in &windows {
             if let Some(nines) = window.nines() {
                 let label = format!("{}m", window.span.as_secs() / 60);
-                metrics::gauge!("earnorm_cache_monitor_nines", "window" => label).set(nines);
+                metrics::gauge!("earnorm_cache_monitor_nines", "prefix" => self.prefix.clone(), "window" => label)
+                    .set(nines);
             }
         }
     }

@@ -362,6 +362,14 @@ impl Names {
         )
     }
 
+    /// The metric labels of `namespace` (see [`LabelRule`]).
+    pub(crate) fn labels(&self, namespace: &str) -> Vec<(&'static str, String)> {
+        self.rule
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .labels(namespace)
+    }
+
     /// Labels the namespaces of `database` (`DATABASE.NAME`) by `NAME`
     /// alone, and by `database` too when `database_label` (see
     /// `CacheConfig::metrics_database_label`). Applies to names first used

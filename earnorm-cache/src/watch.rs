@@ -161,7 +161,7 @@ async fn check(manager: Weak<Inner>, watched: Vec<Watched>, source: Invalidation
                 }
             }
         }
-        monitor.count(&scope.model, !found.is_empty());
+        monitor.count(&manager.inner.names.labels(&scope.model), !found.is_empty());
         for place in ["redis", "in-process tier"] {
             let here: Vec<&String> = found.iter().filter(|(p, _)| *p == place).map(|(_, n)| *n).collect();
             if here.is_empty() {

@@ -162,6 +162,10 @@ pub struct CheckerConfig {
     /// takes over), restarted empty (it rejoins as a replica), and a
     /// manual failover; both environments connect directly.
     pub cluster: bool,
+    /// The consistency monitor on in both environments, checking every
+    /// write (`CacheConfig::monitor`); the report counts what it checked
+    /// and found.
+    pub monitor: bool,
 }
 
 impl Default for CheckerConfig {
@@ -185,6 +189,7 @@ impl Default for CheckerConfig {
             local: false,
             bulk_writes: true,
             cluster: false,
+            monitor: true,
         }
     }
 }
@@ -261,6 +266,12 @@ pub struct Report {
     pub tally_conflicts: u64,
     /// Reads or writes that returned an error.
     pub failed_calls: u64,
+    /// Write scopes the consistency monitor checked (both environments).
+    pub monitor_checked: u64,
+    /// Those it found inconsistent.
+    pub monitor_inconsistent: u64,
+    /// Generations it repaired.
+    pub monitor_repaired: u64,
     /// Read latency percentiles and maximum, microseconds.
     pub p50_us: u64,
     /// 99th percentile.
@@ -287,6 +298,25 @@ impl Report {
         self.recoveries_ms.iter().copied().max().unwrap_or(0)
     }
 
+    /// Checks that the consistency monitor checked writes and found none
+    /// inconsistent (with every write sampled).
+    ///
+    /// # Panics
+    /// When it checked nothing or found an inconsistency.
+    pub fn assert_monitor_consistent(&self) {
+        assert!(
+            self.monitor_checked > 0,
+            "the monitor checked writes: {}",
+            self.to_json()
+        );
+        assert_eq!(
+            self.monitor_inconsistent,
+            0,
+            "the monitor found no inconsistency: {}",
+            self.to_json()
+        );
+    }
+
     /// The longest reconnection.
     pub fn max_reconnect_ms(&self) -> u64 {
         self.reconnects_ms.iter().copied().max().unwrap_or(0)
@@ -301,7 +331,7 @@ impl Report {
     }
 
     /// The figures, named, in report order (shared by the JSON and the summary).
-    fn figures(&self) -> [(&'static str, u64); 32] {
+    fn figures(&self) -> [(&'static str, u64); 35] {
         [
             ("local_hits", self.local_hits),
             ("cross_stale_reads", self.cross_stale_reads),
@@ -335,6 +365,9 @@ impl Report {
             ("max_recovery_ms", self.max_recovery_ms()),
             ("health_check_interval_ms", self.health_check_interval_ms),
             ("recoveries", self.recoveries_ms.len() as u64),
+            ("monitor_checked", self.monitor_checked),
+            ("monitor_inconsistent", self.monitor_inconsistent),
+            ("monitor_repaired", self.monitor_repaired),
         ]
     }
 
@@ -530,6 +563,11 @@ pub async fn run(config: &CheckerConfig) -> Report {
     cache_config.health_check_interval = config.health_check_interval;
     cache_config.connect_timeout = Duration::from_millis(100);
     cache_config.local.with_redis = config.local;
+    cache_config.monitor = earnorm::cache_layer::MonitorConfig {
+        enabled: config.monitor,
+        sample_one_in: 1,
+        ..Default::default()
+    };
     let env_config = earnorm::Config {
         mongo_uri: require_mongo(),
         database: name.clone(),
@@ -764,6 +802,17 @@ pub async fn run(config: &CheckerConfig) -> Report {
         report.local_hits += stats.local_hits;
         report.misses += stats.misses;
         report.fallbacks += stats.fallbacks;
+    }
+    if config.monitor {
+        // The checks of the last writes run a delay after them.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for env in &envs {
+            if let Some(monitor) = env.cache().monitor_report() {
+                report.monitor_checked += monitor.checked;
+                report.monitor_inconsistent += monitor.inconsistent;
+                report.monitor_repaired += monitor.repaired;
+            }
+        }
     }
     let _ = envs[0].database().drop().await;
     report
