@@ -185,6 +185,12 @@ async fn main() {
         cluster_group(&redis, rounds, per_round, quick).await;
         return;
     }
+    if std::env::args().any(|a| a == "--monitor") {
+        // The consistency monitor's cost (group 11), printed, not written.
+        println!("| benchmark | median | notes |\n|---|---|---|");
+        monitor_group(&redis, rounds, per_round).await;
+        return;
+    }
     if std::env::args().any(|a| a == "--local") {
         // The in-process tier's group alone (group 9), printed, not written.
         println!("| benchmark | median | notes |\n|---|---|---|");
@@ -1399,6 +1405,109 @@ async fn cluster_group(redis: &RedisServer, rounds: usize, per_round: usize, qui
         &format!("{} of one server: the 2 generations' masters at once", inv.ratio(1, 0)),
     );
     for env in [node, clustered] {
+        let _ = env.database().drop().await;
+    }
+}
+
+/// Group 11, the consistency monitor's cost: a `#[cached]` hit and a save
+/// of one record with the monitor off and on (every write sampled), in
+/// alternating rounds on one Redis, and the commands Redis ran per save
+/// (`INFO stats` before and after a series of saves).
+async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
+    let off = env_on(&redis.url(), "bench_monitor_off", false).await;
+    let on = {
+        let mut config = test_config("bench_monitor_on");
+        config.redis_uri = Some(redis.url());
+        config.cache_config = earnorm::CacheConfig {
+            operation_timeout: Duration::from_secs(2),
+            monitor: earnorm::cache_layer::MonitorConfig {
+                enabled: true,
+                sample_one_in: 1,
+                ..Default::default()
+            },
+            ..fast_cache_config(&config.database)
+        };
+        connect(config).await
+    };
+    let mut users = Vec::new();
+    for env in [&off, &on] {
+        let mut user = User { id: None, n: 1 };
+        user.save().in_env(env).await.expect("save");
+        env.scope(user.profile()).await.expect("fill");
+        users.push(Arc::new(user));
+    }
+    let hit = |env: &Environment, user: &Arc<User>| {
+        let (env, user) = (env.clone(), Arc::clone(user));
+        Closure(move || {
+            let (env, user) = (env.clone(), Arc::clone(&user));
+            async move {
+                std::hint::black_box(env.scope(user.profile()).await.expect("hit"));
+            }
+        })
+    };
+    let (mut hit_off, mut hit_on) = (hit(&off, &users[0]), hit(&on, &users[1]));
+    let hits = compare(rounds, per_round, [&mut hit_off, &mut hit_on]).await;
+    row("11a. `#[cached]` hit, monitor off", &us(hits.median(0)), "");
+    row(
+        "11b. `#[cached]` hit, monitor on (every write)",
+        &us(hits.median(1)),
+        &format!("{} of off: it never runs on a read", hits.ratio(1, 0)),
+    );
+    let save = |env: &Environment, n: i64| {
+        let env = env.clone();
+        let user = Arc::new(std::sync::Mutex::new(User { id: None, n }));
+        Closure(move || {
+            let (env, user) = (env.clone(), Arc::clone(&user));
+            async move {
+                let mut current = user.lock().expect("lock").clone();
+                current.n += 1;
+                current.save().in_env(&env).await.expect("save");
+                *user.lock().expect("lock") = current;
+            }
+        })
+    };
+    let (mut save_off, mut save_on) = (save(&off, 0), save(&on, 0));
+    let saves = compare(rounds, per_round / 10, [&mut save_off, &mut save_on]).await;
+    row("11c. save of one record, monitor off", &us(saves.median(0)), "");
+    row(
+        "11d. save of one record, monitor on (every write)",
+        &us(saves.median(1)),
+        &format!(
+            "{} of off: one more pipelined round trip before the invalidation",
+            saves.ratio(1, 0)
+        ),
+    );
+    // Commands per save, off and on (the checks run 50 ms after each).
+    let mut info = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut per_save = Vec::new();
+    for env in [&off, &on] {
+        let processed = |text: String| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix("total_commands_processed:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let before: String = redis::cmd("INFO").arg("stats").query_async(&mut info).await.expect("info");
+        let mut user = User { id: None, n: 0 };
+        for n in 0..200 {
+            user.n = n;
+            user.save().in_env(env).await.expect("save");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let after: String = redis::cmd("INFO").arg("stats").query_async(&mut info).await.expect("info");
+        #[allow(clippy::cast_precision_loss)]
+        per_save.push((processed(after) - processed(before)) as f64 / 200.0);
+    }
+    row(
+        "11e. Redis commands per save, monitor off / on",
+        &format!("{:.1} / {:.1}", per_save[0], per_save[1]),
+        "each includes the heartbeats of the interval (one INFO is one command too)",
+    );
+    for env in [off, on] {
         let _ = env.database().drop().await;
     }
 }

@@ -7,7 +7,8 @@
 # BENCHMARKS.md). `scripts/bench.sh --quick` for a
 # short smoke run; one group alone, printed and not written: `--local` (the
 # in-process tier), `--feed`, `--batch` (find_many_by_ids), `--cluster` (a
-# private three-master Redis Cluster against one server); diagnostics:
+# private three-master Redis Cluster against one server), `--monitor` (the
+# consistency monitor's cost); diagnostics:
 # `--micro`, `--micro-batch` (a cold batch's lookup in redis-rs alone), and
 # for `perf record`: `--profile-hit`, `--profile-local`, `--profile-batch`. The benchmarks start their own redis-server processes; they
 # need redis-server and redis-benchmark (Debian: redis-server, redis-tools).
