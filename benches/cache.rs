@@ -1281,23 +1281,8 @@ async fn cluster_group(redis: &RedisServer, rounds: usize, per_round: usize, qui
     let cluster = support::RedisCluster::start();
     let node = env_on(&redis.url(), "bench_node", false).await;
     let clustered = env_on(&cluster.url(), "bench_cluster", false).await;
-    let mut users = Vec::new();
-    for env in [&node, &clustered] {
-        let mut user = User { id: None, n: 1 };
-        user.save().in_env(env).await.expect("save");
-        env.scope(user.profile()).await.expect("fill");
-        users.push(Arc::new(user));
-    }
-    let hit = |env: &Environment, user: &Arc<User>| {
-        let (env, user) = (env.clone(), Arc::clone(user));
-        Closure(move || {
-            let (env, user) = (env.clone(), Arc::clone(&user));
-            async move {
-                std::hint::black_box(env.scope(user.profile()).await.expect("hit"));
-            }
-        })
-    };
-    let (mut on_node, mut on_cluster) = (hit(&node, &users[0]), hit(&clustered, &users[1]));
+    let users = [filled_user(&node).await, filled_user(&clustered).await];
+    let (mut on_node, mut on_cluster) = (profile_hits(&node, &users[0]), profile_hits(&clustered, &users[1]));
     let hits = compare(rounds, per_round, [&mut on_node, &mut on_cluster]).await;
     let before = clustered.cache().stats();
     row(
@@ -1409,6 +1394,26 @@ async fn cluster_group(redis: &RedisServer, rounds: usize, per_round: usize, qui
     }
 }
 
+/// A saved user whose `#[cached]` profile `env` holds.
+async fn filled_user(env: &Environment) -> Arc<User> {
+    let mut user = User { id: None, n: 1 };
+    user.save().in_env(env).await.expect("save");
+    env.scope(user.profile()).await.expect("fill");
+    Arc::new(user)
+}
+
+/// Contender: `user`'s `#[cached]` profile read in `env` (a hit once
+/// filled).
+fn profile_hits(env: &Environment, user: &Arc<User>) -> impl Contender {
+    let (env, user) = (env.clone(), Arc::clone(user));
+    Closure(move || {
+        let (env, user) = (env.clone(), Arc::clone(&user));
+        async move {
+            std::hint::black_box(env.scope(user.profile()).await.expect("hit"));
+        }
+    })
+}
+
 /// Group 11, the consistency monitor's cost: a `#[cached]` hit and a save
 /// of one record with the monitor off and on (every write sampled), in
 /// alternating rounds on one Redis, and the commands Redis ran per save
@@ -1429,23 +1434,8 @@ async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
         };
         connect(config).await
     };
-    let mut users = Vec::new();
-    for env in [&off, &on] {
-        let mut user = User { id: None, n: 1 };
-        user.save().in_env(env).await.expect("save");
-        env.scope(user.profile()).await.expect("fill");
-        users.push(Arc::new(user));
-    }
-    let hit = |env: &Environment, user: &Arc<User>| {
-        let (env, user) = (env.clone(), Arc::clone(user));
-        Closure(move || {
-            let (env, user) = (env.clone(), Arc::clone(&user));
-            async move {
-                std::hint::black_box(env.scope(user.profile()).await.expect("hit"));
-            }
-        })
-    };
-    let (mut hit_off, mut hit_on) = (hit(&off, &users[0]), hit(&on, &users[1]));
+    let users = [filled_user(&off).await, filled_user(&on).await];
+    let (mut hit_off, mut hit_on) = (profile_hits(&off, &users[0]), profile_hits(&on, &users[1]));
     let hits = compare(rounds, per_round, [&mut hit_off, &mut hit_on]).await;
     row("11a. `#[cached]` hit, monitor off", &us(hits.median(0)), "");
     row(
@@ -1491,14 +1481,22 @@ async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(0)
         };
-        let before: String = redis::cmd("INFO").arg("stats").query_async(&mut info).await.expect("info");
+        let before: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut info)
+            .await
+            .expect("info");
         let mut user = User { id: None, n: 0 };
         for n in 0..200 {
             user.n = n;
             user.save().in_env(env).await.expect("save");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let after: String = redis::cmd("INFO").arg("stats").query_async(&mut info).await.expect("info");
+        let after: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut info)
+            .await
+            .expect("info");
         #[allow(clippy::cast_precision_loss)]
         per_save.push((processed(after) - processed(before)) as f64 / 200.0);
     }
