@@ -205,7 +205,10 @@ impl CacheManager {
             return None;
         }
         let conn = self.connection();
-        if conn.is_enabled() && !conn.serves_covered(held.feed_covered) {
+        // A master of a cluster down may be cut off from this process alone,
+        // its invalidation pushes with it: nothing is served in process
+        // until the connection is replaced (see `connection/cluster.rs`).
+        if conn.is_enabled() && (!conn.serves_covered(held.feed_covered) || conn.has_master_down()) {
             return None;
         }
         let value = match &held.kept {

@@ -190,6 +190,7 @@ impl Connection {
             return;
         }
         let pipe = invalidation(&self.namespace, scopes.iter().copied());
+        let sent_on = self.link.published_id();
         let master_down = AtomicBool::new(false);
         let master_down_seen = &master_down;
         let sent = self
@@ -202,18 +203,24 @@ impl Connection {
             })
             .await;
         if sent.is_err() {
-            // Queued, so that the rule of the outbox holds: the replay
-            // happens before any further read of what it deletes.
-            self.outbox.defer(scopes);
             self.count_deferred();
-            if master_down.load(Ordering::Relaxed) {
-                // Only masters marked down missed it (their slots are read
-                // by nobody here until the connection is replaced); the
-                // other masters took it. This manager now holds it: it
-                // stops counting as present, so that the others serve no
-                // hits meanwhile (see `presence.rs`).
+            // Only masters marked down missed it (their slots are read by
+            // nobody here until the connection is replaced); the other
+            // masters took it. Held for them, under the outbox lock, only
+            // while the connection it was sent on is still the published
+            // one: a connection published since was checked without it.
+            // This manager then stops counting as present, so that the
+            // others serve no hits meanwhile (see `presence.rs`).
+            let held = master_down.load(Ordering::Relaxed)
+                && sent_on.is_some()
+                && self.outbox.defer_while(|| self.link.published_id() == sent_on, scopes);
+            if held {
                 tracing::debug!("an invalidation waits for a master down; the other masters took it");
             } else {
+                // Queued, and the connection dropped, so that the rule of
+                // the outbox holds: the replay happens before any further
+                // read.
+                self.outbox.defer(scopes);
                 self.drop_published("an invalidation could not be sent");
             }
         }

@@ -232,7 +232,9 @@ impl CacheManager {
         budget: &mut Duration,
     ) -> (Lookup, bool, Option<Duration>) {
         let local = self.local_for(key);
-        if let (Some(local), None) = (local, extra) {
+        // With a master of a cluster down, the generations are read: a read
+        // that needs that master must fail, not be served on known tokens.
+        if let (Some(local), None, false) = (local, extra, self.connection().has_master_down()) {
             if let Some(known) = local.known(key) {
                 let (lookup, left) = self.lookup_known(key, known, want_ttl, budget).await;
                 return (lookup, false, left);

@@ -144,7 +144,8 @@
 //! not, it repairs and reports, with the consistency as nines over 1, 5 and
 //! 10 minutes ([`CacheManager::monitor_report`], metrics
 //! `earnorm_cache_monitor_*`). Writers call [`CacheManager::watch_write`]
-//! right before [`CacheManager::invalidate_from`]; EarnORM's writes and
+//! right before [`CacheManager::invalidate_from`], and drop the
+//! [`WriteWatch`] it returns once that returned; EarnORM's writes and
 //! database feed do. The argument is in the `monitor` module: it sees
 //! invalidations lost, skipped or undone, not yet a value computed from a
 //! read older than the write and stored under newer generations.
@@ -287,3 +288,4 @@ pub use monitor::{MonitorReport, MonitorWindow};
 pub use redact::redact_url;
 pub use scope::Scope;
 pub use stats::{CacheStats, ConnectionStatus, InvalidationSource, NamedStats};
+pub use watch::WriteWatch;

@@ -20,7 +20,8 @@
 //!    ones that are absent (`SET NX GET`, as a lookup does: a reader that
 //!    starts from here on computes under that token). In this process's
 //!    tier it notes the counter of each generation's stripe;
-//! 2. after [`MonitorConfig::delay`], reads the tokens again. A generation
+//! 2. after [`MonitorConfig::delay`], counted from when the invalidation
+//!    returned (the `WriteWatch` is dropped then), reads the tokens again. A generation
 //!    that still holds the same token was not replaced: every value under
 //!    it (computed before the write, or from a read that raced it) can be
 //!    served. In the tier, a stripe whose counter did not move means that

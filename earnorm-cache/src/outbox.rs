@@ -123,6 +123,18 @@ impl Outbox {
         self.lock().add(scopes);
     }
 
+    /// Queues `scopes` if `still()` holds, checked under the outbox lock
+    /// (under which connections are published). Returns whether they were
+    /// queued.
+    pub(crate) fn defer_while(&self, still: impl FnOnce() -> bool, scopes: &[Scope<'_>]) -> bool {
+        let mut queue = self.lock();
+        if !still() {
+            return false;
+        }
+        queue.add(scopes);
+        true
+    }
+
     /// Whether anything is queued.
     pub(crate) fn holds_any(&self) -> bool {
         !self.lock().is_empty()

@@ -34,14 +34,18 @@ impl CacheManager {
     /// Tells the consistency monitor (when it is on, see [`MonitorConfig`](crate::MonitorConfig))
     /// of a write to `scopes` that has committed and whose invalidation is
     /// about to be sent: call it right before
-    /// [`invalidate_from`](Self::invalidate_from), never after. When the
-    /// write is sampled, reads the generations it must replace (one round
-    /// trip) and checks them again after the monitor's delay, in a task of
-    /// its own. The ORM and the database feed call it for every write.
-    pub async fn watch_write(&self, scopes: &[Scope<'_>], source: InvalidationSource) {
-        let Some(monitor) = &self.inner.monitor else { return };
+    /// [`invalidate_from`](Self::invalidate_from), never after, and drop
+    /// what it returns once the invalidation returned. When the write is
+    /// sampled, reads the generations it must replace (one round trip);
+    /// the returned [`WriteWatch`], dropped, checks them again after the
+    /// monitor's delay, in a task of its own. The ORM and the database feed
+    /// call it for every write.
+    pub async fn watch_write(&self, scopes: &[Scope<'_>], source: InvalidationSource) -> WriteWatch {
+        let Some(monitor) = &self.inner.monitor else {
+            return WriteWatch(None);
+        };
         if scopes.is_empty() || !monitor.samples() {
-            return;
+            return WriteWatch(None);
         }
         let written_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -86,24 +90,63 @@ impl CacheManager {
                 .await;
             let Ok(found) = found else {
                 // Not checked: nothing is known of the generations before.
-                return;
+                return WriteWatch(None);
             };
             let mut tokens = fresh.into_iter().zip(found).map(|(fresh, found)| created(fresh, found));
             for generation in watched.iter_mut().flat_map(|w| w.generations.iter_mut()) {
                 generation.1 = tokens.next();
             }
         }
-        let weak = Arc::downgrade(&self.inner);
-        let delay = monitor.delay;
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            check(weak, watched, source, written_at).await;
-        });
+        WriteWatch(Some(Pending {
+            manager: Arc::downgrade(&self.inner),
+            watched,
+            source,
+            written_at,
+            delay: monitor.delay,
+        }))
     }
 
     /// What the consistency monitor has found, when it is on.
     pub fn monitor_report(&self) -> Option<MonitorReport> {
         self.inner.monitor.as_ref().map(Monitor::report)
+    }
+}
+
+/// A sampled write's check, started when this is dropped: after the
+/// write's invalidation returned (or was skipped), so that the delay runs
+/// from there. See [`CacheManager::watch_write`].
+#[must_use = "dropped at once, the check would start before the invalidation is sent"]
+#[derive(Default)]
+pub struct WriteWatch(Option<Pending>);
+
+impl std::fmt::Debug for WriteWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteWatch")
+            .field("sampled", &self.0.is_some())
+            .finish()
+    }
+}
+
+/// What a sampled write's check needs.
+struct Pending {
+    manager: Weak<Inner>,
+    watched: Vec<Watched>,
+    source: InvalidationSource,
+    written_at: u128,
+    delay: std::time::Duration,
+}
+
+impl Drop for WriteWatch {
+    fn drop(&mut self) {
+        let Some(pending) = self.0.take() else { return };
+        // Outside a Tokio runtime there is nothing to run the check on.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            tokio::time::sleep(pending.delay).await;
+            check(pending.manager, pending.watched, pending.source, pending.written_at).await;
+        });
     }
 }
 

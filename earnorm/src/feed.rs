@@ -558,8 +558,9 @@ impl Feed {
             );
             // Never fails: what cannot reach Redis now is queued, and
             // replayed before any value is served again.
-            self.cache.watch_write(&scopes, InvalidationSource::Feed).await;
+            let watch = self.cache.watch_write(&scopes, InvalidationSource::Feed).await;
             self.cache.invalidate_from(&scopes, InvalidationSource::Feed).await;
+            drop(watch);
             self.counters.batches.fetch_add(1, Relaxed);
         }
         let now = now_ms();

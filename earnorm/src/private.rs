@@ -332,5 +332,7 @@ pub const fn assert_model<M: Model>() {}
 
 /// A deliberately broken build, for the consistency monitor's tests: while
 /// set, writes through the ORM skip their invalidation (the consistency
-/// monitor still sees them). Never set it outside a test.
+/// monitor still sees them). Only with the `test-hooks` feature, which no
+/// application should enable.
+#[cfg(feature = "test-hooks")]
 pub static WRITE_INVALIDATIONS_SKIPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

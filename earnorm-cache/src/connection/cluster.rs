@@ -210,7 +210,15 @@ impl Cluster {
                         all.sort();
                         all
                     };
-                    if addresses(&table) != addresses(&current) {
+                    // A slot of a master down that another master serves
+                    // now spends it too: what that master missed (queued
+                    // here) must not be read from the other.
+                    let moved_from_down = current.owner.iter().zip(&table.owner).any(|(&was, &now)| {
+                        let was = current.masters.get(usize::from(was));
+                        let now = table.masters.get(usize::from(now));
+                        was.is_some_and(|was| was.is_down() && now.is_none_or(|now| now.address != was.address))
+                    });
+                    if addresses(&table) != addresses(&current) || moved_from_down {
                         self.inner.changed.store(true, Ordering::SeqCst);
                     }
                     *self.inner.table.write().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&table);
@@ -272,6 +280,11 @@ impl Cluster {
                 "no master of the cluster answered",
             )))
         }
+    }
+
+    /// Whether a master is marked down.
+    pub(crate) fn has_master_down(&self) -> bool {
+        self.table().masters.iter().any(Master::is_down)
     }
 
     /// Whether a master marked down answers again on a new connection
@@ -399,6 +412,25 @@ impl Cluster {
             async move { self.send_one(Some(slot), &cmd).await.map(|answer| (positions, answer)) }
         });
         let answers = futures_util::future::join_all(parts).await;
+        // A master down is reported as such only when no other part failed
+        // otherwise (see `pipeline`).
+        let mut failures = answers.iter().filter_map(|answer| answer.as_ref().err());
+        if let Some(first) = failures.next() {
+            let other = std::iter::once(first)
+                .chain(failures)
+                .find(|err| !is_master_unreachable(err))
+                .or(Some(first));
+            let answered_with_error = answers
+                .iter()
+                .any(|answer| matches!(answer, Ok((_, Value::ServerError(_)))));
+            return Err(match other {
+                Some(err) if is_master_unreachable(err) && answered_with_error => {
+                    client_error("a command failed on a master down and on another")
+                }
+                Some(err) => err.clone(),
+                None => client_error("a split command failed"),
+            });
+        }
         if name == "MGET" {
             let mut values = vec![Value::Nil; keys.len()];
             for answer in answers {
@@ -477,7 +509,17 @@ impl Cluster {
             }
         }
         if let Some(err) = failed {
-            return Err(err);
+            // A master down is reported as such only when every other
+            // command was answered without an error or a redirection.
+            let clean = answers
+                .iter()
+                .flatten()
+                .all(|answer| !matches!(answer, Value::ServerError(_)));
+            return Err(if is_master_unreachable(&err) && !clean {
+                client_error("a pipeline failed on a master down and on another")
+            } else {
+                err
+            });
         }
         // Commands redirected (a slot moved meanwhile): sent again alone.
         for (at, answer) in answers.iter_mut().enumerate() {

@@ -56,6 +56,9 @@ pub(super) struct Link {
     /// Whether a check for a cluster's master down that answers again is
     /// under way (see [`Connection::check_returns`]).
     checking_returns: std::sync::atomic::AtomicBool,
+    /// Whether a master of the published cluster connection is marked
+    /// down (cleared when another connection is published).
+    master_down: std::sync::atomic::AtomicBool,
 }
 
 impl Link {
@@ -121,7 +124,16 @@ impl Connection {
         self.stop_serving();
         // A suspicion of an earlier connection does not carry over either.
         self.link.suspect.store(0, Ordering::Release);
+        self.link.master_down.store(false, Ordering::Release);
         *live = Some(Live { id, conn });
+    }
+
+    /// Whether a master of the published cluster connection is marked
+    /// down: reads that would skip the generations (the in-process tier's
+    /// known tokens) must then read them, so that a read touching that
+    /// master fails instead (see `cluster.rs`).
+    pub(crate) fn has_master_down(&self) -> bool {
+        self.link.master_down.load(Ordering::Acquire)
     }
 
     /// Runs `decide` while connection `id` stays published (under the lock
@@ -187,7 +199,10 @@ impl Connection {
             .map_err(|err| match err {
                 // A master of a cluster marked down: this call skips Redis,
                 // the connection stays (see `cluster.rs`).
-                CacheError::Redis(err) if is_master_unreachable(&err) => CacheError::Unavailable,
+                CacheError::Redis(err) if is_master_unreachable(&err) => {
+                    self.link.master_down.store(true, Ordering::Release);
+                    CacheError::Unavailable
+                }
                 err => err,
             })
             .inspect_err(|err| self.failed(live.id, err))
@@ -236,7 +251,11 @@ impl Connection {
     pub(super) async fn check_suspect(&self, id: u64) {
         let limit = self.config.connect_timeout;
         if let Some(live) = self.live().ok().filter(|live| live.id == id) {
-            match live.conn.ping_masters(limit).await {
+            let pinged = live.conn.ping_masters(limit).await;
+            if live.conn.has_master_down() {
+                self.link.master_down.store(true, Ordering::Release);
+            }
+            match pinged {
                 Ok(()) => debug!(url = %self.url, "Redis answered: it was slow, not gone"),
                 Err(err) if !is_connection_error(&err) => {
                     debug!(url = %self.url, error = %err, "Redis answered with an error: it was slow, not gone");

@@ -401,6 +401,11 @@ impl Connection {
 
     /// Removes this manager's heartbeat (it is leaving, not missing).
     pub(crate) async fn leave(&self) {
+        if self.holds_invalidations() {
+            // Its queued invalidations leave with it: the others must go
+            // on counting it missing until it is forgotten.
+            return;
+        }
         let key = self.keys().members();
         let member = self.presence.member.clone();
         // Sent even on a suspect connection: a heartbeat left behind would

@@ -114,6 +114,15 @@ impl Wire {
         }
     }
 
+    /// Whether a master of this cluster is marked down.
+    pub(crate) fn has_master_down(&self) -> bool {
+        match self {
+            #[cfg(feature = "cluster")]
+            Self::Cluster(cluster) => cluster.has_master_down(),
+            _ => false,
+        }
+    }
+
     /// On a cluster, the address of a master marked down that answers
     /// again on a new connection within `limit`.
     pub(crate) async fn returned_master(&self, limit: std::time::Duration) -> Option<String> {
