@@ -97,6 +97,7 @@ async fn writes_checked(config: Config) {
     let report = after_checks(&env, writes).await;
     assert_eq!(report.inconsistent, 0, "{report:?}");
     assert_eq!(report.repaired, 0);
+    assert_eq!(report.skipped, 0, "Redis answered every check");
     assert_eq!(report.windows.len(), 3);
     for window in &report.windows {
         assert_eq!(window.checked, report.checked, "every check is recent: {window:?}");

@@ -37,6 +37,10 @@
 //! invalidated in the tier, which is what the invalidation should have
 //! done.
 //!
+//! A sampled write whose generations cannot be read (Redis unavailable,
+//! or a master of a cluster down) is counted as skipped, not checked. Of a
+//! write touching many scopes, the first 64 are watched.
+//!
 //! **Cost.** Nothing on reads. On a sampled write, one pipelined round trip
 //! to Redis before its invalidation (a `SET NX GET` per generation), and
 //! one `MGET` after the delay, off the writer's path (plus one `DEL` for a
@@ -62,6 +66,10 @@ pub struct MonitorReport {
     /// Generations the monitor deleted in Redis, or invalidated in this
     /// process's tier, to repair what it found.
     pub repaired: u64,
+    /// Sampled writes that could not be checked (Redis unavailable when
+    /// the generations were to be read): the windows' nines say nothing of
+    /// those.
+    pub skipped: u64,
     /// The last 1, 5 and 10 minutes.
     pub windows: Vec<MonitorWindow>,
 }
@@ -124,6 +132,7 @@ pub(crate) struct Monitor {
     checked: AtomicU64,
     inconsistent: AtomicU64,
     pub(crate) repaired: AtomicU64,
+    skipped: AtomicU64,
     started: Instant,
     /// Checks by second, the last ten minutes.
     seconds: Mutex<VecDeque<Second>>,
@@ -151,6 +160,7 @@ impl Monitor {
             checked: AtomicU64::new(0),
             inconsistent: AtomicU64::new(0),
             repaired: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             started: Instant::now(),
             seconds: Mutex::new(VecDeque::new()),
         })
@@ -199,6 +209,12 @@ impl Monitor {
         }
     }
 
+    /// Counts a sampled write that could not be checked.
+    pub(crate) fn skip(&self) {
+        self.skipped.fetch_add(1, Relaxed);
+        metrics::counter!("earnorm_cache_monitor_skipped_total").increment(1);
+    }
+
     pub(crate) fn report(&self) -> MonitorReport {
         let at = self.started.elapsed().as_secs();
         let seconds = self.seconds.lock().unwrap_or_else(PoisonError::into_inner);
@@ -206,6 +222,7 @@ impl Monitor {
             checked: self.checked.load(Relaxed),
             inconsistent: self.inconsistent.load(Relaxed),
             repaired: self.repaired.load(Relaxed),
+            skipped: self.skipped.load(Relaxed),
             windows: windows(&seconds, at),
         }
     }

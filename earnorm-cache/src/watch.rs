@@ -56,6 +56,7 @@ impl CacheManager {
         let local = self.inner.local.as_deref();
         let mut watched: Vec<Watched> = scopes
             .iter()
+            .take(MAX_WATCHED_SCOPES)
             .map(|scope| {
                 let mut names = Vec::new();
                 keys.written_generations(*scope, &mut names);
@@ -90,6 +91,7 @@ impl CacheManager {
                 .await;
             let Ok(found) = found else {
                 // Not checked: nothing is known of the generations before.
+                monitor.skip();
                 return WriteWatch(None);
             };
             let mut tokens = fresh.into_iter().zip(found).map(|(fresh, found)| created(fresh, found));
@@ -111,6 +113,10 @@ impl CacheManager {
         self.inner.monitor.as_ref().map(Monitor::report)
     }
 }
+
+/// Most scopes of one write that are watched (the first ones): a bulk write
+/// touching thousands of records must not wait on thousands of reads.
+const MAX_WATCHED_SCOPES: usize = 64;
 
 /// A sampled write's check, started when this is dropped: after the
 /// write's invalidation returned (or was skipped), so that the delay runs
@@ -177,7 +183,10 @@ async fn check(manager: Weak<Inner>, watched: Vec<Watched>, source: Invalidation
         {
             Ok(now) => Some(now),
             // Not checked: Redis cannot tell now.
-            Err(_) => return,
+            Err(_) => {
+                monitor.skip();
+                return;
+            }
         }
     } else {
         None
