@@ -27,6 +27,8 @@ mod endpoint;
 mod failure;
 mod link;
 mod presence;
+#[cfg(feature = "cluster")]
+mod slots;
 mod supervisor;
 mod tracking;
 pub(crate) mod wire;

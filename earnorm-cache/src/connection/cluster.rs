@@ -59,6 +59,7 @@ use tracing::warn;
 
 use super::address::{at_address, split_address};
 use super::failure::{is_connection_error, is_master_unreachable, master_unreachable};
+use super::slots::{redirection, redirection_in, route, Redirection, Route};
 
 /// The number of hash slots of a Redis Cluster.
 const SLOTS: usize = 16_384;
@@ -412,24 +413,17 @@ impl Cluster {
             async move { self.send_one(Some(slot), &cmd).await.map(|answer| (positions, answer)) }
         });
         let answers = futures_util::future::join_all(parts).await;
-        // A master down is reported as such only when no other part failed
-        // otherwise (see `pipeline`).
-        let mut failures = answers.iter().filter_map(|answer| answer.as_ref().err());
-        if let Some(first) = failures.next() {
-            let other = std::iter::once(first)
-                .chain(failures)
+        let failures: Vec<&RedisError> = answers.iter().filter_map(|answer| answer.as_ref().err()).collect();
+        if let Some(&first) = failures.first() {
+            let worst = failures
+                .iter()
                 .find(|err| !is_master_unreachable(err))
-                .or(Some(first));
-            let answered_with_error = answers
+                .copied()
+                .unwrap_or(first);
+            let clean = !answers
                 .iter()
                 .any(|answer| matches!(answer, Ok((_, Value::ServerError(_)))));
-            return Err(match other {
-                Some(err) if is_master_unreachable(err) && answered_with_error => {
-                    client_error("a command failed on a master down and on another")
-                }
-                Some(err) => err.clone(),
-                None => client_error("a split command failed"),
-            });
+            return Err(reported(worst.clone(), clean));
         }
         if name == "MGET" {
             let mut values = vec![Value::Nil; keys.len()];
@@ -509,17 +503,11 @@ impl Cluster {
             }
         }
         if let Some(err) = failed {
-            // A master down is reported as such only when every other
-            // command was answered without an error or a redirection.
             let clean = answers
                 .iter()
                 .flatten()
                 .all(|answer| !matches!(answer, Value::ServerError(_)));
-            return Err(if is_master_unreachable(&err) && !clean {
-                client_error("a pipeline failed on a master down and on another")
-            } else {
-                err
-            });
+            return Err(reported(err, clean));
         }
         // Commands redirected (a slot moved meanwhile): sent again alone.
         for (at, answer) in answers.iter_mut().enumerate() {
@@ -618,153 +606,20 @@ async fn open(info: &ConnectionInfo, settings: &AsyncConnectionConfig) -> RedisR
         .await
 }
 
+/// The error a command split over masters (or a pipeline) reports, given
+/// its worst part's `err` (one other than a master down when there is one)
+/// and whether every part that answered answered `clean`ly (no error, no
+/// redirection): a master down only when nothing else is in doubt, since
+/// the caller then relies on the other masters having taken their part
+/// (see `outbox.rs`).
+fn reported(err: RedisError, clean: bool) -> RedisError {
+    if is_master_unreachable(&err) && !clean {
+        client_error("a command failed on a master down and on another")
+    } else {
+        err
+    }
+}
+
 fn client_error(what: &'static str) -> RedisError {
     RedisError::from((ErrorKind::Client, what))
-}
-
-/// Where a command goes.
-enum Route {
-    /// To the master of this slot.
-    Slot(u16),
-    /// Split by slot: a multi-key command (its name) and its keys' slots.
-    Split(String, Vec<(u16, Vec<u8>)>),
-    /// Anywhere (no key).
-    Any,
-    /// To every master (`SCRIPT LOAD`: a script runs where its keys are).
-    Every,
-}
-
-/// Where `cmd` goes: by the slot of its key (the commands this crate sends
-/// name it first, but scripts, after the script and the number of keys),
-/// split when a multi-key command names several slots, anywhere when it
-/// names none.
-fn route(cmd: &Cmd) -> Route {
-    let args: Vec<&[u8]> = cmd
-        .args_iter()
-        .filter_map(|arg| match arg {
-            redis::Arg::Simple(bytes) => Some(bytes),
-            _ => None,
-        })
-        .collect();
-    let Some(name) = args.first().map(|name| name.to_ascii_uppercase()) else {
-        return Route::Any;
-    };
-    match name.as_slice() {
-        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" => match args.get(3) {
-            Some(key) if args.get(2).is_some_and(|n| *n != b"0") => Route::Slot(slot(key)),
-            _ => Route::Any,
-        },
-        b"MGET" | b"DEL" | b"UNLINK" | b"EXISTS" => {
-            let keys: Vec<(u16, Vec<u8>)> = args[1..].iter().map(|key| (slot(key), key.to_vec())).collect();
-            match keys.first() {
-                None => Route::Any,
-                Some((first, _)) if keys.iter().all(|(s, _)| s == first) => Route::Slot(*first),
-                Some(_) => Route::Split(String::from_utf8_lossy(&name).into_owned(), keys),
-            }
-        }
-        b"SCRIPT" => Route::Every,
-        b"PING" | b"INFO" | b"SCAN" | b"TIME" | b"CLIENT" | b"CLUSTER" | b"ECHO" | b"DBSIZE" | b"HELLO" | b"AUTH"
-        | b"ACL" | b"CONFIG" => Route::Any,
-        _ => args.get(1).map_or(Route::Any, |key| Route::Slot(slot(key))),
-    }
-}
-
-/// A redirection in an answer.
-enum Redirection {
-    /// The slot's master is now the node at this address.
-    Moved(String),
-    /// To the node at this address, for this command only.
-    Ask(String),
-    /// The slot is moving and the keys are split between two nodes for
-    /// now (a multi-key command): again, a little later.
-    TryAgain,
-}
-
-fn redirection(answer: &RedisResult<Value>) -> Option<Redirection> {
-    match answer {
-        Ok(value) => redirection_in(value),
-        Err(err) => redirection_of(err.code()?, err.detail().unwrap_or("")),
-    }
-}
-
-/// [`redirection`] for an answer inside a pipeline's.
-fn redirection_in(value: &Value) -> Option<Redirection> {
-    match value {
-        Value::ServerError(err) => redirection_of(err.code(), err.details().unwrap_or("")),
-        _ => None,
-    }
-}
-
-/// A redirection from an error's code and details (`SLOT HOST:PORT`).
-fn redirection_of(code: &str, details: &str) -> Option<Redirection> {
-    let address = || details.split_whitespace().nth(1).map(str::to_owned);
-    match code {
-        "MOVED" => address().map(Redirection::Moved),
-        "ASK" => address().map(Redirection::Ask),
-        "TRYAGAIN" => Some(Redirection::TryAgain),
-        _ => None,
-    }
-}
-
-/// The hash slot of `key`: CRC16 (XMODEM) of its hash tag (the part
-/// between the first `{` and the next `}`, when not empty) or of the whole
-/// key, modulo 16,384.
-pub(crate) fn slot(key: &[u8]) -> u16 {
-    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &key[open + 1..];
-        let close = rest.iter().position(|&b| b == b'}')?;
-        (close > 0).then(|| &rest[..close])
-    });
-    crc16(tagged.unwrap_or(key)) % 16_384
-}
-
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_those_of_redis_cluster() {
-        // The check value of CRC16/XMODEM, and slots `CLUSTER KEYSLOT` gives.
-        assert_eq!(crc16(b"123456789"), 0x31C3);
-        assert_eq!(slot(b"foo"), 12_182);
-        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
-        assert_eq!(
-            slot(b"foo{}{bar}"),
-            slot(b"foo{}{bar}"),
-            "an empty tag hashes the whole key"
-        );
-        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
-    }
-
-    #[test]
-    fn commands_go_by_their_key_and_multi_key_ones_split_by_slot() {
-        assert!(matches!(route(redis::cmd("GET").arg("foo")), Route::Slot(12_182)));
-        assert!(matches!(route(&redis::cmd("PING")), Route::Any));
-        assert!(matches!(
-            route(redis::cmd("EVALSHA").arg("abc").arg(1).arg("foo").arg("x")),
-            Route::Slot(12_182)
-        ));
-        assert!(matches!(
-            route(redis::cmd("MGET").arg("{a}1").arg("{a}2")),
-            Route::Slot(_)
-        ));
-        assert!(
-            matches!(route(redis::cmd("MGET").arg("a").arg("b")), Route::Split(name, keys) if name == "MGET" && keys.len() == 2)
-        );
-    }
 }
