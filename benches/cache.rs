@@ -1417,7 +1417,9 @@ fn profile_hits(env: &Environment, user: &Arc<User>) -> impl Contender {
 /// Group 11, the consistency monitor's cost: a `#[cached]` hit and a save
 /// of one record with the monitor off and on (every write sampled), in
 /// alternating rounds on one Redis, and the commands Redis ran per save
-/// (`INFO stats` before and after a series of saves).
+/// (`INFO stats` before and after a series of saves); then what it costs
+/// whatever the sampling: a database read (its reply's time noted) and a
+/// miss stored (the value remembered for the checks).
 async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
     let off = env_on(&redis.url(), "bench_monitor_off", false).await;
     let on = {
@@ -1504,6 +1506,55 @@ async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
         "11e. Redis commands per save, monitor off / on",
         &format!("{:.1} / {:.1}", per_save[0], per_save[1]),
         "each includes the heartbeats of the interval (one INFO is one command too)",
+    );
+    // What stays on with the monitor whatever the sampling: each database
+    // reply's time noted (the driver's command monitor builds an event per
+    // reply), and each store remembered in the index of recent values.
+    let read = |env: &Environment, user: &Arc<User>| {
+        let (env, id) = (env.clone(), user.id.expect("saved"));
+        Closure(move || {
+            let env = env.clone();
+            async move {
+                let found = earnorm::bypass_cache(User::find_by_id(id).in_env(&env)).await;
+                std::hint::black_box(found.expect("read").expect("found"));
+            }
+        })
+    };
+    let (mut read_off, mut read_on) = (read(&off, &users[0]), read(&on, &users[1]));
+    let reads = compare(rounds, per_round / 10, [&mut read_off, &mut read_on]).await;
+    row(
+        "11f. database read (`find_by_id`, cache bypassed), monitor off",
+        &us(reads.median(0)),
+        "",
+    );
+    row(
+        "11g. database read (`find_by_id`, cache bypassed), monitor on",
+        &us(reads.median(1)),
+        &format!("{} of off: the reply's time noted", reads.ratio(1, 0)),
+    );
+    let miss = |env: &Environment, tag: &'static str| {
+        let (cache, fresh) = (env.cache().clone(), Arc::new(AtomicU64::new(0)));
+        Closure(move || {
+            let (cache, n) = (cache.clone(), fresh.fetch_add(1, Ordering::Relaxed));
+            async move {
+                let key = cache
+                    .key("bench_monitor", tag)
+                    .scope(Scope::Record("bench_monitor", &n.to_string()))
+                    .arg(&n)
+                    .and_then(earnorm_cache::KeyBuilder::build)
+                    .expect("key");
+                let value = cache.get_or_compute::<_, PlainOutput, _>(&key, None, async { n }).await;
+                std::hint::black_box(value);
+            }
+        })
+    };
+    let (mut miss_off, mut miss_on) = (miss(&off, "off"), miss(&on, "on"));
+    let misses = compare(rounds, per_round / 10, [&mut miss_off, &mut miss_on]).await;
+    row("11h. miss computed and stored, monitor off", &us(misses.median(0)), "");
+    row(
+        "11i. miss computed and stored, monitor on",
+        &us(misses.median(1)),
+        &format!("{} of off: the value remembered for the checks", misses.ratio(1, 0)),
     );
     for env in [off, on] {
         let _ = env.database().drop().await;

@@ -137,3 +137,120 @@ async fn the_monitor_is_off_by_default_and_samples_one_write_in_n() {
     assert_eq!(report_later.checked, 2, "one write in four: {report:?}");
     assert_eq!(report_later.inconsistent, 0);
 }
+
+/// The key of a plain cache-aside of `id`'s copies, in the record's scope.
+fn copies_key(env: &Environment, id: ObjectId) -> earnorm::cache_layer::CacheKey {
+    let model = env.model_scope("monitored_books");
+    let hex = id.to_hex();
+    env.cache()
+        .key(&model, "copies")
+        .scope(earnorm::cache_layer::Scope::Record(&model, &hex))
+        .arg(&hex)
+        .and_then(earnorm::cache_layer::KeyBuilder::build)
+        .expect("key")
+}
+
+/// A plain `get` that misses, a read of the record's copies bypassing the
+/// cache, then `between`, then a plain `set` of what `between` returns:
+/// all in one task. Returns the monitor's report once the writes made
+/// (`checks` of them) are checked.
+async fn plain_cache_aside<F>(env: &Environment, id: ObjectId, checks: u64, between: F) -> MonitorReport
+where
+    F: std::future::Future<Output = i64> + Send + 'static,
+{
+    let (task_env, key) = (env.clone(), copies_key(env, id));
+    tokio::spawn(async move {
+        let cache = task_env.cache();
+        assert_eq!(cache.get::<i64>(&key).await.expect("get"), None);
+        let read = earnorm::bypass_cache(Book::find_by_id(id).in_env(&task_env))
+            .await
+            .expect("find")
+            .expect("found");
+        assert!(read.copies >= 0);
+        let stored = between.await;
+        cache.set(&key, &stored, None).await.expect("set");
+    })
+    .await
+    .expect("the cache-aside");
+    after_checks(env, checks).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_set_of_what_the_task_itself_wrote_is_not_reported() {
+    let env = connect(monitored("monitor_write_through")).await;
+    let mut book = Book {
+        id: None,
+        title: "Persuasion".into(),
+        copies: 1,
+    };
+    book.save().in_env(&env).await.expect("insert");
+    let id = book.id.expect("id");
+    let writer = env.clone();
+    // Write-through: the task writes, then stores what it wrote. Its read
+    // before the write must not judge that value.
+    let report = plain_cache_aside(&env, id, 2, async move {
+        book.copies = 2;
+        book.save().in_env(&writer).await.expect("save");
+        book.copies
+    })
+    .await;
+    // The check of the save runs after the store: wait it out.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = env.cache().monitor_report().unwrap_or(report);
+    assert_eq!(report.inconsistent, 0, "{report:?}");
+    assert_eq!(
+        env.cache().get::<i64>(&copies_key(&env, id)).await.expect("get"),
+        Some(2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_monitor_of_the_users_is_kept_and_reads_are_still_timed() {
+    let events = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = std::sync::Arc::clone(&events);
+    let env = match Environment::connect_with(monitored("monitor_theirs"), move |options| {
+        options.command_event_handler = Some(earnorm::mongodb::event::EventHandler::callback(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }));
+    })
+    .await
+    {
+        Ok(env) => env,
+        Err(err) => panic!("{err}: {}", support::HOW_TO_START),
+    };
+    let mut book = Book {
+        id: None,
+        title: "Emma".into(),
+        copies: 1,
+    };
+    book.save().in_env(&env).await.expect("insert");
+    let id = book.id.expect("id");
+    // Another task writes between the read and the store: the plain `set`
+    // stores the stale copies under the generations that followed.
+    let writer = env.clone();
+    let report = plain_cache_aside(&env, id, 2, async move {
+        let mut newer = book.clone();
+        newer.copies = 2;
+        tokio::spawn(async move { newer.save().in_env(&writer).await.expect("save") })
+            .await
+            .expect("the writer");
+        book.copies
+    })
+    .await;
+    let start = Instant::now();
+    let mut report = report;
+    while report.inconsistent == 0 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        report = env.cache().monitor_report().expect("on");
+    }
+    assert_eq!(report.inconsistent, 1, "the stale store found: {report:?}");
+    assert_eq!(
+        env.cache().get::<i64>(&copies_key(&env, id)).await.expect("get"),
+        None,
+        "and removed"
+    );
+    assert!(
+        events.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the user's command monitor still gets the driver's events"
+    );
+}

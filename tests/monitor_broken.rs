@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use earnorm::bson::oid::ObjectId;
 use earnorm::cache_layer::MonitorConfig;
+use earnorm::cache_layer::Scope;
 use earnorm::prelude::*;
 use serde::{Deserialize, Serialize};
 use support::{connect, test_config, CapturedLogs};
@@ -42,8 +43,29 @@ async fn a_write_whose_invalidation_is_skipped_is_found_reported_and_repaired() 
     embedded.redis_uri = None;
     let embedded_hex = broken_write(embedded, "in-process tier").await;
 
+    // A naive cache-aside (a plain `get`, a database read, a plain `set`)
+    // whose store lands after a write's invalidation.
+    let naive_hex = naive_store(test_config("monitor_naive")).await;
+
     let logs = captured.text();
-    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("consistency monitor")).collect();
+    let (late, logs): (Vec<&str>, Vec<&str>) = logs
+        .lines()
+        .filter(|l| l.contains("consistency monitor"))
+        .partition(|l| l.contains("read before a write"));
+    assert_eq!(late.len(), 1, "the naive store reported once: {late:?}");
+    for needed in [
+        "monitor_naive",
+        "key_name=\"copies\"",
+        "source=\"feed\"",
+        "read_at=",
+        "write_at=",
+        "stored_at_ms=",
+    ] {
+        assert!(late[0].contains(needed), "{needed} in {}", late[0]);
+    }
+    assert!(!late[0].contains(&naive_hex), "never the record's id: {}", late[0]);
+    let logs = logs.join("\n");
+    let lines: Vec<&str> = logs.lines().collect();
     assert_eq!(lines.len(), 2, "each inconsistency reported once: {logs}");
     for (line, place) in lines.iter().zip(["redis", "in-process tier"]) {
         assert!(line.contains("monitored_broken"), "with the model: {line}");
@@ -90,18 +112,7 @@ async fn broken_write(mut config: earnorm::Config, place: &str) -> String {
         "{place}: the broken build serves the value its write made stale"
     );
 
-    let start = Instant::now();
-    let report = loop {
-        let report = env.cache().monitor_report().expect("on");
-        if report.inconsistent > 0 && report.repaired > 0 {
-            break report;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{place}: found and repaired: {report:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let report = found_and_repaired(&env, place).await;
     assert_eq!(
         report.inconsistent, 1,
         "{place}: the one broken write of two: {report:?}"
@@ -112,6 +123,89 @@ async fn broken_write(mut config: earnorm::Config, place: &str) -> String {
         .is_some_and(|n| (n - 2f64.log10()).abs() < 1e-9));
     assert_eq!(copies(&env, id).await, 4, "{place}: healed, the fresh record is read");
     id.to_hex()
+}
+
+/// A plain cache-aside caught by the monitor: it reads a record, an
+/// outside write (seen by the database feed alone) changes it, and the
+/// plain `set` stores what was read after the feed's invalidation, under
+/// the generations that followed the write: the stale value is served
+/// until the monitor, which compares when the value was read with when
+/// the record was written, finds and removes it. Returns the record's id.
+async fn naive_store(mut config: earnorm::Config) -> String {
+    config.feed = true;
+    config.cache_config.monitor = MonitorConfig {
+        enabled: true,
+        sample_one_in: 1,
+        // Long enough to store the stale value, and read it, first.
+        delay: Duration::from_millis(1_500),
+    };
+    let env = connect(config).await;
+    let books = env.database().collection::<earnorm::bson::Document>("monitored_broken");
+    let id = ObjectId::new();
+    books
+        .insert_one(earnorm::bson::doc! { "_id": id, "title": "Emma", "copies": 1 })
+        .await
+        .expect("insert");
+    assert!(env.wait_for_feed(Duration::from_secs(10)).await, "the feed follows");
+    let cache = env.cache();
+    let model = env.model_scope("monitored_broken");
+    let hex = id.to_hex();
+    let key = cache
+        .key(&model, "copies")
+        .scope(Scope::Record(&model, &hex))
+        .arg(&hex)
+        .and_then(earnorm::cache_layer::KeyBuilder::build)
+        .expect("key");
+
+    // The naive cache-aside, up to the store.
+    assert_eq!(cache.get::<i64>(&key).await.expect("get"), None);
+    let read = earnorm::bypass_cache(async { Book::find_by_id(id).in_env(&env).await })
+        .await
+        .expect("find")
+        .expect("found");
+    // A write lands meanwhile, and its invalidation.
+    books
+        .update_one(
+            earnorm::bson::doc! { "_id": id },
+            earnorm::bson::doc! { "$set": { "copies": 2 } },
+        )
+        .await
+        .expect("update");
+    assert!(
+        env.wait_for_feed(Duration::from_secs(10)).await,
+        "the feed invalidated it"
+    );
+    cache.set(&key, &read.copies, None).await.expect("the naive store");
+    assert_eq!(
+        cache.get::<i64>(&key).await.expect("get"),
+        Some(1),
+        "the naive store serves what the write made stale"
+    );
+
+    let report = found_and_repaired(&env, "redis").await;
+    assert_eq!(
+        report.inconsistent, 1,
+        "the write read around, not the insert: {report:?}"
+    );
+    assert_eq!(cache.get::<i64>(&key).await.expect("get"), None, "healed: removed");
+    hex
+}
+
+/// The monitor's report once it has found and repaired something (in
+/// `place`, for the failure message).
+async fn found_and_repaired(env: &earnorm::Environment, place: &str) -> earnorm::cache_layer::MonitorReport {
+    let start = Instant::now();
+    loop {
+        let report = env.cache().monitor_report().expect("on");
+        if report.inconsistent > 0 && report.repaired > 0 {
+            return report;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{place}: found and repaired: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The copies of record `id`, read through the record cache.

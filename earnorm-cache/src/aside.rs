@@ -512,7 +512,7 @@ impl CacheManager {
         let conn = self.connection();
         call.verified = false;
         call.left = None;
-        let value = compute.await;
+        let (value, read_at) = crate::read_time::timed(compute).await;
         let payload = match ttl_of(&value).and_then(|ttl| O::encode(&value).map(|payload| (ttl, payload))) {
             Some((ttl, Ok(payload))) => (ttl, payload),
             Some((_, Err(err))) => {
@@ -537,7 +537,7 @@ impl CacheManager {
             .store(
                 key,
                 Expected::Seen(&generations),
-                &payload,
+                (&payload, read_at),
                 ttl,
                 lease,
                 &mut call.budget,

@@ -162,14 +162,16 @@ impl CacheManager {
         if missed.is_empty() {
             return Ok(values.into_iter().map(Option::unwrap_or_default).collect());
         }
-        let mut computed = fill(compute(missed).await?, chunks.iter().map(|(c, _)| c.missed.len()).sum())?.into_iter();
+        let (computed, read_at) = crate::read_time::timed(compute(missed)).await;
+        let mut computed = fill(computed?, chunks.iter().map(|(c, _)| c.missed.len()).sum())?.into_iter();
         for (chunk, mut budget) in chunks {
             let mut stores = PlainStores::new();
             for (&m, value) in chunk.missed.iter().zip(computed.by_ref()) {
                 let i = chunk.at[m];
                 if chunk.storable {
                     let noted = noted[i].take();
-                    self.add_store(&mut stores, &keys[i], &chunk, m, noted, &value, (&ttl_of, refresh));
+                    let stamped = (&value, read_at);
+                    self.add_store(&mut stores, &keys[i], &chunk, m, noted, stamped, (&ttl_of, refresh));
                 }
                 values[i] = Some(value);
             }
@@ -192,7 +194,7 @@ impl CacheManager {
         chunk: &Chunk,
         m: usize,
         noted: Option<Noted>,
-        value: &T,
+        (value, read_at): (&T, u64),
         (ttl_of, refresh): (&impl Fn(&T) -> Option<Duration>, Option<Duration>),
     ) {
         let Some(ttl) = ttl_of(value) else { return };
@@ -210,9 +212,12 @@ impl CacheManager {
             tokens,
             fresh,
             chunk.looked_up.elapsed(),
-            &payload,
+            (&payload, read_at),
             ttl,
         );
+        if let Some(monitor) = &self.inner.monitor {
+            monitor.stored(key);
+        }
         let kept_ttl = kept_for(Some(ttl), None, refresh);
         if let (Some(local), Some(noted), Some(kept_ttl)) = (self.local_for(key), noted, kept_ttl) {
             if let Some(kept) = kept_as::<T, PlainOutput>(key, value, Some(&payload)) {

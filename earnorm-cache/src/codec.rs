@@ -3,10 +3,13 @@
 //! Layout of a stored value:
 //!
 //! ```text
-//! 0xEE 'O' FORMAT_VERSION n | token_1 .. token_n (16 bytes each) | payload
+//! 0xEE 'O' FORMAT_VERSION n | read_at (8 bytes) | token_1 .. token_n (16 bytes each) | payload
 //! ```
 //!
-//! The tokens are the generations of the scopes the value depends on, as they
+//! `read_at` is the database's logical time of the earliest read the value
+//! was computed from, big-endian (`0`: unknown; see `read_time.rs`): the
+//! consistency monitor compares it with the time of a write. The tokens are
+//! the generations of the scopes the value depends on, as they
 //! were when the value's computation started (see the crate docs). The payload
 //! is MessagePack with named fields (self-describing, no code execution on
 //! decode). Anything that does not match this layout, or whose payload does not
@@ -20,24 +23,36 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{token::TOKEN_LEN, CacheError};
 
-/// Version of the envelope layout; bump when it changes.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version of the envelope layout; bump when it changes. Values of an
+/// unknown version are misses (computed and stored again); version 1 is
+/// still read.
+pub const FORMAT_VERSION: u8 = 2;
 const MAGIC: [u8; 2] = [0xEE, b'O'];
-const HEADER_LEN: usize = 4;
+const HEADER_LEN: usize = 12;
 
-/// The envelope header for a value depending on `tokens` generations.
-pub(crate) fn header(tokens: usize) -> [u8; HEADER_LEN] {
+/// The envelope header for a value depending on `tokens` generations,
+/// read at `read_at`.
+pub(crate) fn header(tokens: usize, read_at: u64) -> [u8; HEADER_LEN] {
     // A key never depends on more than a handful of scopes; the cast is checked
     // where keys are built.
     let n = u8::try_from(tokens).unwrap_or(u8::MAX);
-    [MAGIC[0], MAGIC[1], FORMAT_VERSION, n]
+    let mut header = [0; HEADER_LEN];
+    header[..4].copy_from_slice(&[MAGIC[0], MAGIC[1], FORMAT_VERSION, n]);
+    header[4..].copy_from_slice(&read_at.to_be_bytes());
+    header
+}
+
+/// The length of an envelope's header and `tokens` tokens: what must be
+/// read of a value to know when it was read and under which generations.
+pub(crate) fn envelope_head_len(tokens: usize) -> usize {
+    HEADER_LEN + tokens * TOKEN_LEN
 }
 
 /// Builds a complete envelope (used where no generation check is wanted).
 #[cfg(test)]
 pub(crate) fn seal(tokens: &[&[u8]], payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + tokens.len() * TOKEN_LEN + payload.len());
-    out.extend_from_slice(&header(tokens.len()));
+    out.extend_from_slice(&header(tokens.len(), 0));
     for token in tokens {
         out.extend_from_slice(token);
     }
@@ -48,26 +63,39 @@ pub(crate) fn seal(tokens: &[&[u8]], payload: &[u8]) -> Vec<u8> {
 /// A decoded envelope, borrowing from the stored bytes.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Envelope<'a> {
+    /// When its data was read (`0`: unknown).
+    pub(crate) read_at: u64,
     tokens: &'a [u8],
     pub(crate) payload: &'a [u8],
 }
 
 impl<'a> Envelope<'a> {
     /// Splits stored bytes, checking the magic, the version and the length.
+    /// The first layout (version 1: no read time) is still read, as read at
+    /// an unknown time, so that processes of both versions can share a
+    /// prefix while a deployment rolls out.
     pub(crate) fn open(bytes: &'a [u8]) -> Result<Self, CacheError> {
-        if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+        if bytes.len() < 4 || bytes[..2] != MAGIC {
             return Err(CacheError::Envelope("not an earnorm cache value"));
         }
-        if bytes[2] != FORMAT_VERSION {
-            return Err(CacheError::Envelope("unsupported envelope version"));
-        }
+        let (header_len, read_at) = match bytes[2] {
+            FORMAT_VERSION => {
+                let Some(Ok(stamp)) = bytes.get(4..HEADER_LEN).map(<[u8; 8]>::try_from) else {
+                    return Err(CacheError::Envelope("truncated value"));
+                };
+                (HEADER_LEN, u64::from_be_bytes(stamp))
+            }
+            1 => (4, 0),
+            _ => return Err(CacheError::Envelope("unsupported envelope version")),
+        };
         let tokens_len = usize::from(bytes[3]) * TOKEN_LEN;
-        if bytes.len() < HEADER_LEN + tokens_len {
+        if bytes.len() < header_len + tokens_len {
             return Err(CacheError::Envelope("truncated value"));
         }
         Ok(Self {
-            tokens: &bytes[HEADER_LEN..HEADER_LEN + tokens_len],
-            payload: &bytes[HEADER_LEN + tokens_len..],
+            read_at,
+            tokens: &bytes[header_len..header_len + tokens_len],
+            payload: &bytes[header_len + tokens_len..],
         })
     }
 
@@ -309,6 +337,17 @@ mod tests {
         assert!(!env.is_current(&[Some(t1.to_vec()), Some(t1.to_vec())]));
         assert!(!env.is_current(&[Some(t1.to_vec()), None]));
         assert!(!env.is_current(&[Some(t1.to_vec())]));
+        assert_eq!(env.read_at, 0, "sealed with no read time");
+
+        let mut stamped = header(1, 0x0000_0065_0000_0003).to_vec();
+        stamped.extend_from_slice(t1);
+        stamped.extend_from_slice(b"p");
+        let env = Envelope::open(&stamped).expect("opens");
+        assert_eq!((env.read_at, env.payload), (0x0000_0065_0000_0003, &b"p"[..]));
+
+        // The first layout, without a read time, is still read.
+        let env = Envelope::open(b"\xEEO\x01\x00payload").expect("opens");
+        assert_eq!((env.read_at, env.payload), (0, &b"payload"[..]));
     }
 
     #[test]
@@ -318,6 +357,7 @@ mod tests {
             b"\xEE",
             b"\xEEO",
             b"\xEEO\x01\x02abc",
+            b"\xEEO\x02\x00short",
             b"\xEEO\x09\x00",
             b"hello world",
             b"\x80\x04\x95",

@@ -137,7 +137,10 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MonitorConfig {
-    /// Whether writes are checked at all.
+    /// Whether writes are checked at all. With it on, this process also
+    /// remembers the values it stored lately, by generation (bounded: see
+    /// the monitor's docs in the crate docs), and the ORM stamps values
+    /// with when their data was read (see [`note_read`](crate::note_read)).
     pub enabled: bool,
     /// One write in this many is checked (1, or 0: every write).
     pub sample_one_in: u32,

@@ -395,21 +395,23 @@ impl CacheManager {
     }
 
     /// Stores through the compare-and-set script, giving `lease` up in the
-    /// same call.
+    /// same call. `payload` was read at `read_at` (see `read_time.rs`).
     pub(crate) async fn store(
         &self,
         key: &CacheKey,
         expected: Expected<'_>,
-        payload: &[u8],
+        (payload, read_at): (&[u8], u64),
         ttl: Duration,
         lease: Option<&mut LeaseGuard>,
         budget: &mut Duration,
     ) -> Result<bool, CacheError> {
         if self.connection().is_cluster() {
-            return self.store_apart(key, expected, payload, ttl, lease, budget).await;
+            return self
+                .store_apart(key, expected, (payload, read_at), ttl, lease, budget)
+                .await;
         }
         let mut call = StoreCall::new(lease.as_deref());
-        call.add(self.config(), key, expected, payload, ttl);
+        call.add(self.config(), key, expected, (payload, read_at), ttl);
         let stored = self.run_store(call, budget).await?;
         if let Some(lease) = lease {
             lease.settle();
@@ -443,6 +445,9 @@ impl CacheManager {
     pub(crate) fn count_store(&self, key: &CacheKey, stored: bool) {
         let counters = &self.connection().counters;
         if stored {
+            if let Some(monitor) = &self.inner.monitor {
+                monitor.stored(key);
+            }
             counters.count(key.named.get(), Event::Set);
         } else {
             counters.count(key.named.get(), Event::StaleSetRefused);
@@ -478,14 +483,14 @@ impl<'k> StoreCall<'k> {
         }
     }
 
-    /// Adds the value of `key` (encoded: `payload`), to live `ttl`, stored
-    /// only if its generations are still `expected`.
+    /// Adds the value of `key` (encoded: `payload`, read at `read_at`), to
+    /// live `ttl`, stored only if its generations are still `expected`.
     pub(crate) fn add(
         &mut self,
         config: &CacheConfig,
         key: &'k CacheKey,
         expected: Expected<'_>,
-        payload: &[u8],
+        (payload, read_at): (&[u8], u64),
         ttl: Duration,
     ) {
         let generations_live = generation_ttl(config).max(ttl).saturating_add(Duration::from_secs(60));
@@ -495,7 +500,7 @@ impl<'k> StoreCall<'k> {
             .arg(key.generations.len())
             .arg(expiry_ms(ttl))
             .arg(expiry_ms(generations_live))
-            .arg(&codec::header(key.generations.len())[..])
+            .arg(&codec::header(key.generations.len(), read_at)[..])
             .arg(payload);
         match expected {
             Expected::Seen(tokens) => {

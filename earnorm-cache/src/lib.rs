@@ -147,8 +147,13 @@
 //! right before [`CacheManager::invalidate_from`], and drop the
 //! [`WriteWatch`] it returns once that returned; EarnORM's writes and
 //! database feed do. The argument is in the `monitor` module: it sees
-//! invalidations lost, skipped or undone, not yet a value computed from a
-//! read older than the write and stored under newer generations.
+//! invalidations lost, skipped or undone, and, when the write's time is
+//! known (the feed's events, ORM writes of one record), a value this
+//! process stored under the generations that followed the write though its
+//! data was read before it (a plain `get`, read, `set` racing the write):
+//! every stored value carries when its data was read, which whoever reads
+//! the database notes with [`note_read`] (EarnORM does, from MongoDB's
+//! `operationTime`, while the monitor is on).
 //!
 //! ## Redis Cluster
 //!
@@ -257,6 +262,10 @@ mod local;
 mod monitor;
 // Watching writes for the monitor: the check and its repair.
 mod watch;
+// When values' data was read: noted reads, stamped on stored values.
+mod read_time;
+// The values this process stored lately, by generation, for the monitor.
+mod recent;
 // What a value depends on and what a write invalidates.
 mod scope;
 // The canonical encoding of key arguments.
@@ -285,6 +294,7 @@ pub use keyspace::escape_glob;
 pub use local::LocalConfig;
 pub use manager::{bypass, CacheManager};
 pub use monitor::{MonitorReport, MonitorWindow};
+pub use read_time::{note_read, note_write};
 pub use redact::redact_url;
 pub use scope::Scope;
 pub use stats::{CacheStats, ConnectionStatus, InvalidationSource, NamedStats};

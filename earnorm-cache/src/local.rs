@@ -308,7 +308,12 @@ impl Local {
 
     /// Drops one kept value.
     pub(crate) fn remove(&self, key: &CacheKey) {
-        self.entries.invalidate(&key.local);
+        self.remove_id(key.local);
+    }
+
+    /// Drops the value kept under `id` (a key's `local`).
+    pub(crate) fn remove_id(&self, id: u128) {
+        self.entries.invalidate(&id);
     }
 
     /// Drops every kept value (and every known token).

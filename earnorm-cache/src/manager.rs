@@ -400,20 +400,31 @@ impl CacheManager {
     /// not decode is removed and reported as `Ok(None)`.
     pub async fn get<T: DeserializeOwned>(&self, key: &CacheKey) -> Result<Option<T>, CacheError> {
         let mut budget = self.config().operation_timeout;
-        match self.lookup(key, None, false, &mut budget).await.0 {
+        let found = match self.lookup(key, None, false, &mut budget).await.0 {
             Lookup::Hit(bytes, _) => Ok(self.open_hit(key, &bytes, codec::decode::<T>, &mut budget).await),
             Lookup::Miss(_) => {
                 self.connection().counters.count(key.named.get(), Event::Miss);
                 Ok(None)
             }
             Lookup::Unavailable => Err(self.unavailable()),
+        };
+        // A miss begins a plain cache-aside: the `set` that ends it is
+        // stamped with the reads made meanwhile (see `read_time.rs`).
+        if matches!(found, Ok(None)) {
+            crate::read_time::begin_plain();
+        } else {
+            crate::read_time::take_plain();
         }
+        found
     }
 
     /// Stores a value under the current generations of its scopes. Unlike
     /// [`get_or_compute`](Self::get_or_compute), a plain `set` cannot know
-    /// when its value was read, so it cannot refuse a stale one: prefer
-    /// `get_or_compute` for values derived from a database. It works on
+    /// whether a write happened since its value was read, so it cannot
+    /// refuse a stale one: prefer `get_or_compute` for values derived from
+    /// a database. (It stamps the value with the earliest read this task
+    /// noted since its last plain `get` missed, see [`note_read`](crate::note_read),
+    /// by which the consistency monitor finds a stale one later.) It works on
     /// Redis alone: it drops this process's in-process copy of the value,
     /// not other processes' (invalidate a scope to reach those).
     ///
@@ -428,10 +439,13 @@ impl CacheManager {
         if let Some(local) = &self.inner.local {
             local.remove(key);
         }
+        let read_at = crate::read_time::take_plain();
         let payload = codec::encode(value)?;
         let ttl = ttl.unwrap_or(self.config().ttl);
         let mut budget = self.config().operation_timeout;
-        let stored = self.store(key, Expected::Any, &payload, ttl, None, &mut budget).await;
+        let stored = self
+            .store(key, Expected::Any, (&payload, read_at), ttl, None, &mut budget)
+            .await;
         // Again: a lookup during the store may have kept the old value.
         if let Some(local) = &self.inner.local {
             local.remove(key);

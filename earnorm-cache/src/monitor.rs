@@ -33,18 +33,38 @@
 //! whose invalidation was lost, skipped, or undone (a Redis restored from
 //! a snapshot without the restart wipe) is.
 //!
+//! **Values read before the write.** A value stored *after* the write's
+//! invalidation, under the generations that followed it, passes the first
+//! check, yet it is stale if its data was read *before* the write: what a
+//! plain `get`, read, `set` stores when a write lands between the read and
+//! the `set`, or a value read from a lagging replica. Every value carries
+//! when its data was read (`read_at` in its envelope, see `read_time.rs`);
+//! a write's invalidation knows when the write happened (the change
+//! event's `clusterTime`, or the ORM write's reply; `0` when unknown, and
+//! then this part is not run). So the check also reads, in the same
+//! `MGET`, the values this process stored lately under the write's
+//! generations (`recent.rs`: at most 256 per check) with their own
+//! generations: one whose tokens are all current (it can be served) and
+//! whose data was read before the write is reported. A value computed by
+//! `get_or_compute` never is: it can be served after the invalidation only
+//! if its generations were read after it, and so its data too. This part
+//! sees Redis, and only what this process stored.
+//!
 //! **Repair.** A generation found not replaced is deleted in Redis, and
 //! invalidated in the tier, which is what the invalidation should have
-//! done.
+//! done. A value read before the write is deleted, in Redis and in this
+//! process's tier.
 //!
 //! A sampled write whose generations cannot be read (Redis unavailable,
 //! or a master of a cluster down) is counted as skipped, not checked. Of a
 //! write touching many scopes, the first 64 are watched.
 //!
-//! **Cost.** Nothing on reads. On a sampled write, one pipelined round trip
+//! **Cost.** Nothing on hits. On a sampled write, one pipelined round trip
 //! to Redis before its invalidation (a `SET NX GET` per generation), and
 //! one `MGET` after the delay, off the writer's path (plus one `DEL` for a
-//! repair).
+//! repair). On every store, a lock and a few strings copied into the
+//! index of recent values; on every database reply (with the ORM), its
+//! `operationTime` noted (the driver's command monitor).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -52,6 +72,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::MonitorConfig;
+use crate::recent::Recent;
 use crate::CacheConfig;
 
 /// What the monitor has found since the manager started (see
@@ -136,6 +157,8 @@ pub(crate) struct Monitor {
     started: Instant,
     /// Checks by second, the last ten minutes.
     seconds: Mutex<VecDeque<Second>>,
+    /// The values this process stored lately (see `recent.rs`).
+    pub(crate) recent: Recent,
 }
 
 impl Monitor {
@@ -146,6 +169,7 @@ impl Monitor {
         if !settings.enabled {
             return None;
         }
+        crate::read_time::follow();
         let mut delay = settings.delay;
         if tier_beside_redis {
             delay = delay
@@ -163,6 +187,7 @@ impl Monitor {
             skipped: AtomicU64::new(0),
             started: Instant::now(),
             seconds: Mutex::new(VecDeque::new()),
+            recent: Recent::default(),
         })
     }
 
@@ -207,6 +232,14 @@ impl Monitor {
                     .set(nines);
             }
         }
+    }
+
+    /// Remembers that the value of `key` was stored (see `recent.rs`): kept
+    /// at least a check's delay and ten seconds more.
+    pub(crate) fn stored(&self, key: &crate::CacheKey) {
+        let keep = self.delay.saturating_add(Duration::from_secs(10));
+        self.recent
+            .stored(key, i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
     }
 
     /// Counts a sampled write that could not be checked.

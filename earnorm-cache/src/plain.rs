@@ -36,7 +36,7 @@ impl CacheManager {
         &self,
         key: &CacheKey,
         expected: Expected<'_>,
-        payload: &[u8],
+        stamped: (&[u8], u64),
         ttl: Duration,
         lease: Option<&mut LeaseGuard>,
         budget: &mut Duration,
@@ -58,7 +58,7 @@ impl CacheManager {
         }
         let mut stores = PlainStores::new();
         let fresh = vec![false; tokens.len()];
-        stores.add(self.config(), key, &tokens, &fresh, Duration::ZERO, payload, ttl);
+        stores.add(self.config(), key, &tokens, &fresh, Duration::ZERO, stamped, ttl);
         let (sent, ()) = tokio::join!(stores.send(self, budget), give_up);
         sent?;
         let mut mget = redis::cmd("MGET");
@@ -124,7 +124,8 @@ impl PlainStores {
     /// [`generation_ttl`] from then: it is left alone while that outlives
     /// the value by a minute); the others are extended to outlive the
     /// value. A value with an absent token is not added: it could never be
-    /// served.
+    /// served. `read_at`: when the payload's data was read (see
+    /// `read_time.rs`).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn add(
         &mut self,
@@ -133,14 +134,15 @@ impl PlainStores {
         tokens: &[Option<Vec<u8>>],
         fresh: &[bool],
         created_ago: Duration,
-        payload: &[u8],
+        (payload, read_at): (&[u8], u64),
         ttl: Duration,
     ) {
         if tokens.len() != key.generations.len() || tokens.iter().any(Option::is_none) {
             return;
         }
-        let mut envelope = Vec::with_capacity(4 + tokens.len() * crate::token::TOKEN_LEN + payload.len());
-        envelope.extend_from_slice(&codec::header(tokens.len()));
+        let header = codec::header(tokens.len(), read_at);
+        let mut envelope = Vec::with_capacity(header.len() + tokens.len() * crate::token::TOKEN_LEN + payload.len());
+        envelope.extend_from_slice(&header);
         for token in tokens.iter().flatten() {
             envelope.extend_from_slice(token);
         }

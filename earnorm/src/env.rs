@@ -106,9 +106,22 @@ impl Environment {
         options.connect_timeout = Some(config.connect_timeout);
         options.app_name.get_or_insert_with(|| "earnorm".to_owned());
         configure(&mut options);
+        // When each read happened, for the consistency monitor.
+        let timing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        if config.cache_config.monitor.enabled {
+            let theirs = options.command_event_handler.take();
+            options.command_event_handler = Some(crate::read_times::noting(theirs, Arc::clone(&timing)));
+        }
         let client = Client::with_options(options).map_err(connection)?;
         let database = client.database(&config.database);
         database.run_command(doc! { "ping": 1 }).await.map_err(connection)?;
+        if config.cache_config.monitor.enabled {
+            let hello = database.run_command(doc! { "hello": 1 }).await.map_err(connection)?;
+            if hello.get_str("msg").is_ok_and(|msg| msg == "isdbgrid") {
+                timing.store(false, std::sync::atomic::Ordering::Relaxed);
+                info!("a sharded cluster: the consistency monitor checks generations, not read times");
+            }
+        }
         info!(uri = %uri, database = %config.database, "connected to MongoDB");
         let cache = CacheManager::connect(config.redis_uri.as_deref(), config.cache_config).await?;
         cache.label_database(&config.database);

@@ -558,7 +558,14 @@ impl Feed {
             );
             // Never fails: what cannot reach Redis now is queued, and
             // replayed before any value is served again.
-            let watch = self.cache.watch_write(&scopes, InvalidationSource::Feed).await;
+            // The earliest write of the batch: a time before each of them.
+            let at = pending
+                .events
+                .iter()
+                .map(|event| event.cluster_time.map_or(0, crate::read_times::logical))
+                .min()
+                .unwrap_or(0);
+            let watch = self.cache.watch_write_at(&scopes, InvalidationSource::Feed, at).await;
             self.cache.invalidate_from(&scopes, InvalidationSource::Feed).await;
             drop(watch);
             self.counters.batches.fetch_add(1, Relaxed);
@@ -694,6 +701,9 @@ struct Change {
     document_key: Option<Document>,
     /// When the write committed, on the server's clock.
     wall_time: Option<DateTime>,
+    /// The write's logical time (what the cache's consistency monitor
+    /// compares with when values were read).
+    cluster_time: Option<mongodb::bson::Timestamp>,
 }
 
 /// What the reader passes on.

@@ -211,10 +211,12 @@ where
 {
     let env = env.clone();
     let unit = async move {
-        let result = write.await;
+        let (result, at) = crate::read_times::timed_write(write).await;
         let touched = found.get();
         if when == Invalidate::Always || result.as_ref().err().is_none_or(Error::may_have_written) {
-            invalidate(&env, &touched).await;
+            // The write's time is its record's only when it wrote one.
+            let one_record = result.is_ok() && matches!(touched.as_slice(), [Touched::Record(..)]);
+            invalidate(&env, &touched, if one_record { at } else { 0 }).await;
         }
         if result.as_ref().is_err_and(Error::may_have_written) {
             // The write failed in a way that says nothing of whether the
@@ -224,7 +226,7 @@ where
             let (env, touched) = (env.clone(), touched.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(LATE_APPLY).await;
-                invalidate(&env, &touched).await;
+                invalidate(&env, &touched, 0).await;
             });
         }
         result
@@ -233,6 +235,9 @@ where
     let unit = tracing::Instrument::instrument(unit, tracing::Span::current());
     // Polled outside a Tokio runtime (another executor), there is nothing
     // to spawn on: run the unit in place.
+    // A plain `set` after the write may store what was written: reads
+    // before it must not judge that value (see `earnorm_cache::note_write`).
+    earnorm_cache::note_write();
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return unit.await;
     };
@@ -243,15 +248,16 @@ where
     }
 }
 
-/// Invalidates `touched` in one call (one round trip).
-pub(crate) async fn invalidate(env: &Environment, touched: &[Touched]) {
+/// Invalidates `touched` in one call (one round trip); `at`: the write's
+/// logical time, for the consistency monitor (`0`: unknown).
+pub(crate) async fn invalidate(env: &Environment, touched: &[Touched], at: u64) {
     let names = model_names(env, touched);
     let scopes = scopes(touched, &names);
     if !scopes.is_empty() {
         let cache = env.cache();
         // Checked by the consistency monitor once the invalidation returned.
         let _watch = cache
-            .watch_write(&scopes, earnorm_cache::InvalidationSource::Write)
+            .watch_write_at(&scopes, earnorm_cache::InvalidationSource::Write, at)
             .await;
         #[cfg(feature = "test-hooks")]
         if crate::__private::WRITE_INVALIDATIONS_SKIPPED.load(std::sync::atomic::Ordering::Relaxed) {
