@@ -164,7 +164,7 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
         takeover.to_json()
     );
 
-    // The naive cache on the EarnORM writes of one writer alone. The
+    // The naive cache on the EarnORM writes of two writers alone. The
     // monitor sees a stale value still there when it checks, 50 ms after
     // the write: the feed's second invalidation of each write, a few
     // milliseconds later, or the next write (of the record, every 30 ms
@@ -173,9 +173,10 @@ async fn no_stale_reads_or_failed_calls_under_faults_and_the_naive_cache_is_caug
     // they served meanwhile).
     let naive = run_checker(&CheckerConfig {
         naive: true,
-        duration: Duration::from_secs(4),
+        duration: Duration::from_secs(8),
+        records: 16,
         feed: false,
-        writers: 1,
+        writers: 2,
         bulk_writes: false,
         tally_writers: 0,
         outside_writers: 0,
