@@ -212,7 +212,7 @@ async fn check(pending: Pending) {
     // time is known: their headers first, then their generations with the
     // watched ones (a value's tokens still current after its header was
     // read were current when it was: tokens never come back).
-    let stored = if at != 0 && conn.is_enabled() {
+    let mut stored = if at != 0 && conn.is_enabled() {
         monitor
             .recent
             .under(names.iter().map(String::as_str), MAX_CHECKED_VALUES)
@@ -232,9 +232,11 @@ async fn check(pending: Pending) {
             .await
         {
             Ok(headers) => headers,
+            // The values cannot be read now (on a cluster, one of their
+            // masters is down): the generations are checked all the same.
             Err(_) => {
-                monitor.skip();
-                return;
+                stored.clear();
+                Vec::new()
             }
         }
     };
@@ -309,7 +311,7 @@ async fn check(pending: Pending) {
             &manager.inner.names.labels(&scope.model),
             !found.is_empty() || !late_here.is_empty(),
         );
-        report_not_replaced(scope, found, prefix, source, written_at);
+        report_not_replaced(scope, found, prefix, source, (at, written_at));
         for late in late_here {
             report_late(scope, late, (at, written_at), prefix, source);
         }
@@ -379,18 +381,24 @@ fn report_late(scope: &Watched, late: &Late, (at, written_at): (u64, u128), pref
     );
 }
 
-/// A logical time as MongoDB shows a cluster time: seconds, increment.
+/// A logical time as MongoDB shows a cluster time: seconds, increment
+/// (`unknown` for `0`).
 fn logical(at: u64) -> String {
+    if at == 0 {
+        return "unknown".to_owned();
+    }
     format!("{}.{}", at >> 32, at & u64::from(u32::MAX))
 }
 
-/// Reports the generations of `scope` a write left in place (`found`).
+/// Reports the generations of `scope` a write (made at `at`, `0` if not
+/// known, and invalidated at `written_at`, milliseconds since the epoch)
+/// left in place (`found`).
 fn report_not_replaced(
     scope: &Watched,
     found: &[(&'static str, &String)],
     prefix: usize,
     source: InvalidationSource,
-    written_at: u128,
+    (at, written_at): (u64, u128),
 ) {
     for place in ["redis", "in-process tier"] {
         let here: Vec<&String> = found.iter().filter(|(p, _)| *p == place).map(|(_, n)| *n).collect();
@@ -421,6 +429,7 @@ fn report_not_replaced(
             place,
             tokens = ?tokens,
             source = source.as_str(),
+            write_at = %logical(at),
             written_at_ms = written_at,
             "consistency monitor: a write's generations were not replaced; what it made stale could be served (repaired)"
         );
