@@ -159,6 +159,22 @@ pub(crate) struct Monitor {
     seconds: Mutex<VecDeque<Second>>,
     /// The values this process stored lately (see `recent.rs`).
     pub(crate) recent: Recent,
+    /// The warnings logged in the current second.
+    warnings: Mutex<Warnings>,
+}
+
+/// Most inconsistencies logged in one second by one manager: a lost
+/// stream of invalidations (a Redis restored from a backup) must not flood
+/// the logs. The others are counted, and the next one logged says how many
+/// were left out.
+pub(crate) const MAX_WARNINGS_PER_SECOND: u64 = 10;
+
+/// The warnings of one second.
+#[derive(Debug, Default)]
+struct Warnings {
+    second: u64,
+    logged: u64,
+    left_out: u64,
 }
 
 impl Monitor {
@@ -188,6 +204,7 @@ impl Monitor {
             started: Instant::now(),
             seconds: Mutex::new(VecDeque::new()),
             recent: Recent::default(),
+            warnings: Mutex::new(Warnings::default()),
         })
     }
 
@@ -242,6 +259,27 @@ impl Monitor {
             .stored(key, i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
     }
 
+    /// Whether an inconsistency found now may be logged: `Some` with the
+    /// number left out since the last one logged, `None` past
+    /// [`MAX_WARNINGS_PER_SECOND`] (it is then counted as left out).
+    pub(crate) fn may_warn(&self) -> Option<u64> {
+        self.may_warn_at(self.started.elapsed().as_secs())
+    }
+
+    fn may_warn_at(&self, second: u64) -> Option<u64> {
+        let mut warnings = self.warnings.lock().unwrap_or_else(PoisonError::into_inner);
+        if warnings.second != second {
+            warnings.second = second;
+            warnings.logged = 0;
+        }
+        if warnings.logged == MAX_WARNINGS_PER_SECOND {
+            warnings.left_out += 1;
+            return None;
+        }
+        warnings.logged += 1;
+        Some(std::mem::take(&mut warnings.left_out))
+    }
+
     /// Counts a sampled write that could not be checked.
     pub(crate) fn skip(&self) {
         self.skipped.fetch_add(1, Relaxed);
@@ -275,4 +313,28 @@ fn windows(seconds: &VecDeque<Second>, at: u64) -> Vec<MonitorWindow> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_are_limited_per_second_and_the_next_one_says_how_many_were_left_out() {
+        let config = CacheConfig {
+            monitor: MonitorConfig {
+                enabled: true,
+                ..MonitorConfig::default()
+            },
+            ..CacheConfig::default()
+        };
+        let monitor = Monitor::new(&config, false).expect("on");
+        let logged: Vec<Option<u64>> = (0..MAX_WARNINGS_PER_SECOND + 5)
+            .map(|_| monitor.may_warn_at(7))
+            .collect();
+        assert!(logged[..10].iter().all(|w| *w == Some(0)), "{logged:?}");
+        assert!(logged[10..].iter().all(Option::is_none), "{logged:?}");
+        assert_eq!(monitor.may_warn_at(8), Some(5), "the next second says so");
+        assert_eq!(monitor.may_warn_at(8), Some(0));
+    }
 }

@@ -311,9 +311,9 @@ async fn check(pending: Pending) {
             &manager.inner.names.labels(&scope.model),
             !found.is_empty() || !late_here.is_empty(),
         );
-        report_not_replaced(scope, found, prefix, source, (at, written_at));
+        report_not_replaced(monitor, scope, found, prefix, source, (at, written_at));
         for late in late_here {
-            report_late(scope, late, (at, written_at), prefix, source);
+            report_late(monitor, scope, late, (at, written_at), prefix, source);
         }
     }
     let mut repair: Vec<&str> = stale_names.iter().map(String::as_str).collect();
@@ -358,7 +358,15 @@ fn late_values(stored: &[Arc<StoredValue>], headers: &[Vec<u8>], now: &[Option<V
 
 /// Reports a value read before the write, at `at` (and `written_at`,
 /// milliseconds since the epoch), that could be served after it.
-fn report_late(scope: &Watched, late: &Late, (at, written_at): (u64, u128), prefix: usize, source: InvalidationSource) {
+fn report_late(
+    monitor: &Monitor,
+    scope: &Watched,
+    late: &Late,
+    (at, written_at): (u64, u128),
+    prefix: usize,
+    source: InvalidationSource,
+) {
+    let Some(left_out) = monitor.may_warn() else { return };
     let generations: Vec<&str> = late
         .stored
         .generations
@@ -377,6 +385,7 @@ fn report_late(scope: &Watched, late: &Late, (at, written_at): (u64, u128), pref
         stored_at_ms = late.stored.stored_at_ms,
         source = source.as_str(),
         written_at_ms = written_at,
+        left_out,
         "consistency monitor: a value read before a write was stored after it, under the generations that followed the write; it could be served (repaired)"
     );
 }
@@ -394,6 +403,7 @@ fn logical(at: u64) -> String {
 /// known, and invalidated at `written_at`, milliseconds since the epoch)
 /// left in place (`found`).
 fn report_not_replaced(
+    monitor: &Monitor,
     scope: &Watched,
     found: &[(&'static str, &String)],
     prefix: usize,
@@ -405,6 +415,7 @@ fn report_not_replaced(
         if here.is_empty() {
             continue;
         }
+        let Some(left_out) = monitor.may_warn() else { continue };
         let generations: Vec<&str> = here
             .iter()
             .map(|name| Keyspace::generation_kind(relative(name, prefix)))
@@ -431,6 +442,7 @@ fn report_not_replaced(
             source = source.as_str(),
             write_at = %logical(at),
             written_at_ms = written_at,
+            left_out,
             "consistency monitor: a write's generations were not replaced; what it made stale could be served (repaired)"
         );
     }
