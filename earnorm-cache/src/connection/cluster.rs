@@ -623,3 +623,24 @@ fn reported(err: RedisError, clean: bool) -> RedisError {
 fn client_error(what: &'static str) -> RedisError {
     RedisError::from((ErrorKind::Client, what))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_master_down_is_reported_only_when_nothing_else_is_in_doubt() {
+        let down = || master_unreachable("127.0.0.1:7101");
+        // Every other part answered cleanly: the caller may hold the
+        // invalidation for the master down alone.
+        assert!(is_master_unreachable(&reported(down(), true)));
+        // Another part answered an error or a redirection: what it did is
+        // unknown, so the whole call failed.
+        let doubtful = reported(down(), false);
+        assert!(!is_master_unreachable(&doubtful));
+        assert_eq!(doubtful.kind(), ErrorKind::Client);
+        // Any other failure is reported as it is.
+        let refused = RedisError::from((ErrorKind::Io, "refused"));
+        assert_eq!(reported(refused, true).kind(), ErrorKind::Io);
+    }
+}
