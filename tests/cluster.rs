@@ -371,6 +371,76 @@ async fn a_frozen_master_is_marked_down_and_a_write_it_misses_is_held_until_it_t
     }
 }
 
+/// With the in-process tier beside a cluster: while a master is frozen and
+/// marked down, the tier serves nothing (that master's invalidations cannot
+/// reach it), and the values away from it are served from Redis. Here the
+/// tier is reset first, its channel from the frozen master being lost; the
+/// rule that a master marked down stops the tier's hits and the lookups by
+/// known tokens stands behind that (removing it alone, this still passes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_marked_down_stops_the_in_process_tier() {
+    let mut config = config();
+    config.local.with_redis = true;
+    let (mut cluster, cache, prefix, keys) = filled_with(RedisCluster::start(), config, 30).await;
+    cluster.serve_partial();
+    let (victim, away) = victim(&mut cluster, &prefix, &keys);
+    // Kept in process, and served from there.
+    let start = Instant::now();
+    loop {
+        let before = cache.stats().local_hits;
+        for key in &keys {
+            assert_eq!(get_or(&cache, key, 7).await, 1);
+        }
+        if cache.stats().local_hits >= before + keys.len() as u64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the tier serves: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    cluster.node(victim).freeze();
+    // Values kept in process touch no master: new keys do, until one whose
+    // generation is on the frozen master times out, and the check after it
+    // marks that master down.
+    let fallbacks = cache.stats().fallbacks;
+    let start = Instant::now();
+    while cache.stats().fallbacks == fallbacks {
+        get_or(&cache, &record_key(&cache, &unique_name("probe")), 1).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "a call reaches the frozen master: {:?}",
+            cache.stats()
+        );
+    }
+    let start = Instant::now();
+    loop {
+        read_while_down(&cache, &keys).await;
+        let before = cache.stats();
+        let served = keys.iter().zip(&away).find(|(_, &a)| a).map(|(key, _)| key);
+        let served = served.expect("a value away from the victim");
+        if get_or(&cache, served, 5).await == 1 && cache.stats().local_hits == before.local_hits {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the tier stops serving: {:?}",
+            cache.stats()
+        );
+    }
+    let local_hits = cache.stats().local_hits;
+    read_around(&cache, &keys, &away, 2).await;
+    assert_eq!(
+        cache.stats().local_hits,
+        local_hits,
+        "nothing served in process while a master is down"
+    );
+    cluster.node(victim).thaw();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moved_to_another_master_is_followed_during_and_after_the_move() {
     let (mut cluster, cache, _, keys) = filled(10).await;
