@@ -1418,8 +1418,9 @@ fn profile_hits(env: &Environment, user: &Arc<User>) -> impl Contender {
 /// of one record with the monitor off and on (every write sampled), in
 /// alternating rounds on one Redis, and the commands Redis ran per save
 /// (`INFO stats` before and after a series of saves); then what it costs
-/// whatever the sampling: a database read (its reply's time noted) and a
-/// miss stored (the value remembered for the checks).
+/// whatever the sampling: a database read (its reply's time noted), a
+/// miss stored (the value remembered for the checks) and a plain `set`
+/// (noted in Redis).
 async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
     let off = env_on(&redis.url(), "bench_monitor_off", false).await;
     let on = {
@@ -1555,6 +1556,32 @@ async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
         "11i. miss computed and stored, monitor on",
         &us(misses.median(1)),
         &format!("{} of off: the value remembered for the checks", misses.ratio(1, 0)),
+    );
+    let set = |env: &Environment, tag: &'static str| {
+        let (cache, fresh) = (env.cache().clone(), Arc::new(AtomicU64::new(0)));
+        Closure(move || {
+            let (cache, n) = (cache.clone(), fresh.fetch_add(1, Ordering::Relaxed));
+            async move {
+                let key = cache
+                    .key("bench_monitor_set", tag)
+                    .scope(Scope::Record("bench_monitor_set", &(n % 64).to_string()))
+                    .arg(&n)
+                    .and_then(earnorm_cache::KeyBuilder::build)
+                    .expect("key");
+                cache.set(&key, &n, None).await.expect("set");
+            }
+        })
+    };
+    let (mut set_off, mut set_on) = (set(&off, "off"), set(&on, "on"));
+    let sets = compare(rounds, per_round / 10, [&mut set_off, &mut set_on]).await;
+    row("11j. plain `set`, monitor off", &us(sets.median(0)), "");
+    row(
+        "11k. plain `set`, monitor on",
+        &us(sets.median(1)),
+        &format!(
+            "{} of off: the value noted in Redis for every process's checks",
+            sets.ratio(1, 0)
+        ),
     );
     for env in [off, on] {
         let _ = env.database().drop().await;

@@ -254,3 +254,49 @@ async fn a_command_monitor_of_the_users_is_kept_and_reads_are_still_timed() {
         "the user's command monitor still gets the driver's events"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_set_in_another_process_is_found_by_the_writers_check() {
+    // Two environments of one prefix, as two processes: the writer's
+    // monitor checks its write; the stale value is the reader's.
+    let mut config = monitored("monitor_two_processes");
+    config.cache_config.monitor.delay = Duration::from_millis(500);
+    let (writer, reader) = (connect(config.clone()).await, connect(config).await);
+    let mut book = Book {
+        id: None,
+        title: "Mansfield Park".into(),
+        copies: 1,
+    };
+    book.save().in_env(&writer).await.expect("insert");
+    let id = book.id.expect("id");
+    let writing = writer.clone();
+    plain_cache_aside(&reader, id, 0, async move {
+        let mut newer = book.clone();
+        newer.copies = 2;
+        tokio::spawn(async move { newer.save().in_env(&writing).await.expect("save") })
+            .await
+            .expect("the writer");
+        book.copies
+    })
+    .await;
+    let key = copies_key(&reader, id);
+    assert_eq!(
+        reader.cache().get::<i64>(&key).await.expect("get"),
+        Some(1),
+        "the reader's plain set serves what the write made stale"
+    );
+    let start = Instant::now();
+    let report = loop {
+        let report = writer.cache().monitor_report().expect("on");
+        if report.inconsistent > 0 {
+            break report;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the writer's check finds the reader's value: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(report.inconsistent, 1, "{report:?}");
+    assert_eq!(reader.cache().get::<i64>(&key).await.expect("get"), None, "removed");
+}

@@ -19,6 +19,7 @@
 //! | `P meta:NAME`           | bookkeeping values (`CacheManager::set_meta`), such as the feed's resume token |
 //! | `P lease:NAME`          | leases (`CacheManager::lease`), such as the feed leader's |
 //! | `P lease:v:...`         | the lease of one value's computation across processes |
+//! | `P mon:g:...`           | values a plain `set` stored lately under that generation (the consistency monitor's) |
 //!
 //! Names may contain any character, `:` included: keys are only ever built
 //! from scopes, never parsed back.
@@ -53,6 +54,14 @@ impl<'p> Keyspace<'p> {
     /// The same keys, laid out for a cluster when `clustered`.
     pub(crate) fn clustered(self, clustered: bool) -> Self {
         Self { clustered, ..self }
+    }
+
+    /// The values a plain `set` stored lately under `generation` (a
+    /// generation's key, prefix included), for the consistency monitor:
+    /// `P mon:` and the generation's name.
+    pub(crate) fn plain_sets(&self, generation: &str) -> String {
+        let name = generation.strip_prefix(self.prefix).unwrap_or(generation);
+        format!("{}mon:{name}", self.prefix)
     }
 
     /// The start of the key of a value named `name` in `namespace`, to

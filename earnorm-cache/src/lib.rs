@@ -148,9 +148,10 @@
 //! [`WriteWatch`] it returns once that returned; EarnORM's writes and
 //! database feed do. The argument is in the `monitor` module: it sees
 //! invalidations lost, skipped or undone, and, when the write's time is
-//! known (the feed's events, ORM writes of one record), a value this
-//! process stored under the generations that followed the write though its
-//! data was read before it (a plain `get`, read, `set` racing the write):
+//! known (the feed's events, ORM writes of one record), a value stored
+//! under the generations that followed the write (by this process, or by a
+//! plain `set` of any process with the monitor on) though its data was read
+//! before it (a plain `get`, read, `set` racing the write):
 //! every stored value carries when its data was read, which whoever reads
 //! the database notes with [`note_read`] (EarnORM does, from MongoDB's
 //! `operationTime`, while the monitor is on).

@@ -424,7 +424,9 @@ impl CacheManager {
     /// refuse a stale one: prefer `get_or_compute` for values derived from
     /// a database. (It stamps the value with the earliest read this task
     /// noted since its last plain `get` missed, see [`note_read`](crate::note_read),
-    /// by which the consistency monitor finds a stale one later.) It works on
+    /// by which the consistency monitor finds a stale one later; with the
+    /// monitor on, the value is also noted in Redis for the checks of every
+    /// process, one more round trip.) It works on
     /// Redis alone: it drops this process's in-process copy of the value,
     /// not other processes' (invalidate a scope to reach those).
     ///
@@ -449,6 +451,9 @@ impl CacheManager {
         // Again: a lookup during the store may have kept the old value.
         if let Some(local) = &self.inner.local {
             local.remove(key);
+        }
+        if matches!(stored, Ok(true)) {
+            self.note_plain_set(key).await;
         }
         stored.map(|_| ())
     }

@@ -41,14 +41,17 @@
 //! when its data was read (`read_at` in its envelope, see `read_time.rs`);
 //! a write's invalidation knows when the write happened (the change
 //! event's `clusterTime`, or the ORM write's reply; `0` when unknown, and
-//! then this part is not run). So the check also reads, in the same
-//! `MGET`, the values this process stored lately under the write's
-//! generations (`recent.rs`: at most 256 per check) with their own
-//! generations: one whose tokens are all current (it can be served) and
-//! whose data was read before the write is reported. A value computed by
-//! `get_or_compute` never is: it can be served after the invalidation only
-//! if its generations were read after it, and so its data too. This part
-//! sees Redis, and only what this process stored.
+//! then this part is not run). So the check also reads the values stored
+//! lately under the write's generations: those this process stored
+//! (`recent.rs`), and those a plain `set` of any process with the monitor
+//! on stored (a sorted set per generation in Redis, see
+//! `CacheManager::note_plain_set`), at most 256 per check. It reads their
+//! envelopes' heads (`GETRANGE`), then their generations with the
+//! write's (`MGET`): one whose tokens are all current (it can be served)
+//! and whose data was read before the write is reported. A value computed
+//! by `get_or_compute` from the primary never is: it can be served after
+//! the invalidation only if its generations were read after it, and so its
+//! data too. This part sees Redis, not the tiers of other processes.
 //!
 //! **Repair.** A generation found not replaced is deleted in Redis, and
 //! invalidated in the tier, which is what the invalidation should have
@@ -63,7 +66,8 @@
 //! to Redis before its invalidation (a `SET NX GET` per generation), and
 //! one `MGET` after the delay, off the writer's path (plus one `DEL` for a
 //! repair). On every store, a lock and a few strings copied into the
-//! index of recent values; on every database reply (with the ORM), its
+//! index of recent values; on every plain `set`, one more pipelined round
+//! trip (its note in Redis); on every database reply (with the ORM), its
 //! `operationTime` noted (the driver's command monitor).
 
 use std::collections::VecDeque;
@@ -254,9 +258,14 @@ impl Monitor {
     /// Remembers that the value of `key` was stored (see `recent.rs`): kept
     /// at least a check's delay and ten seconds more.
     pub(crate) fn stored(&self, key: &crate::CacheKey) {
+        self.recent.stored(key, self.keep_ms());
+    }
+
+    /// How long a stored value is remembered for the checks at least, in
+    /// milliseconds: a check's delay and ten seconds more.
+    pub(crate) fn keep_ms(&self) -> i64 {
         let keep = self.delay.saturating_add(Duration::from_secs(10));
-        self.recent
-            .stored(key, i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+        i64::try_from(keep.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Whether an inconsistency found now may be logged: `Some` with the

@@ -25,8 +25,9 @@ pub(crate) struct StoredValue {
     pub(crate) value: String,
     /// Its generations' keys, in the order of its envelope's tokens.
     pub(crate) generations: Vec<String>,
-    /// Its key in the in-process tier.
-    pub(crate) local: u128,
+    /// Its key in this process's in-process tier (`None`: stored by a
+    /// plain `set`, found in Redis, perhaps by another process).
+    pub(crate) local: Option<u128>,
     /// The key's name (never its arguments): for the report.
     pub(crate) name: Option<Arc<str>>,
     /// When it was stored, in milliseconds since the epoch.
@@ -49,7 +50,7 @@ impl Recent {
         let value = Arc::new(StoredValue {
             value: key.value.clone(),
             generations: key.generations.clone(),
-            local: key.local,
+            local: Some(key.local),
             name: key.named.get().map(|named| Arc::clone(&named.name)),
             stored_at_ms: now,
         });

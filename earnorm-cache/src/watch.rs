@@ -18,8 +18,8 @@ use crate::generations::{create_generations, created};
 use crate::keyspace::Keyspace;
 use crate::manager::Inner;
 use crate::monitor::{Monitor, MonitorReport};
-use crate::recent::StoredValue;
-use crate::{CacheManager, InvalidationSource, Scope};
+use crate::recent::{StoredValue, PER_GENERATION};
+use crate::{CacheKey, CacheManager, InvalidationSource, Scope};
 
 /// One scope of a sampled write, as its check needs it.
 struct Watched {
@@ -121,6 +121,43 @@ impl CacheManager {
         }))
     }
 
+    /// Remembers in Redis, for the monitor of every process of the prefix,
+    /// that a plain `set` stored the value of `key`: a value stored without
+    /// the generation check, the kind that can be found read before a write
+    /// by a check that runs in another process (the writer's, the feed's).
+    /// Per generation, the last [`PER_GENERATION`] of the last
+    /// `keep_ms`, in a sorted set (`Keyspace::plain_sets`).
+    pub(crate) async fn note_plain_set(&self, key: &CacheKey) {
+        let Some(monitor) = &self.inner.monitor else { return };
+        let conn = self.connection();
+        if !conn.is_enabled() || key.generations.is_empty() {
+            return;
+        }
+        let (now, keep) = (crate::book::now_ms(), monitor.keep_ms());
+        let name = key.named.get().map(|named| named.name.to_string());
+        let Ok(member) = codec::encode(&(name, &key.value, &key.generations, now)) else {
+            return;
+        };
+        let keys = conn.keys();
+        let mut pipe = redis::pipe();
+        for generation in &key.generations {
+            let index = keys.plain_sets(generation);
+            pipe.cmd("ZADD").arg(&index).arg(now).arg(&member).ignore();
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(&index)
+                .arg("-inf")
+                .arg(now.saturating_sub(keep))
+                .ignore();
+            let trim = -i64::try_from(PER_GENERATION).unwrap_or(i64::MAX) - 1;
+            pipe.cmd("ZREMRANGEBYRANK").arg(&index).arg(0).arg(trim).ignore();
+            pipe.cmd("PEXPIRE").arg(&index).arg(keep).ignore();
+        }
+        // Best effort: a set whose note is lost is only not checked.
+        let _ = conn
+            .send(|mut wire| async move { pipe.query_async::<()>(&mut wire).await })
+            .await;
+    }
+
     /// What the consistency monitor has found, when it is on.
     pub fn monitor_report(&self) -> Option<MonitorReport> {
         self.inner.monitor.as_ref().map(Monitor::report)
@@ -219,6 +256,13 @@ async fn check(pending: Pending) {
     } else {
         Vec::new()
     };
+    if at != 0 && conn.is_enabled() {
+        for value in plain_sets(conn, &names).await {
+            if stored.len() < MAX_CHECKED_VALUES && !stored.iter().any(|s| s.value == value.value) {
+                stored.push(value);
+            }
+        }
+    }
     let headers = if stored.is_empty() {
         Vec::new()
     } else {
@@ -319,8 +363,8 @@ async fn check(pending: Pending) {
     let mut repair: Vec<&str> = stale_names.iter().map(String::as_str).collect();
     for late in &late {
         repair.push(&late.stored.value);
-        if let Some(local) = local {
-            local.remove_id(late.stored.local);
+        if let (Some(local), Some(id)) = (local, late.stored.local) {
+            local.remove_id(id);
         }
     }
     if !repair.is_empty() {
@@ -333,6 +377,37 @@ async fn check(pending: Pending) {
         monitor.repaired.fetch_add(deleted, Relaxed);
         metrics::counter!("earnorm_cache_monitor_repaired_total").increment(deleted);
     }
+}
+
+/// The values plain `set`s of any process stored lately under the
+/// generations `names` (see [`CacheManager::note_plain_set`]); none when
+/// they cannot be read.
+async fn plain_sets(conn: &crate::connection::Connection, names: &[String]) -> Vec<Arc<StoredValue>> {
+    let keys = conn.keys();
+    let mut pipe = redis::pipe();
+    for name in names {
+        pipe.cmd("ZRANGE").arg(keys.plain_sets(name)).arg(0).arg(-1);
+    }
+    let Ok(found) = conn
+        .call(|mut wire| async move { pipe.query_async::<Vec<Vec<Vec<u8>>>>(&mut wire).await })
+        .await
+    else {
+        return Vec::new();
+    };
+    found
+        .iter()
+        .flatten()
+        .filter_map(|member| codec::decode::<(Option<String>, String, Vec<String>, i64)>(member).ok())
+        .map(|(name, value, generations, stored_at_ms)| {
+            Arc::new(StoredValue {
+                value,
+                generations,
+                local: None,
+                name: name.map(Arc::from),
+                stored_at_ms,
+            })
+        })
+        .collect()
 }
 
 /// Of the values `stored`, those that can be served (their tokens are the
@@ -381,7 +456,7 @@ fn report_late(
         place = "redis",
         read_at = %logical(late.read_at),
         write_at = %logical(at),
-        stored_by = "this process",
+        stored_by = if late.stored.local.is_some() { "this process" } else { "a plain set, of any process" },
         stored_at_ms = late.stored.stored_at_ms,
         source = source.as_str(),
         written_at_ms = written_at,
