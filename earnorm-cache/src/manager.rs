@@ -426,7 +426,7 @@ impl CacheManager {
     /// noted since its last plain `get` missed, see [`note_read`](crate::note_read),
     /// by which the consistency monitor finds a stale one later; with the
     /// monitor on, the value is also noted in Redis for the checks of every
-    /// process, one more round trip.) It works on
+    /// process, in a task of its own.) It works on
     /// Redis alone: it drops this process's in-process copy of the value,
     /// not other processes' (invalidate a scope to reach those).
     ///
@@ -452,8 +452,14 @@ impl CacheManager {
         if let Some(local) = &self.inner.local {
             local.remove(key);
         }
-        if matches!(stored, Ok(true)) {
-            self.note_plain_set(key).await;
+        if matches!(stored, Ok(true)) && self.inner.monitor.is_some() {
+            // Off the caller's path: the checks that read it run a delay
+            // after a write.
+            let (manager, key) = (self.clone(), key.clone());
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(async move { manager.note_plain_set(&key).await })),
+                Err(_) => manager.note_plain_set(&key).await,
+            }
         }
         stored.map(|_| ())
     }

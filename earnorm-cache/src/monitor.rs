@@ -67,7 +67,7 @@
 //! one `MGET` after the delay, off the writer's path (plus one `DEL` for a
 //! repair). On every store, a lock and a few strings copied into the
 //! index of recent values; on every plain `set`, one more pipelined round
-//! trip (its note in Redis); on every database reply (with the ORM), its
+//! trip, in a task of its own (its note in Redis); on every database reply (with the ORM), its
 //! `operationTime` noted (the driver's command monitor).
 
 use std::collections::VecDeque;
