@@ -425,8 +425,8 @@ impl CacheManager {
     /// a database. (It stamps the value with the earliest read this task
     /// noted since its last plain `get` missed, see [`note_read`](crate::note_read),
     /// by which the consistency monitor finds a stale one later; with the
-    /// monitor on, the value is also noted in Redis for the checks of every
-    /// process, in a task of its own.) It works on
+    /// monitor on and a read time, the value is also noted in Redis for the
+    /// checks of every process, in a task of its own, best effort.) It works on
     /// Redis alone: it drops this process's in-process copy of the value,
     /// not other processes' (invalidate a scope to reach those).
     ///
@@ -452,7 +452,8 @@ impl CacheManager {
         if let Some(local) = &self.inner.local {
             local.remove(key);
         }
-        if matches!(stored, Ok(true)) && self.inner.monitor.is_some() {
+        // Noted only with a read time: without one it is never judged.
+        if matches!(stored, Ok(true)) && read_at != 0 && self.inner.monitor.is_some() {
             // Off the caller's path: the checks that read it run a delay
             // after a write.
             let (manager, key) = (self.clone(), key.clone());

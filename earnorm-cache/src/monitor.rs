@@ -64,8 +64,10 @@
 //!
 //! **Cost.** Nothing on hits. On a sampled write, one pipelined round trip
 //! to Redis before its invalidation (a `SET NX GET` per generation), and
-//! one `MGET` after the delay, off the writer's path (plus one `DEL` for a
-//! repair). On every store, a lock and a few strings copied into the
+//! after the delay, off the writer's path: when the write's time is known,
+//! a `ZRANGE` per generation (the plain sets noted) and, for the values
+//! found, a `GETRANGE` each, in one pipeline each; then one `MGET` (plus
+//! one `DEL` for a repair). On every store, a lock and a few strings copied into the
 //! index of recent values; on every plain `set`, one more pipelined round
 //! trip, in a task of its own (its note in Redis); on every database reply (with the ORM), its
 //! `operationTime` noted (the driver's command monitor).
@@ -258,14 +260,9 @@ impl Monitor {
     /// Remembers that the value of `key` was stored (see `recent.rs`): kept
     /// at least a check's delay and ten seconds more.
     pub(crate) fn stored(&self, key: &crate::CacheKey) {
-        self.recent.stored(key, self.keep_ms());
-    }
-
-    /// How long a stored value is remembered for the checks at least, in
-    /// milliseconds: a check's delay and ten seconds more.
-    pub(crate) fn keep_ms(&self) -> i64 {
         let keep = self.delay.saturating_add(Duration::from_secs(10));
-        i64::try_from(keep.as_millis()).unwrap_or(i64::MAX)
+        self.recent
+            .stored(key, i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
     }
 
     /// Whether an inconsistency found now may be logged: `Some` with the
