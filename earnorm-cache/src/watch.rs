@@ -263,7 +263,13 @@ async fn check(pending: Pending) {
     };
     if at != 0 && conn.is_enabled() {
         let mut seen: HashSet<String> = stored.iter().map(|s| s.value.clone()).collect();
-        for value in plain_sets(conn, &names).await {
+        // Redis that cannot answer this cannot answer the rest: no more
+        // calls that would wait out their timeout too.
+        let Ok(noted) = plain_sets(conn, &names).await else {
+            monitor.skip();
+            return;
+        };
+        for value in noted {
             if stored.len() == MAX_CHECKED_VALUES {
                 break;
             }
@@ -285,11 +291,9 @@ async fn check(pending: Pending) {
             .await
         {
             Ok(headers) => headers,
-            // The values cannot be read now (on a cluster, one of their
-            // masters is down): the generations are checked all the same.
             Err(_) => {
-                stored.clear();
-                Vec::new()
+                monitor.skip();
+                return;
             }
         }
     };
@@ -389,9 +393,11 @@ async fn check(pending: Pending) {
 }
 
 /// The values plain `set`s of any process stored lately under the
-/// generations `names` (see [`CacheManager::note_plain_set`]); none when
-/// they cannot be read.
-async fn plain_sets(conn: &crate::connection::Connection, names: &[String]) -> Vec<Arc<StoredValue>> {
+/// generations `names` (see [`CacheManager::note_plain_set`]).
+async fn plain_sets(
+    conn: &crate::connection::Connection,
+    names: &[String],
+) -> Result<Vec<Arc<StoredValue>>, crate::CacheError> {
     let keys = conn.keys();
     let mut pipe = redis::pipe();
     for name in names {
@@ -402,17 +408,14 @@ async fn plain_sets(conn: &crate::connection::Connection, names: &[String]) -> V
             .arg("REV")
             .arg("WITHSCORES");
     }
-    let Ok(found) = conn
+    let found = conn
         .call(|mut wire| async move { pipe.query_async::<Vec<redis::Value>>(&mut wire).await })
-        .await
-    else {
-        return Vec::new();
-    };
+        .await?;
     let mut noted: Vec<(Vec<u8>, i64)> = found.into_iter().flat_map(scored).collect();
     // Newest first, each value once.
     noted.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
     let mut seen = HashSet::new();
-    noted
+    Ok(noted
         .into_iter()
         .filter_map(|(member, stored_at_ms)| {
             let (name, value, generations) = codec::decode::<(Option<String>, String, Vec<String>)>(&member).ok()?;
@@ -426,7 +429,7 @@ async fn plain_sets(conn: &crate::connection::Connection, names: &[String]) -> V
                 })
             })
         })
-        .collect()
+        .collect())
 }
 
 /// The members of a `ZRANGE .. WITHSCORES` answer with their scores, as
