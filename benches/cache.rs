@@ -1538,12 +1538,7 @@ async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
         Closure(move || {
             let (cache, n) = (cache.clone(), fresh.fetch_add(1, Ordering::Relaxed));
             async move {
-                let key = cache
-                    .key("bench_monitor", tag)
-                    .scope(Scope::Record("bench_monitor", &n.to_string()))
-                    .arg(&n)
-                    .and_then(earnorm_cache::KeyBuilder::build)
-                    .expect("key");
+                let key = record_key(&cache, ("bench_monitor", tag), &n.to_string(), n);
                 let value = cache.get_or_compute::<_, PlainOutput, _>(&key, None, async { n }).await;
                 std::hint::black_box(value);
             }
@@ -1562,12 +1557,7 @@ async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
         Closure(move || {
             let (cache, n) = (cache.clone(), fresh.fetch_add(1, Ordering::Relaxed));
             async move {
-                let key = cache
-                    .key("bench_monitor_set", tag)
-                    .scope(Scope::Record("bench_monitor_set", &(n % 64).to_string()))
-                    .arg(&n)
-                    .and_then(earnorm_cache::KeyBuilder::build)
-                    .expect("key");
+                let key = record_key(&cache, ("bench_monitor_set", tag), &(n % 64).to_string(), n);
                 cache.set(&key, &n, None).await.expect("set");
             }
         })
@@ -1586,6 +1576,17 @@ async fn monitor_group(redis: &RedisServer, rounds: usize, per_round: usize) {
     for env in [off, on] {
         let _ = env.database().drop().await;
     }
+}
+
+/// The key of a value `(namespace, name)` of argument `n`, in the scope of
+/// record `id` of the model named like the namespace.
+fn record_key(cache: &CacheManager, (namespace, name): (&str, &str), id: &str, n: u64) -> earnorm_cache::CacheKey {
+    cache
+        .key(namespace, name)
+        .scope(Scope::Record(namespace, id))
+        .arg(&n)
+        .and_then(earnorm_cache::KeyBuilder::build)
+        .expect("key")
 }
 
 /// Group 9, the in-process tier: a `#[cached]` hit served in process against

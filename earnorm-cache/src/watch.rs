@@ -15,13 +15,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::warn;
 
 use crate::codec::{self, Envelope};
-use crate::config::expiry_ms;
 use crate::generations::{create_generations, created};
 use crate::keyspace::Keyspace;
 use crate::manager::Inner;
 use crate::monitor::{Monitor, MonitorReport};
-use crate::recent::{StoredValue, PER_GENERATION};
-use crate::{CacheKey, CacheManager, InvalidationSource, Scope};
+use crate::recent::StoredValue;
+use crate::{CacheManager, InvalidationSource, Scope};
 
 /// One scope of a sampled write, as its check needs it.
 struct Watched {
@@ -123,41 +122,6 @@ impl CacheManager {
         }))
     }
 
-    /// Remembers in Redis, for the monitor of every process of the prefix,
-    /// that a plain `set` stored the value of `key`: a value stored without
-    /// the generation check, the kind that can be found read before a write
-    /// by a check that runs in another process (the writer's, the feed's).
-    /// Per generation, the last [`PER_GENERATION`] values noted, for
-    /// [`PLAIN_SET_KEEP`], in a sorted set by time (`Keyspace::plain_sets`).
-    /// Best effort: a note that fails is not retried (that value is then
-    /// not checked by other processes).
-    pub(crate) async fn note_plain_set(&self, key: &CacheKey) {
-        let conn = self.connection();
-        if self.inner.monitor.is_none() || !conn.is_enabled() || key.generations.is_empty() {
-            return;
-        }
-        let name = key.named.get().map(|named| named.name.to_string());
-        let Ok(member) = codec::encode(&(name, &key.value, &key.generations)) else {
-            return;
-        };
-        let keys = conn.keys();
-        let mut pipe = redis::pipe();
-        let trim = -i64::try_from(PER_GENERATION).unwrap_or(i64::MAX) - 1;
-        for generation in &key.generations {
-            let index = keys.plain_sets(generation);
-            pipe.cmd("ZADD")
-                .arg(&index)
-                .arg(crate::book::now_ms())
-                .arg(&member)
-                .ignore();
-            pipe.cmd("ZREMRANGEBYRANK").arg(&index).arg(0).arg(trim).ignore();
-            pipe.cmd("PEXPIRE").arg(&index).arg(expiry_ms(PLAIN_SET_KEEP)).ignore();
-        }
-        let _ = conn
-            .call(|mut wire| async move { pipe.query_async::<()>(&mut wire).await })
-            .await;
-    }
-
     /// What the consistency monitor has found, when it is on.
     pub fn monitor_report(&self) -> Option<MonitorReport> {
         self.inner.monitor.as_ref().map(Monitor::report)
@@ -216,11 +180,6 @@ fn relative(name: &str, prefix: usize) -> &[u8] {
 /// Most values stored lately that one check reads.
 const MAX_CHECKED_VALUES: usize = 256;
 
-/// How long a plain `set`'s note is kept in Redis (see
-/// [`CacheManager::note_plain_set`]): longer than any check's delay should
-/// be, and the same in every process.
-pub(crate) const PLAIN_SET_KEEP: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// A value stored lately under a watched generation, found servable though
 /// its data was read before the write.
 struct Late {
@@ -265,7 +224,7 @@ async fn check(pending: Pending) {
         let mut seen: HashSet<String> = stored.iter().map(|s| s.value.clone()).collect();
         // Redis that cannot answer this cannot answer the rest: no more
         // calls that would wait out their timeout too.
-        let Ok(noted) = plain_sets(conn, &names).await else {
+        let Ok(noted) = crate::recent::plain_sets(conn, &names).await else {
             monitor.skip();
             return;
         };
@@ -392,78 +351,6 @@ async fn check(pending: Pending) {
     }
 }
 
-/// The values plain `set`s of any process stored lately under the
-/// generations `names` (see [`CacheManager::note_plain_set`]).
-async fn plain_sets(
-    conn: &crate::connection::Connection,
-    names: &[String],
-) -> Result<Vec<Arc<StoredValue>>, crate::CacheError> {
-    let keys = conn.keys();
-    let mut pipe = redis::pipe();
-    for name in names {
-        pipe.cmd("ZRANGE")
-            .arg(keys.plain_sets(name))
-            .arg(0)
-            .arg(-1)
-            .arg("REV")
-            .arg("WITHSCORES");
-    }
-    let found = conn
-        .call(|mut wire| async move { pipe.query_async::<Vec<redis::Value>>(&mut wire).await })
-        .await?;
-    let mut noted: Vec<(Vec<u8>, i64)> = found.into_iter().flat_map(scored).collect();
-    // Newest first, each value once.
-    noted.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
-    let mut seen = HashSet::new();
-    Ok(noted
-        .into_iter()
-        .filter_map(|(member, stored_at_ms)| {
-            let (name, value, generations) = codec::decode::<(Option<String>, String, Vec<String>)>(&member).ok()?;
-            seen.insert(value.clone()).then(|| {
-                Arc::new(StoredValue {
-                    value,
-                    generations,
-                    local: None,
-                    name: name.map(Arc::from),
-                    stored_at_ms,
-                })
-            })
-        })
-        .collect())
-}
-
-/// The members of a `ZRANGE .. WITHSCORES` answer with their scores, as
-/// either protocol gives them (pairs, or one flat list); nothing from
-/// anything else.
-fn scored(answer: redis::Value) -> Vec<(Vec<u8>, i64)> {
-    let redis::Value::Array(items) = answer else {
-        return Vec::new();
-    };
-    let pair = |member: redis::Value, score: redis::Value| {
-        let member = redis::from_redis_value::<Vec<u8>>(member).ok()?;
-        #[allow(clippy::cast_possible_truncation)]
-        let score = redis::from_redis_value::<f64>(score).ok()? as i64;
-        Some((member, score))
-    };
-    if items.iter().all(|item| matches!(item, redis::Value::Array(_))) {
-        items
-            .into_iter()
-            .filter_map(|item| match item {
-                redis::Value::Array(mut two) if two.len() == 2 => {
-                    let score = two.pop()?;
-                    pair(two.pop()?, score)
-                }
-                _ => None,
-            })
-            .collect()
-    } else {
-        let mut items = items.into_iter();
-        std::iter::from_fn(|| Some((items.next()?, items.next()?)))
-            .filter_map(|(member, score)| pair(member, score))
-            .collect()
-    }
-}
-
 /// Of the values `stored`, those that can be served (their tokens are the
 /// current generations) though read before `at`. `headers`: the start of
 /// each value's envelope, as Redis holds it (empty: gone); `now`: the
@@ -574,28 +461,5 @@ fn report_not_replaced(
             left_out,
             "consistency monitor: a write's generations were not replaced; what it made stale could be served (repaired)"
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use redis::Value;
-
-    #[test]
-    fn scored_members_are_read_from_either_protocol() {
-        let bulk = |text: &str| Value::BulkString(text.as_bytes().to_vec());
-        // RESP2: one flat list.
-        let flat = Value::Array(vec![bulk("b"), bulk("20"), bulk("a"), bulk("10")]);
-        // RESP3: pairs, scores as doubles.
-        let pairs = Value::Array(vec![
-            Value::Array(vec![bulk("b"), Value::Double(20.0)]),
-            Value::Array(vec![bulk("a"), Value::Double(10.0)]),
-        ]);
-        let expected = vec![(b"b".to_vec(), 20), (b"a".to_vec(), 10)];
-        assert_eq!(scored(flat), expected);
-        assert_eq!(scored(pairs), expected);
-        assert!(scored(Value::Nil).is_empty());
-        assert!(scored(Value::Array(vec![bulk("odd")])).is_empty());
     }
 }
